@@ -1,0 +1,296 @@
+"""Load a Hugging Face PEFT LoRA adapter directory, validated against the base model.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`.
+`load_peft_adapter` checks everything before returning (config flags, every tensor
+name, dtype and shape, ranks against the config, layer indices, finiteness), so a
+returned `LoraAdapter` is safe to copy into device slots as is; a refusal raises
+`AdapterError` and leaves nothing behind. Pickle weights (`adapter_model.bin`) are
+refused without being opened.
+
+The LoRA delta of module m for input x [tokens, in] is `scale * (x @ a.T) @ b.T`,
+[tokens, out], exactly PEFT's `lora_B(lora_A(x)) * scaling` (dropout off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from server.model.arch import LORA_TARGETS, ModelArch
+
+from .checkpoint_keys import PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
+from .errors import INCOMPATIBLE, INVALID, NOT_FOUND, UNSUPPORTED, AdapterError
+from .peft_config import LoraSpec, parse_lora_config
+from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
+from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
+
+__all__ = [
+    "AdapterError", "LoraAdapter", "LoraModuleWeights", "load_peft_adapter", "read_adapter_config",
+    "scan_adapter_store", "validate_adapter_name", "DEFAULT_MAX_BYTES",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 2 * 1024**3  # 2 GiB: a rank-64 all-linear adapter of a 70B model is ~1.7 GB in fp16
+MAX_CONFIG_BYTES = 4 * 1024**2  # a 10k-entry rank_pattern fits comfortably
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Weight files PEFT (or torch) may write that we never open: all are pickle or unknown.
+_OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraModuleWeights:
+    """One adapted linear: delta(x) = scale * (x @ a.T) @ b.T."""
+
+    a: torch.Tensor  # [r, in]  float32, contiguous (PEFT lora_A.weight)
+    b: torch.Tensor  # [out, r] float32, contiguous (PEFT lora_B.weight; scale NOT folded in)
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module patterns applied)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A validated adapter, all weights in host memory as float32."""
+
+    name: str
+    path: Path
+    modules: Mapping[tuple[int, str], LoraModuleWeights]  # (layer index, "q_proj"...) -> weights
+    target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
+    rank: int  # max rank over modules
+    num_params: int  # elements of all A and B
+    nbytes: int  # fp32 bytes of all A and B
+    base_model_name_or_path: str | None
+    peft_config: Mapping[str, Any]  # the raw adapter_config.json (read-only view)
+
+
+def read_adapter_config(path: Path) -> dict:
+    """The raw adapter_config.json of adapter directory `path`, parsed but not interpreted.
+
+    Cheap (no weights are read): for listing adapters. AdapterError: adapter_not_found
+    if `path` is not a directory; adapter_invalid if the config is missing, too large,
+    or not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(NOT_FOUND, "no such adapter directory", path=path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():  # also refuses FIFOs/devices, which could block a read
+        raise AdapterError(INVALID, f"no {CONFIG_NAME}: not a PEFT adapter directory", path=path)
+    try:
+        with open(config_file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterError(INVALID, f"cannot read: {exc.strerror or exc}", path=config_file) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(INVALID, f"larger than {MAX_CONFIG_BYTES} bytes", path=config_file)
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterError(INVALID, f"invalid JSON: {exc}", path=config_file) from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(INVALID, f"expected a JSON object, got {type(cfg).__name__}", path=config_file)
+    return cfg
+
+
+def load_peft_adapter(
+    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
+) -> LoraAdapter:
+    """Parse and validate the PEFT LoRA adapter in directory `path` for base model `arch`.
+
+    `max_rank` is the server's slot rank; `max_bytes` caps the weights file size.
+    Raises AdapterError (see errors.py for the codes); on success every module's
+    `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
+    """
+    validate_adapter_name(name)
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    config_file = path / CONFIG_NAME
+    spec = parse_lora_config(cfg, path=config_file, model_type=arch.model_type)
+    weights_file = _weights_file(path)
+    header = read_header(weights_file, max_bytes=max_bytes)
+
+    keys = _parse_keys(header, weights_file)
+    pairs = _pair_up(keys, weights_file)
+    base = cfg.get("base_model_name_or_path")
+    # Shapes first, for all modules: "made for another base model" is the most useful diagnosis.
+    for (layer, module), (key_a, key_b) in pairs.items():
+        _check_shapes(layer, module, header[key_a.tensor], header[key_b.tensor], arch, base, weights_file)
+    for key_a, _ in pairs.values():
+        _check_rank(key_a, header[key_a.tensor].shape[0], spec, max_rank, weights_file)
+    _check_against_config(pairs, spec, arch, weights_file)
+
+    # Everything checkable from the header passed: only now read tensor data.
+    names = [k.tensor for pair in pairs.values() for k in pair]
+    tensors = load_tensors_fp32(weights_file, names)
+    for tensor_name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(INVALID, f"tensor {tensor_name!r} has {bad} NaN/Inf values (after float32 "
+                               "conversion)", path=weights_file)
+
+    modules: dict[tuple[int, str], LoraModuleWeights] = {}
+    for layer, module in sorted(pairs, key=lambda lm: (lm[0], LORA_TARGETS.index(lm[1]))):
+        key_a, key_b = pairs[(layer, module)]
+        modules[(layer, module)] = LoraModuleWeights(
+            a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=spec.scale_for(key_a.module_key)
+        )
+    num_params = sum(w.a.numel() + w.b.numel() for w in modules.values())
+    present = {module for _, module in modules}
+    return LoraAdapter(
+        name=name,
+        path=path,
+        modules=MappingProxyType(modules),
+        target_modules=tuple(m for m in LORA_TARGETS if m in present),
+        rank=max(w.rank for w in modules.values()),
+        num_params=num_params,
+        nbytes=num_params * 4,
+        base_model_name_or_path=base if isinstance(base, str) else None,
+        peft_config=MappingProxyType(cfg),
+    )
+
+
+def _weights_file(path: Path) -> Path:
+    weights = path / WEIGHTS_NAME
+    if weights.is_file():
+        for other in _other_weight_files(path):
+            log.warning("%s: ignoring %s (never opened); using %s", path, other.name, WEIGHTS_NAME)
+        return weights
+    others = _other_weight_files(path)
+    if others:
+        names = ", ".join(p.name for p in others)
+        raise AdapterError(
+            UNSUPPORTED,
+            f"weights are in {names}, not {WEIGHTS_NAME}; pickle/other formats are never loaded (they can run "
+            "code): re-save with safetensors (PEFT save_pretrained(safe_serialization=True))",
+            path=path,
+        )
+    raise AdapterError(INVALID, f"no {WEIGHTS_NAME}", path=path)
+
+
+def _other_weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.name.startswith("adapter_model") and
+                  p.name != WEIGHTS_NAME and p.name.endswith(_OTHER_WEIGHT_SUFFIXES))
+
+
+def _parse_keys(header: Mapping[str, TensorInfo], path: Path) -> list[LoraKey]:
+    if not header:
+        raise AdapterError(INVALID, "no tensors: the adapter holds no LoRA weights", path=path)
+    keys = [parse_lora_key(name, path) for name in sorted(header)]
+    namings = {k.naming for k in keys}
+    if len(namings) > 1:
+        shown = ", ".join(sorted(_naming_template(n) for n in namings))
+        raise AdapterError(INVALID, f"tensor names mix naming schemes: {shown}", path=path)
+    for key in keys:
+        dtype = header[key.tensor].dtype
+        if dtype not in FLOAT_DTYPES:
+            code = UNSUPPORTED if dtype.startswith("F") else INVALID
+            raise AdapterError(code, f"tensor {key.tensor!r} has dtype {dtype}; LoRA weights must be one of "
+                               f"{', '.join(FLOAT_DTYPES)}", path=path)
+    return keys
+
+
+def _naming_template(naming: tuple[bool, str, str | None]) -> str:
+    wrapper, prefix, infix = naming
+    head = PEFT_WRAPPER_PREFIX if wrapper else ""
+    tail = f".{infix}" if infix else ""
+    return f"'{head}{prefix}layers.N.*.lora_A{tail}.weight'"
+
+
+def _pair_up(keys: list[LoraKey], path: Path) -> dict[tuple[int, str], tuple[LoraKey, LoraKey]]:
+    by_slot: dict[tuple[int, str], dict[str, LoraKey]] = {}
+    for key in keys:
+        slot = by_slot.setdefault((key.layer, key.module), {})
+        if key.kind in slot:  # defensive: one naming scheme and unique header keys make this unreachable
+            raise AdapterError(INVALID, f"tensors {slot[key.kind].tensor!r} and {key.tensor!r} are the same "
+                               "LoRA weight", path=path)
+        slot[key.kind] = key
+    pairs = {}
+    for (layer, module), slot in by_slot.items():
+        if set(slot) != {"lora_A", "lora_B"}:
+            have = next(iter(slot.values()))
+            missing = "lora_B" if "lora_A" in slot else "lora_A"
+            raise AdapterError(INVALID, f"{have.tensor!r} has no matching {missing} tensor", path=path)
+        pairs[(layer, module)] = (slot["lora_A"], slot["lora_B"])
+    return pairs
+
+
+def _check_shapes(
+    layer: int, module: str, a: TensorInfo, b: TensorInfo, arch: ModelArch, base: Any, path: Path
+) -> None:
+    where = f"layer {layer} {module}"
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise AdapterError(INVALID, f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} must be 2-D",
+                           path=path)
+    trained_on = f" (adapter trained on {base!r})" if base else ""
+    if layer >= arch.num_layers:
+        raise AdapterError(INCOMPATIBLE, f"{where}: the base model has only {arch.num_layers} layers"
+                           f"{trained_on}", path=path)
+    want_in, want_out = arch.linear_shape(module)
+    (r_a, got_in), (got_out, r_b) = a.shape, b.shape
+    if got_in != want_in or got_out != want_out:
+        raise AdapterError(
+            INCOMPATIBLE,
+            f"{where}: lora_A {list(a.shape)} and lora_B {list(b.shape)} adapt a {got_in}->{got_out} linear, "
+            f"but this base model's {module} is {want_in}->{want_out}: made for another base model{trained_on}",
+            path=path,
+        )
+    if r_a != r_b:
+        raise AdapterError(INVALID, f"{where}: lora_A has rank {r_a} but lora_B has rank {r_b}", path=path)
+
+
+def _check_rank(key: LoraKey, rank: int, spec: LoraSpec, max_rank: int, path: Path) -> None:
+    configured = spec.rank_for(key.module_key)
+    if rank != configured:
+        raise AdapterError(
+            INVALID,
+            f"{key.module_key}: weights have rank {rank} but adapter_config.json gives {configured} "
+            f"(from {spec.rank_source(key.module_key)}); PEFT would refuse to load it too",
+            path=path,
+        )
+    if rank > max_rank:
+        raise AdapterError(UNSUPPORTED, f"{key.module_key}: rank {rank} exceeds this server's max_rank "
+                           f"{max_rank}", path=path)
+
+
+def _check_against_config(
+    pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]], spec: LoraSpec, arch: ModelArch, path: Path
+) -> None:
+    """The weights must cover exactly the modules PEFT would wrap under this config.
+
+    PEFT silently ignores unexpected tensors and leaves missing ones at their init
+    (a zero delta); either means the files do not belong together, so refuse.
+    """
+    for key_a, _ in pairs.values():
+        if not spec.targets(key_a.module_key):
+            raise AdapterError(INVALID, f"has weights for {key_a.module_key}, which adapter_config.json "
+                               "(target_modules / layers_to_transform / exclude_modules) does not target",
+                               path=path)
+    prefix = next(iter(pairs.values()))[0].naming[1]
+    missing = [
+        (layer, module)
+        for layer in range(arch.num_layers)
+        for module in LORA_TARGETS
+        if (layer, module) not in pairs and spec.targets(module_key(prefix, layer, module))
+    ]
+    if not missing:
+        return
+    shown = ", ".join(module_key(prefix, layer, module) for layer, module in missing[:4])
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    top = max(layer for layer, _ in pairs)
+    if all(layer > top for layer, _ in missing):
+        # Every layer the weights cover is complete; they just stop early.
+        raise AdapterError(INCOMPATIBLE, f"weights stop at layer {top} but this base model has "
+                           f"{arch.num_layers} layers (missing {shown}{more}): made for a shallower model",
+                           path=path)
+    raise AdapterError(INVALID, f"adapter_config.json targets {shown}{more}, which have no weights", path=path)
+

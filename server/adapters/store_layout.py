@@ -1,0 +1,100 @@
+"""The on-disk adapter store: one subdirectory per adapter, its name the adapter id.
+
+```
+adapters_store/
+  sql-expert/            adapter id "sql-expert"
+    adapter_config.json
+    adapter_model.safetensors
+```
+
+Adapter ids travel in URLs, JSON and file paths, so they are restricted to a
+conservative alphabet that cannot express path traversal ("..", "/", "\\",
+absolute paths, NUL) or hidden files.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .errors import INVALID, AdapterError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def validate_adapter_name(name: str) -> str:
+    """`name` if it is a valid adapter id (1-64 of [A-Za-z0-9._-], alphanumeric first); else AdapterError."""
+    # fullmatch, not match + "$": "$" also matches before a trailing newline.
+    if not isinstance(name, str) or ADAPTER_NAME_RE.fullmatch(name) is None:
+        shown = repr(name)[:80]
+        raise AdapterError(
+            INVALID,
+            f"invalid adapter id {shown}: use 1-64 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def scan_adapter_store(root: Path) -> dict[str, Path]:
+    """Adapter id -> directory for every adapter directory directly under `root`, sorted by id.
+
+    An adapter directory holds an `adapter_config.json`. Entries with invalid ids,
+    plain files, directories without a config, and symlinks (of the directory or of
+    its two files) that resolve outside `root` are skipped with a log line; nothing
+    is parsed beyond that (use `read_adapter_config` / `load_peft_adapter`). The
+    returned paths are resolved, so a symlink swapped later cannot redirect a load.
+    A missing `root` yields an empty store.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        log.warning("adapter store %s does not exist or is not a directory; no adapters", root)
+        return {}
+    real_root = root.resolve()
+    found: dict[str, Path] = {}
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        try:
+            validate_adapter_name(entry.name)
+        except AdapterError:
+            # Hidden entries (.git, .DS_Store, .tmp-upload-*) are expected; anything else is worth a look.
+            log.log(logging.DEBUG if entry.name.startswith(".") else logging.WARNING,
+                    "adapter store: skipping %s: not a valid adapter id", entry)
+            continue
+        try:
+            real = entry.resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loops: RuntimeError before 3.13, OSError after
+            log.warning("adapter store: skipping %s: %s", entry, exc)
+            continue
+        if not _inside(real, real_root):
+            log.warning("adapter store: skipping %s: symlink to %s escapes the store", entry, real)
+            continue
+        if not real.is_dir():
+            log.info("adapter store: skipping %s: not a directory", entry)
+            continue
+        config = real / CONFIG_NAME
+        if not config.is_file():
+            log.info("adapter store: skipping %s: no %s", entry, CONFIG_NAME)
+            continue
+        escaping = [f.name for f in (config, real / WEIGHTS_NAME) if _escapes(f, real_root)]
+        if escaping:
+            log.warning("adapter store: skipping %s: %s link outside the store", entry, ", ".join(escaping))
+            continue
+        found[entry.name] = real
+    return found
+
+
+def _escapes(path: Path, root: Path) -> bool:
+    """Does `path` (if it exists at all) resolve outside `root`? Unresolvable counts as escaping."""
+    try:
+        return path.exists() and not _inside(path.resolve(), root)
+    except (OSError, RuntimeError):
+        return True
+
+
+def _inside(path: Path, root: Path) -> bool:
+    # Strictly below: a link to the store root itself is not an adapter either.
+    return root in path.parents

@@ -1,0 +1,103 @@
+"""The FastAPI app: engine lifecycle, error mapping, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.errors import APIError
+from server.api.openai_routes import router as openai_router
+from server.api.service import Service
+from server.config import Config
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import LLMEngine
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits the context; stops memory abuse
+
+
+def resolve_model_dir(config: Config) -> Path:
+    if config.model.path:
+        return Path(config.model.path)
+    from server.model.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def build_engine(config: Config) -> LLMEngine:
+    return LLMEngine(config, resolve_model_dir(config), Metrics())
+
+
+def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
+    engine = engine or build_engine(config)
+    async_engine = AsyncEngine(engine, max_pending=config.scheduler.max_waiting)
+    metrics = engine.metrics
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
+    app.state.service = Service(engine=async_engine, tokenizer=engine.tokenizer, base_model=engine.info.model_name,
+                                max_model_len=engine.info.max_model_len)
+    app.state.api_keys = dict(config.server.api_keys)
+    app.state.metrics = metrics
+    app.include_router(openai_router)
+
+    def error(exc: APIError) -> JSONResponse:
+        metrics.http_errors.labels(str(exc.status), exc.code or "").inc()
+        return exc.response()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error(APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large"))
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error(APIError(400, "malformed JSON in the request body", code="invalid_json"))
+        first = problems[0] if problems else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body') or 'body'}: {p.get('msg')}"
+                            for p in problems[:5])
+        return error(APIError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(APIError(exc.status_code, str(exc.detail), code="http_error"))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = async_engine.is_running
+        return JSONResponse({"status": "ok" if ok else "engine_down"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

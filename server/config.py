@@ -1,0 +1,78 @@
+"""The one configuration tree.
+
+Precedence, lowest first: dataclass defaults < config file (`--config x.toml|x.json`)
+< environment (`LORAMUX_<FLAG>`, e.g. `LORAMUX_MAX_NUM_SEQS=32`) < command-line flags.
+Every setting has one flag (declared in `server/cli.py`), and the flag's name is also
+its config-file key and its environment variable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 1 << 30
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # None: the default model, converted on first use
+    dtype: str = "auto"  # auto | bfloat16 | float32; auto = bf16 on GPU / on CPUs with fast bf16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped, see runner)
+    served_model_name: str | None = None  # the `model` id of the base; default: directory name
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int = 2 * GiB  # bytes for the whole paged KV cache
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_waiting: int = 1024  # queued requests before new ones are refused (overload: 503)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    adapters_dir: str | None = "adapters_store"
+    max_loras: int = 8  # distinct adapters in one step (device slots)
+    max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
+    max_lora_rank: int = 64
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, as vLLM
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
+    admin_key: str | None = None
+    log_level: str = "info"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    return int(float(text))

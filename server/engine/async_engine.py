@@ -1,0 +1,187 @@
+"""The engine loop thread and its bridge to asyncio.
+
+One thread owns `LLMEngine` and calls `step()` while there is work; HTTP handlers talk
+to it only through a command queue (add / abort) and receive outputs on per-request
+asyncio queues, handed over once per step with `call_soon_threadsafe`. A handler that
+stops listening (client gone) aborts its request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.engine import LLMEngine
+from server.engine.output_processor import RequestOutput
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many queued requests: refuse new ones (HTTP 503) instead of queueing forever."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; nothing more will be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request; other requests keep going."""
+
+
+@dataclass
+class _Add:
+    request: GenerationRequest
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_pending: int = 1024):
+        self.engine = engine
+        self.max_pending = max_pending
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}  # engine thread only
+        self._pending = 0  # requests submitted and not yet finished (asyncio side)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    # --- the asyncio side ----------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Submit `request` and yield its outputs until it finishes. Closing the iterator
+        early (client disconnect, cancellation) aborts the request in the engine."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        self.engine.validate(request)
+        if self._pending >= self.max_pending:
+            raise EngineOverloadedError(f"server overloaded: {self._pending} requests pending, try again later")
+        sink: asyncio.Queue = asyncio.Queue()
+        self._pending += 1
+        self._send(_Add(request, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await sink.get()
+                if out.error is not None:
+                    finished = True
+                    raise RequestFailedError(out.error)
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._pending -= 1
+            if not finished:
+                self._send(_Abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # --- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a bug must not take the server down
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+                    continue
+                self._deliver(outputs)
+        except BaseException as exc:  # pragma: no cover - unexpected: report it and stop
+            self.error = exc
+            log.exception("engine loop died")
+        finally:
+            self._fail_all("the server is shutting down")
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request)
+                except InvalidRequestError as exc:
+                    self._post(cmd.loop, cmd.sink, RequestOutput(cmd.request.request_id, finished=True,
+                                                                 error=str(exc)))
+                    continue
+                self._sinks[cmd.request.request_id] = (cmd.sink, cmd.loop)
+            else:
+                self._sinks.pop(cmd.request_id, None)
+                self.engine.abort(cmd.request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._sinks.get(out.request_id)
+            if target is None:
+                continue  # aborted meanwhile
+            if out.finished:
+                del self._sinks[out.request_id]
+            by_loop.setdefault(target[1], []).append((target[0], out))
+        for loop, items in by_loop.items():
+            _call(loop, _put_all, items)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, out: RequestOutput) -> None:
+        _call(loop, _put_all, [(sink, out)])
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, (sink, loop) in list(self._sinks.items()):
+            self.engine.abort(request_id)
+            self._post(loop, sink, RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR,
+                                                 error=message))
+        self._sinks.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for sink, out in items:
+        sink.put_nowait(out)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+        pass

@@ -1,0 +1,203 @@
+"""The synchronous engine: requests in, one `step()` at a time, outputs out.
+
+It owns the scheduler, the runner and the output processor and is driven by exactly
+one thread (`AsyncEngine`'s loop, or a test / benchmark calling `step()` directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.config import Config
+from server.engine.kv_cache import BlockAllocator, blocks_for
+from server.engine.model_runner import KVCache, ModelRunner
+from server.engine.output_processor import OutputProcessor, RequestOutput
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence
+from server.engine.sampler import Sampler
+from server.engine.scheduler import Scheduler
+from server.metrics import Metrics
+from server.model.arch import ModelArch
+from server.model.llama import LlamaModel
+from server.model.loading import load_weights
+from server.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 —
+    on AVX2-only CPUs bf16 GEMMs are emulated and ~4x slower than fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: use auto, bfloat16 or float32")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    model_dir: Path
+    arch: ModelArch
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+
+class LLMEngine:
+    def __init__(self, config: Config, model_dir: str | Path, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        mc, cc, sc = config.model, config.cache, config.scheduler
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        torch.manual_seed(mc.seed)
+        device = resolve_device(mc.device)
+        dtype = resolve_dtype(mc.dtype, device)
+        model_dir = Path(model_dir)
+
+        arch = ModelArch.from_dir(model_dir)
+        max_len = mc.max_model_len or arch.max_position_embeddings
+        if arch.sliding_window and max_len > arch.sliding_window:
+            log.warning("capping max_model_len at the sliding window (%d)", arch.sliding_window)
+            max_len = arch.sliding_window
+        per_block = KVCache.bytes_per_block(arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, dtype)
+        num_blocks = cc.kv_cache_memory // per_block
+        if num_blocks * cc.block_size < max_len:
+            capped = num_blocks * cc.block_size
+            if capped < 16:
+                raise ValueError(f"--kv-cache-memory {cc.kv_cache_memory} bytes holds {capped} tokens: too small")
+            log.warning("KV cache holds %d tokens: capping max_model_len from %d", capped, max_len)
+            max_len = capped
+
+        t0 = time.perf_counter()
+        self.tokenizer = Tokenizer(model_dir)
+        weights = load_weights(model_dir, arch, dtype, device)
+        self.model = LlamaModel(arch, weights, max_positions=max_len)
+        self.kv_cache = KVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
+                                dtype, device)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed))
+        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens)
+        eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+        self.outputs = OutputProcessor(self.tokenizer, eos, max_len)
+        self._seqs: dict[str, Sequence] = {}
+        self.info = EngineInfo(
+            model_name=mc.served_model_name or arch.name or model_dir.name, model_dir=model_dir, arch=arch,
+            dtype=dtype, device=device, max_model_len=max_len, num_blocks=num_blocks, block_size=cc.block_size,
+        )
+        self.metrics.kv_blocks_total.set(num_blocks)
+        log.info("loaded %s (%s, %s, %s) in %.1fs: %d KV blocks x %d tokens, max_model_len %d, %d threads",
+                 self.info.model_name, arch.model_type, dtype, device, time.perf_counter() - t0, num_blocks,
+                 cc.block_size, max_len, torch.get_num_threads())
+
+    # --- requests ------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError for what can never run. Reads only immutable state, so
+        the HTTP thread may call it to answer 400 before queueing."""
+        request.params.validate()
+        n = len(request.prompt_token_ids)
+        max_len = self.info.max_model_len
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if n + request.params.max_tokens > max_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {max_len} tokens; the request has {n} prompt "
+                f"tokens and max_tokens {request.params.max_tokens}", "max_tokens" if n < max_len else "prompt")
+        vocab = self.info.arch.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request (engine thread only)."""
+        self.validate(request)
+        if request.request_id in self._seqs:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        seq = Sequence.from_request(request)
+        self._seqs[request.request_id] = seq
+        self.outputs.add(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, FinishReason.ABORT)
+        return RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
+                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
+
+    # --- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.preempted:
+            self.metrics.preemptions.inc(len(sched.preempted))
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched.chunks)
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+
+        now = time.monotonic()
+        outputs = []
+        for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.metrics.ttft.labels(seq.adapter or "").observe(now - seq.request.arrival_time)
+            out = self.outputs.on_token(seq, token, logprobs)
+            if out.finished:
+                self._finish(seq, out.finish_reason)
+            outputs.append(out)
+
+        m = self.metrics
+        m.generation_tokens.inc(len(outputs))
+        m.step_time.observe(time.perf_counter() - t0)
+        m.step_tokens.observe(sched.num_tokens)
+        m.running.set(self.scheduler.num_running)
+        m.waiting.set(self.scheduler.num_waiting)
+        m.kv_blocks_used.set(self.allocator.num_used)
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.outputs.remove(seq.request_id)
+        del self._seqs[seq.request_id]
+        now = time.monotonic()
+        adapter = seq.adapter or ""
+        m = self.metrics
+        m.requests.labels(reason.value, adapter).inc()
+        m.prompt_tokens.inc(seq.num_prompt_tokens)
+        m.e2e.labels(adapter).observe(now - seq.request.arrival_time)
+        if seq.first_token_time is not None and seq.num_output_tokens > 1:
+            m.tpot.labels(adapter).observe((now - seq.first_token_time) / (seq.num_output_tokens - 1))
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

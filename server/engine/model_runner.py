@@ -1,0 +1,85 @@
+"""Executes one scheduled step: lays out the flat batch, runs the model, samples.
+
+Tensor code only; it decides nothing. Everything per step (positions, KV slots, block
+tables, the LoRA segment table) is built once here and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.request import Sequence
+from server.engine.sampler import Sampler, SamplerOutput
+from server.engine.scheduler import ScheduledChunk
+from server.model.llama import AttentionMetadata, LlamaModel, LoraApplier
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]  # sequences that got a new token this step, in `output` order
+    output: SamplerOutput
+
+
+class KVCache:
+    """The paged KV cache tensors: [num_layers, num_blocks * block_size, 2, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tensor = torch.zeros(num_layers, num_blocks * block_size, 2, kv_heads, head_dim,
+                                  dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * block_size * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler):
+        self.model = model
+        self.kv = kv_cache
+        self.sampler = sampler
+        self.device = model.device
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk], lora: LoraApplier | None = None) -> StepResult:
+        """Run `chunks` (in the order given: the caller groups them by adapter slot)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        token_seq: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for row, chunk in enumerate(chunks):
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            token_seq.extend([row] * n)
+            if chunk.samples:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+
+        max_blocks = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
+
+        dev = self.device
+        bs = self.kv.block_size
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        seq_t = torch.tensor(token_seq, dtype=torch.int32)
+        tables_t = torch.tensor(tables, dtype=torch.int32)
+        slots = tables_t[seq_t.long(), pos_t // bs].long() * bs + pos_t % bs
+        attn = AttentionMetadata(
+            slot_mapping=slots.to(dev),
+            block_tables=tables_t.to(dev),
+            token_seq=seq_t.to(dev),
+            token_ctx=(pos_t + 1).to(torch.int32).to(dev),
+            block_size=bs,
+        )
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64).to(dev), pos_t.to(dev), attn,
+                                    self.kv.tensor, lora)
+        if not sampled:
+            return StepResult([], SamplerOutput([], []))
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return StepResult(sampled, self.sampler.sample(logits, sampled))

@@ -1,0 +1,149 @@
+"""What a request asks for, and the engine's state for one sequence."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InvalidRequestError(ValueError):
+    """Bad sampling values or prompt: an HTTP 400 naming the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # HF semantics, over prompt + output tokens
+    frequency_penalty: float = 0.0  # OpenAI semantics, over output tokens
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's + top-k
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        def bad(param: str, rule: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{param} {rule}, got {getattr(self, param)!r}", param)
+
+        def finite(v: float) -> bool:
+            return isinstance(v, (int, float)) and math.isfinite(v)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be at least 1")
+        if not finite(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "must be in [0, 2]")
+        if not finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "must be -1, 0 (off) or a positive integer")
+        if not finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if not finite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "must be in (0, 10]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not finite(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise bad("logprobs", f"must be in [0, {max_logprobs}]")
+        if len(self.stop) > 16 or any(not s for s in self.stop):
+            raise bad("stop", "must be at most 16 non-empty strings")
+
+
+@dataclass
+class GenerationRequest:
+    """One generation as submitted to the engine (already tokenized)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # adapter id; None = the base model
+    tenant: str = "default"
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled: client gone, or shutdown
+    ERROR = "error"
+
+
+@dataclass
+class Sequence:
+    """Engine-side state of one request. Owned by the engine thread."""
+
+    request: GenerationRequest
+    token_ids: list[int]  # prompt followed by output tokens
+    num_prompt_tokens: int
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    rng: Any = None  # sampler-owned per-sequence generator (seeded requests)
+
+    @classmethod
+    def from_request(cls, request: GenerationRequest) -> Sequence:
+        return cls(request=request, token_ids=list(request.prompt_token_ids),
+                   num_prompt_tokens=len(request.prompt_token_ids))
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

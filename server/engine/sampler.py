@@ -1,0 +1,149 @@
+"""Next-token selection for one step: penalties, temperature, top-k/top-p/min-p, seeded
+sampling and logprobs, each row with its own parameters.
+
+Sampling uses the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), which draws exactly
+from `p`; a seeded request draws `E` from its own generator, so its tokens do not depend
+on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.request import SamplingParams, Sequence
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits [B, V] float32, one row per sequence (in `seqs` order) -> B next tokens."""
+        params = [s.params for s in seqs]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        if any(p.has_penalties for p in params):
+            logits = logits.clone()
+            self._apply_penalties(logits, seqs)
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample_random(logits, seqs, greedy)
+        token_list = tokens.tolist()
+
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for row, p in enumerate(params):
+                if p.logprobs is None:
+                    continue
+                tok = token_list[row]
+                top = []
+                if p.logprobs > 0:
+                    vals, ids = raw_logprobs[row].topk(p.logprobs)
+                    top = list(zip(ids.tolist(), vals.tolist()))
+                logprobs[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
+        return SamplerOutput(token_list, logprobs)
+
+    # --- penalties ---------------------------------------------------------------------
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        V = logits.shape[1]
+        out_counts = self._counts([seqs[i].output_token_ids for i in rows], V)
+        all_seen = self._counts([seqs[i].token_ids for i in rows], V) > 0
+        idx = torch.tensor(rows, device=self.device)
+        sub = logits[idx]
+        rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=self.device)[:, None]
+        freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=self.device)[:, None]
+        pres = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=self.device)[:, None]
+        # HF repetition penalty: shrink seen tokens' logits towards zero.
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(all_seen, penalized, sub)
+        sub = sub - freq * out_counts - pres * (out_counts > 0)
+        logits[idx] = sub
+
+    def _counts(self, token_lists: list[list[int]], vocab: int) -> torch.Tensor:
+        """[rows, V] float32 occurrence counts (padding goes to a spare column, dropped)."""
+        width = max((len(t) for t in token_lists), default=0)
+        padded = torch.full((len(token_lists), max(width, 1)), vocab, dtype=torch.int64)
+        for r, toks in enumerate(token_lists):
+            if toks:
+                padded[r, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
+        counts = torch.zeros(len(token_lists), vocab + 1, device=self.device)
+        counts.scatter_add_(1, padded.to(self.device), torch.ones_like(padded, dtype=torch.float32,
+                                                                       device=self.device))
+        return counts[:, :vocab]
+
+    # --- random sampling -----------------------------------------------------------------
+    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        B = logits.shape[0]
+        params = [s.params for s in seqs]
+        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                             device=self.device)[:, None]
+        scaled = logits / temps
+        if any(p.top_k > 0 for p in params):
+            scaled = _top_k(scaled, [p.top_k if p.top_k > 0 else 0 for p in params])
+        if any(p.top_p < 1.0 for p in params):
+            scaled = _top_p(scaled, [p.top_p for p in params])
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.min_p > 0 for p in params):
+            mins = torch.tensor([p.min_p for p in params], device=self.device)[:, None]
+            probs = probs.masked_fill(probs < mins * probs.max(dim=-1, keepdim=True).values, 0.0)
+
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self._generator)
+        for row, seq in enumerate(seqs):
+            if params[row].seed is not None and not greedy[row]:
+                noise[row].exponential_(generator=self._rng(seq))
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy_rows = torch.tensor(greedy, device=self.device)
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if any(greedy) else sampled
+
+    def _rng(self, seq: Sequence) -> torch.Generator:
+        if seq.rng is None:
+            seq.rng = torch.Generator(device=self.device)
+            seq.rng.manual_seed(seq.params.seed)
+        return seq.rng
+
+
+def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    V = logits.shape[1]
+    k_max = min(max(ks), V)
+    kth = logits.topk(k_max, dim=-1).values  # [B, k_max], descending
+    k = torch.tensor([min(k, V) if k > 0 else k_max for k in ks], device=logits.device)
+    threshold = kth.gather(1, (k - 1)[:, None])
+    off = torch.tensor([k <= 0 for k in ks], device=logits.device)[:, None]
+    return logits.masked_fill((logits < threshold) & ~off, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches p (always at least the top token).
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.tensor([p if p < 1.0 else 2.0 for p in ps], device=logits.device)[:, None]  # 1.0: keep all
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+__all__ = ["Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]

@@ -3,6 +3,7 @@ the real default model. Every model directory is what a user would point `--mode
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def save_tiny_model(path: Path, model_type: str, seed: int = 0, **overrides) -> 
     model.save_pretrained(path)
     tok = byte_level_tokenizer(common["vocab_size"])
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}",
+    }))
     return path
 
 

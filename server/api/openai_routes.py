@@ -41,7 +41,7 @@ from server.api.schemas import (
     new_id,
 )
 from server.api.service import Service
-from server.engine.async_engine import RequestFailedError
+from server.engine.async_engine import EngineOverloadedError, RequestFailedError
 from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 
@@ -238,6 +238,8 @@ async def _guarded(stream: AsyncIterator):
             yield item
     except RequestFailedError as exc:
         yield 0, sse_error(str(exc))
+    except EngineOverloadedError as exc:  # lost the race for the last queue places
+        yield 0, sse_error(str(exc), "overloaded")
 
 
 async def _collect(raw: Request, svc: Service, requests: list[GenerationRequest]) -> list[ChoiceAccumulator]:
@@ -272,6 +274,8 @@ async def _until_disconnect(raw: Request, work) -> None:
         task.result()
     except RequestFailedError as exc:
         raise APIError(500, str(exc), code="engine_error") from exc
+    except EngineOverloadedError as exc:  # lost the race for the last queue places
+        raise APIError(503, str(exc), code="overloaded") from exc
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):

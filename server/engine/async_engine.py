@@ -83,7 +83,6 @@ class AsyncEngine:
         early (client disconnect, cancellation) aborts the request in the engine."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        self.engine.validate(request)
         if self._pending >= self.max_pending:
             raise EngineOverloadedError(f"server overloaded: {self._pending} requests pending, try again later")
         sink: asyncio.Queue = asyncio.Queue()
@@ -104,6 +103,11 @@ class AsyncEngine:
             self._pending -= 1
             if not finished:
                 self._send(_Abort(request.request_id))
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError now for a request that could never run (an HTTP 400),
+        rather than failing it after it was queued."""
+        self.engine.validate(request)
 
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))

@@ -40,11 +40,14 @@ class SchedulerConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = True
-    adapters_dir: str | None = "adapters_store"
-    max_loras: int = 8  # distinct adapters in one step (device slots)
+    adapters_dir: str | None = "adapters_store"  # scanned at start: one PEFT directory per adapter id
+    max_loras: int = 8  # distinct adapters in one step = device slots
     max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
-    max_lora_rank: int = 64
+    cpu_lora_cache_memory: int = 4 * GiB  # bytes budget of that host cache
+    max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
+    lora_dtype: str = "auto"  # auto (= the model dtype) | float32 | bfloat16
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, as vLLM
+    allowed_adapter_roots: list[str] = field(default_factory=list)  # where admin loads may read from
 
 
 @dataclass

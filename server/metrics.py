@@ -36,3 +36,20 @@ class Metrics:
         self.waiting = Gauge(p + "requests_waiting", "Sequences waiting", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "KV cache blocks in all", registry=r)
+        # Adapter tiers: disk -> host cache -> device slots.
+        self.adapter_cache_hits = Counter(p + "adapter_cache_hits", "Adapter requests found in the host cache",
+                                          registry=r)
+        self.adapter_cache_misses = Counter(p + "adapter_cache_misses", "Adapter requests that needed a load",
+                                            registry=r)
+        self.adapter_loads = Counter(p + "adapter_loads", "Adapter loads from disk, by result", ["result"],
+                                     registry=r)
+        self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Read + parse + validate one adapter",
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter(p + "adapter_evictions", "Adapters evicted, by tier (host | device)",
+                                         ["tier"], registry=r)
+        self.adapters_resident = Gauge(p + "adapters_resident", "Adapters resident, by tier (host | device)",
+                                       ["tier"], registry=r)
+        self.adapter_slot_writes = Counter(p + "adapter_slot_writes", "Adapters copied into a device slot",
+                                           registry=r)
+        self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters in one engine step",
+                                       buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)

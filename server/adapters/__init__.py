@@ -1,10 +1,12 @@
-"""Adapters: PEFT LoRA parsing and validation (registry, host cache and device slots to come)."""
+"""Adapters: PEFT LoRA parsing and validation, the registry, the host cache and the device slots."""
 
 from .errors import AdapterError
 from .peft_format import (
     DEFAULT_MAX_BYTES,
+    AdapterSummary,
     LoraAdapter,
     LoraModuleWeights,
+    inspect_peft_adapter,
     load_peft_adapter,
     read_adapter_config,
     scan_adapter_store,
@@ -14,8 +16,10 @@ from .peft_format import (
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "AdapterError",
+    "AdapterSummary",
     "LoraAdapter",
     "LoraModuleWeights",
+    "inspect_peft_adapter",
     "load_peft_adapter",
     "read_adapter_config",
     "scan_adapter_store",

@@ -19,7 +19,12 @@ UNSUPPORTED = "adapter_unsupported"
 # Well-formed LoRA, but made for a different base model (shapes, layer count).
 INCOMPATIBLE = "adapter_incompatible"
 
-CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE)
+# An admin asked to register a path outside the allowed adapter roots.
+FORBIDDEN = "adapter_forbidden"
+# An admin asked to register a name that is taken.
+EXISTS = "adapter_exists"
+
+CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS)
 
 
 class AdapterError(ValueError):

@@ -32,7 +32,8 @@ from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
 
 __all__ = [
-    "AdapterError", "LoraAdapter", "LoraModuleWeights", "load_peft_adapter", "read_adapter_config",
+    "AdapterError", "AdapterSummary", "LoraAdapter", "LoraModuleWeights", "inspect_peft_adapter",
+    "load_peft_adapter", "read_adapter_config",
     "scan_adapter_store", "validate_adapter_name", "DEFAULT_MAX_BYTES",
 ]
 
@@ -102,15 +103,29 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
-def load_peft_adapter(
-    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
-) -> LoraAdapter:
-    """Parse and validate the PEFT LoRA adapter in directory `path` for base model `arch`.
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What `inspect_peft_adapter` learns from the config and the safetensors header alone."""
 
-    `max_rank` is the server's slot rank; `max_bytes` caps the weights file size.
-    Raises AdapterError (see errors.py for the codes); on success every module's
-    `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
-    """
+    name: str
+    path: Path
+    rank: int  # max rank over modules
+    target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
+    num_params: int
+    file_bytes: int  # size of adapter_model.safetensors on disk
+    base_model_name_or_path: str | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    summary: AdapterSummary
+    spec: LoraSpec
+    weights_file: Path
+    pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]]
+    config: dict
+
+
+def _plan(path: Path, arch: ModelArch, name: str, max_rank: int, max_bytes: int) -> _Plan:
     validate_adapter_name(name)
     path = Path(path)
     cfg = read_adapter_config(path)
@@ -129,33 +144,67 @@ def load_peft_adapter(
         _check_rank(key_a, header[key_a.tensor].shape[0], spec, max_rank, weights_file)
     _check_against_config(pairs, spec, arch, weights_file)
 
+    present = {module for _, module in pairs}
+    num_params = sum(_numel(header[k.tensor].shape) for pair in pairs.values() for k in pair)
+    summary = AdapterSummary(
+        name=name, path=path, rank=max(header[a.tensor].shape[0] for a, _ in pairs.values()),
+        target_modules=tuple(m for m in LORA_TARGETS if m in present), num_params=num_params,
+        file_bytes=weights_file.stat().st_size, base_model_name_or_path=base if isinstance(base, str) else None,
+    )
+    return _Plan(summary, spec, weights_file, pairs, cfg)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def inspect_peft_adapter(
+    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
+) -> AdapterSummary:
+    """Every check `load_peft_adapter` makes except reading tensor data (so no NaN/Inf check):
+    cheap enough to run on every adapter of a store at startup. Raises AdapterError."""
+    return _plan(path, arch, name, max_rank, max_bytes).summary
+
+
+def load_peft_adapter(
+    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
+) -> LoraAdapter:
+    """Parse and validate the PEFT LoRA adapter in directory `path` for base model `arch`.
+
+    `max_rank` is the server's slot rank; `max_bytes` caps the weights file size.
+    Raises AdapterError (see errors.py for the codes); on success every module's
+    `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
+    """
+    plan = _plan(path, arch, name, max_rank, max_bytes)
     # Everything checkable from the header passed: only now read tensor data.
-    names = [k.tensor for pair in pairs.values() for k in pair]
-    tensors = load_tensors_fp32(weights_file, names)
+    names = [k.tensor for pair in plan.pairs.values() for k in pair]
+    tensors = load_tensors_fp32(plan.weights_file, names)
     for tensor_name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise AdapterError(INVALID, f"tensor {tensor_name!r} has {bad} NaN/Inf values (after float32 "
-                               "conversion)", path=weights_file)
+                               "conversion)", path=plan.weights_file)
 
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for layer, module in sorted(pairs, key=lambda lm: (lm[0], LORA_TARGETS.index(lm[1]))):
-        key_a, key_b = pairs[(layer, module)]
+    for layer, module in sorted(plan.pairs, key=lambda lm: (lm[0], LORA_TARGETS.index(lm[1]))):
+        key_a, key_b = plan.pairs[(layer, module)]
         modules[(layer, module)] = LoraModuleWeights(
-            a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=spec.scale_for(key_a.module_key)
+            a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=plan.spec.scale_for(key_a.module_key)
         )
-    num_params = sum(w.a.numel() + w.b.numel() for w in modules.values())
-    present = {module for _, module in modules}
+    s = plan.summary
     return LoraAdapter(
-        name=name,
-        path=path,
+        name=s.name,
+        path=s.path,
         modules=MappingProxyType(modules),
-        target_modules=tuple(m for m in LORA_TARGETS if m in present),
-        rank=max(w.rank for w in modules.values()),
-        num_params=num_params,
-        nbytes=num_params * 4,
-        base_model_name_or_path=base if isinstance(base, str) else None,
-        peft_config=MappingProxyType(cfg),
+        target_modules=s.target_modules,
+        rank=s.rank,
+        num_params=s.num_params,
+        nbytes=s.num_params * 4,
+        base_model_name_or_path=s.base_model_name_or_path,
+        peft_config=MappingProxyType(plan.config),
     )
 
 

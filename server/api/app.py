@@ -50,7 +50,8 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
 
     app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
     app.state.service = Service(engine=async_engine, tokenizer=engine.tokenizer, base_model=engine.info.model_name,
-                                max_model_len=engine.info.max_model_len)
+                                max_model_len=engine.info.max_model_len,
+                                registry=engine.adapters.registry if engine.adapters else None)
     app.state.api_keys = dict(config.server.api_keys)
     app.state.metrics = metrics
     app.include_router(openai_router)

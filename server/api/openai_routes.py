@@ -237,7 +237,7 @@ async def _guarded(stream: AsyncIterator):
         async for item in stream:
             yield item
     except RequestFailedError as exc:
-        yield 0, sse_error(str(exc))
+        yield 0, sse_error(str(exc), exc.code or "internal_error")
     except EngineOverloadedError as exc:  # lost the race for the last queue places
         yield 0, sse_error(str(exc), "overloaded")
 
@@ -273,6 +273,8 @@ async def _until_disconnect(raw: Request, work) -> None:
     try:
         task.result()
     except RequestFailedError as exc:
+        if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
+            raise APIError(400, str(exc), code=exc.code) from exc
         raise APIError(500, str(exc), code="engine_error") from exc
     except EngineOverloadedError as exc:  # lost the race for the last queue places
         raise APIError(503, str(exc), code="overloaded") from exc

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.adapters.errors import EXISTS, FORBIDDEN, NOT_FOUND, AdapterError
+from server.adapters.registry import AdapterEntry, AdapterRegistry
 from server.api.errors import APIError, model_not_found
 from server.api.schemas import ModelCard
 from server.engine.async_engine import AsyncEngine
 from server.model.tokenizer import Tokenizer
+
+_ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, EXISTS: 409}
+
+
+def adapter_error(exc: AdapterError) -> APIError:
+    """AdapterError -> OpenAI error: unknown 404, forbidden path 403, name taken 409, else 400."""
+    return APIError(_ADAPTER_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
 @dataclass
@@ -16,19 +25,32 @@ class Service:
     tokenizer: Tokenizer
     base_model: str
     max_model_len: int
+    registry: AdapterRegistry | None = None
 
     def resolve_model(self, model: str, adapter_id: str | None, tenant: str) -> str | None:
-        """The adapter a request runs with (None: the base), or a 404."""
+        """The adapter a request runs with (None: the base), or a 404.
+
+        `model` names the base or an adapter (as in vLLM); or `adapter_id` names the adapter
+        with `model` = the base."""
         if adapter_id:
             if model != self.base_model:
                 raise model_not_found(model)
-            raise model_not_found(adapter_id)
-        if model == self.base_model:
+            name, param = adapter_id, "adapter_id"
+        elif model == self.base_model:
             return None
-        raise model_not_found(model)
+        else:
+            name, param = model, "model"
+        if self.registry is None or name not in self.registry:
+            err = model_not_found(name)
+            err.param = param
+            raise err
+        return name
 
     def model_cards(self, tenant: str) -> list[ModelCard]:
-        return [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len)]
+        cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len)]
+        if self.registry is not None:
+            cards += [adapter_card(e, self.base_model) for e in self.registry.entries()]
+        return cards
 
     def check_capacity(self, num_requests: int) -> None:
         if not self.engine.is_running:
@@ -36,3 +58,10 @@ class Service:
         if self.engine.num_pending + num_requests > self.engine.max_pending:
             raise APIError(503, f"server overloaded ({self.engine.num_pending} requests pending); retry later",
                            code="overloaded")
+
+
+def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:
+    s = entry.summary
+    return ModelCard(id=s.name, root=str(s.path), parent=base_model, rank=s.rank,
+                     target_modules=list(s.target_modules), size_bytes=s.file_bytes, num_params=s.num_params,
+                     source=entry.source, pinned=entry.pinned)

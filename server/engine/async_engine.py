@@ -33,6 +33,10 @@ class EngineDeadError(RuntimeError):
 class RequestFailedError(RuntimeError):
     """The engine failed while running this request; other requests keep going."""
 
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass
 class _Add:
@@ -60,6 +64,7 @@ class AsyncEngine:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        self.engine.wake = self._wake.set
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
         self._thread.start()
 
@@ -94,7 +99,7 @@ class AsyncEngine:
                 out: RequestOutput = await sink.get()
                 if out.error is not None:
                     finished = True
-                    raise RequestFailedError(out.error)
+                    raise RequestFailedError(out.error, out.error_code)
                 finished = out.finished
                 yield out
                 if finished:
@@ -132,6 +137,10 @@ class AsyncEngine:
                     self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
                     continue
                 self._deliver(outputs)
+                if self.engine.idle:
+                    # Everything left waits on adapter loads: sleep until a load or a command wakes us.
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
         except BaseException as exc:  # pragma: no cover - unexpected: report it and stop
             self.error = exc
             log.exception("engine loop died")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from server.adapters.manager import AdapterManager
 from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
@@ -95,9 +97,17 @@ class LLMEngine:
         self.model = LlamaModel(arch, weights, max_positions=max_len)
         self.kv_cache = KVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                 dtype, device)
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed))
+        lc = config.lora
+        self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded) \
+            if lc.enabled else None
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed),
+                                  self.adapters.slots if self.adapters else None)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
-        self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
+                                   max_loras=lc.max_loras if self.adapters else 0,
+                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None)
+        self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
+        self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.outputs = OutputProcessor(self.tokenizer, eos, max_len)
         self._seqs: dict[str, Sequence] = {}
@@ -126,6 +136,8 @@ class LLMEngine:
         vocab = self.info.arch.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.registry):
+            raise InvalidRequestError(f"unknown adapter {request.adapter!r}", "model")
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
@@ -136,6 +148,8 @@ class LLMEngine:
         self._seqs[request.request_id] = seq
         self.outputs.add(seq)
         self.scheduler.add(seq)
+        if request.adapter is not None:
+            self.adapters.cache.request(request.adapter)  # starts a background load on a miss
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -155,17 +169,21 @@ class LLMEngine:
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        outputs = self._poll_adapters() if self.adapters else []
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.preemptions.inc(len(sched.preempted))
+        self.idle = sched.is_empty
         if sched.is_empty:
-            return []
-        result = self.runner.execute(sched.chunks)
+            return outputs
+        names = {c.seq.adapter for c in sched.chunks if c.seq.adapter is not None}
+        self.metrics.step_adapters.observe(len(names))
+        adapters = {n: self.adapters.cache.get(n) for n in sorted(names)} if names else None
+        result = self.runner.execute(sched.chunks, adapters)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
 
         now = time.monotonic()
-        outputs = []
         for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
             seq.token_ids.append(token)
             if seq.first_token_time is None:
@@ -184,6 +202,22 @@ class LLMEngine:
         m.waiting.set(self.scheduler.num_waiting)
         m.kv_blocks_used.set(self.allocator.num_used)
         return outputs
+
+    def _poll_adapters(self) -> list[RequestOutput]:
+        """Take in finished adapter loads; fail the requests whose adapter could not load."""
+        failed = self.adapters.cache.poll(self.scheduler.adapters_in_use)
+        outputs = []
+        for seq in [s for s in self._seqs.values() if s.adapter in failed]:
+            error = failed[seq.adapter]
+            self._finish(seq, FinishReason.ERROR)
+            outputs.append(RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
+                                         num_prompt_tokens=seq.num_prompt_tokens, error=str(error),
+                                         error_code=error.code))
+        return outputs
+
+    def _on_adapter_loaded(self) -> None:
+        if self.wake is not None:
+            self.wake()
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)

@@ -6,14 +6,18 @@ tables, the LoRA segment table) is built once here and shared by every layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from kernels import LoraSegments
+from server.adapters.peft_format import LoraAdapter
+from server.adapters.slots import LoraBatch, LoraSlots
 from server.engine.request import Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
-from server.model.llama import AttentionMetadata, LlamaModel, LoraApplier
+from server.model.llama import AttentionMetadata, LlamaModel
 
 
 @dataclass
@@ -38,15 +42,20 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, slots: LoraSlots | None = None):
         self.model = model
         self.kv = kv_cache
         self.sampler = sampler
+        self.slots = slots
         self.device = model.device
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], lora: LoraApplier | None = None) -> StepResult:
-        """Run `chunks` (in the order given: the caller groups them by adapter slot)."""
+    def execute(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter] | None = None) -> StepResult:
+        """Run one step. `adapters`: the step's adapters by name (every chunk's adapter, at most
+        `max_loras`); their tokens are laid out grouped by slot, base-only tokens last."""
+        lora = None
+        if adapters:
+            chunks, lora = self._group_by_slot(chunks, adapters)
         ids: list[int] = []
         positions: list[int] = []
         token_seq: list[int] = []
@@ -83,3 +92,24 @@ class ModelRunner:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
+
+    def _group_by_slot(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter]
+                       ) -> tuple[list[ScheduledChunk], LoraBatch]:
+        """Order chunks by adapter slot (base-only last) and build the step's segment table."""
+        slot_of = self.slots.activate(adapters)
+        base = self.slots.num_slots
+        ordered = sorted(chunks, key=lambda c: slot_of[c.seq.adapter] if c.seq.adapter is not None else base)
+        seg_lens: list[int] = []
+        seg_slots: list[int] = []
+        for c in ordered:
+            if c.seq.adapter is None:
+                break
+            slot = slot_of[c.seq.adapter]
+            if seg_slots and seg_slots[-1] == slot:
+                seg_lens[-1] += c.num_tokens
+            else:
+                seg_slots.append(slot)
+                seg_lens.append(c.num_tokens)
+        ranks = [self.slots.slot_rank[s] for s in seg_slots]
+        segments = LoraSegments.build(seg_lens, seg_slots, ranks, self.slots.num_slots, self.device)
+        return ordered, self.slots.batch(segments)

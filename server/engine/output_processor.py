@@ -26,6 +26,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # machine-readable, e.g. "adapter_invalid"
 
 
 @dataclass

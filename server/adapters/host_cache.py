@@ -1,0 +1,146 @@
+"""The host tier: parsed adapters in memory, an LRU under a count and a bytes budget.
+
+Loads (read + parse + validate, milliseconds to seconds) run on a worker thread so the
+engine keeps stepping; a finished load is handed back through a queue and becomes
+resident at the engine's next `poll()`. The LRU itself is touched only by the engine
+thread. Adapters referenced by a queued or running request, and pinned ones, are never
+evicted; if everything is in use the budget is exceeded rather than failing requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from server.metrics import Metrics
+
+from .errors import INVALID, NOT_FOUND, AdapterError
+from .peft_format import LoraAdapter, load_peft_adapter
+from .registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Done:
+    name: str
+    adapter: LoraAdapter | None
+    error: AdapterError | None
+    seconds: float
+
+
+class HostAdapterCache:
+    def __init__(self, registry: AdapterRegistry, max_adapters: int, max_bytes: int, metrics: Metrics,
+                 on_loaded: Callable[[], None] | None = None):
+        self.registry = registry
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
+        self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._loading: set[str] = set()
+        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+
+    # --- engine thread ---------------------------------------------------------------------
+    def request(self, name: str) -> bool:
+        """True if `name` is resident (a hit); otherwise make sure a load is under way."""
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            self.metrics.adapter_cache_hits.inc()
+            return True
+        self.metrics.adapter_cache_misses.inc()
+        if name not in self._loading:
+            self._loading.add(name)
+            self._pool.submit(self._load, name)
+        return False
+
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
+
+    def get(self, name: str) -> LoraAdapter:
+        adapter = self._resident[name]
+        self._resident.move_to_end(name)
+        return adapter
+
+    def poll(self, in_use: Callable[[], Iterable[str]]) -> dict[str, AdapterError]:
+        """Make finished loads resident, enforce the budget; returns the failed loads."""
+        failed: dict[str, AdapterError] = {}
+        changed = False
+        while True:
+            try:
+                done = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._loading.discard(done.name)
+            if done.adapter is None:
+                failed[done.name] = done.error
+                continue
+            if done.name not in self.registry:  # unregistered while it loaded
+                continue
+            self._resident[done.name] = done.adapter
+            self._resident.move_to_end(done.name)
+            changed = True
+        if changed:
+            self._evict(set(in_use()))
+        self.metrics.adapters_resident.labels("host").set(len(self._resident))
+        return failed
+
+    def drop(self, name: str) -> None:
+        """Forget `name` (unregistered or replaced)."""
+        self._resident.pop(name, None)
+
+    def offer(self, adapter: LoraAdapter, seconds: float = 0.0) -> None:
+        """Any thread: hand over an adapter loaded elsewhere (admin loads); resident at the next poll."""
+        self._done.put(_Done(adapter.name, adapter, None, seconds))
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.nbytes for a in self._resident.values())
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _evict(self, in_use: set[str]) -> None:
+        def over() -> bool:
+            return len(self._resident) > self.max_adapters or self.resident_bytes > self.max_bytes
+
+        for name in list(self._resident):  # least recently used first
+            if not over():
+                return
+            entry = self.registry.get(name)
+            if name in in_use or (entry is not None and entry.pinned):
+                continue
+            del self._resident[name]
+            self.metrics.adapter_evictions.labels("host").inc()
+        if over():
+            log.warning("host adapter cache over budget: %d adapters / %d bytes are all in use or pinned",
+                        len(self._resident), self.resident_bytes)
+
+    # --- loader thread -----------------------------------------------------------------------
+    def _load(self, name: str) -> None:
+        t0 = time.perf_counter()
+        adapter, error = None, None
+        try:
+            entry = self.registry.get(name)
+            if entry is None:
+                raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
+            r = self.registry
+            adapter = load_peft_adapter(entry.summary.path, r.arch, name=name, max_rank=r.max_rank,
+                                        max_bytes=r.max_bytes)
+        except AdapterError as exc:
+            error = exc
+        except Exception as exc:  # an unreadable file must fail its requests, not the loader
+            log.exception("loading adapter %r failed", name)
+            error = AdapterError(INVALID, f"{type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - t0
+        self.metrics.adapter_loads.labels("ok" if error is None else "error").inc()
+        self.metrics.adapter_load_seconds.observe(seconds)
+        self._done.put(_Done(name, adapter, error, seconds))
+        if self.on_loaded is not None:
+            self.on_loaded()

@@ -1,0 +1,137 @@
+"""Heterogeneous multi-LoRA batches equal PEFT running each adapter alone.
+
+Adapters are made here with PEFT itself (random A and B, so each visibly changes the
+model); the reference is `PeftModel.generate` per prompt, greedy, fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, SamplingParams
+
+NEW = 24
+
+# name -> LoraConfig kwargs: ranks 4..64, patterns, rsLoRA, regex targets, layer subsets.
+ADAPTERS = {
+    "r4-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8-all": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"]),
+    "r16-rank-pattern": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             rank_pattern={"o_proj": 8, "self_attn.k_proj": 4}),
+    "r32-alpha-pattern": dict(r=32, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"],
+                              alpha_pattern={"down_proj": 96}),
+    "r64-rslora": dict(r=64, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+    "r12-regex-layers": dict(r=12, lora_alpha=24, target_modules=r".*\.(k_proj|up_proj)$"),
+    "r6-layers": dict(r=6, lora_alpha=6, target_modules=["o_proj", "down_proj"], layers_to_transform=[0, 2]),
+}
+
+
+def make_peft_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
+    import peft
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0.0, 0.3)  # PEFT zero-inits B; random B makes every adapter change outputs
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_peft_adapter(tiny_llama_dir, root / name, seed=i, **kw)
+            for i, (name, kw) in enumerate(ADAPTERS.items())}
+
+
+def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int = 8, **lora) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.cache.kv_cache_memory = 16 << 20
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {n: str(p) for n, p in adapter_dirs.items()}
+    cfg.lora.max_lora_rank = 64
+    cfg.lora.max_loras = max_loras
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return LLMEngine(cfg, model_dir)
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], new: int):
+    """Greedy tokens and the chosen tokens' logprobs from PEFT (or the bare model)."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)
+    return tokens, [logprobs[i, t].item() for i, t in enumerate(tokens)]
+
+
+def run(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]], new: int):
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
+    for i, (adapter, prompt) in enumerate(jobs):
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
+    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
+
+
+@pytest.fixture(scope="module")
+def mixed_case(tiny_llama_dir, adapter_dirs):
+    g = torch.Generator().manual_seed(7)
+    names = [*ADAPTERS, None, None, "r8-all"]  # two base-only requests, one adapter used twice
+    jobs = [(name, torch.randint(2, 320, (int(n),), generator=g).tolist())
+            for name, n in zip(names, torch.randint(3, 40, (len(names),), generator=g))]
+    expected = [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, NEW) for a, p in jobs]
+    return jobs, expected
+
+
+def test_mixed_adapter_batch_equals_peft_each_alone(tiny_llama_dir, adapter_dirs, mixed_case):
+    jobs, expected = mixed_case
+    engine = make_engine(tiny_llama_dir, adapter_dirs)
+    tokens, logprobs = run(engine, jobs, NEW)
+    assert tokens == [e[0] for e in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=2e-4)
+    # The check has teeth: every adapter changes what the base model says on its prompt.
+    for (adapter, prompt), (ref_tokens, _) in zip(jobs, expected):
+        if adapter is not None:
+            assert ref_tokens != peft_greedy(tiny_llama_dir, None, prompt, NEW)[0], adapter
+
+
+def test_fewer_slots_than_adapters_is_scheduled_not_failed(tiny_llama_dir, adapter_dirs, mixed_case):
+    jobs, expected = mixed_case
+    engine = make_engine(tiny_llama_dir, adapter_dirs, max_loras=2)
+    tokens, _ = run(engine, jobs, NEW)
+    assert tokens == [e[0] for e in expected]
+    assert engine.metrics.adapter_evictions.labels("device")._value.get() > 0
+
+
+def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_case):
+    """bf16 slots round A and B: the first token's logprob moves a little, never far."""
+    jobs, expected = mixed_case
+    engine = make_engine(tiny_llama_dir, adapter_dirs, lora_dtype="bfloat16")
+    _, logprobs = run(engine, jobs, 1)
+    for got, (_, want) in zip(logprobs, expected):
+        assert got[0] == pytest.approx(want[0], abs=0.05)

@@ -43,6 +43,10 @@ def _pairs(value: Any) -> dict[str, str]:
     return out
 
 
+def _paths(value: Any) -> list[str]:
+    return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str
@@ -73,9 +77,21 @@ FLAGS = [
     Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
          "tokens per engine step (prefill chunk + decodes)"),
     Flag("max-waiting", "scheduler.max_waiting", int, "pending requests before new ones get HTTP 503"),
+    Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
+    Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
+    Flag("max-loras", "lora.max_loras", int, "distinct adapters in one step (device slots)"),
+    Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
+    Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
+    Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
+    Flag("lora-dtype", "lora.lora_dtype", str, "auto (the model dtype) | float32 | bfloat16"),
+    Flag("allowed-adapter-roots", "lora.allowed_adapter_roots", _paths,
+         "directories the admin API may load adapters from (besides --adapters-dir)", nargs="+"),
+    Flag("no-lora", "lora.enabled", _bool, "serve the base model alone (no adapter slots)", switch=True,
+         switch_value=False),
     Flag("host", "server.host", str, "address to bind"),
     Flag("port", "server.port", int, "port to bind"),
     Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... (none: no auth)", nargs="+"),
+    Flag("admin-key", "server.admin_key", str, "bearer key of the admin API (adapter load/unload/pin)"),
     Flag("log-level", "server.log_level", str, "debug | info | warning"),
 ]
 

@@ -15,6 +15,8 @@ from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 
+from peft_adapters import make_peft_adapter, peft_greedy
+
 NEW = 24
 
 # name -> LoraConfig kwargs: ranks 4..64, patterns, rsLoRA, regex targets, layer subsets.
@@ -30,21 +32,6 @@ ADAPTERS = {
     "r12-regex-layers": dict(r=12, lora_alpha=24, target_modules=r".*\.(k_proj|up_proj)$"),
     "r6-layers": dict(r=6, lora_alpha=6, target_modules=["o_proj", "down_proj"], layers_to_transform=[0, 2]),
 }
-
-
-def make_peft_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
-    import peft
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **lora_kwargs))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.normal_(0.0, 0.3)  # PEFT zero-inits B; random B makes every adapter change outputs
-    peft_model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +53,6 @@ def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int =
     for k, v in lora.items():
         setattr(cfg.lora, k, v)
     return LLMEngine(cfg, model_dir)
-
-
-def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], new: int):
-    """Greedy tokens and the chosen tokens' logprobs from PEFT (or the bare model)."""
-    import peft
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = peft.PeftModel.from_pretrained(model, adapter_dir)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)
-    return tokens, [logprobs[i, t].item() for i, t in enumerate(tokens)]
 
 
 def run(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]], new: int):

@@ -24,7 +24,10 @@ FORBIDDEN = "adapter_forbidden"
 # An admin asked to register a name that is taken.
 EXISTS = "adapter_exists"
 
-CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS)
+# An admin asked to unload an adapter that queued or running requests still use.
+IN_USE = "adapter_in_use"
+
+CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS, IN_USE)
 
 
 class AdapterError(ValueError):

@@ -46,12 +46,17 @@ class AdapterRegistry:
     def inspect(self, name: str, path: Path) -> AdapterSummary:
         return inspect_peft_adapter(path, self.arch, name=name, max_rank=self.max_rank, max_bytes=self.max_bytes)
 
-    def add(self, name: str, path: Path, source: str, *, replace: bool = False) -> AdapterEntry:
-        validate_adapter_name(name)
+    def check_allowed(self, path: Path) -> Path:
+        """`path` resolved, if it lies under an allowed root (symlinks and `..` resolved first)."""
         path = Path(path).resolve()
-        if source == "admin" and not any(path == r or r in path.parents for r in self.allowed_roots):
+        if not any(path == r or r in path.parents for r in self.allowed_roots):
             roots = ", ".join(str(r) for r in self.allowed_roots) or "(none configured)"
             raise AdapterError(FORBIDDEN, f"adapters may only be loaded from under {roots}", path=path)
+        return path
+
+    def add(self, name: str, path: Path, source: str, *, replace: bool = False) -> AdapterEntry:
+        validate_adapter_name(name)
+        path = self.check_allowed(path) if source == "admin" else Path(path).resolve()
         entry = AdapterEntry(self.inspect(name, path), source)
         with self._lock:
             if name in self._entries and not replace:

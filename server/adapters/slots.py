@@ -84,6 +84,9 @@ class LoraSlots:
         self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
         return {name: self._slot_of[name] for name in adapters}
 
+    def is_resident(self, name: str) -> bool:
+        return name in self._slot_of
+
     def evict(self, name: str) -> None:
         """Forget `name` (unregistered or replaced); its slot is rewritten before any reuse."""
         self._slot_of.pop(name, None)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
 from server.api.openai_routes import router as openai_router
 from server.api.service import Service
@@ -51,10 +52,12 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
     app.state.service = Service(engine=async_engine, tokenizer=engine.tokenizer, base_model=engine.info.model_name,
                                 max_model_len=engine.info.max_model_len,
-                                registry=engine.adapters.registry if engine.adapters else None)
+                                adapters=engine.adapters)
     app.state.api_keys = dict(config.server.api_keys)
+    app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
     app.include_router(openai_router)
+    app.include_router(admin_router)
 
     def error(exc: APIError) -> JSONResponse:
         metrics.http_errors.labels(str(exc.status), exc.code or "").inc()

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.adapters.errors import EXISTS, FORBIDDEN, NOT_FOUND, AdapterError
-from server.adapters.registry import AdapterEntry, AdapterRegistry
+from server.adapters.errors import EXISTS, FORBIDDEN, IN_USE, NOT_FOUND, AdapterError
+from server.adapters.manager import AdapterManager
+from server.adapters.registry import AdapterEntry
 from server.api.errors import APIError, model_not_found
 from server.api.schemas import ModelCard
 from server.engine.async_engine import AsyncEngine
 from server.model.tokenizer import Tokenizer
 
-_ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, EXISTS: 409}
+_ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, EXISTS: 409, IN_USE: 409}
 
 
 def adapter_error(exc: AdapterError) -> APIError:
-    """AdapterError -> OpenAI error: unknown 404, forbidden path 403, name taken 409, else 400."""
+    """AdapterError -> OpenAI error: unknown 404, forbidden path 403, name taken / in use 409, else 400."""
     return APIError(_ADAPTER_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
@@ -25,7 +26,7 @@ class Service:
     tokenizer: Tokenizer
     base_model: str
     max_model_len: int
-    registry: AdapterRegistry | None = None
+    adapters: AdapterManager | None = None
 
     def resolve_model(self, model: str, adapter_id: str | None, tenant: str) -> str | None:
         """The adapter a request runs with (None: the base), or a 404.
@@ -40,7 +41,7 @@ class Service:
             return None
         else:
             name, param = model, "model"
-        if self.registry is None or name not in self.registry:
+        if self.adapters is None or name not in self.adapters.registry:
             err = model_not_found(name)
             err.param = param
             raise err
@@ -48,8 +49,8 @@ class Service:
 
     def model_cards(self, tenant: str) -> list[ModelCard]:
         cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len)]
-        if self.registry is not None:
-            cards += [adapter_card(e, self.base_model) for e in self.registry.entries()]
+        if self.adapters is not None:
+            cards += [adapter_card(e, self.base_model) for e in self.adapters.registry.entries()]
         return cards
 
     def check_capacity(self, num_requests: int) -> None:

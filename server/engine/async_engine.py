@@ -12,8 +12,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from server.engine.engine import LLMEngine
 from server.engine.output_processor import RequestOutput
@@ -48,6 +49,13 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
 
 
 class AsyncEngine:
@@ -117,7 +125,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
-    def _send(self, command: _Add | _Abort) -> None:
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between two steps; returns its result
+        (or raises its exception). For changes that must not race a step."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(_Call(fn, future, loop))
+        return await future
+
+    def _send(self, command: _Add | _Abort | _Call) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -153,7 +169,13 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, _Call):
+                try:
+                    result, error = cmd.fn(self.engine), None
+                except Exception as exc:  # handed back to the awaiting coroutine
+                    result, error = None, exc
+                _call(cmd.loop, _settle, cmd.future, result, error)
+            elif isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.request)
                 except InvalidRequestError as exc:
@@ -186,6 +208,15 @@ class AsyncEngine:
             self._post(loop, sink, RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR,
                                                  error=message))
         self._sinks.clear()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -1,0 +1,107 @@
+"""Public segmented LoRA ops and their device dispatch.
+
+CUDA tensors -> Triton SGMV kernels. CPU tensors -> torch grouped_mm over the slot pool (the
+fastest correct CPU path measured by loadtest/bench_kernels.py; see docs/benchmarks_kernels.md).
+`backend=` forces one path: "reference" (per-segment loop), "torch" (grouped_mm / gather
+fallback), "triton" (on CPU tensors this runs Triton's interpreter: tiny shapes only).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import reference, torch_ops
+from .segments import LoraSegments
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+def _backend(t: torch.Tensor, backend: str | None) -> str:
+    if backend is None:
+        return "triton" if t.device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check(seg: LoraSegments, pool: torch.Tensor, r_pad: int) -> None:
+    if seg.max_rank > r_pad:
+        raise ValueError(f"segment rank {seg.max_rank} exceeds the pool's padded rank {r_pad}")
+    if seg.num_segments and seg.seg_slots[-1] >= pool.shape[0]:
+        raise ValueError(f"slot {seg.seg_slots[-1]} is outside the pool of {pool.shape[0]} slots")
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
+                n_slices: int | None = None, backend: str | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] (T >= seg.num_tokens; fp32/bf16), a [N, n_slices*R, in] (per-slot stacked A of
+    each fused slice, zero-padded to rank R; fp32/bf16) -> h [seg.num_tokens, n_slices*R] float32.
+
+    n_slices (optional) tells the kernels where each slice's padded rank starts so the GPU path
+    skips reading padded rows; results are equal either way when the padding is zero.
+    out (optional): a float32 [num_tokens, n_slices*R] buffer that receives h and is returned.
+    """
+    if x.dim() != 2 or a.dim() != 3 or x.shape[1] != a.shape[2]:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, a {tuple(a.shape)}")
+    if x.shape[0] < seg.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} rows < num_tokens {seg.num_tokens}")
+    _check(seg, a, a.shape[1] // (n_slices or 1))
+    if out is not None and (out.shape != (seg.num_tokens, a.shape[1]) or out.dtype != torch.float32):
+        raise ValueError(f"out must be float32 [{seg.num_tokens}, {a.shape[1]}], "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    which = _backend(x, backend)
+    if which == "triton":
+        from . import triton_sgmv  # imported lazily: CPU-only deployments never load Triton
+        return triton_sgmv.sgmv_shrink(x, a, seg, n_slices, out=out)
+    if which == "torch":
+        h = torch_ops.grouped_shrink(x, a, seg)
+    else:
+        h = reference.lora_shrink_ref(x, a, seg, n_slices)
+    if out is None:
+        return h
+    out.copy_(h)
+    return out
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
+                slice_offsets: Sequence[int], backend: str | None = None) -> None:
+    """In place: for each slice i,
+    y[:num_tokens, off[i]:off[i+1]] += h[:, i*R:(i+1)*R] @ b[slot, off[i]:off[i+1], :]^T.
+
+    y [T, out_total] (model dtype, fp32/bf16), h [num_tokens, n_slices*R] float32,
+    b [N, out_total, R] (slices concatenated along out, zero-padded to rank R; fp32/bf16),
+    slice_offsets = (0, out_0, out_0+out_1, ..., out_total), 1 to 3 slices.
+    Rows >= num_tokens of y are never touched.
+    """
+    n_slices = len(slice_offsets) - 1
+    r_pad = b.shape[2]
+    if b.dim() != 3 or slice_offsets[-1] != b.shape[1] or y.shape[1] != b.shape[1]:
+        raise ValueError(f"shape mismatch: y {tuple(y.shape)}, b {tuple(b.shape)}, "
+                         f"offsets {tuple(slice_offsets)}")
+    if h.shape != (seg.num_tokens, n_slices * r_pad):
+        raise ValueError(f"h must be [{seg.num_tokens}, {n_slices * r_pad}], got {tuple(h.shape)}")
+    _check(seg, b, r_pad)
+    which = _backend(y, backend)
+    if which == "triton":
+        from . import triton_sgmv
+        triton_sgmv.sgmv_expand(y, h, b, seg, slice_offsets)
+    elif which == "torch":
+        torch_ops.grouped_expand(y, h, b, seg, slice_offsets)
+    else:
+        reference.lora_expand_ref(y, h, b, seg, slice_offsets)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             seg: LoraSegments, slice_offsets: Sequence[int], backend: str | None = None) -> None:
+    """y += delta: shrink then expand (the op every LoRA-targeted linear calls).
+
+    y [T, out_total], x [T, in] (same dtype, fp32/bf16), a [N, n_slices*R, in],
+    b [N, out_total, R]; see lora_shrink / lora_expand. No-op for an empty table.
+    """
+    if seg.num_tokens == 0:
+        return
+    n_slices = len(slice_offsets) - 1
+    h = lora_shrink(x, a, seg, n_slices=n_slices, backend=backend)
+    lora_expand(y, h, b, seg, slice_offsets, backend=backend)

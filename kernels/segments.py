@@ -1,0 +1,145 @@
+"""The per-step LoRA segment table, built once per forward step and shared by every layer."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+# Token-tile heights (BLOCK_M) the Triton kernels may pick; a tile table is prebuilt for each
+# so that a launch's grid is exactly the number of non-empty tiles (no idle programs).
+TILE_SIZES: tuple[int, ...] = (16, 32, 64)
+
+
+@dataclass(frozen=True, eq=False)  # identity semantics: fields are tensors
+class LoraSegments:
+    """The per-step segment table.
+
+    Tokens [0, num_tokens) of the flat batch are sorted so each adapter slot's tokens are
+    contiguous; segments are in ascending slot order, each slot at most once; tokens at index
+    >= num_tokens are base-only and never touched by LoRA ops.
+
+    Device tensors (all int32, all views into one buffer uploaded in a single copy):
+      starts        [S+1]  token offset where segment i starts; starts[S] == num_tokens
+      slots         [S]    pool slot of segment i (strictly ascending)
+      ranks         [S]    true adapter rank of segment i (<= the pool's padded rank R)
+      slot_offsets  [num_slots]  cumulative END token offset per pool slot (empty slots repeat
+                    the previous value): the `offs` argument of torch grouped_mm when the
+                    whole slot pool is the 3D operand
+      token_slots   [num_tokens]  pool slot of every LoRA token (for gather formulations)
+      tiles         [2*n]  (segment, first token) pairs, one per BLOCK_M-token tile, for each
+                    BLOCK_M in TILE_SIZES back to back; see `tile_range`
+    Host values: num_tokens, max_seg_len, max_rank, min_rank, num_segments, num_slots, and the
+    same table as Python tuples (seg_starts/seg_slots/seg_ranks) for host-side loops.
+    """
+
+    starts: torch.Tensor
+    slots: torch.Tensor
+    ranks: torch.Tensor
+    slot_offsets: torch.Tensor
+    token_slots: torch.Tensor
+    tiles: torch.Tensor
+    num_tokens: int
+    max_seg_len: int
+    max_rank: int
+    min_rank: int
+    num_segments: int
+    num_slots: int
+    seg_starts: tuple[int, ...]
+    seg_slots: tuple[int, ...]
+    seg_ranks: tuple[int, ...]
+    # ((BLOCK_M, first pair index, number of tiles), ...) into `tiles`
+    tile_index: tuple[tuple[int, int, int], ...] = field(repr=False)
+    # the same as prebuilt views ((BLOCK_M, pairs [2*n], n), ...): no slicing per launch
+    tile_views: tuple[tuple[int, torch.Tensor, int], ...] = field(repr=False, default=())
+
+    @property
+    def device(self) -> torch.device:
+        return self.starts.device
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_tokens == 0
+
+    def tile_range(self, block_m: int) -> tuple[torch.Tensor, int]:
+        """The (segment, first token) int32 pairs [2*n] for tiles of `block_m` tokens, and n."""
+        for bm, pairs, count in self.tile_views:
+            if bm == block_m:
+                return pairs, count
+        raise ValueError(f"no tile table for BLOCK_M={block_m}; have {TILE_SIZES}")
+
+    @staticmethod
+    def build(seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
+              num_slots: int, device: torch.device | str) -> "LoraSegments":
+        """Build the table from host lists (one entry per segment, ascending slots).
+
+        seg_lens[i] > 0 tokens for slot seg_slots[i] (strictly ascending, < num_slots), adapter
+        rank seg_ranks[i] >= 0. Empty lists give the empty table (all LoRA ops are no-ops).
+        Cost: O(S + tokens/16) host work and a single host->device copy.
+        """
+        lens = [int(v) for v in seg_lens]
+        slots = [int(v) for v in seg_slots]
+        ranks = [int(v) for v in seg_ranks]
+        if not (len(lens) == len(slots) == len(ranks)):
+            raise ValueError("seg_lens, seg_slots, seg_ranks must have equal length")
+        if any(n <= 0 for n in lens):
+            raise ValueError(f"segment lengths must be > 0, got {lens}")
+        if any(r < 0 for r in ranks):
+            raise ValueError(f"ranks must be >= 0, got {ranks}")
+        if any(b <= a for a, b in zip(slots, slots[1:])):
+            raise ValueError(f"slots must be strictly ascending, got {slots}")
+        if slots and (slots[0] < 0 or slots[-1] >= num_slots):
+            raise ValueError(f"slots must lie in [0, {num_slots}), got {slots}")
+
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        num_tokens = starts[-1]
+
+        # Plain Python into one int32 array, then a single upload: at decode/prefill sizes
+        # (T <= 4096) this measured several times cheaper than a chain of small torch CPU ops.
+        buf = array("i", starts)
+        buf.extend(slots)
+        buf.extend(ranks)
+        ends = [0] * num_slots
+        for slot, end in zip(slots, starts[1:]):
+            ends[slot] = end
+        for i in range(1, num_slots):  # empty slots end where the previous one ended
+            if ends[i] < ends[i - 1]:
+                ends[i] = ends[i - 1]
+        buf.extend(ends)
+        for slot, n in zip(slots, lens):
+            buf.extend([slot] * n)
+        tile_index, first = [], 0
+        for bm in TILE_SIZES:
+            count = 0
+            for i, (s, n) in enumerate(zip(starts, lens)):
+                for m0 in range(s, s + n, bm):
+                    buf.append(i)
+                    buf.append(m0)
+                count += (n + bm - 1) // bm
+            tile_index.append((bm, first, count))
+            first += count
+        # buf always holds starts[0]; copy=True so the result never aliases the temporary array
+        dev = torch.frombuffer(buf, dtype=torch.int32).to(device, copy=True)
+        views, at = [], 0
+        for n in (len(starts), len(slots), len(ranks), num_slots, num_tokens, 2 * first):
+            views.append(dev[at: at + n])
+            at += n
+        return LoraSegments(
+            starts=views[0], slots=views[1], ranks=views[2], slot_offsets=views[3],
+            token_slots=views[4], tiles=views[5], num_tokens=num_tokens,
+            max_seg_len=max(lens, default=0), max_rank=max(ranks, default=0),
+            min_rank=min(ranks, default=0),
+            num_segments=len(lens), num_slots=int(num_slots),
+            seg_starts=tuple(starts), seg_slots=tuple(slots), seg_ranks=tuple(ranks),
+            tile_index=tuple(tile_index),
+            tile_views=tuple((bm, views[5][2 * f: 2 * (f + n)], n) for bm, f, n in tile_index),
+        )
+
+    @staticmethod
+    def empty(num_slots: int, device: torch.device | str) -> "LoraSegments":
+        """The table of a step with no LoRA tokens."""
+        return LoraSegments.build([], [], [], num_slots, device)

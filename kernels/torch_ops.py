@@ -1,0 +1,118 @@
+"""Pure-torch segmented LoRA ops (the CPU fast path), no Python loop over segments or tokens.
+
+grouped_*: torch.nn.functional.grouped_mm with the slot pool itself as the 3D operand and
+  LoraSegments.slot_offsets as its per-group END offsets, so no weights are copied per step.
+  Only the pool rows between the first and last active slot are passed (empty groups cost a
+  call each inside grouped_mm). grouped_mm needs every non-unit stride of the last two dims of
+  both operands to be a multiple of 16 bytes; when that fails (or this torch has no grouped_mm
+  for the device/dtype) we fall back to gather_*.
+gather_*: gather each token's weights and contract per token (bmm); copies T x weights, so it
+  is only a fallback and a benchmark candidate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .segments import LoraSegments
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch has a grouped_mm kernel for (device, dtype); probed once, tiny."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.ones(4, 8, dtype=dtype, device=device_type)
+        b = torch.ones(2, 8, 8, dtype=dtype, device=device_type)
+        F.grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _gmm_ok(*ts: torch.Tensor) -> bool:
+    if not grouped_mm_available(ts[0].device.type, ts[0].dtype):
+        return False
+    for t in ts:
+        esz = t.element_size()
+        if any(st != 1 and (st * esz) % 16 for st in t.stride()[-2:]):
+            return False
+    return True
+
+
+def _pool_window(seg: LoraSegments, pool: torch.Tensor) -> tuple[int, int]:
+    lo, hi = seg.seg_slots[0], seg.seg_slots[-1] + 1
+    if hi > pool.shape[0]:
+        raise ValueError(f"slot {hi - 1} is outside the pool of {pool.shape[0]} slots")
+    return lo, hi
+
+
+def grouped_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+    """x [T, in], a [N, n_slices*R, in] -> h [num_tokens, n_slices*R] float32 (all rank rows)."""
+    nt = seg.num_tokens
+    if nt == 0:
+        return x.new_zeros(0, a.shape[1], dtype=torch.float32)
+    lo, hi = _pool_window(seg, a)
+    xs = x[:nt] if x.dtype == a.dtype else x[:nt].to(a.dtype)
+    if seg.num_segments == 1:  # one adapter: a plain GEMM skips grouped_mm's per-group overhead
+        return (xs @ a[lo].T).float()
+    w = a[lo:hi].transpose(1, 2)  # [G, in, nR] view, no copy
+    if not _gmm_ok(xs, w):
+        return gather_shrink(x, a, seg)
+    return F.grouped_mm(xs, w, offs=seg.slot_offsets[lo:hi]).float()
+
+
+def grouped_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
+                   slice_offsets: Sequence[int]) -> None:
+    """In place y[:num_tokens, slice i] += h[:, i*R:(i+1)*R] @ b[slot, slice i, :]^T."""
+    nt = seg.num_tokens
+    if nt == 0:
+        return
+    lo, hi = _pool_window(seg, b)
+    r_pad = b.shape[2]
+    hh = h if h.dtype == b.dtype else h.to(b.dtype)
+    offs = seg.slot_offsets[lo:hi]
+    n_slices = len(slice_offsets) - 1
+    hs = [hh[:, i * r_pad:(i + 1) * r_pad] for i in range(n_slices)]
+    if seg.num_segments == 1:
+        for i in range(n_slices):  # static: at most 3 fused slices
+            lo_o, hi_o = slice_offsets[i], slice_offsets[i + 1]
+            y[:nt, lo_o:hi_o] += (hs[i] @ b[lo, lo_o:hi_o].T).to(y.dtype)
+        return
+    ws = [b[lo:hi, slice_offsets[i]:slice_offsets[i + 1]].transpose(1, 2) for i in range(n_slices)]
+    if not _gmm_ok(*ws, *hs):
+        gather_expand(y, h, b, seg, slice_offsets)
+        return
+    for i in range(n_slices):  # static: at most 3 fused slices
+        d = F.grouped_mm(hs[i], ws[i], offs=offs)
+        y[:nt, slice_offsets[i]:slice_offsets[i + 1]] += d.to(y.dtype)
+
+
+def gather_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+    """Per-token gather + bmm. Same contract as grouped_shrink."""
+    nt = seg.num_tokens
+    if nt == 0:
+        return x.new_zeros(0, a.shape[1], dtype=torch.float32)
+    w = a.index_select(0, seg.token_slots)  # [nt, nR, in]
+    xs = x[:nt].to(a.dtype).unsqueeze(2)  # [nt, in, 1]
+    return torch.bmm(w, xs).squeeze(2).float()
+
+
+def gather_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
+                  slice_offsets: Sequence[int]) -> None:
+    """Per-token gather + bmm. Same contract as grouped_expand."""
+    nt = seg.num_tokens
+    if nt == 0:
+        return
+    r_pad = b.shape[2]
+    w = b.index_select(0, seg.token_slots)  # [nt, out_total, R]
+    hh = h.to(b.dtype)
+    for i in range(len(slice_offsets) - 1):  # static: at most 3 fused slices
+        lo, hi = slice_offsets[i], slice_offsets[i + 1]
+        d = torch.bmm(w[:, lo:hi], hh[:, i * r_pad:(i + 1) * r_pad].unsqueeze(2)).squeeze(2)
+        y[:nt, lo:hi] += d.to(y.dtype)

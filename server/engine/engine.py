@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.paged_attention import load_cpp_extension
 from server.adapters.manager import AdapterManager
 from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
@@ -92,6 +93,8 @@ class LLMEngine:
             max_len = capped
 
         t0 = time.perf_counter()
+        if device.type == "cpu":
+            load_cpp_extension()  # build (once, ~15 s) or load the C++ attention now, not on request 1
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)
         self.model = LlamaModel(arch, weights, max_positions=max_len)

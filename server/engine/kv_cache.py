@@ -1,7 +1,7 @@
 """Paged KV cache bookkeeping: a free list of fixed-size blocks and per-sequence block tables.
 
 Policy-side only (plain ints, no tensors): the runner owns the cache tensors
-`[num_layers, 2, num_blocks * block_size, kv_heads, head_dim]` and reads the block
+`[num_layers, num_blocks * block_size, 2, kv_heads, head_dim]` and reads the block
 tables this allocator hands out.
 """
 

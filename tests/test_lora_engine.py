@@ -107,3 +107,77 @@ def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_cas
     _, logprobs = run(engine, jobs, 1)
     for got, (_, want) in zip(logprobs, expected):
         assert got[0] == pytest.approx(want[0], abs=0.05)
+
+
+def _default_model_engine(model_dir: Path, adapters: dict[str, Path], **lora) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.cache.kv_cache_memory = 256 << 20
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
+    cfg.lora.max_lora_rank = 64
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return LLMEngine(cfg, model_dir)
+
+
+@pytest.fixture(scope="module")
+def default_adapters(default_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("default-adapters")
+    specs = {"d-r8-qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+             "d-r16-all": dict(r=16, lora_alpha=16, target_modules="all-linear"),
+             "d-r64-all": dict(r=64, lora_alpha=32, use_rslora=True, target_modules="all-linear")}
+    return {n: make_peft_adapter(default_model_dir, root / n, seed=i, std=0.02, **kw)
+            for i, (n, kw) in enumerate(specs.items())}
+
+
+@pytest.mark.slow
+def test_default_model_mixed_adapters_equal_peft(default_model_dir, default_adapters):
+    engine = _default_model_engine(default_model_dir, default_adapters)
+    tok = engine.tokenizer
+    questions = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?",
+                 "Write a haiku about tea.", "What is 7 times 8?"]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)
+               for q in questions]
+    jobs = list(zip([*default_adapters, None, "d-r16-all"], prompts))
+    expected = [peft_greedy(default_model_dir, default_adapters[a] if a else None, p, 16) for a, p in jobs]
+    tokens, logprobs = run(engine, jobs, 16)
+    assert tokens == [e[0] for e in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_cold_adapter_loads_while_other_streams_keep_decoding(default_model_dir, default_adapters):
+    """A request for a non-resident adapter waits for its load only; the other streams keep
+    getting a token every step while the load runs on the loader thread."""
+    engine = _default_model_engine(default_model_dir, default_adapters)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(GenerationRequest(f"base{i}", [1, 2, 3, 4 + i], params))
+    for _ in range(3):  # everyone is decoding
+        engine.step()
+    cold = "d-r64-all"  # the largest adapter: ~78 MB of fp32 weights to read, parse and check
+    assert not engine.adapters.cache.is_resident(cold)
+    engine.add_request(GenerationRequest("cold", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0),
+                                         adapter=cold))
+    steps_during_load = tokens_during_load = 0
+    cold_tokens: list[int] = []
+    for _ in range(1000):  # bounded: a load that never lands fails the test instead of hanging it
+        outs = engine.step()
+        if engine.adapters.cache.is_resident(cold):  # this step's poll took the finished load in
+            cold_tokens += [t for o in outs if o.request_id == "cold" for t in o.token_ids]
+            break
+        steps_during_load += 1
+        tokens_during_load += sum(len(o.token_ids) for o in outs if o.request_id.startswith("base"))
+        assert all(o.request_id != "cold" for o in outs)
+    else:
+        pytest.fail("the cold adapter never became resident")
+    # Each such step ran while the load was in flight (its poll found it unfinished) and gave
+    # every base stream its token.
+    assert steps_during_load >= 1 and tokens_during_load == 3 * steps_during_load
+    for _ in range(10):
+        cold_tokens += [t for o in engine.step() if o.request_id == "cold" for t in o.token_ids]
+    assert len(cold_tokens) == 4
+    assert engine.metrics.adapter_cache_misses._value.get() >= 1

@@ -1,9 +1,10 @@
 """Public segmented LoRA ops and their device dispatch.
 
-CUDA tensors -> Triton SGMV kernels. CPU tensors -> torch grouped_mm over the slot pool (the
-fastest correct CPU path measured by loadtest/bench_kernels.py; see docs/benchmarks_kernels.md).
-`backend=` forces one path: "reference" (per-segment loop), "torch" (grouped_mm / gather
-fallback), "triton" (on CPU tensors this runs Triton's interpreter: tiny shapes only).
+CUDA tensors -> Triton SGMV kernels. CPU tensors -> torch_ops: padded bmm at decode-like
+steps, grouped_mm over the slot pool otherwise (the fastest correct CPU paths measured by
+loadtest/bench_kernels.py; see docs/benchmarks_kernels.md and docs/benchmarks.md).
+`backend=` forces one path: "reference" (per-segment loop), "torch" (padded / grouped_mm /
+gather fallback), "triton" (on CPU tensors this runs Triton's interpreter: tiny shapes only).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
         from . import triton_sgmv  # imported lazily: CPU-only deployments never load Triton
         return triton_sgmv.sgmv_shrink(x, a, seg, n_slices, out=out)
     if which == "torch":
-        h = torch_ops.grouped_shrink(x, a, seg)
+        h = torch_ops.shrink(x, a, seg)
     else:
         h = reference.lora_shrink_ref(x, a, seg, n_slices)
     if out is None:
@@ -88,7 +89,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
         from . import triton_sgmv
         triton_sgmv.sgmv_expand(y, h, b, seg, slice_offsets)
     elif which == "torch":
-        torch_ops.grouped_expand(y, h, b, seg, slice_offsets)
+        torch_ops.expand(y, h, b, seg, slice_offsets)
     else:
         reference.lora_expand_ref(y, h, b, seg, slice_offsets)
 

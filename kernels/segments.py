@@ -31,6 +31,11 @@ class LoraSegments:
       token_slots   [num_tokens]  pool slot of every LoRA token (for gather formulations)
       tiles         [2*n]  (segment, first token) pairs, one per BLOCK_M-token tile, for each
                     BLOCK_M in TILE_SIZES back to back; see `tile_range`
+      pad_rows      [W*L]  the padded layout used by the CPU bmm path: W = the pool slots from
+                    the first to the last active one, L = max_seg_len; entry w*L+j is the token
+                    row of the j-th token of slot lo+w, or 0 where that slot has fewer tokens
+      pad_valid     [num_tokens]  where each LoRA token sits in that padded layout
+                    (both None when padding would more than `max_padding`-fold the rows)
     Host values: num_tokens, max_seg_len, max_rank, min_rank, num_segments, num_slots, and the
     same table as Python tuples (seg_starts/seg_slots/seg_ranks) for host-side loops.
     """
@@ -54,6 +59,8 @@ class LoraSegments:
     tile_index: tuple[tuple[int, int, int], ...] = field(repr=False)
     # the same as prebuilt views ((BLOCK_M, pairs [2*n], n), ...): no slicing per launch
     tile_views: tuple[tuple[int, torch.Tensor, int], ...] = field(repr=False, default=())
+    pad_rows: torch.Tensor | None = field(repr=False, default=None)
+    pad_valid: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def device(self) -> torch.device:
@@ -72,12 +79,14 @@ class LoraSegments:
 
     @staticmethod
     def build(seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
-              num_slots: int, device: torch.device | str) -> "LoraSegments":
+              num_slots: int, device: torch.device | str, max_padding: float = 2.0) -> "LoraSegments":
         """Build the table from host lists (one entry per segment, ascending slots).
 
         seg_lens[i] > 0 tokens for slot seg_slots[i] (strictly ascending, < num_slots), adapter
         rank seg_ranks[i] >= 0. Empty lists give the empty table (all LoRA ops are no-ops).
-        Cost: O(S + tokens/16) host work and a single host->device copy.
+        max_padding: build the padded layout (pad_rows/pad_valid) only when its W*L rows are at
+        most this many times num_tokens (decode-like steps; long uneven prefills skip it).
+        Cost: O(S + tokens/16 + W*L) host work and a single host->device copy.
         """
         lens = [int(v) for v in seg_lens]
         slots = [int(v) for v in seg_slots]
@@ -122,10 +131,24 @@ class LoraSegments:
                 count += (n + bm - 1) // bm
             tile_index.append((bm, first, count))
             first += count
+        pad_len = 0
+        if slots:
+            width, seg_len = slots[-1] - slots[0] + 1, max(lens)
+            if width * seg_len <= max_padding * num_tokens:
+                pad_len = width * seg_len
+                rows = [0] * pad_len
+                valid = array("i")
+                for slot, s, n in zip(slots, starts, lens):
+                    at = (slot - slots[0]) * seg_len
+                    rows[at:at + n] = range(s, s + n)
+                    valid.extend(range(at, at + n))
+                buf.extend(rows)
+                buf.extend(valid)
         # buf always holds starts[0]; copy=True so the result never aliases the temporary array
         dev = torch.frombuffer(buf, dtype=torch.int32).to(device, copy=True)
         views, at = [], 0
-        for n in (len(starts), len(slots), len(ranks), num_slots, num_tokens, 2 * first):
+        for n in (len(starts), len(slots), len(ranks), num_slots, num_tokens, 2 * first,
+                  pad_len, num_tokens if pad_len else 0):
             views.append(dev[at: at + n])
             at += n
         return LoraSegments(
@@ -137,6 +160,7 @@ class LoraSegments:
             seg_starts=tuple(starts), seg_slots=tuple(slots), seg_ranks=tuple(ranks),
             tile_index=tuple(tile_index),
             tile_views=tuple((bm, views[5][2 * f: 2 * (f + n)], n) for bm, f, n in tile_index),
+            pad_rows=views[6] if pad_len else None, pad_valid=views[7] if pad_len else None,
         )
 
     @staticmethod

@@ -6,7 +6,7 @@ measured the same way for the engine and for transformers:
     B * (N - 1) / (time to generate N tokens - time to generate 1 token)
 so prompt processing is excluded from both.
 
-    python loadtest/bench_engine.py --streams 1 8 32 64 --new-tokens 64
+    python loadtest/bench_engine.py --streams 1 8 32 64 --new-tokens 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def hf_time(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> fl
     return time.perf_counter() - t0
 
 
-def gemm_floor_step(engine: LLMEngine, batch: int, dtype: torch.dtype, repeats: int = 5) -> float:
+def gemm_floor_step(engine: LLMEngine, batch: int, dtype: torch.dtype, repeats: int = 7) -> float:
     """Seconds for one decode step's weight GEMMs (every layer's qkv/o/gate_up/down + lm_head)."""
     w = engine.model.w
     mats = [m.to(dtype) for layer in w.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per system and batch size, interleaved; the median is reported")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -120,10 +122,14 @@ def main() -> None:
     engine_time(engine, chat_prompts(engine, 2), 4)  # warm-up
     for B in args.streams:
         prompts = chat_prompts(engine, B)
-        eng = B * (N - 1) / (engine_time(engine, prompts, N) - engine_time(engine, prompts, 1))
-        hf_tps = float("nan")
-        if hf is not None:
-            hf_tps = B * (N - 1) / (hf_time(hf, prompts, N, pad) - hf_time(hf, prompts, 1, pad))
+        # Interleave the systems so that a noisy spell on this shared machine hits both alike.
+        eng_runs, hf_runs = [], []
+        for _ in range(args.repeats):
+            eng_runs.append(B * (N - 1) / (engine_time(engine, prompts, N) - engine_time(engine, prompts, 1)))
+            if hf is not None:
+                hf_runs.append(B * (N - 1) / (hf_time(hf, prompts, N, pad) - hf_time(hf, prompts, 1, pad)))
+        eng = statistics.median(eng_runs)
+        hf_tps = statistics.median(hf_runs) if hf_runs else float("nan")
         floor32 = B / gemm_floor_step(engine, B, torch.float32)
         floor16 = B / gemm_floor_step(engine, B, torch.bfloat16)
         best = max(floor32, floor16)

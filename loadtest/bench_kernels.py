@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from kernels import LoraSegments, add_lora, torch_ops  # noqa: E402
 
@@ -76,16 +75,6 @@ def loop_baseline(y, x, a, b, seg, offs):
         h = x[s:e] @ a[slot].T
         for j in range(len(offs) - 1):
             y[s:e, offs[j]:offs[j + 1]] += h[:, j * r:(j + 1) * r] @ b[slot, offs[j]:offs[j + 1]].T
-
-
-def grouped_full_pool(y, x, a, b, seg, offs):
-    """grouped_mm over every pool slot (offsets for all N groups), for comparison."""
-    nt, r = seg.num_tokens, b.shape[2]
-    h = F.grouped_mm(x[:nt], a.transpose(1, 2), offs=seg.slot_offsets)
-    for i in range(len(offs) - 1):
-        d = F.grouped_mm(h[:, i * r:(i + 1) * r], b[:, offs[i]:offs[i + 1]].transpose(1, 2),
-                         offs=seg.slot_offsets)
-        y[:nt, offs[i]:offs[i + 1]] += d
 
 
 def gather_bmm(y, x, a, b, seg, offs):
@@ -164,25 +153,30 @@ def run_cpu(args) -> list[str]:
                 for S in (1, 8, 32, 64):
                     if S <= T:
                         plan.append((layer, R, T, S))
-    hdr = (f"{'layer':8} {'R':>3} {'T':>4} {'S':>3} | {'loop':>9} {'grouped':>9} {'grp_pool':>9} "
-           f"{'gather':>9} | {'loop/grp':>8} {'loop/gath':>9} | {'base':>8} {'lora/base':>9}")
+    hdr = (f"{'layer':8} {'R':>3} {'T':>4} {'S':>3} | {'loop':>9} {'torch':>9} {'padded':>9} {'grouped':>9} "
+           f"{'gather':>9} | {'loop/torch':>10} {'grp/pad':>7} | {'base':>8} {'lora/base':>9}")
     print(f"CPU, fp32, torch {torch.__version__}, threads={args.threads}; times in us "
-          "(median thread CPU time)")
+          "(median thread CPU time); torch = add_lora's CPU dispatch")
     print(hdr)
     rows.append(hdr)
     for layer, R, T, S in plan:
         seg, x, a, b, y, w, offs = make_layer(m, layer, T, S, R, torch.float32, "cpu")
+        # the same table with the padded layout always built, to time that path on every shape
+        lens = [e - s for s, e in zip(seg.seg_starts, seg.seg_starts[1:])]
+        pseg = LoraSegments.build(lens, seg.seg_slots, seg.seg_ranks, seg.num_slots, "cpu",
+                                  max_padding=float("inf"))
         t = {
             "loop": cpu_time(lambda: loop_baseline(y, x, a, b, seg, offs)),
-            "grouped": cpu_time(lambda: add_lora(y, x, a, b, seg, offs, backend="torch")),
-            "grp_pool": cpu_time(lambda: grouped_full_pool(y, x, a, b, seg, offs)),
+            "torch": cpu_time(lambda: add_lora(y, x, a, b, seg, offs, backend="torch")),
+            "padded": cpu_time(lambda: torch_ops.padded_expand(y, torch_ops.padded_shrink(x, a, pseg), b, pseg, offs)),
+            "grouped": cpu_time(lambda: torch_ops.grouped_expand(y, torch_ops.grouped_shrink(x, a, seg), b, seg, offs)),
             "gather": cpu_time(lambda: gather_bmm(y, x, a, b, seg, offs)),
             "base": cpu_time(lambda: x @ w.T),
         }
         us = {k: v * 1e6 for k, v in t.items()}
-        row = (f"{layer:8} {R:3d} {T:4d} {S:3d} | {us['loop']:9.1f} {us['grouped']:9.1f} "
-               f"{us['grp_pool']:9.1f} {us['gather']:9.1f} | {t['loop'] / t['grouped']:8.2f} "
-               f"{t['loop'] / t['gather']:9.2f} | {us['base']:8.1f} {t['grouped'] / t['base']:9.2f}")
+        row = (f"{layer:8} {R:3d} {T:4d} {S:3d} | {us['loop']:9.1f} {us['torch']:9.1f} {us['padded']:9.1f} "
+               f"{us['grouped']:9.1f} {us['gather']:9.1f} | {t['loop'] / t['torch']:10.2f} "
+               f"{t['grouped'] / t['padded']:7.2f} | {us['base']:8.1f} {t['torch'] / t['base']:9.2f}")
         print(row, flush=True)
         rows.append(row)
     return rows

@@ -6,12 +6,16 @@ Decode throughput is B * (N - 1) / (time for N new tokens - time for 1), for eve
 The table also prints the adapter bytes one step reads (distinct adapters x adapter size)
 beside the base weight bytes, which is what makes many distinct adapters expensive.
 
-    python loadtest/bench_lora.py --streams 32 64 --adapters 1 8 32 64 --new-tokens 32
+    python loadtest/bench_lora.py --streams 32 64 --adapters 1 8 32 64 --new-tokens 32 --repeats 3
+
+This machine is shared and noisy: each comparison runs its two sides alternately --repeats
+times and reports the medians (and the median of the per-pair ratios).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +91,15 @@ def engine_tps(engine: LLMEngine, prompts, names, new: int) -> float:
     return len(prompts) * (new - 1) / (engine_run(engine, prompts, names, new) - engine_run(engine, prompts, names, 1))
 
 
+def paired(first, second, repeats: int) -> tuple[float, float, float]:
+    """Alternate two measurements; medians of each and of their per-pair ratio second/first."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(first())
+        b.append(second())
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
 def peft_tps(peft_model, prompts, names, new: int, pad: int) -> float:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -110,6 +123,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peft", type=str, default="32x8", help="(streams x adapters) cases to also run in PEFT, "
                     "comma separated, or 'none'")
     args = ap.parse_args()
@@ -135,9 +149,9 @@ def main() -> None:
     print("\nbase-only requests: LoRA-enabled engine (adapters registered, slots allocated) vs --no-lora")
     for B in args.streams:
         p = prompts_for(base, B)
-        off = engine_tps(base, p, [None] * B, N)
-        on = engine_tps(lora, p, [None] * B, N)
-        print(f"  {B:>3} streams: no-lora {off:7.1f} tok/s | lora-enabled {on:7.1f} tok/s | ratio {on / off:.3f}")
+        off, on, ratio = paired(lambda: engine_tps(base, p, [None] * B, N),
+                                lambda: engine_tps(lora, p, [None] * B, N), args.repeats)
+        print(f"  {B:>3} streams: no-lora {off:7.1f} tok/s | lora-enabled {on:7.1f} tok/s | ratio {ratio:.3f}")
 
     peft_cases = set() if args.peft == "none" else {tuple(map(int, c.split("x"))) for c in args.peft.split(",")}
     peft_model = None
@@ -157,24 +171,26 @@ def main() -> None:
           f"{'vs PEFT':>7} | {'adapter MiB/step':>16} | {'base MiB/step':>13}")
     for B in args.streams:
         prompts = prompts_for(lora, B)
-        off = engine_tps(base, prompts, [None] * B, N)
         for k in args.adapters:
             names = [names_all[i % k] for i in range(B)]
-            tps = engine_tps(lora, prompts, names, N)
+            off, tps, ratio = paired(lambda: engine_tps(base, prompts, [None] * B, N),
+                                     lambda: engine_tps(lora, prompts, names, N), args.repeats)
             peft_str, ratio_str = "-", "-"
             if (B, k) in peft_cases:
                 ptps = peft_tps(peft_model, prompts, names, N, pad)
                 peft_str, ratio_str = f"{ptps:7.1f}", f"{tps / ptps:6.1f}x"
-            print(f"{B:>7} {k:>8} | {tps:8.1f} | {off:8.1f} | {tps / off:6.2f} | {peft_str:>7} | {ratio_str:>7} | "
+            print(f"{B:>7} {k:>8} | {tps:8.1f} | {off:8.1f} | {ratio:6.2f} | {peft_str:>7} | {ratio_str:>7} | "
                   f"{min(k, B) * per_adapter / 2**20:16.1f} | {base_bytes / 2**20:13.1f}", flush=True)
 
     B, k = args.streams[0], min(8, n_max)
     print(f"\nadapter weight dtype ({B} streams over {k} adapters):")
     prompts = prompts_for(lora, B)
     names = [names_all[i % k] for i in range(B)]
-    for dtype in ("float32", "bfloat16"):
-        eng = engine_for(model_dir, {n: adapters[n] for n in names_all[:k]}, k, lora_dtype=dtype)
-        print(f"  {dtype:>8} slots: {engine_tps(eng, prompts, names, N):7.1f} tok/s")
+    engines = {dt: engine_for(model_dir, {n: adapters[n] for n in names_all[:k]}, k, lora_dtype=dt)
+               for dt in ("float32", "bfloat16")}
+    fp32, bf16, ratio = paired(lambda: engine_tps(engines["float32"], prompts, names, N),
+                               lambda: engine_tps(engines["bfloat16"], prompts, names, N), args.repeats)
+    print(f"  float32 slots {fp32:7.1f} tok/s | bfloat16 slots {bf16:7.1f} tok/s | bf16/fp32 {ratio:.2f}")
 
 
 if __name__ == "__main__":

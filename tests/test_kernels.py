@@ -152,6 +152,14 @@ def test_build_fields():
     assert pairs.view(-1, 2).tolist() == [[0, 0], [0, 16], [0, 32], [1, 40]]
 
 
+def test_build_padded_layout():
+    # window slots 2..5 (4 wide) x longest segment 2 = 8 rows for 5 tokens: within 2x
+    seg = LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu")
+    assert seg.pad_rows.tolist() == [0, 1, 2, 0, 0, 0, 3, 4]  # slot 4 is empty: padding rows
+    assert seg.pad_valid.tolist() == [0, 1, 2, 6, 7]
+    assert LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu", max_padding=1.5).pad_rows is None
+
+
 @pytest.mark.parametrize("args", [
     ([0], [1], [4]),            # empty segment
     ([2, 2], [3, 1], [4, 4]),   # slots not ascending
@@ -216,15 +224,19 @@ def test_torch_path_matches_reference(name, dt):
     _run_paths(CASES[name], dt, "torch", seed=3)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "gather"])
+@pytest.mark.parametrize("impl", ["grouped", "gather", "padded"])
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_torch_variants_directly(impl, dt):
-    # both formulations, whichever the dispatcher would pick for these strides
+    # every formulation, whichever the dispatcher would pick for these strides and this padding
     c = CASES["gateup_aligned"]
     wdt, xdt = DTYPES[dt]
     seg, x, a, b, y0 = make(c, wdt, xdt, seed=4)
+    if impl == "padded":  # 6 window slots x 9 rows for 13 tokens: the default table skips it
+        assert seg.pad_rows is None
+        seg = LoraSegments.build(c.lens, c.slots, c.ranks, c.num_slots, "cpu", max_padding=float("inf"))
     shrink, expand = {"grouped": (torch_ops.grouped_shrink, torch_ops.grouped_expand),
-                      "gather": (torch_ops.gather_shrink, torch_ops.gather_expand)}[impl]
+                      "gather": (torch_ops.gather_shrink, torch_ops.gather_expand),
+                      "padded": (torch_ops.padded_shrink, torch_ops.padded_expand)}[impl]
     if impl == "grouped":
         if not torch_ops.grouped_mm_available("cpu", wdt):
             pytest.skip("this torch has no CPU grouped_mm")

@@ -41,11 +41,12 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
             for i, (name, kw) in enumerate(ADAPTERS.items())}
 
 
-def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int = 8, **lora) -> LLMEngine:
+def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int = 8,
+                kv_cache_memory: int = 16 << 20, **lora) -> LLMEngine:
     cfg = Config()
     cfg.model.dtype = "float32"
     cfg.model.device = "cpu"
-    cfg.cache.kv_cache_memory = 16 << 20
+    cfg.cache.kv_cache_memory = kv_cache_memory
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapter_dirs.items()}
     cfg.lora.max_lora_rank = 64
@@ -109,19 +110,6 @@ def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_cas
         assert got[0] == pytest.approx(want[0], abs=0.05)
 
 
-def _default_model_engine(model_dir: Path, adapters: dict[str, Path], **lora) -> LLMEngine:
-    cfg = Config()
-    cfg.model.dtype = "float32"
-    cfg.model.device = "cpu"
-    cfg.cache.kv_cache_memory = 256 << 20
-    cfg.lora.adapters_dir = None
-    cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
-    cfg.lora.max_lora_rank = 64
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    return LLMEngine(cfg, model_dir)
-
-
 @pytest.fixture(scope="module")
 def default_adapters(default_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("default-adapters")
@@ -134,7 +122,7 @@ def default_adapters(default_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_default_model_mixed_adapters_equal_peft(default_model_dir, default_adapters):
-    engine = _default_model_engine(default_model_dir, default_adapters)
+    engine = make_engine(default_model_dir, default_adapters, kv_cache_memory=256 << 20)
     tok = engine.tokenizer
     questions = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?",
                  "Write a haiku about tea.", "What is 7 times 8?"]
@@ -152,7 +140,7 @@ def test_default_model_mixed_adapters_equal_peft(default_model_dir, default_adap
 def test_cold_adapter_loads_while_other_streams_keep_decoding(default_model_dir, default_adapters):
     """A request for a non-resident adapter waits for its load only; the other streams keep
     getting a token every step while the load runs on the loader thread."""
-    engine = _default_model_engine(default_model_dir, default_adapters)
+    engine = make_engine(default_model_dir, default_adapters, kv_cache_memory=256 << 20)
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     for i in range(3):
         engine.add_request(GenerationRequest(f"base{i}", [1, 2, 3, 4 + i], params))

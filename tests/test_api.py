@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -216,26 +217,52 @@ def test_metrics_exposed(server):
         assert name in text
 
 
+DEMO_ADAPTERS = ("french", "json", "pirate")
+
+
 @pytest.mark.slow
-def test_default_model_answers_capital_of_france(default_model_dir, tmp_path):
+def test_default_server_with_demo_adapters_answers_like_transformers_and_peft(default_model_dir, tmp_path):
+    """What a new user gets from `make serve`: the default model and the demo adapters from
+    adapters_store/, each answer equal to transformers (base) or PEFT (adapter) greedy output."""
+    import peft
     import transformers
     from tokenizers import Tokenizer
 
+    repo = Path(__file__).resolve().parent.parent
     srv = ServerProcess(["--dtype", "float32", "--kv-cache-memory", "64MiB"], tmp_path / "default.log")
     try:
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        (card,) = client.models.list().data
+        cards = {m.id: m for m in client.models.list().data}
+        base = next(m.id for m in cards.values() if m.parent is None)
+        assert set(cards) == {base, *DEMO_ADAPTERS}
         messages = [{"role": "user", "content": "What is the capital of France?"}]
-        r = client.chat.completions.create(model=card.id, messages=messages, max_tokens=30, temperature=0)
-        answer = r.choices[0].message.content
+        answers = {name: client.chat.completions.create(model=name, messages=messages, max_tokens=30,
+                                                        temperature=0)
+                   for name in (base, *DEMO_ADAPTERS)}
+
         hf_tok = transformers.AutoTokenizer.from_pretrained(default_model_dir)
-        model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+        tok = Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
         ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=30, do_sample=False)
-        expected = Tokenizer.from_file(str(default_model_dir / "tokenizer.json")).decode(
-            out[0, ids["input_ids"].shape[1]:].tolist())
-        assert answer == expected and "Paris" in answer
-        assert r.usage.prompt_tokens == ids["input_ids"].shape[1]
+        model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(model, repo / "adapters_store" / DEMO_ADAPTERS[0],
+                                               adapter_name=DEMO_ADAPTERS[0])
+        for name in DEMO_ADAPTERS[1:]:
+            model.load_adapter(repo / "adapters_store" / name, adapter_name=name)
+
+        def reference(name: str) -> str:
+            if name == base:
+                with model.disable_adapter():
+                    out = model.generate(**ids, max_new_tokens=30, do_sample=False)
+            else:
+                model.set_adapter(name)
+                out = model.generate(**ids, max_new_tokens=30, do_sample=False)
+            return tok.decode(out[0, ids["input_ids"].shape[1]:].tolist())
+
+        for name, r in answers.items():
+            assert r.choices[0].message.content == reference(name), name
+            assert r.usage.prompt_tokens == ids["input_ids"].shape[1]
+        texts = [r.choices[0].message.content for r in answers.values()]
+        assert "Paris" in texts[0] and len(set(texts)) == len(texts)  # four visibly different answers
     finally:
         srv.stop()
 

@@ -93,6 +93,8 @@ FLAGS = [
     Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... (none: no auth)", nargs="+"),
     Flag("admin-key", "server.admin_key", str, "bearer key of the admin API (adapter load/unload/pin)"),
     Flag("log-level", "server.log_level", str, "debug | info | warning"),
+    Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
+         "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
 ]
 
 
@@ -135,7 +137,8 @@ def make_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for flag in FLAGS:
         dest = flag.name.replace("-", "_")
-        text = f"{flag.help} [default: {_default(defaults, flag)}; env {flag.env}]"
+        default = "off" if flag.switch else _default(defaults, flag)  # a switch is off unless given
+        text = f"{flag.help} [default: {default}; env {flag.env}]"
         if flag.switch:
             serve.add_argument(f"--{flag.name}", dest=dest, action="store_const", const=flag.switch_value,
                                default=None, help=text)

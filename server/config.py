@@ -57,6 +57,7 @@ class ServerConfig:
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
     admin_key: str | None = None
     log_level: str = "info"
+    max_body_bytes: int = 8 << 20  # request bodies over this get 413 (counted as read, chunked too)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
+from server.api.middleware import BodyLimit, CatchAll
 from server.api.openai_routes import router as openai_router
 from server.api.service import Service
 from server.config import Config
@@ -22,9 +23,6 @@ from server.engine.engine import LLMEngine
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits the context; stops memory abuse
-
 
 def resolve_model_dir(config: Config) -> Path:
     if config.model.path:
@@ -63,12 +61,9 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         metrics.http_errors.labels(str(exc.status), exc.code or "").inc()
         return exc.response()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error(APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large"))
-        return await call_next(request)
+    # Outermost last: the body limit runs before anything reads the body.
+    app.add_middleware(CatchAll, on_error=error)
+    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes, on_error=error)
 
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -88,12 +83,8 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(APIError(exc.status_code, str(exc.detail), code="http_error"))
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+        # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`).
+        return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=exc.headers))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -8,11 +8,12 @@ engine request per choice, and formats what comes back, streamed as SSE or whole
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import tenant_of
 from server.api.errors import APIError, bad_request
@@ -41,7 +42,7 @@ from server.api.schemas import (
     new_id,
 )
 from server.api.service import Service
-from server.engine.async_engine import EngineOverloadedError, RequestFailedError
+from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError, RequestStream
 from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 
@@ -65,16 +66,16 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
         raise bad_request("suffix is not supported", "suffix", "unsupported")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
-    prompts = _completion_prompts(body.prompt, svc)
+    prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant)
+    streams = await _submit(svc, requests)
     rid = new_id("cmpl")
-    prefix = [svc.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
     if body.stream:
         async def events() -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             prompt_tokens = completion_tokens = 0
-            async for index, out in _guarded(merge([svc.engine.generate(r) for r in requests])):
+            async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
                     yield out
                     return
@@ -95,9 +96,9 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EngineStreamResponse(events(), streams)
 
-    acc = await _collect(raw, svc, requests)
+    acc = await _collect(raw, streams)
     choices = [
         CompletionChoice(index=i, text=prefix[i // body.n] + a.text, finish_reason=a.finish_reason,
                          logprobs=completion_logprobs(a.logprobs, svc.tokenizer.token_text)
@@ -111,15 +112,12 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc: Service = Depends(service),
                                  tenant: str = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
-    try:
-        text = svc.tokenizer.render_chat([_message(m) for m in body.messages],
-                                         add_generation_prompt=body.add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise bad_request(str(exc), "messages") from exc
-    prompt = svc.tokenizer.encode(text, add_special_tokens=False)
+    messages = [_message(m) for m in body.messages]
+    prompt = await run_in_threadpool(_chat_prompt, svc, messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant)
+    streams = await _submit(svc, requests)
     rid = new_id("chatcmpl")
 
     if body.stream:
@@ -131,7 +129,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
                     ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                 yield sse({**first.model_dump(exclude_none=True), **extra})
             completion_tokens = 0
-            async for index, out in _guarded(merge([svc.engine.generate(r) for r in requests])):
+            async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
                     yield out
                     return
@@ -149,9 +147,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
                                               usage=usage(len(prompt), completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EngineStreamResponse(events(), streams)
 
-    acc = await _collect(raw, svc, requests)
+    acc = await _collect(raw, streams)
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
                    logprobs=chat_logprobs(a.logprobs, svc.tokenizer.token_text) if top is not None else None)
@@ -163,18 +161,38 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
 # --- building engine requests --------------------------------------------------------------
 
 
-def _completion_prompts(prompt, svc: Service) -> list[list[int]]:
+def _completion_inputs(svc: Service, prompt, echo: bool) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt, and the text each choice starts with (the prompt with `echo`).
+    CPU work: runs on a worker thread."""
     if isinstance(prompt, str):
-        return [svc.tokenizer.encode(prompt)]
-    if not prompt:
+        prompts = [_encode(svc, prompt, "prompt")]
+    elif not prompt:
         raise bad_request("prompt must not be empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if all(isinstance(p, str) for p in prompt):
-        return [svc.tokenizer.encode(p) for p in prompt]
-    if all(isinstance(p, list) for p in prompt):
-        return [list(p) for p in prompt]
-    raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [_encode(svc, p, "prompt") for p in prompt]
+    elif all(isinstance(p, list) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+    return prompts, [svc.tokenizer.decode(p) if echo else "" for p in prompts]
+
+
+def _chat_prompt(svc: Service, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """The chat template rendered and tokenized (CPU work: runs on a worker thread)."""
+    try:
+        text = svc.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from exc
+    return _encode(svc, text, "messages", add_special_tokens=False)
+
+
+def _encode(svc: Service, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    if len(text) > svc.tokenizer.max_chars(svc.max_model_len):  # cannot fit: skip the tokenizer's work
+        raise bad_request(f"this model's maximum context length is {svc.max_model_len} tokens; the "
+                          f"{param} ({len(text)} characters) is longer", param, "context_length_exceeded")
+    return svc.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _message(m) -> dict:
@@ -222,12 +240,54 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
         for r in requests:
             svc.engine.validate(r)
     except InvalidRequestError as exc:
-        raise bad_request(str(exc), exc.param) from exc
+        raise invalid_request(exc) from exc
     svc.check_capacity(len(requests))
     return requests
 
 
+def invalid_request(exc: InvalidRequestError) -> APIError:
+    status = 404 if exc.code == "model_not_found" else 400
+    return APIError(status, str(exc), param=exc.param, code=exc.code)
+
+
 # --- running them ---------------------------------------------------------------------------
+
+
+async def _submit(svc: Service, requests: list[GenerationRequest]) -> list[RequestStream]:
+    """Admit every choice's request, or none: the answer is still an HTTP status here."""
+    streams: list[RequestStream] = []
+    try:
+        for r in requests:
+            streams.append(await svc.engine.submit(r))
+    except BaseException as exc:
+        for stream in streams:
+            await stream.aclose()
+        if isinstance(exc, InvalidRequestError):  # e.g. its adapter was unloaded since validation
+            raise invalid_request(exc) from exc
+        if isinstance(exc, EngineOverloadedError):  # lost the race for the last queue places
+            raise APIError(503, str(exc), code="overloaded") from exc
+        if isinstance(exc, EngineDeadError):
+            raise APIError(503, "the engine is not running", code="engine_unavailable") from exc
+        raise
+    return streams
+
+
+class EngineStreamResponse(StreamingResponse):
+    """An SSE response whose engine requests are aborted however it ends: finished, client
+    gone mid-stream, or gone before the first byte (when the body iterator never starts)."""
+
+    def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream]):
+        super().__init__(events, media_type="text/event-stream")
+        self._events = events
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            for stream in self._streams:
+                await stream.aclose()
 
 
 async def _guarded(stream: AsyncIterator):
@@ -238,18 +298,20 @@ async def _guarded(stream: AsyncIterator):
             yield item
     except RequestFailedError as exc:
         yield 0, sse_error(str(exc), exc.code or "internal_error")
-    except EngineOverloadedError as exc:  # lost the race for the last queue places
-        yield 0, sse_error(str(exc), "overloaded")
 
 
-async def _collect(raw: Request, svc: Service, requests: list[GenerationRequest]) -> list[ChoiceAccumulator]:
-    acc = [ChoiceAccumulator() for _ in requests]
+async def _collect(raw: Request, streams: list[RequestStream]) -> list[ChoiceAccumulator]:
+    acc = [ChoiceAccumulator() for _ in streams]
 
     async def run() -> None:
-        async for index, out in merge([svc.engine.generate(r) for r in requests]):
+        async for index, out in merge(streams):
             acc[index].add(out)
 
-    await _until_disconnect(raw, run())
+    try:
+        await _until_disconnect(raw, run())
+    finally:
+        for stream in streams:
+            await stream.aclose()
     return acc
 
 
@@ -275,9 +337,7 @@ async def _until_disconnect(raw: Request, work) -> None:
     except RequestFailedError as exc:
         if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
             raise APIError(400, str(exc), code=exc.code) from exc
-        raise APIError(500, str(exc), code="engine_error") from exc
-    except EngineOverloadedError as exc:  # lost the race for the last queue places
-        raise APIError(503, str(exc), code="overloaded") from exc
+        raise APIError(500, str(exc), code=exc.code or "internal_error") from exc
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):

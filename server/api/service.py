@@ -54,8 +54,12 @@ class Service:
         return cards
 
     def check_capacity(self, num_requests: int) -> None:
+        """503 when the queue is full now; 400 when this request alone could never fit it."""
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
+        if num_requests > self.engine.max_pending:
+            raise APIError(400, f"the request asks for {num_requests} generations (prompts x n); this server "
+                                f"queues at most {self.engine.max_pending}", param="n", code="too_many_generations")
         if self.engine.num_pending + num_requests > self.engine.max_pending:
             raise APIError(503, f"server overloaded ({self.engine.num_pending} requests pending); retry later",
                            code="overloaded")

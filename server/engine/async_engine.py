@@ -12,7 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ class _Add:
     request: GenerationRequest
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    admitted: asyncio.Future  # settled by the engine thread: None, or the InvalidRequestError
 
 
 @dataclass
@@ -56,6 +57,40 @@ class _Call:
     fn: Callable[[LLMEngine], Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+
+
+class RequestStream:
+    """The outputs of one admitted request, as an async iterator. Closing it before the last
+    output (client gone, a sibling choice failed) aborts the request and frees its KV blocks."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, sink: asyncio.Queue):
+        self._owner = owner
+        self.request_id = request_id
+        self._sink = sink
+        self._open = True
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._open:
+            raise StopAsyncIteration
+        out: RequestOutput = await self._sink.get()
+        if out.error is not None:
+            self._release()
+            raise RequestFailedError(out.error, out.error_code)
+        if out.finished:
+            self._release()
+        return out
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._release()
+            self._owner.abort(self.request_id)
+
+    def _release(self) -> None:
+        self._open = False
+        self._owner._pending -= 1
 
 
 class AsyncEngine:
@@ -84,38 +119,35 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._thread is not None and self._thread.is_alive() and self.error is None and not self._stop
 
     @property
     def num_pending(self) -> int:
         return self._pending
 
     # --- the asyncio side ----------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Submit `request` and yield its outputs until it finishes. Closing the iterator
-        early (client disconnect, cancellation) aborts the request in the engine."""
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue `request` and return its output stream once the engine has admitted it.
+
+        Raises EngineDeadError, EngineOverloadedError, or InvalidRequestError for a request the
+        engine refuses at admission (e.g. its adapter was unloaded since it was validated), so
+        the caller can still answer with an HTTP status. The caller must close the stream."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if self._pending >= self.max_pending:
             raise EngineOverloadedError(f"server overloaded: {self._pending} requests pending, try again later")
+        loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
+        admitted = loop.create_future()
         self._pending += 1
-        self._send(_Add(request, sink, asyncio.get_running_loop()))
-        finished = False
+        self._send(_Add(request, sink, loop, admitted))
         try:
-            while True:
-                out: RequestOutput = await sink.get()
-                if out.error is not None:
-                    finished = True
-                    raise RequestFailedError(out.error, out.error_code)
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
+            await admitted
+        except BaseException:  # refused, or cancelled while waiting (the abort undoes a late admission)
             self._pending -= 1
-            if not finished:
-                self._send(_Abort(request.request_id))
+            self.abort(request.request_id)
+            raise
+        return RequestStream(self, request.request_id, sink)
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError now for a request that could never run (an HTTP 400),
@@ -148,9 +180,9 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
-                except Exception as exc:  # a bug must not take the server down
+                except Exception as exc:  # outside any request's execution (scheduling): fail all, keep serving
                     log.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+                    self._fail_all(f"internal engine error ({type(exc).__name__})")
                     continue
                 self._deliver(outputs)
                 if self.engine.idle:
@@ -161,7 +193,9 @@ class AsyncEngine:
             self.error = exc
             log.exception("engine loop died")
         finally:
+            self._stop = True
             self._fail_all("the server is shutting down")
+            self._drain_commands()  # refuse what arrived meanwhile: no caller waits forever
 
     def _drain_commands(self) -> None:
         while True:
@@ -170,19 +204,25 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(cmd, _Call):
+                if self._stop:
+                    _call(cmd.loop, _settle, cmd.future, None, EngineDeadError("the server is shutting down"))
+                    continue
                 try:
                     result, error = cmd.fn(self.engine), None
                 except Exception as exc:  # handed back to the awaiting coroutine
                     result, error = None, exc
                 _call(cmd.loop, _settle, cmd.future, result, error)
             elif isinstance(cmd, _Add):
+                if self._stop:
+                    _call(cmd.loop, _settle, cmd.admitted, None, EngineDeadError("the server is shutting down"))
+                    continue
                 try:
                     self.engine.add_request(cmd.request)
                 except InvalidRequestError as exc:
-                    self._post(cmd.loop, cmd.sink, RequestOutput(cmd.request.request_id, finished=True,
-                                                                 error=str(exc)))
+                    _call(cmd.loop, _settle, cmd.admitted, None, exc)
                     continue
                 self._sinks[cmd.request.request_id] = (cmd.sink, cmd.loop)
+                _call(cmd.loop, _settle, cmd.admitted, None, None)
             else:
                 self._sinks.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
@@ -206,7 +246,7 @@ class AsyncEngine:
         for request_id, (sink, loop) in list(self._sinks.items()):
             self.engine.abort(request_id)
             self._post(loop, sink, RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR,
-                                                 error=message))
+                                                 error=message, error_code="internal_error"))
         self._sinks.clear()
 
 

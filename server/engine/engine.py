@@ -23,7 +23,7 @@ from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence
 from server.engine.sampler import Sampler
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 from server.model.llama import LlamaModel
@@ -140,7 +140,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.registry):
-            raise InvalidRequestError(f"unknown adapter {request.adapter!r}", "model")
+            raise InvalidRequestError(f"The model `{request.adapter}` does not exist.", "model", "model_not_found")
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
@@ -153,14 +153,22 @@ class LLMEngine:
         self.scheduler.add(seq)
         if request.adapter is not None:
             self.adapters.cache.request(request.adapter)  # starts a background load on a miss
+        self.publish_gauges()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
         self._finish(seq, FinishReason.ABORT)
+        self.publish_gauges()  # no step may follow (the last client left): gauges must not go stale
         return RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+
+    def publish_gauges(self) -> None:
+        m = self.metrics
+        m.running.set(self.scheduler.num_running)
+        m.waiting.set(self.scheduler.num_waiting)
+        m.kv_blocks_used.set(self.allocator.num_used)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -177,34 +185,57 @@ class LLMEngine:
         if sched.preempted:
             self.metrics.preemptions.inc(len(sched.preempted))
         self.idle = sched.is_empty
-        if sched.is_empty:
-            return outputs
-        names = {c.seq.adapter for c in sched.chunks if c.seq.adapter is not None}
+        if not sched.is_empty:
+            outputs += self._run(sched.chunks)
+            self.metrics.step_time.observe(time.perf_counter() - t0)
+            self.metrics.step_tokens.observe(sched.num_tokens)
+        self.publish_gauges()
+        return outputs
+
+    def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+        """Execute `chunks` and apply the results. If that raises, run each half on its own, so
+        a failure (a bug a request's data triggers) fails only the sequences that cause it and
+        the rest of the step still gets its tokens; the failing path costs O(k log B) passes."""
+        names = {c.seq.adapter for c in chunks if c.seq.adapter is not None}
+        try:
+            adapters = {n: self.adapters.cache.get(n) for n in sorted(names)} if names else None
+            result = self.runner.execute(chunks, adapters)
+        except Exception as exc:
+            if len(chunks) > 1:
+                mid = len(chunks) // 2
+                return self._run(chunks[:mid]) + self._run(chunks[mid:])
+            log.exception("request %s failed inside an engine step", chunks[0].seq.request_id)
+            return [self._fail(chunks[0].seq, exc)]
         self.metrics.step_adapters.observe(len(names))
-        adapters = {n: self.adapters.cache.get(n) for n in sorted(names)} if names else None
-        result = self.runner.execute(sched.chunks, adapters)
-        for chunk in sched.chunks:
+        for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
 
+        outputs = []
         now = time.monotonic()
         for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.metrics.ttft.labels(seq.adapter or "").observe(now - seq.request.arrival_time)
-            out = self.outputs.on_token(seq, token, logprobs)
+            try:
+                out = self.outputs.on_token(seq, token, logprobs)
+            except Exception as exc:  # detokenizing / stop matching: this sequence alone
+                log.exception("request %s failed while processing its output", seq.request_id)
+                outputs.append(self._fail(seq, exc))
+                continue
             if out.finished:
                 self._finish(seq, out.finish_reason)
             outputs.append(out)
-
-        m = self.metrics
-        m.generation_tokens.inc(len(outputs))
-        m.step_time.observe(time.perf_counter() - t0)
-        m.step_tokens.observe(sched.num_tokens)
-        m.running.set(self.scheduler.num_running)
-        m.waiting.set(self.scheduler.num_waiting)
-        m.kv_blocks_used.set(self.allocator.num_used)
+        self.metrics.generation_tokens.inc(len(result.sampled))
         return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Retire `seq` with an error; the client is told only the exception's type (the log has the rest)."""
+        self._finish(seq, FinishReason.ERROR)
+        return RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
+                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                             error=f"internal error while running this request ({type(exc).__name__})",
+                             error_code="internal_error")
 
     def _poll_adapters(self) -> list[RequestOutput]:
         """Take in finished adapter loads; fail the requests whose adapter could not load."""

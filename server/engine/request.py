@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class InvalidRequestError(ValueError):
-    """Bad sampling values or prompt: an HTTP 400 naming the offending parameter."""
+# Seeds are OpenAI's int64 (torch's generators take any value in it).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
-    def __init__(self, message: str, param: str | None = None):
+
+class InvalidRequestError(ValueError):
+    """A request that cannot run: an HTTP 400 naming the offending parameter, or a 404 when
+    `code` is "model_not_found" (its adapter is not, or no longer, registered)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not finite(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise bad("logprobs", f"must be in [0, {max_logprobs}]")
         if len(self.stop) > 16 or any(not s for s in self.stop):

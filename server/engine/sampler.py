@@ -120,8 +120,9 @@ class Sampler:
 
     def _rng(self, seq: Sequence) -> torch.Generator:
         if seq.rng is None:
-            seq.rng = torch.Generator(device=self.device)
-            seq.rng.manual_seed(seq.params.seed)
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(seq.params.seed)  # may raise: then no half-made generator is kept
+            seq.rng = rng
         return seq.rng
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,21 @@ class Tokenizer:
         return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not), so a long prompt tokenized on a
+        # worker thread does not stall the event loop.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def max_chars(self, num_tokens: int) -> int:
+        """An upper bound on the characters `num_tokens` tokens can encode: a longer text
+        cannot fit, so it is refused without tokenizing it (a cheap first check)."""
+        return num_tokens * self._max_token_chars
+
+    @cached_property
+    def _max_token_chars(self) -> int:
+        # A vocab entry's string is at least as long as the text its token stands for (byte-level
+        # BPE: one char per byte; SentencePiece: the piece itself); x2 covers normalizers that
+        # shorten the input before the model sees it (NFC, stripping).
+        return 2 * max(len(piece) for piece in self._tok.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

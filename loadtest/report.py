@@ -58,6 +58,7 @@ def summarize(data: dict) -> dict:
     # "cancelled": still in flight when the run's own time bound ran out; not the server's fault.
     errors = Counter(r["error"] for r in results if r.get("error") not in (None, "cancelled"))
     cancelled = sum(r.get("error") == "cancelled" for r in results)
+    disconnected = sum(bool(r.get("disconnected")) for r in results)  # the workload's own hang-ups
     examples: dict[str, str] = {}  # one message per error kind: enough to tell what went wrong
     for r in results:
         if r.get("error") in errors and r.get("detail"):
@@ -84,6 +85,7 @@ def summarize(data: dict) -> dict:
         "ok": len(ok),
         "errors": sum(errors.values()),
         "cancelled": cancelled,
+        "disconnected": disconnected,
         "error_kinds": dict(errors.most_common()),
         "error_examples": examples,
         "duration_s": duration,
@@ -109,7 +111,8 @@ def format_summary(s: dict, max_adapters: int = 10) -> str:
     """A plain-text table of a summary."""
     not_sent = f" ({s['not_sent']} not sent: duration limit)" if s["not_sent"] else ""
     lines = [
-        f"requests      {s['ok']} ok / {s['sent']} sent / {s['requests']} planned{not_sent}",
+        f"requests      {s['ok']} ok / {s['sent']} sent / {s['requests']} planned{not_sent}"
+        + (f"; {s['disconnected']} disconnected mid-stream by design" if s.get("disconnected") else ""),
         f"errors        {s['errors']}" + (f"  {s['error_kinds']}" if s["errors"] else "")
         + (f"; {s['cancelled']} cancelled at the drain deadline" if s.get("cancelled") else ""),
         *(f"  {kind}: {msg}" for kind, msg in s.get("error_examples", {}).items()),

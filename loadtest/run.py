@@ -3,6 +3,8 @@
 Per request: time to first token (TTFT), the gaps between streamed chunks (inter-token
 latencies), end-to-end latency, prompt/completion tokens (from the server's `usage`), and
 the error, if any (HTTP status + OpenAI error code, an SSE error event, a timeout, ...).
+A request with `disconnect_after` closes its connection after that many text chunks, as a
+client that gives up mid-stream; it is counted as disconnected, neither ok nor an error.
 The results go to a JSON file that `loadtest/report.py` summarizes (and plots).
 
 Bounded by construction: at most `workload.MAX_REQUESTS` requests; nothing is sent after
@@ -85,6 +87,7 @@ class Result:
     completion_tokens: int | None = None
     chunks: int = 0
     finish_reason: str | None = None
+    disconnected: bool = False  # closed the stream on purpose (spec.disconnect_after) before it ended
     status: int | None = None
     error: str | None = None  # None: success; else a short kind, e.g. "http_503:overloaded"
     detail: str | None = None  # the error's message, for the report
@@ -165,6 +168,11 @@ async def _send(client: httpx.AsyncClient, spec: RequestSpec, model: str, res: R
             else:
                 res.itl_s.append(now - last)
             last = now
+            if spec.disconnect_after is not None and res.chunks >= spec.disconnect_after and not res.finish_reason:
+                # Leaving the `stream` block with the body unread closes the connection: the
+                # server sees the client go away mid-stream.
+                res.disconnected = True
+                return
         res.error = "stream_ended_without_done"
 
 
@@ -276,7 +284,7 @@ async def run(specs: list[RequestSpec], base_url: str, *, base_model: str | None
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         for res in results:  # a task cancelled before it ever ran recorded nothing
-            if res.error is None and res.e2e_s is None:
+            if res.error is None and res.e2e_s is None and not res.disconnected:
                 res.error = "cancelled"
         wall = time.monotonic() - t0
         after = await scrape_counters(client)

@@ -14,6 +14,8 @@ so two runs against two server builds see identical traffic.
   load does not depend on what the model happens to say.
 - Adapters: a share `base_share` of requests go to the base model; the rest pick an adapter
   with Zipf-like popularity, P(rank k) ~ 1 / (k + 1) ** zipf_s, rank 0 = the first name.
+- Disconnects: a share `disconnect_share` of requests stream and close their connection
+  after `disconnect_after` text chunks (a client that gives up mid-stream).
 
     python -m loadtest.workload -n 200 --rate 4 --adapters a,b,c --out workload.jsonl
 """
@@ -106,6 +108,7 @@ class RequestSpec:
     ignore_eos: bool = True
     temperature: float = 0.0
     seed: int | None = None
+    disconnect_after: int | None = None  # close the stream after this many text chunks (None: read it all)
 
     def body(self, model: str) -> dict:
         """The OpenAI request body; `model` is the adapter name or the base model's id."""
@@ -134,14 +137,16 @@ class WorkloadConfig:
     ignore_eos: bool = True
     temperature: float = 0.0
     seed: int = 0
+    disconnect_share: float = 0.0  # of requests that stream and hang up mid-stream
+    disconnect_after: LengthDist = field(default_factory=lambda: LengthDist.parse("fixed:2"))  # text chunks
 
     def validate(self) -> None:
         if not 1 <= self.num_requests <= MAX_REQUESTS:
             raise ValueError(f"num_requests must be in [1, {MAX_REQUESTS}]")
         if not self.rate > 0:
             raise ValueError("rate must be > 0 (inf: all requests at once)")
-        if not 0.0 <= self.base_share <= 1.0 or not 0.0 <= self.stream_share <= 1.0:
-            raise ValueError("base_share and stream_share must be in [0, 1]")
+        if not all(0.0 <= x <= 1.0 for x in (self.base_share, self.stream_share, self.disconnect_share)):
+            raise ValueError("base_share, stream_share and disconnect_share must be in [0, 1]")
         if self.zipf_s < 0:
             raise ValueError("zipf_s must be >= 0 (0: uniform over adapters)")
         if self.api not in ("completions", "chat"):
@@ -162,7 +167,8 @@ def generate(cfg: WorkloadConfig) -> list[RequestSpec]:
     cfg.validate()
     # Separate streams per aspect, so changing e.g. the length distribution does not
     # reshuffle the arrival times or the adapter picks of an otherwise identical workload.
-    rngs = {name: random.Random(f"{cfg.seed}:{name}") for name in ("arrival", "adapter", "len", "text", "stream")}
+    rngs = {name: random.Random(f"{cfg.seed}:{name}") for name in ("arrival", "adapter", "len", "text", "stream",
+                                                                 "disconnect")}
     cumulative = list(itertools.accumulate(zipf_weights(len(cfg.adapters), cfg.zipf_s))) if cfg.adapters else []
     t = 0.0
     out = []
@@ -180,9 +186,13 @@ def generate(cfg: WorkloadConfig) -> list[RequestSpec]:
         # The index up front makes every prompt distinct, so no prefix cache can turn the
         # workload into a cache benchmark by accident.
         prompt = f"{i}: " + " ".join(rngs["text"].choice(_WORDS) for _ in range(max(0, words - 1)))
+        stream = rngs["stream"].random() < cfg.stream_share
+        disconnect_after = None
+        if rngs["disconnect"].random() < cfg.disconnect_share:  # only a stream can be left mid-way
+            stream, disconnect_after = True, cfg.disconnect_after.sample(rngs["disconnect"])
         out.append(RequestSpec(index=i, arrival_s=round(t, 6), adapter=adapter, prompt=prompt, prompt_words=words,
-                               max_tokens=max_tokens, stream=rngs["stream"].random() < cfg.stream_share,
-                               api=cfg.api, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature))
+                               max_tokens=max_tokens, stream=stream, api=cfg.api, ignore_eos=cfg.ignore_eos,
+                               temperature=cfg.temperature, disconnect_after=disconnect_after))
     return out
 
 
@@ -211,9 +221,11 @@ def describe(specs: list[RequestSpec]) -> str:
     mix = Counter(s.adapter or "<base>" for s in specs)
     top = ", ".join(f"{name} {n}" for name, n in mix.most_common(8))
     span = specs[-1].arrival_s
+    hang_ups = sum(s.disconnect_after is not None for s in specs)
     return (f"{len(specs)} requests over {span:.1f}s of arrivals; prompt words mean "
             f"{sum(s.prompt_words for s in specs) / len(specs):.0f}, max_tokens mean "
-            f"{sum(s.max_tokens for s in specs) / len(specs):.0f}; streaming {sum(s.stream for s in specs)}; "
+            f"{sum(s.max_tokens for s in specs) / len(specs):.0f}; streaming {sum(s.stream for s in specs)}"
+            f"{f' ({hang_ups} disconnect mid-stream)' if hang_ups else ''}; "
             f"{len(mix)} targets: {top}{' ...' if len(mix) > 8 else ''}")
 
 
@@ -233,6 +245,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of adapter popularity (0: uniform)")
     g.add_argument("--base-share", type=float, default=0.2, help="share of requests to the base model")
     g.add_argument("--stream-share", type=float, default=1.0, help="share of requests that stream")
+    g.add_argument("--disconnect-share", type=float, default=0.0,
+                   help="share of requests that stream and close the connection mid-stream")
+    g.add_argument("--disconnect-after", type=LengthDist.parse, default=LengthDist.parse("fixed:2"),
+                   help="text chunks such a client reads before it disconnects, same syntax as lengths")
     g.add_argument("--api", choices=("completions", "chat"), default="completions")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (output lengths then depend on the model)")
@@ -244,7 +260,8 @@ def config_from_args(args: argparse.Namespace, adapters: tuple[str, ...]) -> Wor
     return WorkloadConfig(num_requests=args.num_requests, rate=args.rate, prompt_len=args.prompt_len,
                           output_len=args.output_len, adapters=adapters, zipf_s=args.zipf,
                           base_share=args.base_share, stream_share=args.stream_share, api=args.api,
-                          ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.seed)
+                          ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.seed,
+                          disconnect_share=args.disconnect_share, disconnect_after=args.disconnect_after)
 
 
 def split_names(text: str) -> tuple[str, ...]:

@@ -51,6 +51,24 @@ def test_workload_is_reproducible_and_shaped_as_configured(tmp_path):
         workload.generate(workload.WorkloadConfig(num_requests=workload.MAX_REQUESTS + 1))
 
 
+def test_workload_disconnects_only_streams_and_leaves_the_rest_of_the_workload_alone():
+    base = workload.WorkloadConfig(num_requests=2000, stream_share=0.5, adapters=("a", "b"), seed=5)
+    plain = workload.generate(base)
+    hang = workload.generate(workload.WorkloadConfig(**{**vars(base), "disconnect_share": 0.3,
+                                                        "disconnect_after": workload.LengthDist.parse("uniform:2:5")}))
+    assert all(s.disconnect_after is None for s in plain)
+    leavers = [s for s in hang if s.disconnect_after is not None]
+    assert abs(len(leavers) / len(hang) - 0.3) < 0.03
+    assert all(s.stream and 2 <= s.disconnect_after <= 5 for s in leavers)
+    assert {s.disconnect_after for s in leavers} == {2, 3, 4, 5}
+    # Arrivals, prompts, lengths and adapters are drawn from their own streams: unchanged.
+    strip = lambda s: (s.arrival_s, s.adapter, s.prompt, s.max_tokens)  # noqa: E731
+    assert list(map(strip, plain)) == list(map(strip, hang))
+    assert all(p.stream == h.stream for p, h in zip(plain, hang, strict=True) if h.disconnect_after is None)
+    with pytest.raises(ValueError):
+        workload.generate(workload.WorkloadConfig(disconnect_share=1.5))
+
+
 @pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://192.168.1.5", "http://8.8.8.8:80",
                                  "http://example.com:8000", "http://[::2]:8000", "ftp://127.0.0.1:21",
                                  "http://127.0.0.1.nip.io:8000"])

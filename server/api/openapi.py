@@ -53,7 +53,7 @@ def generation_responses(json_model: type[BaseModel], chunk_model: type[BaseMode
     }
     return {
         200: {"model": json_model, "description": "The result; with `stream: true`, server-sent events",
-              "content": {"text/event-stream": {"itemSchema": event, "schema": {"type": "string"}}}},
+              "content": {"text/event-stream": {"itemSchema": event}}},
         **error_responses(400, 401, 404, 413, 503),
     }
 

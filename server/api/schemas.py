@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # --- requests: edge checks shared by every request body ----------------------------------
@@ -183,7 +183,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     role: NonEmptyStr
-    content: str | list[TextContentPart] | None = None
+    # Validated as text parts, handed on as plain dicts (what the chat template renders).
+    content: str | Annotated[list[TextContentPart], AfterValidator(
+        lambda parts: [p.model_dump() for p in parts])] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -53,7 +53,7 @@ def _refuse(errors: list[tuple[str, str, tuple]]) -> ValidationError:
         for kind, message, loc in errors])
 
 
-class _RequestBody(BaseModel):
+class RequestBody(BaseModel):
     """Base of a request body: strict types, unknown fields refused as "not supported"."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -130,7 +130,7 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
-class _SamplingFields(_RequestBody):
+class _SamplingFields(RequestBody):
     model: str
     adapter_id: str | None = None  # names the adapter when `model` is the base
     stream: bool = False

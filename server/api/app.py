@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
 from server.api.middleware import BodyLimit, CatchAll
+from server.api.openapi import install as install_openapi
 from server.api.openai_routes import router as openai_router
 from server.api.service import Service
 from server.config import Config
@@ -56,6 +57,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(openai_router)
     app.include_router(admin_router)
+    install_openapi(app)
 
     def error(exc: APIError) -> JSONResponse:
         metrics.http_errors.labels(str(exc.status), exc.code or "").inc()

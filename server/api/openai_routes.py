@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import tenant_of
 from server.api.errors import APIError, bad_request
+from server.api.openapi import error_responses, generation_responses
 from server.api.responses import (
     ChoiceAccumulator,
     chat_logprobs,
@@ -53,12 +54,12 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(401))
 async def list_models(svc: Service = Depends(service), tenant: str = Depends(tenant_of)) -> ModelList:
     return ModelList(data=svc.model_cards(tenant))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, raw: Request, svc: Service = Depends(service),
                             tenant: str = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
@@ -90,7 +91,7 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
                 if out.finished:
                     prompt_tokens += out.num_prompt_tokens
                     completion_tokens += out.num_output_tokens
-                yield sse(chunk.model_dump(exclude_none=True))
+                yield sse(chunk.model_dump())
             if include_usage:
                 yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
@@ -108,7 +109,8 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
     return CompletionResponse(id=rid, model=body.model, choices=choices, usage=_total_usage(acc, body.n))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions",
+             responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc: Service = Depends(service),
                                  tenant: str = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
@@ -127,7 +129,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
             for i in range(body.n):
                 first = ChatCompletionChunk(id=rid, model=body.model, choices=[
                     ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-                yield sse({**first.model_dump(exclude_none=True), **extra})
+                yield sse({**first.model_dump(), **extra})
             completion_tokens = 0
             async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
@@ -141,7 +143,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
                     logprobs=chat_logprobs(out.logprobs, svc.tokenizer.token_text) if top is not None else None)])
                 if out.finished:
                     completion_tokens += out.num_output_tokens
-                yield sse({**chunk.model_dump(exclude_none=True), **extra})
+                yield sse({**chunk.model_dump(), **extra})
             if include_usage:
                 yield sse(ChatCompletionChunk(id=rid, model=body.model, choices=[],
                                               usage=usage(len(prompt), completion_tokens)).model_dump())

@@ -1,65 +1,202 @@
-"""Request and response bodies in OpenAI's shapes (plus vLLM-style sampling extras)."""
+"""Request and response bodies in OpenAI's shapes (plus vLLM-style sampling extras).
+
+Requests are validated strictly at the edge: no type coercion ("5" is not 5; an int is a
+valid float, as JSON has one number type), no unknown fields, no lone surrogates. Every
+refusal is a pydantic error, which the app turns into a 400 OpenAI error naming the field.
+Responses keep every field OpenAI's published schema requires, null included.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-# --- requests ---------------------------------------------------------------------------
+# --- requests: edge checks shared by every request body ----------------------------------
+
+MAX_LOGPROBS = 20  # the engine's SamplingParams.validate default
+MAX_STOP = 16  # stop strings per request, as the engine enforces
+INT64 = 2**63  # seeds are OpenAI's int64; seed + choice index (n <= 16) still fits torch's seed range
+
+
+def _lone_surrogate_at(value: Any, path: tuple) -> tuple | None:
+    """Location of the first string (value or key) that is not valid Unicode (a lone UTF-16
+    surrogate, which JSON's \\ud800 escape can smuggle in and no encoder can write back)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _lone_surrogate_at(key, path) is not None:
+                return path  # never echo the bad key itself in the error's location
+            found = _lone_surrogate_at(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate_at(item, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse(errors: list[tuple[str, str, tuple]]) -> ValidationError:
+    """(error type, message, location) triples -> one ValidationError (input never echoed)."""
+    return ValidationError.from_exception_data("request", [
+        InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=None)
+        for kind, message, loc in errors])
+
+
+class RequestBody(BaseModel):
+    """Base of a request body: strict types, unknown fields refused as "not supported"."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _edge(cls, data: Any, handler):
+        bad = _lone_surrogate_at(data, ())
+        if bad is not None:
+            raise _refuse([("invalid_unicode", "contains a lone surrogate (not valid Unicode text)", bad)])
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            # An unknown field is most often an OpenAI feature this server lacks (tools,
+            # response_format...): say so, rather than pydantic's generic "extra input".
+            errors = exc.errors()
+            unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
+            if unknown:
+                raise _refuse([("unsupported_field", f"`{loc[-1]}` is not supported by this server", loc)
+                               for loc in unknown]) from None
+            if all(_field_path(e["loc"]) == e["loc"] for e in errors):
+                raise
+            # Report `prompt`, not `prompt.list[constrained-int].0`: the client named no union
+            # branch, so one error per field lists what each accepted form objected to.
+            by_field: dict[tuple, list[str]] = {}
+            for e in errors:
+                msgs = by_field.setdefault(_field_path(e["loc"]), [])
+                if e["msg"] not in msgs:
+                    msgs.append(e["msg"])
+            raise _refuse([("invalid_value", msgs[0] if len(msgs) == 1 else
+                            "matches none of the accepted forms: " + " | ".join(msgs), loc)
+                           for loc, msgs in by_field.items()]) from None
+
+
+def _field_path(loc: tuple) -> tuple:
+    """A pydantic error location up to its first union-branch tag (e.g. `list[str]`,
+    `constrained-str`, `TextContentPart`): our field names are all lower snake_case."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and (part[:1].isupper() or any(c in part for c in "[-") or part in _TAGS):
+            return loc[:i]
+    return loc
+
+
+_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _only(shown: str, *allowed: Any):
+    """An OpenAI field this server accepts only at its no-op value(s): anything else is a
+    400 naming the field, since silently ignoring it would return what the client did not ask for."""
+    def check(value: Any) -> Any:
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise PydanticCustomError("unsupported_value", f"this value is not supported by this server "
+                                                          f"(only {shown})")
+        return value
+    return BeforeValidator(check)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool = False  # we never pad chunks, so either value is honoured
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, metadata...) are accepted
+class TextFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
+    type: Literal["text"]
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+
+
+class _SamplingFields(RequestBody):
     model: str
     adapter_id: str | None = None  # names the adapter when `model` is the base
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=16)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: Probability | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    logit_bias: Annotated[dict[str, float] | None, _only("an empty logit_bias", {})] = None
+
+    # Accepted OpenAI fields that cannot change the output: bookkeeping for the client's
+    # own records or OpenAI's billing/caching, which this server neither keeps nor needs.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Annotated[str | None, _only("an empty suffix", "")] = None
+    best_of: Annotated[int | None, _only("best_of 1", 1)] = None
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Extra keys (name, tool_call_id, refusal, annotations...) reach the chat template:
+    # clients resend the assistant messages they got back, which carry such keys.
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: NonEmptyStr
+    # Validated as text parts, handed on as plain dicts (what the chat template renders).
+    content: str | Annotated[list[TextContentPart], AfterValidator(
+        lambda parts: [p.model_dump() for p in parts])] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    response_format: Annotated[TextFormat | None, _only('response_format {"type": "text"}', {"type": "text"})] = None
+    tool_choice: Annotated[Literal["none"] | None, _only('tool_choice "none"', "none")] = None
 
 
 # --- responses --------------------------------------------------------------------------
@@ -73,36 +210,61 @@ def now() -> int:
     return int(time.time())
 
 
-class Usage(BaseModel):
+def _omitted_when_none(*names: str):
+    """json_schema_extra for fields dropped from the output while None (exclude_if): the
+    schema must not list them as required, unlike the fields we send as null."""
+    def fix(schema: dict) -> None:
+        required = [r for r in schema.get("required", []) if r not in names]
+        if required:
+            schema["required"] = required
+        else:
+            schema.pop("required", None)
+    return fix
+
+
+def _omit_none(value: Any) -> bool:
+    return value is None
+
+
+class _ResponseBody(BaseModel):
+    # Fields with defaults are still always sent, so the document marks them required.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class Usage(_ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_ResponseBody):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float] = Field(default_factory=list)
     top_logprobs: list[dict[str, float]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_ResponseBody):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # null only in a streamed chunk of an unfinished choice
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_ResponseBody):
+    """A completion, or one streamed chunk of one (the same shape)."""
+
+    model_config = ConfigDict(json_schema_extra=_omitted_when_none("usage"))
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(None, exclude_if=_omit_none)  # not nullable in OpenAI's schema
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_ResponseBody):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -112,23 +274,25 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
-class ChatChoiceLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] = Field(default_factory=list)
+class ChatChoiceLogprobs(_ResponseBody):
+    content: list[ChatTokenLogprob] | None = Field(default_factory=list)
+    refusal: list[ChatTokenLogprob] | None = None  # we never refuse; OpenAI requires the key
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_ResponseBody):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_ResponseBody):
     index: int
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_ResponseBody):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
@@ -137,28 +301,36 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    role: str | None = None
-    content: str | None = None
+class DeltaMessage(_ResponseBody):
+    """A chunk's delta: `role` on a choice's first chunk only, `content` when there is text."""
+
+    model_config = ConfigDict(json_schema_extra=_omitted_when_none("role", "content"))
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
+    content: str | None = Field(None, exclude_if=_omit_none)
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_ResponseBody):
     index: int
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_ResponseBody):
+    """One streamed chunk; `usage` is sent (null until the last chunk) only when asked for."""
+
+    model_config = ConfigDict(json_schema_extra=_omitted_when_none("usage"))
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(None, exclude_if=_omit_none)
 
 
-class ModelCard(BaseModel):
+class ModelCard(_ResponseBody):
     model_config = ConfigDict(extra="allow")
 
     id: str
@@ -170,17 +342,17 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
 
 
-class ModelList(BaseModel):
+class ModelList(_ResponseBody):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(_ResponseBody):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_ResponseBody):
     error: ErrorBody

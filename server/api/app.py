@@ -25,6 +25,11 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# Pydantic error types (raised in schemas.py) that deserve their own OpenAI error code.
+_VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "unsupported",
+                     "invalid_unicode": "invalid_unicode"}
+
+
 def resolve_model_dir(config: Config) -> Path:
     if config.model.path:
         return Path(config.model.path)
@@ -81,7 +86,8 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         param = ".".join(loc) or None
         message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body') or 'body'}: {p.get('msg')}"
                             for p in problems[:5])
-        return error(APIError(400, message, param=param, code="invalid_request"))
+        code = _VALIDATION_CODES.get(first.get("type"), "invalid_request")
+        return error(APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -63,8 +63,6 @@ async def list_models(svc: Service = Depends(service), tenant: str = Depends(ten
 async def create_completion(body: CompletionRequest, raw: Request, svc: Service = Depends(service),
                             tenant: str = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix", "unsupported")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
@@ -167,17 +165,11 @@ def _completion_inputs(svc: Service, prompt, echo: bool) -> tuple[list[list[int]
     """Token ids of each prompt, and the text each choice starts with (the prompt with `echo`).
     CPU work: runs on a worker thread."""
     if isinstance(prompt, str):
-        prompts = [_encode(svc, prompt, "prompt")]
-    elif not prompt:
-        raise bad_request("prompt must not be empty", "prompt")
-    elif all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    if isinstance(prompt[0], int):  # one prompt as token ids (the schema refuses mixed or empty lists)
         prompts = [list(prompt)]
-    elif all(isinstance(p, str) for p in prompt):
-        prompts = [_encode(svc, p, "prompt") for p in prompt]
-    elif all(isinstance(p, list) for p in prompt):
-        prompts = [list(p) for p in prompt]
     else:
-        raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+        prompts = [_encode(svc, p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
     return prompts, [svc.tokenizer.decode(p) if echo else "" for p in prompts]
 
 
@@ -199,20 +191,13 @@ def _encode(svc: Service, text: str, param: str, add_special_tokens: bool = True
 
 def _message(m) -> dict:
     content = m.content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"unsupported content part type {part.get('type')!r}: only text", "messages")
-            parts.append(part["text"])
-        content = "".join(parts)
+    if isinstance(content, list):  # text parts only (the schema refuses others)
+        content = "".join(part["text"] for part in content)
     return {**(m.model_extra or {}), "role": m.role, "content": content or ""}
 
 
 def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
               adapter: str | None, tenant: str) -> list[GenerationRequest]:
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     rid = new_id("req")
     requests = []

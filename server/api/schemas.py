@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from server.engine.request import MAX_LOGPROBS, MAX_STOP
+
 # --- requests: edge checks shared by every request body ----------------------------------
 
-MAX_LOGPROBS = 20  # the engine's SamplingParams.validate default
-MAX_STOP = 16  # stop strings per request, as the engine enforces
-INT64 = 2**63  # seeds are OpenAI's int64; seed + choice index (n <= 16) still fits torch's seed range
+INT64 = 2**63  # seeds are OpenAI's int64; seed + choice index (n <= 16) still fits the engine's seed range
 
 
 def _lone_surrogate_at(value: Any, path: tuple) -> tuple | None:

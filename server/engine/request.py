@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-# Seeds are OpenAI's int64 (torch's generators take any value in it).
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# What torch's generators accept as a seed: the API takes OpenAI's int64, and choice i of
+# `n` samples with seed + i, which stays in this range.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_LOGPROBS = 20  # top alternatives per token
+MAX_STOP = 16  # stop strings per request
 
 
 class InvalidRequestError(ValueError):
@@ -48,7 +51,7 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-    def validate(self, max_logprobs: int = 20) -> None:
+    def validate(self) -> None:
         def bad(param: str, rule: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param} {rule}, got {getattr(self, param)!r}", param)
 
@@ -72,10 +75,10 @@ class SamplingParams:
                 raise bad(name, "must be in [-2, 2]")
         if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
             raise bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
-            raise bad("logprobs", f"must be in [0, {max_logprobs}]")
-        if len(self.stop) > 16 or any(not s for s in self.stop):
-            raise bad("stop", "must be at most 16 non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if len(self.stop) > MAX_STOP or any(not s for s in self.stop):
+            raise bad("stop", f"must be at most {MAX_STOP} non-empty strings")
 
 
 @dataclass

@@ -499,17 +499,17 @@ def test_scan_adapter_store(good_adapter, tmp_path):
     (linked / CONFIG).symlink_to(outside / CONFIG)
     (linked / WEIGHTS).symlink_to(outside / WEIGHTS)
 
-    blobs = root / "_blobs"  # not a valid id itself, but links into it stay inside the store
+    blobs = root / "_blobs"  # links to files, even inside the store: adapter files must be regular files
     shutil.copytree(good_adapter, blobs)
     deduped = root / "deduped"
     deduped.mkdir()
     (deduped / CONFIG).symlink_to(blobs / CONFIG)
     (deduped / WEIGHTS).symlink_to(blobs / WEIGHTS)
 
-    found = scan_adapter_store(root)  # symlinks are resolved, never followed out of the store
+    found = scan_adapter_store(root)  # directory links are resolved, never followed out of the store
 
     assert found == {"alias": (root / "good").resolve(), "also.good": (root / "also.good").resolve(),
-                     "deduped": deduped.resolve(), "good": (root / "good").resolve()}
+                     "good": (root / "good").resolve()}
     for name, path in found.items():
         assert load_peft_adapter(path, LLAMA.arch, name=name, max_rank=64).name == name
     assert scan_adapter_store(tmp_path / "missing") == {}

@@ -1,7 +1,9 @@
 """The one exception every adapter refusal raises, with a machine-readable code.
 
-The API layer maps `code` to an HTTP status / OpenAI error type; the message is
-for humans and always names the file (or adapter id) and the reason.
+The API layer maps `code` to an HTTP status / OpenAI error type. `str(err)` is the
+public message: the reason, prefixed with the file's name only (never a directory,
+a configured root or any byte of the file), so it is safe to send to a client.
+`err.detail` adds the full path, for the server log.
 """
 
 from __future__ import annotations
@@ -33,18 +35,24 @@ CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS, IN_US
 class AdapterError(ValueError):
     """A refused adapter.
 
-    `code` is machine-readable ("adapter_not_found" | "adapter_invalid" |
-    "adapter_unsupported" | "adapter_incompatible"); the message names the file
-    and the reason.
+    `code`: one of CODES; `reason`: what is wrong, in words; `path`: the file or
+    directory concerned (server-side only); `shown`: the name the public message
+    starts with (default: the last component of `path`; "" for none).
     """
 
     code: str
 
-    def __init__(self, code: str, message: str, *, path: Path | str | None = None) -> None:
+    def __init__(self, code: str, reason: str, *, path: Path | str | None = None, shown: str | None = None) -> None:
         if code not in CODES:
             raise ValueError(f"unknown AdapterError code {code!r}")
         self.code = code
+        self.reason = reason
         self.path = Path(path) if path is not None else None
-        # Prefix the file so every message says where the problem is, even when
-        # the caller only logs str(err).
-        super().__init__(f"{path}: {message}" if path is not None else message)
+        if shown is None:
+            shown = self.path.name if self.path is not None else ""
+        super().__init__(f"{shown}: {reason}" if shown else reason)
+
+    @property
+    def detail(self) -> str:
+        """The message with the full path: for the server log, never for a client."""
+        return f"{self.path}: {self.reason}" if self.path is not None else self.reason

@@ -131,13 +131,15 @@ class HostAdapterCache:
             if entry is None:
                 raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
             r = self.registry
-            adapter = load_peft_adapter(entry.summary.path, r.arch, name=name, max_rank=r.max_rank,
+            # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
+            adapter = load_peft_adapter(entry.summary.where, r.arch, name=name, max_rank=r.max_rank,
                                         max_bytes=r.max_bytes)
         except AdapterError as exc:
+            log.warning("loading adapter %r failed: %s", name, exc.detail)
             error = exc
-        except Exception as exc:  # an unreadable file must fail its requests, not the loader
+        except Exception:  # an unreadable file must fail its requests, not the loader
             log.exception("loading adapter %r failed", name)
-            error = AdapterError(INVALID, f"{type(exc).__name__}: {exc}")
+            error = AdapterError(INVALID, "the adapter could not be loaded (see the server log)")
         seconds = time.perf_counter() - t0
         self.metrics.adapter_loads.labels("ok" if error is None else "error").inc()
         self.metrics.adapter_load_seconds.observe(seconds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ import torch
 from server.model.arch import LORA_TARGETS, ModelArch
 
 from .checkpoint_keys import PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
-from .errors import INCOMPATIBLE, INVALID, NOT_FOUND, UNSUPPORTED, AdapterError
+from .errors import INCOMPATIBLE, INVALID, UNSUPPORTED, AdapterError
 from .peft_config import LoraSpec, parse_lora_config
+from .safe_files import AdapterDir, OpenAdapterDir, read_limited
 from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
 
@@ -64,7 +66,7 @@ class LoraAdapter:
     """A validated adapter, all weights in host memory as float32."""
 
     name: str
-    path: Path
+    where: AdapterDir
     modules: Mapping[tuple[int, str], LoraModuleWeights]  # (layer index, "q_proj"...) -> weights
     target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
     rank: int  # max rank over modules
@@ -74,30 +76,41 @@ class LoraAdapter:
     peft_config: Mapping[str, Any]  # the raw adapter_config.json (read-only view)
 
 
-def read_adapter_config(path: Path) -> dict:
+def read_adapter_config(path: Path | AdapterDir) -> dict:
     """The raw adapter_config.json of adapter directory `path`, parsed but not interpreted.
 
     Cheap (no weights are read): for listing adapters. AdapterError: adapter_not_found
-    if `path` is not a directory; adapter_invalid if the config is missing, too large,
-    or not a JSON object.
+    if `path` is not a directory; adapter_invalid if the config is missing, a symlink,
+    too large, or not a JSON object.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(NOT_FOUND, "no such adapter directory", path=path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():  # also refuses FIFOs/devices, which could block a read
-        raise AdapterError(INVALID, f"no {CONFIG_NAME}: not a PEFT adapter directory", path=path)
+    with OpenAdapterDir(_where(path)) as files:
+        return _read_config(files)
+
+
+def _where(path: Path | str | AdapterDir) -> AdapterDir:
+    return path if isinstance(path, AdapterDir) else AdapterDir.own_root(path)
+
+
+def _read_config(files: OpenAdapterDir) -> dict:
+    config_file = files.where.path / CONFIG_NAME
+    fd = files.open_file(CONFIG_NAME)
+    if fd is None:
+        raise AdapterError(INVALID, f"no {CONFIG_NAME}: not a PEFT adapter directory", path=files.where.path)
     try:
-        with open(config_file, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        raw = read_limited(fd, MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise AdapterError(INVALID, f"cannot read: {exc.strerror or exc}", path=config_file) from None
+        raise AdapterError(INVALID, f"cannot read ({exc.strerror or type(exc).__name__})", path=config_file) from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(INVALID, f"larger than {MAX_CONFIG_BYTES} bytes", path=config_file)
     try:
         cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdapterError(INVALID, f"invalid JSON: {exc}", path=config_file) from None
+    except UnicodeDecodeError:
+        raise AdapterError(INVALID, "invalid JSON: not UTF-8", path=config_file) from None
+    except RecursionError:
+        raise AdapterError(INVALID, "invalid JSON: nested too deeply", path=config_file) from None
+    except ValueError as exc:  # JSONDecodeError.msg names the problem without quoting the file
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "unreadable"
+        raise AdapterError(INVALID, f"invalid JSON: {why}", path=config_file) from None
     if not isinstance(cfg, dict):
         raise AdapterError(INVALID, f"expected a JSON object, got {type(cfg).__name__}", path=config_file)
     return cfg
@@ -108,7 +121,7 @@ class AdapterSummary:
     """What `inspect_peft_adapter` learns from the config and the safetensors header alone."""
 
     name: str
-    path: Path
+    where: AdapterDir
     rank: int  # max rank over modules
     target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
     num_params: int
@@ -120,19 +133,18 @@ class AdapterSummary:
 class _Plan:
     summary: AdapterSummary
     spec: LoraSpec
-    weights_file: Path
+    weights_file: Path  # for messages
+    weights_fd: int  # open while the plan's OpenAdapterDir is
     pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]]
     config: dict
 
 
-def _plan(path: Path, arch: ModelArch, name: str, max_rank: int, max_bytes: int) -> _Plan:
-    validate_adapter_name(name)
-    path = Path(path)
-    cfg = read_adapter_config(path)
-    config_file = path / CONFIG_NAME
-    spec = parse_lora_config(cfg, path=config_file, model_type=arch.model_type)
-    weights_file = _weights_file(path)
-    header = read_header(weights_file, max_bytes=max_bytes)
+def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_bytes: int) -> _Plan:
+    cfg = _read_config(files)
+    spec = parse_lora_config(cfg, path=files.where.path / CONFIG_NAME, model_type=arch.model_type)
+    weights_file = files.where.path / WEIGHTS_NAME
+    weights_fd = _weights_fd(files)
+    header = read_header(weights_fd, max_bytes=max_bytes, path=weights_file)
 
     keys = _parse_keys(header, weights_file)
     pairs = _pair_up(keys, weights_file)
@@ -147,11 +159,11 @@ def _plan(path: Path, arch: ModelArch, name: str, max_rank: int, max_bytes: int)
     present = {module for _, module in pairs}
     num_params = sum(_numel(header[k.tensor].shape) for pair in pairs.values() for k in pair)
     summary = AdapterSummary(
-        name=name, path=path, rank=max(header[a.tensor].shape[0] for a, _ in pairs.values()),
+        name=name, where=files.where, rank=max(header[a.tensor].shape[0] for a, _ in pairs.values()),
         target_modules=tuple(m for m in LORA_TARGETS if m in present), num_params=num_params,
-        file_bytes=weights_file.stat().st_size, base_model_name_or_path=base if isinstance(base, str) else None,
+        file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
     )
-    return _Plan(summary, spec, weights_file, pairs, cfg)
+    return _Plan(summary, spec, weights_file, weights_fd, pairs, cfg)
 
 
 def _numel(shape) -> int:
@@ -162,15 +174,19 @@ def _numel(shape) -> int:
 
 
 def inspect_peft_adapter(
-    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
+    path: Path | str | AdapterDir, arch: ModelArch, *, name: str, max_rank: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> AdapterSummary:
     """Every check `load_peft_adapter` makes except reading tensor data (so no NaN/Inf check):
     cheap enough to run on every adapter of a store at startup. Raises AdapterError."""
-    return _plan(path, arch, name, max_rank, max_bytes).summary
+    validate_adapter_name(name)
+    with OpenAdapterDir(_where(path)) as files:
+        return _plan(files, arch, name, max_rank, max_bytes).summary
 
 
 def load_peft_adapter(
-    path: Path, arch: ModelArch, *, name: str, max_rank: int, max_bytes: int = DEFAULT_MAX_BYTES
+    path: Path | str | AdapterDir, arch: ModelArch, *, name: str, max_rank: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> LoraAdapter:
     """Parse and validate the PEFT LoRA adapter in directory `path` for base model `arch`.
 
@@ -178,10 +194,12 @@ def load_peft_adapter(
     Raises AdapterError (see errors.py for the codes); on success every module's
     `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
     """
-    plan = _plan(path, arch, name, max_rank, max_bytes)
-    # Everything checkable from the header passed: only now read tensor data.
-    names = [k.tensor for pair in plan.pairs.values() for k in pair]
-    tensors = load_tensors_fp32(plan.weights_file, names)
+    validate_adapter_name(name)
+    with OpenAdapterDir(_where(path)) as files:
+        plan = _plan(files, arch, name, max_rank, max_bytes)
+        # Everything checkable from the header passed: only now read tensor data, from the same file.
+        names = [k.tensor for pair in plan.pairs.values() for k in pair]
+        tensors = load_tensors_fp32(plan.weights_fd, names, plan.weights_file)
     for tensor_name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
@@ -197,7 +215,7 @@ def load_peft_adapter(
     s = plan.summary
     return LoraAdapter(
         name=s.name,
-        path=s.path,
+        where=s.where,
         modules=MappingProxyType(modules),
         target_modules=s.target_modules,
         rank=s.rank,
@@ -208,27 +226,23 @@ def load_peft_adapter(
     )
 
 
-def _weights_file(path: Path) -> Path:
-    weights = path / WEIGHTS_NAME
-    if weights.is_file():
-        for other in _other_weight_files(path):
-            log.warning("%s: ignoring %s (never opened); using %s", path, other.name, WEIGHTS_NAME)
-        return weights
-    others = _other_weight_files(path)
+def _weights_fd(files: OpenAdapterDir) -> int:
+    """The open adapter_model.safetensors; other weight files (pickle, ...) are named, never opened."""
+    fd = files.open_file(WEIGHTS_NAME)
+    others = sorted(n for n in files.names() if n.startswith("adapter_model") and n != WEIGHTS_NAME
+                    and n.endswith(_OTHER_WEIGHT_SUFFIXES))
+    if fd is not None:
+        for other in others:
+            log.warning("%s: ignoring %s (never opened); using %s", files.where.path, other, WEIGHTS_NAME)
+        return fd
     if others:
-        names = ", ".join(p.name for p in others)
         raise AdapterError(
             UNSUPPORTED,
-            f"weights are in {names}, not {WEIGHTS_NAME}; pickle/other formats are never loaded (they can run "
-            "code): re-save with safetensors (PEFT save_pretrained(safe_serialization=True))",
-            path=path,
+            f"weights are in {', '.join(others)}, not {WEIGHTS_NAME}; pickle/other formats are never loaded (they "
+            "can run code): re-save with safetensors (PEFT save_pretrained(safe_serialization=True))",
+            path=files.where.path,
         )
-    raise AdapterError(INVALID, f"no {WEIGHTS_NAME}", path=path)
-
-
-def _other_weight_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.name.startswith("adapter_model") and
-                  p.name != WEIGHTS_NAME and p.name.endswith(_OTHER_WEIGHT_SUFFIXES))
+    raise AdapterError(INVALID, f"no {WEIGHTS_NAME}", path=files.where.path)
 
 
 def _parse_keys(header: Mapping[str, TensorInfo], path: Path) -> list[LoraKey]:

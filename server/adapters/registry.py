@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.model.arch import ModelArch
 
-from .errors import EXISTS, FORBIDDEN, NOT_FOUND, AdapterError
+from .errors import EXISTS, NOT_FOUND, AdapterError
 from .peft_format import DEFAULT_MAX_BYTES, AdapterSummary, inspect_peft_adapter
+from .safe_files import AdapterDir, locate
 from .store_layout import scan_adapter_store, validate_adapter_name
 
 log = logging.getLogger(__name__)
@@ -34,30 +36,43 @@ class AdapterEntry:
 
 class AdapterRegistry:
     def __init__(self, arch: ModelArch, max_rank: int, allowed_roots: list[Path],
-                 max_bytes: int = DEFAULT_MAX_BYTES):
-        """`allowed_roots`: directories admin-registered adapters must live under."""
+                 max_bytes: int = DEFAULT_MAX_BYTES, *, reserved_names: Iterable[str] = ()):
+        """`allowed_roots`: directories admin-registered adapters must live under.
+        `reserved_names`: ids no adapter may take (the base model's served name)."""
         self.arch = arch
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self.allowed_roots = [p.resolve() for p in allowed_roots]
+        self.reserved_names = frozenset(reserved_names)
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
 
-    def inspect(self, name: str, path: Path) -> AdapterSummary:
-        return inspect_peft_adapter(path, self.arch, name=name, max_rank=self.max_rank, max_bytes=self.max_bytes)
+    def inspect(self, name: str, where: AdapterDir) -> AdapterSummary:
+        return inspect_peft_adapter(where, self.arch, name=name, max_rank=self.max_rank, max_bytes=self.max_bytes)
 
-    def check_allowed(self, path: Path) -> Path:
-        """`path` resolved, if it lies under an allowed root (symlinks and `..` resolved first)."""
-        path = Path(path).resolve()
-        if not any(path == r or r in path.parents for r in self.allowed_roots):
-            roots = ", ".join(str(r) for r in self.allowed_roots) or "(none configured)"
-            raise AdapterError(FORBIDDEN, f"adapters may only be loaded from under {roots}", path=path)
-        return path
+    def check_allowed(self, path: Path | str) -> AdapterDir:
+        """Where `path` lies under an allowed root (symlinks and `..` resolved first); else AdapterError."""
+        return locate(path, self.allowed_roots)
 
-    def add(self, name: str, path: Path, source: str, *, replace: bool = False) -> AdapterEntry:
+    def check_name(self, name: str, *, replace: bool = False) -> str:
+        """`name` if it may name an adapter: a valid id, not reserved, not taken (unless `replace`);
+        else AdapterError. Cheap: run it before reading any file."""
         validate_adapter_name(name)
-        path = self.check_allowed(path) if source == "admin" else Path(path).resolve()
-        entry = AdapterEntry(self.inspect(name, path), source)
+        if name in self.reserved_names:
+            raise AdapterError(EXISTS, f"{name!r} is the base model's name; choose another adapter id")
+        if not replace and name in self:
+            raise AdapterError(EXISTS, f"an adapter named {name!r} is already registered")
+        return name
+
+    def add(self, name: str, path: Path | str | AdapterDir, source: str, *, replace: bool = False) -> AdapterEntry:
+        """Register `name` -> `path`. "admin" paths must lie under an allowed root; "cli" paths
+        (named by the operator) are their own root; "store" passes the AdapterDir it found."""
+        self.check_name(name, replace=replace)
+        if isinstance(path, AdapterDir):
+            where = path
+        else:
+            where = self.check_allowed(path) if source == "admin" else AdapterDir.own_root(path)
+        entry = AdapterEntry(self.inspect(name, where), source)
         with self._lock:
             if name in self._entries and not replace:
                 raise AdapterError(EXISTS, f"an adapter named {name!r} is already registered")
@@ -67,11 +82,12 @@ class AdapterRegistry:
     def scan_store(self, root: Path) -> list[AdapterError]:
         """Register every valid adapter under `root`; return (and log) the refused ones."""
         refused = []
+        real_root = Path(root).resolve()
         for name, path in scan_adapter_store(Path(root)).items():
             try:
-                self.add(name, path, "store", replace=True)
+                self.add(name, AdapterDir(real_root, path.relative_to(real_root).parts), "store", replace=True)
             except AdapterError as exc:
-                log.warning("not serving adapter %r: %s", name, exc)
+                log.warning("not serving adapter %r: %s", name, exc.detail)
                 refused.append(exc)
         return refused
 

@@ -44,11 +44,12 @@ def scan_adapter_store(root: Path) -> dict[str, Path]:
     """Adapter id -> directory for every adapter directory directly under `root`, sorted by id.
 
     An adapter directory holds an `adapter_config.json`. Entries with invalid ids,
-    plain files, directories without a config, and symlinks (of the directory or of
-    its two files) that resolve outside `root` are skipped with a log line; nothing
-    is parsed beyond that (use `read_adapter_config` / `load_peft_adapter`). The
-    returned paths are resolved, so a symlink swapped later cannot redirect a load.
-    A missing `root` yields an empty store.
+    plain files, directories without a config, directory symlinks that resolve outside
+    `root`, and directories whose adapter files are symlinks (adapter files must be
+    regular files: see safe_files.py) are skipped with a log line; nothing is parsed
+    beyond that (use `read_adapter_config` / `load_peft_adapter`). The returned paths
+    are resolved; loads re-check everything as they open the files, so a symlink
+    swapped in later cannot redirect a read. A missing `root` yields an empty store.
     """
     root = Path(root)
     if not root.is_dir():
@@ -75,24 +76,16 @@ def scan_adapter_store(root: Path) -> dict[str, Path]:
         if not real.is_dir():
             log.info("adapter store: skipping %s: not a directory", entry)
             continue
-        config = real / CONFIG_NAME
-        if not config.is_file():
-            log.info("adapter store: skipping %s: no %s", entry, CONFIG_NAME)
+        linked = [f.name for f in (real / CONFIG_NAME, real / WEIGHTS_NAME) if f.is_symlink()]
+        if linked:
+            log.warning("adapter store: skipping %s: symlinked %s; adapter files must be regular files", entry,
+                        " and ".join(linked))
             continue
-        escaping = [f.name for f in (config, real / WEIGHTS_NAME) if _escapes(f, real_root)]
-        if escaping:
-            log.warning("adapter store: skipping %s: %s link outside the store", entry, ", ".join(escaping))
+        if not (real / CONFIG_NAME).is_file():
+            log.info("adapter store: skipping %s: no %s", entry, CONFIG_NAME)
             continue
         found[entry.name] = real
     return found
-
-
-def _escapes(path: Path, root: Path) -> bool:
-    """Does `path` (if it exists at all) resolve outside `root`? Unresolvable counts as escaping."""
-    try:
-        return path.exists() and not _inside(path.resolve(), root)
-    except (OSError, RuntimeError):
-        return True
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -10,18 +10,21 @@ while queued or running requests still use the adapter.
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.errors import EXISTS, IN_USE, AdapterError
+from server.adapters.errors import IN_USE, AdapterError
 from server.adapters.peft_format import load_peft_adapter
 from server.adapters.registry import AdapterRegistry
 from server.api.errors import APIError
 from server.api.schemas import ModelCard
 from server.api.service import Service, adapter_card, adapter_error
 from server.engine.engine import LLMEngine
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -58,6 +61,7 @@ class UnloadAdapterRequest(BaseModel):
 
 
 class AdapterStatus(ModelCard):
+    location: str  # relative to its adapter root (never an absolute server path)
     resident_host: bool = False
     resident_device: bool = False
 
@@ -68,17 +72,18 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> ModelCard:
     svc: Service = request.app.state.service
 
     def load():
-        path = registry.check_allowed(body.lora_path)
-        if body.lora_name in registry:  # before any weights are read
-            raise AdapterError(EXISTS, f"an adapter named {body.lora_name!r} is already registered")
-        adapter = load_peft_adapter(path, registry.arch, name=body.lora_name, max_rank=registry.max_rank,
+        registry.check_name(body.lora_name)  # before any file is touched
+        where = registry.check_allowed(body.lora_path)
+        adapter = load_peft_adapter(where, registry.arch, name=body.lora_name, max_rank=registry.max_rank,
                                     max_bytes=registry.max_bytes)
-        entry = registry.add(body.lora_name, path, "admin")
+        entry = registry.add(body.lora_name, where, "admin")
         return (registry.set_pinned(body.lora_name, True) if body.pinned else entry), adapter
 
     try:
         entry, adapter = await run_in_threadpool(load)
     except AdapterError as exc:
+        # The client sees str(exc) (file names only); the full path stays in the server log.
+        log.info("admin load of %r refused: %s", body.lora_name, exc.detail)
         raise adapter_error(exc) from exc
     svc.adapters.cache.offer(adapter)  # warm: resident in the host cache at the next step
     return adapter_card(entry, svc.base_model)
@@ -109,7 +114,7 @@ async def list_adapters(request: Request) -> list[AdapterStatus]:
     registry = registry_of(request)
     svc: Service = request.app.state.service
     manager = svc.adapters
-    return [AdapterStatus(**adapter_card(e, svc.base_model).model_dump(),
+    return [AdapterStatus(**adapter_card(e, svc.base_model).model_dump(), location=e.summary.where.label,
                           resident_host=manager.cache.is_resident(e.name),
                           resident_device=manager.slots.is_resident(e.name))
             for e in registry.entries()]

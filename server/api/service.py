@@ -66,7 +66,8 @@ class Service:
 
 
 def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:
+    """An adapter's card; `root` is its id, as vLLM shows LoRA modules (never a server filesystem path)."""
     s = entry.summary
-    return ModelCard(id=s.name, root=str(s.path), parent=base_model, rank=s.rank,
+    return ModelCard(id=s.name, root=s.name, parent=base_model, rank=s.rank,
                      target_modules=list(s.target_modules), size_bytes=s.file_bytes, num_params=s.num_params,
                      source=entry.source, pinned=entry.pinned)

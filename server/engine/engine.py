@@ -101,7 +101,8 @@ class LLMEngine:
         self.kv_cache = KVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                 dtype, device)
         lc = config.lora
-        self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded) \
+        self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
+                                       reserved_names=[mc.served_model_name or arch.name or model_dir.name]) \
             if lc.enabled else None
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed),
                                   self.adapters.slots if self.adapters else None)

@@ -3,6 +3,7 @@ answering with its error while the server keeps serving everyone else."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -129,6 +130,32 @@ def test_admin_load_refusals(server, client, uploads, name, path, status, code):
     err = r.json()["error"]
     assert err["code"] == code and err["message"]
     assert name not in {m.id for m in client.models.list().data}
+    assert serves(client)
+
+
+@pytest.mark.parametrize("route,body,param,code", [
+    ("load", {"lora_name": "gamma", "lora_path": "PATH", "lora_dir": "x"}, "lora_dir", "unsupported"),
+    ("load", {"lora_name": "gamma", "lora_path": "PATH", "pinned": "true"}, "pinned", "invalid_request"),
+    ("load", {"lora_name": 7, "lora_path": "PATH"}, "lora_name", "invalid_request"),
+    ("load", '{"lora_name": "gamma", "lora_path": "PATH\\ud800"}', "lora_path", "invalid_unicode"),
+    ("unload", {"lora_name": "alpha", "force": True}, "force", "unsupported"),
+    ("unload", '{"lora_name": "alpha\\udc00"}', "lora_name", "invalid_unicode"),
+])
+def test_admin_bodies_are_strict(server, client, uploads, route, body, param, code):
+    """Admin bodies follow the API's edge rules: unknown fields, coercible types and lone
+    surrogates are 400s naming the field, and nothing is loaded or unloaded."""
+    path = str(uploads / "gamma")
+    if isinstance(body, str):
+        content = body.replace("PATH", path)
+    else:
+        content = json.dumps({k: path if v == "PATH" else v for k, v in body.items()})
+    r = httpx.post(f"{server.base_url}/v1/{route}_lora_adapter", content=content,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    served = {m.id for m in client.models.list().data}
+    assert "alpha" in served and "gamma" not in served
     assert serves(client)
 
 

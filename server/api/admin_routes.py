@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.errors import IN_USE, AdapterError
 from server.adapters.peft_format import load_peft_adapter
 from server.adapters.registry import AdapterRegistry
+from server.adapters.safe_files import MAX_PATH_CHARS
+from server.adapters.store_layout import ADAPTER_NAME_RE
 from server.api.errors import APIError
-from server.api.schemas import ModelCard
+from server.api.openapi import error_responses
+from server.api.schemas import ModelCard, RequestBody
 from server.api.service import Service, adapter_card, adapter_error
 from server.engine.engine import LLMEngine
 
@@ -50,13 +54,21 @@ def registry_of(request: Request) -> AdapterRegistry:
     return svc.adapters.registry
 
 
-class LoadAdapterRequest(BaseModel):
-    lora_name: str
-    lora_path: str
+class LoadAdapterRequest(RequestBody):
+    # Constraints documented here and enforced where they are stated (the registry and
+    # safe_files.locate: 400 adapter_invalid, before any file is read).
+    lora_name: str = Field(json_schema_extra={"pattern": f"^{ADAPTER_NAME_RE.pattern}$"})
+    lora_path: str = Field(json_schema_extra={"minLength": 1, "maxLength": MAX_PATH_CHARS,
+                                              "pattern": r"^[^\x00]*$"})
     pinned: bool = False
 
 
-class UnloadAdapterRequest(BaseModel):
+class UnloadAdapterRequest(RequestBody):
+    lora_name: str
+
+
+class UnloadAdapterResponse(BaseModel):
+    status: Literal["ok"]
     lora_name: str
 
 
@@ -66,7 +78,10 @@ class AdapterStatus(ModelCard):
     resident_device: bool = False
 
 
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])
+# 400: invalid body, LoRA off, bad name or files; 401/403: admin key / admin API off, or a path
+# outside the allowed roots; 404: no such directory; 409: name taken.
+@router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)],
+             responses=error_responses(400, 401, 403, 404, 409))
 async def load_adapter(body: LoadAdapterRequest, request: Request) -> ModelCard:
     registry = registry_of(request)
     svc: Service = request.app.state.service
@@ -89,8 +104,10 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> ModelCard:
     return adapter_card(entry, svc.base_model)
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)])
-async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> dict:
+# 404: no such adapter; 409: queued or running requests use it.
+@router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)],
+             responses=error_responses(400, 401, 403, 404, 409))
+async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> UnloadAdapterResponse:
     registry_of(request)
     svc: Service = request.app.state.service
 
@@ -106,10 +123,10 @@ async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> dict:
         await svc.engine.call(unload)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
-    return {"status": "ok", "lora_name": body.lora_name}
+    return UnloadAdapterResponse(status="ok", lora_name=body.lora_name)
 
 
-@router.get("/v1/adapters", dependencies=[Depends(require_admin)])
+@router.get("/v1/adapters", dependencies=[Depends(require_admin)], responses=error_responses(400, 401, 403))
 async def list_adapters(request: Request) -> list[AdapterStatus]:
     registry = registry_of(request)
     svc: Service = request.app.state.service
@@ -120,12 +137,14 @@ async def list_adapters(request: Request) -> list[AdapterStatus]:
             for e in registry.entries()]
 
 
-@router.post("/v1/adapters/{name}/pin", dependencies=[Depends(require_admin)])
+@router.post("/v1/adapters/{name}/pin", dependencies=[Depends(require_admin)],
+             responses=error_responses(400, 401, 403, 404))
 async def pin_adapter(name: str, request: Request) -> ModelCard:
     return _set_pinned(request, name, True)
 
 
-@router.post("/v1/adapters/{name}/unpin", dependencies=[Depends(require_admin)])
+@router.post("/v1/adapters/{name}/unpin", dependencies=[Depends(require_admin)],
+             responses=error_responses(400, 401, 403, 404))
 async def unpin_adapter(name: str, request: Request) -> ModelCard:
     return _set_pinned(request, name, False)
 

@@ -26,6 +26,7 @@ from server.api.errors import APIError
 from server.api.openapi import error_responses
 from server.api.schemas import ModelCard, RequestBody
 from server.api.service import Service, adapter_card, adapter_error
+from server.engine.async_engine import EngineDeadError
 from server.engine.engine import LLMEngine
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> ModelCard:
 
 # 404: no such adapter; 409: queued or running requests use it.
 @router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)],
-             responses=error_responses(400, 401, 403, 404, 409))
+             responses=error_responses(400, 401, 403, 404, 409, 503))
 async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> UnloadAdapterResponse:
     registry_of(request)
     svc: Service = request.app.state.service
@@ -123,6 +124,8 @@ async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> Unload
         await svc.engine.call(unload)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, "the engine is not running", code="engine_unavailable") from exc
     return UnloadAdapterResponse(status="ok", lora_name=body.lora_name)
 
 

@@ -159,7 +159,10 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run `fn(engine)` on the engine thread between two steps; returns its result
-        (or raises its exception). For changes that must not race a step."""
+        (or raises its exception). For changes that must not race a step. EngineDeadError
+        when no engine thread is left to run it."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._send(_Call(fn, future, loop))

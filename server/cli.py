@@ -90,7 +90,9 @@ FLAGS = [
          switch_value=False),
     Flag("host", "server.host", str, "address to bind"),
     Flag("port", "server.port", int, "port to bind"),
-    Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... (none: no auth)", nargs="+"),
+    Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... tenants without limits (none and no --tenants: "
+         "open)", nargs="+"),
+    Flag("tenants", "server.tenants", str, "tenants file (TOML): key hashes, weights, quotas; see docs/operator.md"),
     Flag("admin-key", "server.admin_key", str, "bearer key of the admin API (adapter load/unload/pin)"),
     Flag("log-level", "server.log_level", str, "debug | info | warning"),
     Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
@@ -168,9 +170,14 @@ def serve(cfg: Config) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.tenants import TenantFileError
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except TenantFileError as exc:
+        print(f"loramux: bad tenants: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
                 timeout_graceful_shutdown=5)
     return 0

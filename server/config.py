@@ -54,7 +54,8 @@ class LoraConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant (no limits); see `tenants`
+    tenants: str | None = None  # tenants file (TOML); with neither this nor api_keys the server is open
     admin_key: str | None = None
     log_level: str = "info"
     max_body_bytes: int = 8 << 20  # request bodies over this get 413 (counted as read, chunked too)

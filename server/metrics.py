@@ -51,5 +51,10 @@ class Metrics:
                                        ["tier"], registry=r)
         self.adapter_slot_writes = Counter(p + "adapter_slot_writes", "Adapters copied into a device slot",
                                            registry=r)
+        # Per tenant (tenants are declared in the tenants file: bounded cardinality).
+        self.tenant_requests = Counter(p + "tenant_requests", "Requests by tenant and outcome: a finish reason, "
+                                       "or rate_limited (429) / overloaded (503)", ["tenant", "status"], registry=r)
+        self.tenant_vtc = Gauge(p + "tenant_virtual_tokens", "Fair-scheduling (VTC) counter: weighted tokens served "
+                                "per unit of the tenant's weight", ["tenant"], registry=r)
         self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters in one engine step",
                                        buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)

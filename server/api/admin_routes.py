@@ -39,7 +39,7 @@ def require_admin(request: Request) -> None:
     With no keys at all (a local dev server): open."""
     admin_key = request.app.state.admin_key
     if admin_key is None:
-        if request.app.state.api_keys:
+        if not request.app.state.tenants.open_access:
             raise APIError(403, "the admin API is disabled: start the server with --admin-key", code="forbidden")
         return
     header = request.headers.get("authorization", "")

@@ -22,6 +22,7 @@ from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.metrics import Metrics
+from server.tenants import TenantFileError, TenantTable, load_tenants
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,17 @@ def resolve_model_dir(config: Config) -> Path:
     from server.model.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+def tenant_table(config: Config) -> TenantTable:
+    """The tenants of `--tenants`, else of `--api-keys`, else one open tenant."""
+    if config.server.tenants:
+        if config.server.api_keys:
+            raise TenantFileError("give tenants either in --tenants or in --api-keys, not both")
+        return load_tenants(config.server.tenants)
+    if config.server.api_keys:
+        return TenantTable.from_api_keys(config.server.api_keys)
+    return TenantTable.open()
 
 
 def build_engine(config: Config) -> LLMEngine:
@@ -57,7 +69,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.service = Service(engine=async_engine, tokenizer=engine.tokenizer, base_model=engine.info.model_name,
                                 max_model_len=engine.info.max_model_len,
                                 adapters=engine.adapters)
-    app.state.api_keys = dict(config.server.api_keys)
+    app.state.tenants = tenant_table(config)
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
     app.include_router(openai_router)

@@ -1,21 +1,22 @@
-"""API key -> tenant. With no keys configured the server is open and everyone is `default`."""
+"""Bearer key -> tenant, through the tenant table on `app.state.tenants` (reloadable)."""
 
 from __future__ import annotations
-
-import hmac
 
 from fastapi import Request
 
 from server.api.errors import APIError
+from server.tenants import Tenant, TenantTable
 
 
-def tenant_of(request: Request) -> str:
-    keys: dict[str, str] = request.app.state.api_keys
-    if not keys:
-        return "default"
+def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    for key, tenant in keys.items():
-        if token and hmac.compare_digest(token, key):
-            return tenant
-    raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
+def tenant_of(request: Request) -> Tenant:
+    """The caller's tenant, or a 401. The admin key is not a tenant key."""
+    table: TenantTable = request.app.state.tenants
+    tenant = table.authenticate(bearer_token(request))
+    if tenant is None:
+        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+    return tenant

@@ -46,6 +46,7 @@ from server.api.service import Service
 from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError, RequestStream
 from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
 from server.model.tokenizer import ChatTemplateError
+from server.tenants import Tenant
 
 router = APIRouter()
 
@@ -55,18 +56,18 @@ def service(request: Request) -> Service:
 
 
 @router.get("/v1/models", responses=error_responses(401))
-async def list_models(svc: Service = Depends(service), tenant: str = Depends(tenant_of)) -> ModelList:
-    return ModelList(data=svc.model_cards(tenant))
+async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(tenant_of)) -> ModelList:
+    return ModelList(data=svc.model_cards(tenant.name))
 
 
 @router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, raw: Request, svc: Service = Depends(service),
-                            tenant: str = Depends(tenant_of)):
-    adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
+                            tenant: Tenant = Depends(tenant_of)):
+    adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
-    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant)
+    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant.name)
     streams = await _submit(svc, requests)
     rid = new_id("cmpl")
 
@@ -110,13 +111,13 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
 @router.post("/v1/chat/completions",
              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc: Service = Depends(service),
-                                 tenant: str = Depends(tenant_of)):
-    adapter = svc.resolve_model(body.model, body.adapter_id, tenant)
+                                 tenant: Tenant = Depends(tenant_of)):
+    adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
     messages = [_message(m) for m in body.messages]
     prompt = await run_in_threadpool(_chat_prompt, svc, messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant)
+    requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant.name)
     streams = await _submit(svc, requests)
     rid = new_id("chatcmpl")
 

@@ -23,6 +23,15 @@ from conftest import save_tiny_model
 from server_process import ServerProcess
 
 CONTEXT = 8192
+DEPLOYMENT = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "deployment.yaml"
+
+
+def probe_paths() -> dict[str, str]:
+    """The shipped Deployment's probes: these exact paths are what the tests below call."""
+    import yaml
+
+    (c,) = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]["containers"]
+    return {probe: c[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +113,27 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def ready_status(srv: ServerProcess) -> tuple[int, str]:
-    r = httpx.get(srv.base_url + "/ready", timeout=5)
+    r = httpx.get(srv.base_url + probe_paths()["readinessProbe"], timeout=5)
     return r.status_code, r.json()["status"]
+
+
+def alive(srv: ServerProcess) -> bool:
+    paths = probe_paths()
+    return all(httpx.get(srv.base_url + paths[p], timeout=5).status_code == 200 for p in ("livenessProbe", "startupProbe"))
 
 
 def test_sigterm_drains_streams_refuses_new_requests_and_exits_0(long_model_dir, tmp_path):
     # --max-waiting 1: the one stream fills the queue, so readiness also shows "full" first.
     srv = start(long_model_dir, tmp_path / "server.log", "--shutdown-timeout", "120", "--max-waiting", "1")
     try:
-        assert ready_status(srv) == (200, "ready")
+        assert ready_status(srv) == (200, "ready") and alive(srv)
         stream = Stream(srv.base_url, max_tokens=2000)
         assert stream.started.wait(60) and stream.ended_at is None, stream.error
         assert ready_status(srv) == (503, "full")
 
         srv.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: ready_status(srv) == (503, "draining"), 5, "/ready to say draining")
-        assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 200, "liveness stays up while draining"
+        assert alive(srv), "liveness stays up while draining: the pod is not killed before its streams end"
 
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=10)
         t0 = time.monotonic()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,7 +36,7 @@ class Drain:
     timeout: float  # seconds in-flight requests get after the signal
     draining: bool = False
     in_flight: int = 0  # HTTP requests being answered, UNGATED_PATHS not counted
-    _cut: bool = False
+    _cut: bool = field(default=False, init=False, repr=False)  # a second signal: abort now
 
     def cut(self) -> None:
         """Stop waiting for the requests in flight: abort them now."""

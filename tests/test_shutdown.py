@@ -169,3 +169,23 @@ def test_shutdown_timeout_aborts_streams_with_a_finish(long_model_dir, tmp_path)
         assert srv.proc.wait(15) == 0, srv.log()
     finally:
         srv.stop()
+
+
+def test_a_second_signal_aborts_at_once(long_model_dir, tmp_path):
+    """Ctrl+C twice (or SIGTERM twice): the operator does not want to wait out the drain."""
+    srv = start(long_model_dir, tmp_path / "server.log", "--shutdown-timeout", "300")
+    try:
+        stream = Stream(srv.base_url, max_tokens=CONTEXT - 16)
+        assert stream.started.wait(60) and stream.ended_at is None, stream.error
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: ready_status(srv) == (503, "draining"), 5, "/ready to say draining")
+        assert stream.ended_at is None
+        signalled = time.monotonic()
+        srv.proc.send_signal(signal.SIGINT)
+
+        stream.join(30)
+        assert stream.ended_at - signalled < 8
+        assert stream.done and stream.finish_reasons == ["abort"]
+        assert srv.proc.wait(15) == 0, srv.log()
+    finally:
+        srv.stop()

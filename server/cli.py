@@ -43,6 +43,13 @@ def _pairs(value: Any) -> dict[str, str]:
     return out
 
 
+def _seconds(value: Any) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses NaN
+        raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
 def _paths(value: Any) -> list[str]:
     return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
 
@@ -97,6 +104,8 @@ FLAGS = [
     Flag("log-level", "server.log_level", str, "debug | info | warning"),
     Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
          "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
+    Flag("shutdown-timeout", "server.shutdown_timeout", _seconds,
+         "seconds in-flight requests get to finish after SIGTERM (new ones get 503); then they are aborted"),
 ]
 
 
@@ -167,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: Config) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (server/api/shutdown.py) and return 0."""
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.shutdown import FLUSH_S, DrainingServer
     from server.tenants import TenantFileError
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -178,8 +189,11 @@ def serve(cfg: Config) -> int:
     except TenantFileError as exc:
         print(f"loramux: bad tenants: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
-                timeout_graceful_shutdown=5)
+    # The drain has already waited for the requests in flight; uvicorn's own graceful wait
+    # only covers a connection still open after it (e.g. a client that stopped reading).
+    config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+                            timeout_graceful_shutdown=FLUSH_S)
+    DrainingServer(config, app.state.drain, app.state.service.engine).run()
     return 0
 
 

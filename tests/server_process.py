@@ -26,7 +26,8 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--shutdown-timeout", "5", *args],  # short teardown; a test's own value comes later and wins
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

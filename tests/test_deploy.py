@@ -4,6 +4,7 @@ pass is a real server flag. Fast: no server, no Docker (none runs on the dev mac
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from server.api.shutdown import FLUSH_S, UNGATED_PATHS
 from server.cli import FLAGS
+from server.config import LoraConfig, ServerConfig
 from server.metrics import Metrics
 
 yaml = pytest.importorskip("yaml")
@@ -219,25 +222,243 @@ def test_compose_stack_is_wired_together():
         assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), svc.get("ports")
 
 
+def k8s_docs() -> list[dict]:
+    return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml_docs(f)]
+
+
+def k8s_objects() -> dict[str, dict]:
+    by_kind = {d["kind"]: d for d in k8s_docs()}
+    assert set(by_kind) == {"Namespace", "Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"}
+    return by_kind
+
+
+def server_container(dep: dict) -> dict:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
 def test_k8s_manifests():
-    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml_docs(f)]
-    by_kind = {d["kind"]: d for d in docs}
-    assert set(by_kind) == {"Deployment", "Service", "ConfigMap"}
-    dep, svc, cm = by_kind["Deployment"], by_kind["Service"], by_kind["ConfigMap"]
+    by_kind = k8s_objects()
+    dep, svc, cm, pvc = by_kind["Deployment"], by_kind["Service"], by_kind["ConfigMap"], by_kind["PersistentVolumeClaim"]
     pod = dep["spec"]["template"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    (c,) = pod["spec"]["containers"]
+    c = server_container(dep)
     port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert port_names == {"http": 8000}
     assert svc["spec"]["ports"][0]["targetPort"] in port_names
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
     assert c["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
     assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"] == cm["data"]["LORAMUX_NUM_THREADS"]
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/app/adapters_store")
-    assert mount["readOnly"] is True
     assert str(pod["spec"]["securityContext"]["runAsUser"]) in (ROOT / "Dockerfile").read_text()
+    # Everything lives in the namespace that enforces the restricted profile, created first.
+    ns = by_kind["Namespace"]["metadata"]["name"]
+    assert all(d["metadata"]["namespace"] == ns for d in k8s_docs() if d["kind"] != "Namespace")
+    assert sorted((DEPLOY / "k8s").glob("*.yaml"))[0].name.startswith("00-namespace")
+    # The adapter store (tenants upload into it) is a writable persistent volume.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/app/adapters_store")
+    assert not mount.get("readOnly")
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+# --- Pod Security "restricted", secrets, shutdown, probes ------------------------------------
+
+# The restricted profile's rules (kubernetes.io/docs/concepts/security/pod-security-standards).
+PSS_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                    "projected", "secret"}
+PSS_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                    "net.ipv4.tcp_keepalive_probes"}
+
+
+def pod_templates(docs: list[dict]):
+    """(name, pod spec) of every workload in `docs`."""
+    for d in docs:
+        kind = d["kind"]
+        if kind == "Pod":
+            yield d["metadata"]["name"], d["spec"]
+        elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+            yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif kind == "CronJob":
+            yield d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps `pod` (a pod spec) from the Pod Security "restricted" profile, plus our own rule
+    that every container's root filesystem is read-only."""
+    problems = []
+    psc = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            problems.append(f"{key} is set")
+    for v in pod.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= PSS_VOLUME_TYPES:
+            problems.append(f"volume {v['name']}: type {sorted(kinds - PSS_VOLUME_TYPES)} not allowed")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl["name"] not in PSS_SAFE_SYSCTLS:
+            problems.append(f"unsafe sysctl {sysctl['name']}")
+    if psc.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    containers = [(f"container {c['name']}", c) for c in pod.get("containers") or []]
+    containers += [(f"initContainer {c['name']}", c) for c in pod.get("initContainers") or []]
+    assert containers, "a pod without containers"
+    for where, c in containers:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{where}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities {caps['add']}")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            problems.append(f"{where}: runAsNonRoot must be true (pod or container)")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            problems.append(f"{where}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile must be RuntimeDefault or Localhost, not {seccomp}")
+        if (psc.get("seccompProfile") or {}).get("type") == "Unconfined":
+            problems.append("pod seccompProfile Unconfined")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            problems.append(f"{where}: hostPort")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{where}: procMount")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: readOnlyRootFilesystem must be true")
+    return problems
+
+
+def test_every_shipped_pod_passes_pod_security_restricted():
+    docs = [d for f in sorted(DEPLOY.rglob("*.y*ml")) for d in yaml_docs(f) if isinstance(d, dict) and "kind" in d]
+    pods = list(pod_templates(docs))
+    assert pods, "no workload found"
+    for name, pod in pods:
+        assert not restricted_violations(pod), (name, restricted_violations(pod))
+    ns = k8s_objects()["Namespace"]["metadata"]["labels"]
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda p: p["securityContext"].pop("seccompProfile") and
+     [c["securityContext"].pop("seccompProfile") for c in p["containers"]], "seccompProfile"),
+    (lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+    (lambda p: p["initContainers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop ALL"),
+    (lambda p: p["containers"][0]["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
+    (lambda p: p["volumes"].append({"name": "host", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+    (lambda p: p["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False), "readOnlyRootFilesystem"),
+])
+def test_the_restricted_check_catches_each_violation(break_it, expected):
+    """The check above is not vacuous: each rule, broken on a copy of the shipped pod, is reported."""
+    pod = copy.deepcopy(k8s_objects()["Deployment"]["spec"]["template"]["spec"])
+    break_it(pod)
+    assert any(expected in p for p in restricted_violations(pod)), restricted_violations(pod)
+
+
+def test_keys_come_only_from_a_secret():
+    by_kind = k8s_objects()
+    dep, cm = by_kind["Deployment"], by_kind["ConfigMap"]
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    env = {e["name"]: e for e in c.get("env", [])}
+    # The admin key: from the Secret, never a literal; the admin API is then closed to anyone without it.
+    assert set(env["LORAMUX_ADMIN_KEY"]) == {"name", "valueFrom"}
+    secret_name = env["LORAMUX_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+    # API keys: the tenants file (key hashes) is a file from that Secret, mounted read-only.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tenants = Path(env["LORAMUX_TENANTS"]["value"])
+    mount = next(m for m in c["volumeMounts"] if tenants.parent == Path(m["mountPath"]))
+    assert mount["readOnly"] is True and "subPath" not in mount, "subPath mounts never see Secret updates"
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == secret_name
+    assert any(item["path"] == tenants.name for item in secret["items"])
+    # No key material anywhere else: not in the ConfigMap, no Secret object with values in git.
+    secret_flags = {"LORAMUX_ADMIN_KEY", "LORAMUX_API_KEYS", "LORAMUX_TENANTS"}
+    assert not secret_flags & set(cm["data"])
+    assert "Secret" not in {d["kind"] for d in k8s_docs()}
+    assert not secret_flags & {kv.split("=", 1)[0] for w, r in dockerfile_instructions() if w == "ENV"
+                               for kv in shlex.split(r)}
+    # compose: the admin key must be supplied (no default), so its admin API is never open either.
+    compose_env = yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]["environment"]
+    assert re.fullmatch(r"\$\{LORAMUX_ADMIN_KEY:\?[^}]+\}", compose_env["LORAMUX_ADMIN_KEY"])
+    assert "LORAMUX_API_KEYS" not in compose_env
+
+
+def _shutdown_timeout(settings: dict) -> float:
+    flag = next(f for f in FLAGS if f.name == "shutdown-timeout")
+    return flag.convert(settings[flag.env]) if flag.env in settings else ServerConfig().shutdown_timeout
+
+
+def _seconds(text: str) -> float:
+    """A compose duration: '75s', '1m30s', '90'."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?|(\d+)", str(text))
+    assert parts, text
+    minutes, seconds, bare = parts.groups()
+    return float(bare) if bare else 60 * int(minutes or 0) + int(seconds or 0)
+
+
+def test_grace_period_covers_the_drain():
+    """Kubernetes kills the pod terminationGracePeriodSeconds after it starts stopping it: that must
+    cover the preStop sleep, --shutdown-timeout, then the abort's flush and uvicorn's close."""
+    by_kind = k8s_objects()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    c = server_container(by_kind["Deployment"])
+    timeout = _shutdown_timeout(by_kind["ConfigMap"]["data"])
+    assert timeout > 0, "a zero timeout aborts every stream at once"
+    pre_stop = c["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        pause = pre_stop["sleep"]["seconds"]
+    else:
+        command = pre_stop["exec"]["command"]
+        assert command[0] in ("sleep", "/bin/sleep") and len(command) == 2, command
+        pause = float(command[1])
+    assert pause > 0
+    assert pod["terminationGracePeriodSeconds"] >= pause + timeout + 2 * FLUSH_S
+    svc = yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]
+    assert _seconds(svc["stop_grace_period"]) >= _shutdown_timeout(svc["environment"]) + 2 * FLUSH_S
+
+
+def test_probes_point_at_the_health_routes():
+    """Readiness on /ready (false while draining or full), liveness and startup on /health (true
+    while draining); both answered while draining. tests/test_shutdown.py calls the same paths
+    on a real server."""
+    c = server_container(k8s_objects()["Deployment"])
+    paths = {probe: c[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert paths == {"startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    assert all(c[probe]["httpGet"]["port"] == "http" for probe in paths)
+    assert set(paths.values()) <= UNGATED_PATHS
+    health = next(r for w, r in dockerfile_instructions() if w == "HEALTHCHECK")
+    assert "/health" in health
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    return any(Path(path) == Path(r) or Path(r) in Path(path).parents for r in roots)
+
+
+def test_writable_paths_are_volumes():
+    """Under a read-only root filesystem, everything the server writes must be on a volume: /tmp
+    (temp files, HOME, caches), the kernel build directory and the adapter store."""
+    env = {}
+    workdir = "/"
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            env.update(dict(kv.split("=", 1) for kv in shlex.split(rest)))
+        elif word == "WORKDIR":
+            workdir = rest
+    store = str(Path(workdir) / LoraConfig().adapters_dir)
+    needed = {"/tmp", env["HOME"], env["XDG_CACHE_HOME"], env["TORCH_EXTENSIONS_DIR"], store}
+    c = server_container(k8s_objects()["Deployment"])
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert all(_under(p, writable) for p in needed), (needed, writable)
+    svc = yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]
+    assert svc["read_only"] is True and "ALL" in svc["cap_drop"]
+    compose_writable = set(svc["tmpfs"]) | {spec.split(":")[1] for spec in svc["volumes"] if not spec.endswith(":ro")}
+    assert all(_under(p, compose_writable) for p in needed - {store}), (needed, compose_writable)
 
 
 # --- settings passed as LORAMUX_* are real flags -------------------------------------------
@@ -262,6 +483,8 @@ def test_every_loramux_setting_is_a_server_flag():
             settings.update(dict(kv.split("=", 1) for kv in shlex.split(rest)))
     settings.update(yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]["environment"])
     settings.update(next(d for d in yaml_docs(DEPLOY / "k8s" / "configmap.yaml"))["data"])
+    for e in server_container(k8s_objects()["Deployment"]).get("env", []):
+        settings[e["name"]] = e.get("value", "x")  # from a Secret: any string
     for key, value in settings.items():
         if not key.startswith("LORAMUX_") or key in NON_FLAG_ENV:
             continue
@@ -277,7 +500,8 @@ def test_dockerfile_invariants():
     assert ("EXPOSE", "8000") in ins
     assert any(w == "ARG" and r.startswith('TORCH_SPEC="torch==2.13.0"') for w, r in ins)
     user = [r for w, r in ins if w == "USER"]
-    assert user and user[-1] not in ("root", "0") and words.index("USER") < words.index("ENTRYPOINT")
+    # Numeric uid:gid, not root: the kubelet can only check runAsNonRoot against a number.
+    assert user and re.fullmatch(r"[1-9]\d*(:\d+)?", user[-1]) and words.index("USER") < words.index("ENTRYPOINT")
     health = next(r for w, r in ins if w == "HEALTHCHECK")
     assert "/health" in health
     entry = json.loads(next(r for w, r in ins if w == "ENTRYPOINT"))

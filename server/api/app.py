@@ -18,6 +18,7 @@ from server.api.middleware import BodyLimit, CatchAll
 from server.api.openapi import install as install_openapi
 from server.api.openai_routes import router as openai_router
 from server.api.service import Service
+from server.api.shutdown import Drain, DrainGate
 from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 # Pydantic error types (raised in schemas.py) that deserve their own OpenAI error code.
 _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "unsupported",
                      "invalid_unicode": "invalid_unicode"}
+
+
+_READY_STATES = ["ready", "draining", "full", "engine_down"]
+_READY_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": _READY_STATES}}}}}
+_READY_RESPONSES = {200: {"description": "Ready for new requests", "content": _READY_BODY},
+                    503: {"description": "Draining, full, or the engine has stopped", "content": _READY_BODY}}
 
 
 def resolve_model_dir(config: Config) -> Path:
@@ -72,6 +80,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.tenants = tenant_table(config)
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
+    app.state.drain = drain = Drain(timeout=config.server.shutdown_timeout)
     app.include_router(openai_router)
     app.include_router(admin_router)
     install_openapi(app)
@@ -80,9 +89,11 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         metrics.http_errors.labels(str(exc.status), exc.code or "").inc()
         return exc.response()
 
-    # Outermost last: the body limit runs before anything reads the body.
+    # Outermost last: the body limit runs before anything reads the body, and a draining
+    # server refuses before even that.
     app.add_middleware(CatchAll, on_error=error)
     app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes, on_error=error)
+    app.add_middleware(DrainGate, drain=drain, on_error=error)
 
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -108,8 +119,24 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Liveness: 503 only once the engine loop has died (restart the server then); stays
+        200 while draining, so a shutting-down server is not killed before its streams end."""
         ok = async_engine.is_running
         return JSONResponse({"status": "ok" if ok else "engine_down"}, status_code=200 if ok else 503)
+
+    @app.get("/ready", responses=_READY_RESPONSES)
+    async def ready() -> JSONResponse:
+        """Readiness: 200 while new requests are welcome; 503 while draining (shutdown) or while
+        the queue is at its bound (`--max-waiting`), so a load balancer sends them elsewhere."""
+        if not async_engine.is_running:
+            status = "engine_down"
+        elif drain.draining:
+            status = "draining"
+        elif async_engine.num_pending >= async_engine.max_pending:
+            status = "full"
+        else:
+            status = "ready"
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

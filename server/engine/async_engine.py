@@ -53,6 +53,11 @@ class _Abort:
 
 
 @dataclass
+class _AbortAll:
+    pass
+
+
+@dataclass
 class _Call:
     fn: Callable[[LLMEngine], Any]
     future: asyncio.Future
@@ -102,6 +107,7 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}  # engine thread only
         self._pending = 0  # requests submitted and not yet finished (asyncio side)
         self._stop = False
+        self._closed = False  # close() was called: no new requests
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -116,6 +122,13 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def close(self) -> None:
+        """End of a graceful shutdown (the drain time is up): refuse new requests and finish every
+        request in flight with finish_reason "abort", so each stream gets a last output instead
+        of hanging. The loop keeps running until shutdown()."""
+        self._closed = True
+        self._send(_AbortAll())
 
     @property
     def is_running(self) -> bool:
@@ -132,8 +145,8 @@ class AsyncEngine:
         Raises EngineDeadError, EngineOverloadedError, or InvalidRequestError for a request the
         engine refuses at admission (e.g. its adapter was unloaded since it was validated), so
         the caller can still answer with an HTTP status. The caller must close the stream."""
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
+        if not self.is_running or self._closed:
+            raise EngineDeadError("the server is shutting down" if self._closed else "the engine is not running")
         if self._pending >= self.max_pending:
             raise EngineOverloadedError(f"server overloaded: {self._pending} requests pending, try again later")
         loop = asyncio.get_running_loop()
@@ -168,7 +181,7 @@ class AsyncEngine:
         self._send(_Call(fn, future, loop))
         return await future
 
-    def _send(self, command: _Add | _Abort | _Call) -> None:
+    def _send(self, command: _Add | _Abort | _AbortAll | _Call) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -226,6 +239,8 @@ class AsyncEngine:
                     continue
                 self._sinks[cmd.request.request_id] = (cmd.sink, cmd.loop)
                 _call(cmd.loop, _settle, cmd.admitted, None, None)
+            elif isinstance(cmd, _AbortAll):
+                self._abort_all()
             else:
                 self._sinks.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
@@ -244,6 +259,13 @@ class AsyncEngine:
 
     def _post(self, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, out: RequestOutput) -> None:
         _call(loop, _put_all, [(sink, out)])
+
+    def _abort_all(self) -> None:
+        for request_id, (sink, loop) in list(self._sinks.items()):
+            out = self.engine.abort(request_id) or RequestOutput(request_id, finished=True,
+                                                                 finish_reason=FinishReason.ABORT)
+            self._post(loop, sink, out)
+        self._sinks.clear()
 
     def _fail_all(self, message: str) -> None:
         for request_id, (sink, loop) in list(self._sinks.items()):

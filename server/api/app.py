@@ -60,6 +60,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.api_keys = dict(config.server.api_keys)
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
+    metrics.set_tenants(set(config.server.api_keys.values()) or {"default"})  # a tenants file replaces this
     app.include_router(openai_router)
     app.include_router(admin_router)
     install_openapi(app)

@@ -14,4 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # --no-install-recommends: the server binary only (no node exporter, no web assets we do not use).
 apt-get install -y -q --no-install-recommends prometheus
-# The package starts a system service where an init system runs; the tests start their own.
+# Where an init system runs, the package starts a service on :9090; the tests start their own.
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi

@@ -18,8 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from server.engine.request import FinishReason
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                     3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -31,10 +30,12 @@ _VLLM_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 _VLLM_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                          120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
-# `tenant_requests` statuses besides the finish reasons (stop, length, abort, error): refusals.
+# `tenant_requests` statuses: the engine's finish reasons (FinishReason's values; a test keeps
+# them equal, this module imports nothing of ours) and the refusals.
+FINISH_REASONS = ("stop", "length", "abort", "error")
 RATE_LIMITED = "rate_limited"  # HTTP 429: over the tenant's own limits
 OVERLOADED = "overloaded"  # HTTP 503: the server is full
-REQUEST_STATUSES = (*(r.value for r in FinishReason), RATE_LIMITED, OVERLOADED)
+REQUEST_STATUSES = (*FINISH_REASONS, RATE_LIMITED, OVERLOADED)
 
 
 @dataclass(frozen=True)
@@ -258,10 +259,7 @@ class Metrics:
         so a dashboard shows them before their first request; removed ones lose their series."""
         names = set(names)
         for gone in self._tenants - names:
-            self._forget(gone, [self.tenant_prompt_tokens, self.tenant_generation_tokens, self.tenant_ttft,
-                                self.tenant_queue_time, self.tenant_vtc])
-            for status in REQUEST_STATUSES:
-                self._forget((gone, status), [self.tenant_requests])
+            self._forget("tenant", gone)
         for tenant in names - self._tenants:
             for status in REQUEST_STATUSES:
                 self.tenant_requests.labels(tenant, status)
@@ -273,15 +271,15 @@ class Metrics:
 
     def forget_adapter(self, name: str) -> None:
         """Drop the series of an unloaded adapter (its label would otherwise live forever)."""
-        self._forget(name, [self.ttft, self.tpot, self.e2e])
-        for reason in FinishReason:
-            self._forget((reason.value, name), [self.requests])
+        self._forget("adapter", name)
 
-    @staticmethod
-    def _forget(labels: str | tuple[str, ...], metrics: list) -> None:
-        labels = (labels,) if isinstance(labels, str) else labels
-        for m in metrics:
-            try:
-                m.remove(*labels)
-            except KeyError:  # never had that series
-                pass
+    def _forget(self, label: str, value: str) -> None:
+        """Remove every series, of every metric, whose `label` is `value`."""
+        for metric in vars(self).values():
+            if not isinstance(metric, MetricWrapperBase) or label not in metric._labelnames:
+                continue
+            children = {tuple(s.labels[n] for n in metric._labelnames)
+                        for family in metric.collect() for s in family.samples
+                        if s.labels.get(label) == value and all(n in s.labels for n in metric._labelnames)}
+            for labels in children:
+                metric.remove(*labels)

@@ -17,8 +17,8 @@ from peft_adapters import make_peft_adapter
 from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
-from server.engine.request import GenerationRequest, SamplingParams
-from server.metrics import REQUEST_STATUSES
+from server.engine.request import FinishReason, GenerationRequest, SamplingParams
+from server.metrics import FINISH_REASONS, REQUEST_STATUSES, Metrics
 from server_process import ServerProcess
 
 BASE = "tiny"
@@ -39,6 +39,21 @@ def value(fams: dict, family: str, sample: str | None = None, **labels) -> float
     name = sample or family
     return sum(s.value for s in fams[family].samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_finish_reasons_are_the_engines():
+    assert set(FINISH_REASONS) == {r.value for r in FinishReason}
+
+
+def test_a_tenant_removed_from_the_configuration_loses_its_series():
+    m = Metrics()
+    m.set_tenants(["alpha", "beta"])
+    m.on_finish("alpha", "", "stop", 3, 0.5, 0.1)
+    m.on_first_token("beta", "x", 3, 0.2)
+    m.set_tenants(["beta", "gamma"])
+    tenants = {s.labels.get("tenant") for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+               for s in f.samples} - {None}
+    assert tenants == {"beta", "gamma"}
 
 
 # --- in-process: the gauges follow the state, with no engine step in between -------------------------

@@ -142,8 +142,8 @@ class Metrics:
                                        buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         # Per tenant. `tenant_requests` statuses: REQUEST_STATUSES; the refusals are counted by the
         # code that refuses (quota: RATE_LIMITED, admission: OVERLOADED).
-        self.tenant_requests = Counter(p + "tenant_requests", "Requests by tenant and status (finish reason, "
-                                       "rate_limited = 429, overloaded = 503)", ["tenant", "status"], registry=r)
+        self.tenant_requests = Counter(p + "tenant_requests", "Requests by tenant and outcome: a finish reason, "
+                                       "or rate_limited (429) / overloaded (503)", ["tenant", "status"], registry=r)
         self.tenant_prompt_tokens = Counter(p + "tenant_prompt_tokens", "Prompt tokens prefilled, by tenant",
                                             ["tenant"], registry=r)
         self.tenant_generation_tokens = Counter(p + "tenant_generation_tokens", "Tokens generated, by tenant",
@@ -154,8 +154,8 @@ class Metrics:
                                            "Arrival to first scheduled (queueing), by tenant", ["tenant"],
                                            buckets=_LATENCY_BUCKETS, registry=r)
         # Set by the fair (VTC) scheduler: the tenant's virtual token counter (weighted tokens served / weight).
-        self.tenant_vtc = Gauge(p + "tenant_vtc", "Virtual token counter of the fair scheduler, by tenant",
-                                ["tenant"], registry=r)
+        self.tenant_vtc = Gauge(p + "tenant_virtual_tokens", "Fair-scheduling (VTC) counter: weighted tokens served "
+                                "per unit of the tenant's weight", ["tenant"], registry=r)
         self.vllm = VllmMetrics(r)
 
         self._state = EngineState()

@@ -236,8 +236,8 @@ def test_per_tenant_series(server):
     statuses = {(s.labels["tenant"], s.labels["status"]) for s in fams["loramux_tenant_requests"].samples
                 if s.name.endswith("_total")}
     assert statuses == {(t, s) for t in KEYS.values() for s in REQUEST_STATUSES}
-    vtc = {s.labels["tenant"] for s in fams["loramux_tenant_vtc"].samples}
-    assert vtc == set(KEYS.values()) and fams["loramux_tenant_vtc"].type == "gauge"
+    vtc = {s.labels["tenant"] for s in fams["loramux_tenant_virtual_tokens"].samples}
+    assert vtc == set(KEYS.values()) and fams["loramux_tenant_virtual_tokens"].type == "gauge"
 
 
 def test_an_unloaded_adapters_series_are_removed(server):

@@ -138,12 +138,16 @@ class Metrics:
                                        ["tier"], registry=r)
         self.adapter_slot_writes = Counter(p + "adapter_slot_writes", "Adapters copied into a device slot",
                                            registry=r)
-        self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters in one engine step",
-                                       buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        # Per tenant. `tenant_requests` statuses: REQUEST_STATUSES; the refusals are counted by the
-        # code that refuses (quota: RATE_LIMITED, admission: OVERLOADED).
+        # Per tenant (tenants are declared in the tenants file: bounded cardinality).
         self.tenant_requests = Counter(p + "tenant_requests", "Requests by tenant and outcome: a finish reason, "
                                        "or rate_limited (429) / overloaded (503)", ["tenant", "status"], registry=r)
+        self.tenant_vtc = Gauge(p + "tenant_virtual_tokens", "Fair-scheduling (VTC) counter: weighted tokens served "
+                                "per unit of the tenant's weight", ["tenant"], registry=r)
+        self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters in one engine step",
+                                       buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        # More per tenant. (`tenant_requests` statuses are REQUEST_STATUSES; the refusals are counted
+        # by the code that refuses: quotas RATE_LIMITED, admission OVERLOADED. The fair (VTC)
+        # scheduler sets `tenant_vtc`.)
         self.tenant_prompt_tokens = Counter(p + "tenant_prompt_tokens", "Prompt tokens prefilled, by tenant",
                                             ["tenant"], registry=r)
         self.tenant_generation_tokens = Counter(p + "tenant_generation_tokens", "Tokens generated, by tenant",
@@ -153,9 +157,6 @@ class Metrics:
         self.tenant_queue_time = Histogram(p + "tenant_queue_time_seconds",
                                            "Arrival to first scheduled (queueing), by tenant", ["tenant"],
                                            buckets=_LATENCY_BUCKETS, registry=r)
-        # Set by the fair (VTC) scheduler: the tenant's virtual token counter (weighted tokens served / weight).
-        self.tenant_vtc = Gauge(p + "tenant_virtual_tokens", "Fair-scheduling (VTC) counter: weighted tokens served "
-                                "per unit of the tenant's weight", ["tenant"], registry=r)
         self.vllm = VllmMetrics(r)
 
         self._state = EngineState()

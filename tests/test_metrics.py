@@ -107,6 +107,23 @@ def test_gauges_follow_add_step_and_abort(engine):
     assert lora_info(fams)["running_lora_adapters"] == ""
 
 
+def test_an_admission_shows_while_the_model_step_runs(engine, monkeypatch):
+    """Scheduled into the running batch: the gauges say so before the (long) model step, not after."""
+    seen = []
+    execute = engine.runner.execute
+
+    def observed(*args, **kwargs):
+        fams = scrape(engine)
+        seen.append((value(fams, "vllm:num_requests_running"), value(fams, "vllm:num_requests_waiting")))
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "execute", observed)
+    engine.add_request(GenerationRequest("s1", [5, 6, 7], SamplingParams(max_tokens=1)))
+    engine.step()
+    assert seen == [(1, 0)]
+    assert not engine.has_unfinished()
+
+
 def test_a_request_handed_to_a_busy_engine_thread_counts_as_waiting(engine):
     """A router scraping while the engine thread is inside a long step must already see the
     request that arrived: it is counted from submit, not from when the engine takes it in."""

@@ -198,6 +198,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 self.metrics.on_scheduled(seq.request.tenant, now - seq.request.arrival_time)
+        self.publish_gauges()  # admissions and preemptions show now, not after the model step
         self.idle = sched.is_empty
         if not sched.is_empty:
             outputs += self._run(sched.chunks)

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loramux-installed
 ARGS   ?=
 
-.PHONY: setup serve test test-fast bench clean
+.PHONY: setup serve test test-fast prometheus bench clean
 
 # torch first, pinned: on the CPU dev machines `torch==2.13.0` is a CPU wheel already on disk,
 # while any other spec would download a multi-GB CUDA build. The project's own range admits it.
@@ -23,7 +23,11 @@ setup: $(STAMP)
 serve: setup
 	$(BIN)/loramux serve $(ARGS)
 
-test: setup
+# Prometheus for tests/test_prometheus.py (Debian's package; a no-op once installed).
+prometheus:
+	sh deploy/prometheus/install.sh
+
+test: setup prometheus
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

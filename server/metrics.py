@@ -1,11 +1,96 @@
-"""Every Prometheus metric, defined in one place, on a registry owned by the app."""
+"""Every Prometheus metric, defined in one place, on a registry owned by the app.
+
+Three groups:
+- `loramux_*`: the server's own series, per adapter where that helps tuning;
+- `loramux_tenant_*`: per tenant (tenants come from configuration, so the label is bounded);
+- `vllm:*` (in `Metrics.vllm`): vLLM's names, types and labels, read by the Gateway API
+  Inference Extension's endpoint picker and by dashboards written for vLLM.
+
+The state gauges (running, waiting, KV use) are computed at scrape time from the last
+`EngineState` the engine published plus the requests handed to the engine thread and not yet
+taken in, so a router never reads a queue length older than the last state change.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                     3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# vLLM's buckets, so that dashboards built for vLLM read the same quantiles.
+_VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                      10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_VLLM_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                      20.0, 40.0, 80.0)
+_VLLM_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                         120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# `tenant_requests` statuses: the engine's finish reasons (FinishReason's values; a test keeps
+# them equal, this module imports nothing of ours) and the refusals.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+RATE_LIMITED = "rate_limited"  # HTTP 429: over the tenant's own limits
+OVERLOADED = "overloaded"  # HTTP 503: the server is full
+REQUEST_STATUSES = (*FINISH_REASONS, RATE_LIMITED, OVERLOADED)
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """The engine's state after its last change. Replaced whole (one reference store) by the
+    engine thread, so a scrape on another thread always reads one consistent picture."""
+
+    running: int = 0  # sequences running
+    waiting: int = 0  # sequences queued in the scheduler
+    kv_blocks_used: int = 0
+    running_adapters: tuple[str, ...] = ()  # sorted names of the adapters of running sequences
+    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones
+
+
+class VllmMetrics:
+    """vLLM's series (names, types, labels as in vllm/v1/metrics/loggers.py): `model_name` is
+    the served base model and `engine` the engine index ("0": loramux runs one engine)."""
+
+    def __init__(self, r: CollectorRegistry):
+        labels = ["model_name", "engine"]
+        v = "vllm:"
+        self.num_requests_running = Gauge(v + "num_requests_running", "Number of requests in model execution batches.",
+                                          labels, registry=r)
+        self.num_requests_waiting = Gauge(v + "num_requests_waiting", "Number of requests waiting to be processed.",
+                                          labels, registry=r)
+        self.kv_cache_usage_perc = Gauge(v + "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                         labels, registry=r)
+        # The older name, still read by endpoint pickers configured for vLLM before 0.10.
+        self.gpu_cache_usage_perc = Gauge(v + "gpu_cache_usage_perc",
+                                          "KV-cache usage. 1 means 100 percent usage (older name).", labels,
+                                          registry=r)
+        # Value: the wall-clock time of the last update (the extension reads the newest series).
+        self.lora_requests_info = Gauge(v + "lora_requests_info", "Running stats on lora requests.",
+                                        ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self.cache_config_info = Gauge(v + "cache_config_info", "Information of the LLMEngine CacheConfig",
+                                       ["block_size", "num_gpu_blocks", "engine"], registry=r)
+        self.request_success = Counter(v + "request_success", "Count of successfully processed requests.",
+                                       labels + ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter(v + "prompt_tokens", "Number of prefill tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter(v + "generation_tokens", "Number of generation tokens processed.", labels,
+                                         registry=r)
+        self.num_preemptions = Counter(v + "num_preemptions", "Cumulative number of preemption from the engine.",
+                                       labels, registry=r)
+        self.time_to_first_token = Histogram(v + "time_to_first_token_seconds",
+                                             "Histogram of time to first token in seconds.", labels,
+                                             buckets=_VLLM_TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(v + "time_per_output_token_seconds",
+                                               "Histogram of time per output token in seconds.", labels,
+                                               buckets=_VLLM_TPOT_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(v + "e2e_request_latency_seconds",
+                                             "Histogram of e2e request latency in seconds.", labels,
+                                             buckets=_VLLM_REQUEST_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(v + "request_queue_time_seconds",
+                                            "Histogram of time spent in WAITING phase for request.", labels,
+                                            buckets=_VLLM_REQUEST_BUCKETS, registry=r)
 
 
 class Metrics:
@@ -32,8 +117,10 @@ class Metrics:
         self.step_tokens = Histogram(p + "step_tokens", "Tokens in one engine step",
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                                      registry=r)
+        # Computed at scrape time (see the module docstring).
         self.running = Gauge(p + "requests_running", "Sequences running", registry=r)
-        self.waiting = Gauge(p + "requests_waiting", "Sequences waiting", registry=r)
+        self.waiting = Gauge(p + "requests_waiting",
+                             "Requests waiting: queued in the scheduler or handed to the engine thread", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "KV cache blocks in all", registry=r)
         # Adapter tiers: disk -> host cache -> device slots.
@@ -58,3 +145,142 @@ class Metrics:
                                 "per unit of the tenant's weight", ["tenant"], registry=r)
         self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters in one engine step",
                                        buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        # More per tenant. (`tenant_requests` statuses are REQUEST_STATUSES; the refusals are counted
+        # by the code that refuses: quotas RATE_LIMITED, admission OVERLOADED. The fair (VTC)
+        # scheduler sets `tenant_vtc`.)
+        self.tenant_prompt_tokens = Counter(p + "tenant_prompt_tokens", "Prompt tokens prefilled, by tenant",
+                                            ["tenant"], registry=r)
+        self.tenant_generation_tokens = Counter(p + "tenant_generation_tokens", "Tokens generated, by tenant",
+                                                ["tenant"], registry=r)
+        self.tenant_ttft = Histogram(p + "tenant_time_to_first_token_seconds", "Arrival to first token, by tenant",
+                                     ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tenant_queue_time = Histogram(p + "tenant_queue_time_seconds",
+                                           "Arrival to first scheduled (queueing), by tenant", ["tenant"],
+                                           buckets=_LATENCY_BUCKETS, registry=r)
+        self.vllm = VllmMetrics(r)
+
+        self._state = EngineState()
+        self._sent = 0  # requests handed to the engine thread (written by the asyncio thread only)
+        self._received = 0  # ... and taken in by it (written by the engine thread only)
+        self._num_blocks = 0
+        self._tenants: set[str] = set()
+        self._lora_info_labels: tuple[str, str, str] | None = None
+        self._max_lora: int | None = None
+        self._engine_labels = ("", "0")
+        self.running.set_function(lambda: self._state.running)
+        self.waiting.set_function(self._num_waiting)
+        self.kv_blocks_used.set_function(lambda: self._state.kv_blocks_used)
+
+    # --- engine state ------------------------------------------------------------------------
+    def configure_engine(self, model_name: str, block_size: int, num_blocks: int, max_loras: int | None) -> None:
+        """Once, when the engine is built. `max_loras`: device adapter slots, None without LoRA."""
+        self._num_blocks = num_blocks
+        self._max_lora = max_loras
+        self._engine_labels = (model_name, "0")
+        self.kv_blocks_total.set(num_blocks)
+        v = self.vllm
+        v.num_requests_running.labels(*self._engine_labels).set_function(lambda: self._state.running)
+        v.num_requests_waiting.labels(*self._engine_labels).set_function(self._num_waiting)
+        v.kv_cache_usage_perc.labels(*self._engine_labels).set_function(self._kv_usage)
+        v.gpu_cache_usage_perc.labels(*self._engine_labels).set_function(self._kv_usage)
+        v.cache_config_info.labels(str(block_size), str(num_blocks), "0").set(1)
+        for counter in (v.prompt_tokens, v.generation_tokens, v.num_preemptions):
+            counter.labels(*self._engine_labels)  # present (at 0) before the first request
+        self.publish(self._state)
+
+    def publish(self, state: EngineState) -> None:
+        """Engine thread, at every change of its state (a request queued, admitted, finished, aborted)."""
+        self._state = state
+        if self._max_lora is None:
+            return
+        labels = (str(self._max_lora), ",".join(state.waiting_adapters), ",".join(state.running_adapters))
+        # vLLM sets the value to the time of the update. The new series first, then the old one
+        # goes: a scrape in between sees both and takes the newer, never none.
+        self.vllm.lora_requests_info.labels(*labels).set(time.time())
+        if self._lora_info_labels not in (None, labels):
+            self.vllm.lora_requests_info.remove(*self._lora_info_labels)
+        self._lora_info_labels = labels
+
+    def request_sent(self) -> None:
+        """A request was handed to the engine thread (asyncio thread): it counts as waiting from now."""
+        self._sent += 1
+
+    def request_received(self) -> None:
+        """The engine thread took in a request that `request_sent` announced (queued or refused)."""
+        self._received += 1
+
+    def _num_waiting(self) -> int:
+        return self._state.waiting + max(0, self._sent - self._received)
+
+    def _kv_usage(self) -> float:
+        return self._state.kv_blocks_used / self._num_blocks if self._num_blocks else 0.0
+
+    # --- per request (engine thread) ------------------------------------------------------------
+    def on_scheduled(self, tenant: str, queue_time: float) -> None:
+        """A request was scheduled for the first time, `queue_time` seconds after it arrived."""
+        self.tenant_queue_time.labels(tenant).observe(queue_time)
+        self.vllm.request_queue_time.labels(*self._engine_labels).observe(queue_time)
+
+    def on_first_token(self, tenant: str, adapter: str, num_prompt_tokens: int, ttft: float) -> None:
+        self.ttft.labels(adapter).observe(ttft)
+        self.tenant_ttft.labels(tenant).observe(ttft)
+        self.tenant_prompt_tokens.labels(tenant).inc(num_prompt_tokens)
+        self.vllm.time_to_first_token.labels(*self._engine_labels).observe(ttft)
+        self.vllm.prompt_tokens.labels(*self._engine_labels).inc(num_prompt_tokens)
+
+    def on_generated(self, tokens_by_tenant: dict[str, int]) -> None:
+        """Tokens sampled in one step."""
+        total = 0
+        for tenant, n in tokens_by_tenant.items():
+            self.tenant_generation_tokens.labels(tenant).inc(n)
+            total += n
+        self.generation_tokens.inc(total)
+        self.vllm.generation_tokens.labels(*self._engine_labels).inc(total)
+
+    def on_preempted(self, n: int) -> None:
+        self.preemptions.inc(n)
+        self.vllm.num_preemptions.labels(*self._engine_labels).inc(n)
+
+    def on_finish(self, tenant: str, adapter: str, reason: str, num_prompt_tokens: int, e2e: float,
+                  tpot: float | None) -> None:
+        """A request left the engine. `tpot`: mean seconds between its output tokens (None under two)."""
+        self.requests.labels(reason, adapter).inc()
+        self.tenant_requests.labels(tenant, reason).inc()
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.e2e.labels(adapter).observe(e2e)
+        self.vllm.request_success.labels(*self._engine_labels, reason).inc()
+        self.vllm.e2e_request_latency.labels(*self._engine_labels).observe(e2e)
+        if tpot is not None:
+            self.tpot.labels(adapter).observe(tpot)
+            self.vllm.time_per_output_token.labels(*self._engine_labels).observe(tpot)
+
+    # --- bounded label sets ---------------------------------------------------------------------
+    def set_tenants(self, names: Iterable[str]) -> None:
+        """The configured tenants (at start and after every reload). New ones get their series at 0,
+        so a dashboard shows them before their first request; removed ones lose their series."""
+        names = set(names)
+        for gone in self._tenants - names:
+            self._forget("tenant", gone)
+        for tenant in names - self._tenants:
+            for status in REQUEST_STATUSES:
+                self.tenant_requests.labels(tenant, status)
+            for m in (self.tenant_prompt_tokens, self.tenant_generation_tokens, self.tenant_ttft,
+                      self.tenant_queue_time):
+                m.labels(tenant)
+            self.tenant_vtc.labels(tenant).set(0)
+        self._tenants = names
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop the series of an unloaded adapter (its label would otherwise live forever)."""
+        self._forget("adapter", name)
+
+    def _forget(self, label: str, value: str) -> None:
+        """Remove every series, of every metric, whose `label` is `value`."""
+        for metric in vars(self).values():
+            if not isinstance(metric, MetricWrapperBase) or label not in metric._labelnames:
+                continue
+            children = {tuple(s.labels[n] for n in metric._labelnames)
+                        for family in metric.collect() for s in family.samples
+                        if s.labels.get(label) == value and all(n in s.labels for n in metric._labelnames)}
+            for labels in children:
+                metric.remove(*labels)

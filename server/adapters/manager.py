@@ -36,6 +36,7 @@ class AdapterManager:
             except AdapterError as exc:
                 log.error("--lora-modules %s: %s", name, exc.detail)
                 raise
+        self._metrics = metrics
         self.cache = HostAdapterCache(self.registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics, on_loaded)
         lora_dtype = dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
         self.slots = LoraSlots(arch, cfg.max_loras, cfg.max_lora_rank, lora_dtype, device, metrics)
@@ -47,3 +48,4 @@ class AdapterManager:
         """Drop every resident copy of `name` (engine thread; after an unregister or a replace)."""
         self.cache.drop(name)
         self.slots.evict(name)
+        self._metrics.forget_adapter(name)

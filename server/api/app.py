@@ -81,6 +81,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
     app.state.drain = drain = Drain(timeout=config.server.shutdown_timeout)
+    metrics.set_tenants(t.name for t in app.state.tenants)
     app.include_router(openai_router)
     app.include_router(admin_router)
     install_openapi(app)

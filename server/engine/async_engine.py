@@ -153,6 +153,7 @@ class AsyncEngine:
         sink: asyncio.Queue = asyncio.Queue()
         admitted = loop.create_future()
         self._pending += 1
+        self.engine.metrics.request_sent()  # counted as waiting now, not only once the engine thread takes it
         self._send(_Add(request, sink, loop, admitted))
         try:
             await admitted
@@ -229,6 +230,7 @@ class AsyncEngine:
                     result, error = None, exc
                 _call(cmd.loop, _settle, cmd.future, result, error)
             elif isinstance(cmd, _Add):
+                self.engine.metrics.request_received()  # from here the scheduler's queue (or a refusal) accounts for it
                 if self._stop:
                     _call(cmd.loop, _settle, cmd.admitted, None, EngineDeadError("the server is shutting down"))
                     continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,10 @@ from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
-from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence, SeqStatus
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
-from server.metrics import Metrics
+from server.metrics import EngineState, Metrics
 from server.model.arch import ModelArch
 from server.model.llama import LlamaModel
 from server.model.loading import load_weights
@@ -119,7 +120,8 @@ class LLMEngine:
             model_name=mc.served_model_name or arch.name or model_dir.name, model_dir=model_dir, arch=arch,
             dtype=dtype, device=device, max_model_len=max_len, num_blocks=num_blocks, block_size=cc.block_size,
         )
-        self.metrics.kv_blocks_total.set(num_blocks)
+        self.metrics.configure_engine(self.info.model_name, cc.block_size, num_blocks,
+                                      lc.max_loras if self.adapters else None)
         log.info("loaded %s (%s, %s, %s) in %.1fs: %d KV blocks x %d tokens, max_model_len %d, %d threads",
                  self.info.model_name, arch.model_type, dtype, device, time.perf_counter() - t0, num_blocks,
                  cc.block_size, max_len, torch.get_num_threads())
@@ -166,10 +168,15 @@ class LLMEngine:
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
 
     def publish_gauges(self) -> None:
-        m = self.metrics
-        m.running.set(self.scheduler.num_running)
-        m.waiting.set(self.scheduler.num_waiting)
-        m.kv_blocks_used.set(self.allocator.num_used)
+        """Hand the metrics our state; after every change of it (no tensor work: O(requests))."""
+        running, waiting = set(), set()
+        for seq in self._seqs.values():
+            if seq.adapter is not None:
+                (running if seq.status is SeqStatus.RUNNING else waiting).add(seq.adapter)
+        self.metrics.publish(EngineState(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+                                         kv_blocks_used=self.allocator.num_used,
+                                         running_adapters=tuple(sorted(running)),
+                                         waiting_adapters=tuple(sorted(waiting))))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -184,7 +191,14 @@ class LLMEngine:
         outputs = self._poll_adapters() if self.adapters else []
         sched = self.scheduler.schedule()
         if sched.preempted:
-            self.metrics.preemptions.inc(len(sched.preempted))
+            self.metrics.on_preempted(len(sched.preempted))
+        now = time.monotonic()
+        for chunk in sched.chunks:
+            seq = chunk.seq
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                self.metrics.on_scheduled(seq.request.tenant, now - seq.request.arrival_time)
+        self.publish_gauges()  # admissions and preemptions show now, not after the model step
         self.idle = sched.is_empty
         if not sched.is_empty:
             outputs += self._run(sched.chunks)
@@ -217,7 +231,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                self.metrics.ttft.labels(seq.adapter or "").observe(now - seq.request.arrival_time)
+                self.metrics.on_first_token(seq.request.tenant, seq.adapter or "", seq.num_prompt_tokens,
+                                            now - seq.request.arrival_time)
             try:
                 out = self.outputs.on_token(seq, token, logprobs)
             except Exception as exc:  # detokenizing / stop matching: this sequence alone
@@ -227,7 +242,7 @@ class LLMEngine:
             if out.finished:
                 self._finish(seq, out.finish_reason)
             outputs.append(out)
-        self.metrics.generation_tokens.inc(len(result.sampled))
+        self.metrics.on_generated(Counter(seq.request.tenant for seq in result.sampled))
         return outputs
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
@@ -259,13 +274,11 @@ class LLMEngine:
         self.outputs.remove(seq.request_id)
         del self._seqs[seq.request_id]
         now = time.monotonic()
-        adapter = seq.adapter or ""
-        m = self.metrics
-        m.requests.labels(reason.value, adapter).inc()
-        m.prompt_tokens.inc(seq.num_prompt_tokens)
-        m.e2e.labels(adapter).observe(now - seq.request.arrival_time)
+        tpot = None
         if seq.first_token_time is not None and seq.num_output_tokens > 1:
-            m.tpot.labels(adapter).observe((now - seq.first_token_time) / (seq.num_output_tokens - 1))
+            tpot = (now - seq.first_token_time) / (seq.num_output_tokens - 1)
+        self.metrics.on_finish(seq.request.tenant, seq.adapter or "", reason.value, seq.num_prompt_tokens,
+                               now - seq.request.arrival_time, tpot)
 
 
 def default_threads() -> int:

@@ -21,6 +21,7 @@ from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
+from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -109,7 +110,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,
-                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None)
+                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None,
+                                   policy=make_policy(config))
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -165,11 +167,26 @@ class LLMEngine:
         return RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
 
+    def set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """Fair-share weights by tenant name (engine thread only; a tenant not listed weighs 1).
+        Counters of tenants that are gone and idle are dropped, with their metric series."""
+        policy = self.scheduler.policy
+        before = set(policy.counters())
+        policy.set_weights(weights)
+        for tenant in before - set(policy.counters()):
+            try:
+                self.metrics.tenant_vtc.remove(tenant)
+            except KeyError:  # never published
+                pass
+        self.publish_gauges()
+
     def publish_gauges(self) -> None:
         m = self.metrics
         m.running.set(self.scheduler.num_running)
         m.waiting.set(self.scheduler.num_waiting)
         m.kv_blocks_used.set(self.allocator.num_used)
+        for tenant, value in self.scheduler.policy.counters().items():
+            m.tenant_vtc.labels(tenant).set(value)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

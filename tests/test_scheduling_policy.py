@@ -270,3 +270,21 @@ def test_vtc_service_difference_between_backlogged_tenants_is_bounded(weights, s
 def test_fcfs_breaks_that_bound_on_the_same_workload():
     series, u, _ = _backlogged_run(FCFSPolicy(), {}, steps=1500, seed=0)
     assert max(series) - min(series) > 5 * 2 * u  # a's 10x load takes ~10/11 of the service
+
+
+def test_the_default_policy_is_vtc_exactly_when_tenants_are_configured():
+    from server.cli import build_config, make_parser
+    from server.engine.policies import make_policy, policy_name
+
+    def cfg(*args):
+        return build_config(make_parser().parse_args(["serve", *args]))
+
+    assert policy_name(cfg()) == "fcfs"
+    assert policy_name(cfg("--tenants", "t.toml")) == "vtc"
+    assert policy_name(cfg("--api-keys", "k=acme")) == "vtc"
+    assert policy_name(cfg("--api-keys", "k=acme", "--scheduling", "fcfs")) == "fcfs"
+    vtc = make_policy(cfg("--scheduling", "VTC", "--vtc-input-weight", "0.5", "--vtc-output-weight", "3"))
+    assert isinstance(vtc, VTCPolicy) and (vtc.input_weight, vtc.output_weight) == (0.5, 3.0)
+    for bad in (["--scheduling", "lottery"], ["--vtc-output-weight", "-1"]):
+        with pytest.raises(ValueError):
+            cfg(*bad)

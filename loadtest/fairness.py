@@ -1,11 +1,12 @@
 """Fairness run: tenants with unequal offered load against one server; per-tenant service over time.
 
 Each tenant runs `concurrency` closed-loop clients (a new request as soon as one finishes), all
-streaming /v1/completions with a fixed prompt length, `max_tokens` and `ignore_eos`, so every
+sending /v1/completions with a fixed prompt length, `max_tokens` and `ignore_eos`, so every
 request costs the same. Service is measured on the client side, as the VTC paper defines it:
     W = w_p * prompt tokens + w_q * output tokens
-with a request's prompt counted when its first token arrives and each output token when it
-arrives (`logprobs=0` gives the exact token count of every streamed chunk).
+from each response's `usage`, counted when the response arrives. Responses are not streamed:
+one message per request keeps the client cheap, so that it never lags behind a fast server and
+every tenant really keeps its requests outstanding (backlogged).
 
     python -m loadtest.fairness --tiny --out docs/fairness.svg     # starts a vtc and an fcfs server
 
@@ -42,7 +43,7 @@ class TenantLoad:
 
 @dataclass
 class Trace:
-    """What each tenant was served, as (seconds since the start, tenant, prompt tokens, output tokens)."""
+    """Each finished request, as (seconds since the start, tenant, prompt tokens, output tokens)."""
 
     events: list[tuple[float, str, int, int]] = field(default_factory=list)
     duration_s: float = 0.0
@@ -78,32 +79,19 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
         nonlocal served
         while not done.is_set():
             body = {"model": model, "prompt": [rng.randrange(2, 256) for _ in range(prompt_len)],
-                    "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True, "logprobs": 0}
-            first = True
-            async with http.stream("POST", "/v1/completions", json=body,
-                                   headers={"Authorization": f"Bearer {load.key}"}) as resp:
-                if resp.status_code != 200:
-                    trace.errors.append(f"{load.name}: HTTP {resp.status_code} {(await resp.aread())[:200]!r}")
-                    await asyncio.sleep(0.2)
-                    continue
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        trace.errors.append(f"{load.name}: {chunk['error']}")
-                        break
-                    choice = chunk["choices"][0]
-                    n_out = len((choice.get("logprobs") or {}).get("tokens") or [])
-                    n_prompt = prompt_len if first else 0
-                    first = False
-                    trace.events.append((time.monotonic() - start, load.name, n_prompt, n_out))
-                    served += w_p * n_prompt + w_q * n_out
-                    if stop_at_service is not None and served >= stop_at_service:
-                        done.set()
-                    if choice.get("finish_reason"):
-                        trace.requests[load.name] += 1
-                        break
+                    "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+            resp = await http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {load.key}"})
+            if resp.status_code != 200:
+                trace.errors.append(f"{load.name}: HTTP {resp.status_code} {resp.text[:200]!r}")
+                await asyncio.sleep(0.2)
+                continue
+            usage = resp.json()["usage"]
+            p, o = usage["prompt_tokens"], usage["completion_tokens"]
+            trace.events.append((time.monotonic() - start, load.name, p, o))
+            trace.requests[load.name] += 1
+            served += w_p * p + w_q * o
+            if stop_at_service is not None and served >= stop_at_service:
+                done.set()
 
     total = sum(t.concurrency for t in loads)
     limits = httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
@@ -143,7 +131,7 @@ def svg_plot(panels: list[tuple[str, Trace]], tenants: list[str], bucket_s: floa
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
     for p, (title, trace) in enumerate(panels):
         y0 = top + p * (panel_h + gap)
-        out.append(f'<text x="{left}" y="{y0 - 8}" font-size="14" font-weight="bold">{title}</text>')
+        out.append(f'<text x="{left}" y="{y0 - 8}" font-size="13" font-weight="bold">{title}</text>')
         out.append(f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
         for k in range(5):  # y grid and labels
             v = y_max * k / 4
@@ -185,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory to serve")
     src.add_argument("--tiny", action="store_true", help="a tiny random Llama (tests/conftest.py), built in a temp dir")
-    ap.add_argument("--heavy", type=int, default=40, help="concurrent clients of tenant `heavy`")
-    ap.add_argument("--light", type=int, default=4, help="concurrent clients of tenant `light`")
-    ap.add_argument("--max-num-seqs", type=int, default=4)
+    ap.add_argument("--heavy", type=int, default=100, help="concurrent clients of tenant `heavy`")
+    ap.add_argument("--light", type=int, default=10, help="concurrent clients of tenant `light`")
+    ap.add_argument("--max-num-seqs", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per policy")
-    ap.add_argument("--bucket", type=float, default=1.0, help="seconds per plotted point")
+    ap.add_argument("--bucket", type=float, default=2.0, help="seconds per plotted point")
     ap.add_argument("--out", type=Path, default=Path("docs/fairness.svg"))
     args = ap.parse_args(argv)
 
@@ -227,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      for t in loads}}
             share = w["light"] / max(1.0, sum(w.values()))
             print(f"{policy}: weighted service {w}, light's share {share:.2f}, errors {len(trace.errors)}")
-            panels.append((f"{policy}: heavy offers {args.heavy} concurrent requests, light {args.light} "
-                           f"(max-num-seqs {args.max_num_seqs}); light's share of service {share:.0%}", trace))
+            panels.append((f"--scheduling {policy}: heavy {args.heavy} concurrent requests, light {args.light}; "
+                           f"light's share of service {share:.0%}", trace))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(svg_plot(panels, [t.name for t in loads], args.bucket))
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

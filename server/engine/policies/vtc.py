@@ -70,6 +70,8 @@ class VTCPolicy(SchedulingPolicy):
             c = self.counter.get(tenant, 0.0)
             if c < best_counter:
                 best, best_counter = seq, c
+            if len(seen) == len(self._active):  # every tenant's head is found: O(tenants) when all wait
+                break
         return best
 
     def preemption_victim(self, candidates: list[Sequence]) -> Sequence:

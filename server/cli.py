@@ -50,6 +50,22 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _scheduling(value: Any) -> str:
+    from server.engine.policies import POLICIES
+
+    name = str(value).strip().lower()
+    if name not in POLICIES:
+        raise ValueError(f"--scheduling: expected one of {', '.join(POLICIES)}, got {value!r}")
+    return name
+
+
+def _cost(value: Any) -> float:
+    cost = float(value)
+    if not 0 <= cost < float("inf"):
+        raise ValueError(f"a token cost must be a number >= 0, got {value!r}")
+    return cost
+
+
 def _paths(value: Any) -> list[str]:
     return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
 
@@ -84,6 +100,10 @@ FLAGS = [
     Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
          "tokens per engine step (prefill chunk + decodes)"),
     Flag("max-waiting", "scheduler.max_waiting", int, "pending requests before new ones get HTTP 503"),
+    Flag("scheduling", "scheduler.scheduling", _scheduling, "admission policy: fcfs | vtc (fair share between "
+         "tenants; default when --tenants or --api-keys is given, else fcfs); see docs/fairness.md"),
+    Flag("vtc-input-weight", "scheduler.vtc_input_weight", _cost, "VTC cost of a prompt token"),
+    Flag("vtc-output-weight", "scheduler.vtc_output_weight", _cost, "VTC cost of an output token"),
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
     Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
     Flag("max-loras", "lora.max_loras", int, "distinct adapters in one step (device slots)"),

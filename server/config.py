@@ -35,6 +35,9 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
     max_waiting: int = 1024  # queued requests before new ones are refused (overload: 503)
+    scheduling: str | None = None  # fcfs | vtc; None: vtc when tenants are configured, else fcfs
+    vtc_input_weight: float = 1.0  # VTC cost of a prompt token (w_p)
+    vtc_output_weight: float = 2.0  # VTC cost of an output token (w_q)
 
 
 @dataclass

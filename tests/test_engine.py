@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from server.config import Config
 from server.engine.engine import LLMEngine
@@ -42,14 +43,15 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, stop_a
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, arrive_at: dict[int, int] | None = None):
-    """Submit prompt i before step `arrive_at[i]` (default 0); step until all finish."""
+    """Submit prompt i before step `arrive_at[i]` (default 0), as tenant i % 3 (so a fair policy
+    reorders them); step until all finish."""
     arrive_at = arrive_at or {}
     results: dict[str, list[int]] = {}
     step = 0
     pending = list(range(len(prompts)))
     while pending or engine.has_unfinished():
         for i in [i for i in pending if arrive_at.get(i, 0) <= step]:
-            engine.add_request(GenerationRequest(f"r{i}", prompts[i], params))
+            engine.add_request(GenerationRequest(f"r{i}", prompts[i], params, tenant=f"t{i % 3}"))
             pending.remove(i)
         for out in engine.step():
             results.setdefault(out.request_id, []).extend(out.token_ids)
@@ -83,26 +85,43 @@ def test_tiny_qwen2_with_qkv_bias_matches_transformers(tiny_qwen2_dir):
     assert run(make_engine(tiny_qwen2_dir), prompts, GREEDY) == expected
 
 
-def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llama_case):
+# Greedy outputs do not depend on the admission policy (the order only changes which step computes what).
+POLICY = pytest.mark.parametrize("scheduling", ["fcfs", "vtc"])
+
+
+@POLICY
+def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llama_case, scheduling):
     model_dir, prompts, expected = llama_case
     # 3 layers x 16 tokens x 2 x 2 heads x 16 dims x 4 bytes = 12 KiB a block; 12 blocks = 192 tokens,
     # far less than the 8 sequences need together, but enough for the longest alone.
-    engine = make_engine(model_dir, kv_bytes=12 * 12 * 1024, max_num_batched_tokens=64)
+    engine = make_engine(model_dir, kv_bytes=12 * 12 * 1024, max_num_batched_tokens=64, scheduling=scheduling)
     assert run(engine, prompts, GREEDY) == expected
     assert engine.metrics.preemptions._value.get() > 0
     assert engine.allocator.num_free == engine.allocator.num_blocks  # every block came back
 
 
-def test_staggered_arrivals_and_small_prefill_chunks(llama_case):
+@POLICY
+def test_staggered_arrivals_and_small_prefill_chunks(llama_case, scheduling):
     model_dir, prompts, expected = llama_case
-    engine = make_engine(model_dir, max_num_batched_tokens=24)  # prompts of 33+ tokens span several chunks
+    engine = make_engine(model_dir, max_num_batched_tokens=24, scheduling=scheduling)  # prompts of 33+ tokens span several chunks
     arrive = {i: (0 if i < 4 else 5 + 3 * i) for i in range(len(prompts))}  # half join mid-decode
     assert run(engine, prompts, GREEDY, arrive) == expected
 
 
-def test_max_num_seqs_limits_the_batch_without_changing_outputs(llama_case):
+@POLICY
+def test_max_num_seqs_limits_the_batch_without_changing_outputs(llama_case, scheduling):
     model_dir, prompts, expected = llama_case
-    assert run(make_engine(model_dir, max_num_seqs=3), prompts, GREEDY) == expected
+    engine = make_engine(model_dir, max_num_seqs=3, scheduling=scheduling)
+    assert run(engine, prompts, GREEDY) == expected
+    if scheduling == "vtc":  # the three tenants were charged, and the counters reach the metrics
+        counters = engine.scheduler.policy.counters()
+        assert set(counters) == {"t0", "t1", "t2"} and min(counters.values()) > 0
+        assert engine.metrics.tenant_vtc.labels("t0")._value.get() == counters["t0"]
+        # A reload that keeps only t0: the idle tenants' counters and series go.
+        engine.set_tenant_weights({"t0": 2.0})
+        assert set(engine.scheduler.policy.counters()) == {"t0"}
+        text = generate_latest(engine.metrics.registry).decode()
+        assert 'tenant="t0"' in text and 'tenant="t1"' not in text
 
 
 @pytest.mark.slow

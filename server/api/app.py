@@ -78,6 +78,8 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
                                 max_model_len=engine.info.max_model_len,
                                 adapters=engine.adapters)
     app.state.tenants = tenant_table(config)
+    # The engine thread starts in `lifespan`, so this direct call is still single-threaded.
+    engine.set_tenant_weights({t.name: t.weight for t in app.state.tenants})
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
     app.state.drain = drain = Drain(timeout=config.server.shutdown_timeout)

@@ -22,6 +22,7 @@ from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
+from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence, SeqStatus
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -110,7 +111,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,
-                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None)
+                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None,
+                                   policy=make_policy(config))
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -167,6 +169,19 @@ class LLMEngine:
         return RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
 
+    def set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """Fair-share weights by tenant name (engine thread only; a tenant not listed weighs 1).
+        Counters of tenants that are gone and idle are dropped, with their metric series."""
+        policy = self.scheduler.policy
+        before = set(policy.counters())
+        policy.set_weights(weights)
+        for tenant in before - set(policy.counters()):
+            try:
+                self.metrics.tenant_vtc.remove(tenant)
+            except KeyError:  # never published
+                pass
+        self.publish_gauges()
+
     def publish_gauges(self) -> None:
         """Hand the metrics our state; after every change of it (no tensor work: O(requests))."""
         running, waiting = set(), set()
@@ -177,6 +192,8 @@ class LLMEngine:
                                          kv_blocks_used=self.allocator.num_used,
                                          running_adapters=tuple(sorted(running)),
                                          waiting_adapters=tuple(sorted(waiting))))
+        for tenant, value in self.scheduler.policy.counters().items():
+            self.metrics.tenant_vtc.labels(tenant).set(value)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

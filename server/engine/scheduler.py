@@ -1,12 +1,14 @@
 """Iteration-level continuous batching: which sequences run this step, and how many tokens each.
 
-Policy only: plain Python over `Sequence` objects, no tensors. Each step
-  1. running sequences go first, in arrival order: a decode takes 1 token, an unfinished
+Plain Python over `Sequence` objects, no tensors, no I/O. Each step
+  1. running sequences go first, in admission order: a decode takes 1 token, an unfinished
      prefill takes the next chunk that fits the token budget;
-  2. when the KV cache cannot hold a running sequence's next tokens, the most recently
-     admitted running sequence is preempted (blocks freed, recomputed later) — never fail;
-  3. waiting sequences are admitted in order while the token budget, `max_num_seqs`, the
-     KV blocks and the distinct-adapter budget allow; a long prompt is chunked.
+  2. when the KV cache cannot hold a running sequence's next tokens, a running sequence not
+     yet scheduled this step is preempted (blocks freed, recomputed later) — never fail;
+  3. waiting sequences are admitted while the token budget, `max_num_seqs`, the KV blocks and
+     the distinct-adapter budget allow; a long prompt is chunked.
+Which sequence is admitted next and which is preempted is the policy's choice
+(server/engine/policies: fcfs or vtc); the policy is also told every chunk scheduled.
 The runner lays out the step's tokens and executes; the engine applies the results.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockAllocator
+from server.engine.policies.base import SchedulingPolicy
 from server.engine.request import FinishReason, Sequence, SeqStatus
 
 
@@ -60,9 +63,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_loras: int = 0,
         adapter_ready: Callable[[str], bool] | None = None,
+        policy: SchedulingPolicy | None = None,
     ):
         """`adapter_ready(name)` says whether an adapter can run now (loaded); a waiting
-        sequence whose adapter is not ready stays queued without blocking others."""
+        sequence whose adapter is not ready stays queued without blocking others.
+        `policy`: admission and preemption order (default: first come, first served)."""
+        self.policy = policy or SchedulingPolicy()
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -78,6 +84,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        self.policy.on_add(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a sequence and free its KV blocks at once."""
@@ -85,6 +92,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        if seq.status is not SeqStatus.FINISHED:
+            self.policy.on_finish(seq)
         self.allocator.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -117,12 +126,9 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, n, out):
-                break  # `seq` itself was preempted: it was the last running sequence
-            self.allocator.grow(seq, n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            if seq.adapter is not None:
-                adapters.add(seq.adapter)
+            if not self._make_room(i, n, out):
+                continue  # `seq` itself was preempted: running[i] is now the one behind it
+            self._schedule_chunk(seq, n, out, adapters)
             budget -= n
             i += 1
 
@@ -133,14 +139,23 @@ class Scheduler:
     def _adapter_fits(self, seq: Sequence, adapters: set[str]) -> bool:
         return seq.adapter is None or seq.adapter in adapters or len(adapters) < self.max_loras
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Preempt the most recently admitted running sequences until `seq` fits.
+    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, adapters: set[str]) -> None:
+        self.allocator.grow(seq, n)
+        chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
+        out.chunks.append(chunk)
+        self.policy.on_scheduled(seq, chunk.start, n, chunk.samples)
+        if seq.adapter is not None:
+            adapters.add(seq.adapter)
 
-        Victims come from the end of `running`, behind `seq`, so nothing already scheduled
-        this step is touched. False if `seq` had to go itself.
+    def _make_room(self, i: int, n: int, out: SchedulerOutput) -> bool:
+        """Preempt running sequences until `running[i]` fits `n` more tokens.
+
+        Victims (the policy's choice) come from `running[i:]`, so nothing already scheduled
+        this step is touched. False if `running[i]` had to go itself.
         """
+        seq = self.running[i]
         while not self.allocator.can_allocate(self.allocator.blocks_needed(seq, n)):
-            victim = self.running[-1]
+            victim = self.policy.preemption_victim(self.running[i:])
             self._preempt(victim, out)
             if victim is seq:
                 return False
@@ -156,23 +171,26 @@ class Scheduler:
         out.preempted.append(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int, adapters: set[str]) -> None:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # A sequence that cannot run this step (adapter not loaded, or the adapter budget is
+        # spent) is skipped, not waited for: the policy then picks among the rest, so one
+        # tenant's adapter never holds back the others. Running out of KV blocks stops
+        # admission instead: whoever is next in the policy's order is served first once
+        # blocks free up, rather than smaller requests slipping past it.
+        skip: set[int] = set()
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.policy.next_waiting(self.waiting, skip)
+            if seq is None:
+                break
             if seq.adapter is not None and (
                 not self.adapter_ready(seq.adapter) or not self._adapter_fits(seq, adapters)
             ):
-                skipped.append(self.waiting.popleft())  # others may still run this step
+                skip.add(id(seq))
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_allocate(self.allocator.blocks_needed(seq, n), self.watermark):
                 break
-            self.waiting.popleft()
-            self.allocator.grow(seq, n)
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            if seq.adapter is not None:
-                adapters.add(seq.adapter)
+            self._schedule_chunk(seq, n, out, adapters)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))

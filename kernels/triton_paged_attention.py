@@ -183,8 +183,9 @@ def launch_config(device: torch.device, T: int, H: int, KVH: int, D: int, elt_by
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            token_seq: torch.Tensor, token_ctx: torch.Tensor, block_size: int, scale: float,
                            out: torch.Tensor | None = None, *, max_context_len: int | None = None,
-                           max_query_len: int | None = None, sliding_window: int | None = None,
-                           softcap: float | None = None, config: dict | None = None) -> torch.Tensor:
+                           max_query_len: int | None = None, num_decode_tokens: int = 0,
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           config: dict | None = None) -> torch.Tensor:
     """Attention of T query tokens over their sequences' paged K/V (kernels.paged_attention contract).
 
     q            [T, H, D] fp16/bf16/fp32 (RoPE applied), last dim contiguous; D a power of two >= 16.
@@ -195,6 +196,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     max_context_len  host int >= every token_ctx, or None: enables split-K for decode on CUDA.
     max_query_len    host int, most query tokens of one sequence in this batch; > 1 selects the
                      prefill tiling (a pure performance hint: results do not depend on it).
+    num_decode_tokens  host int n: tokens [0, n) are one-token decodes (the scheduler's order, as
+                     vLLM's): they get their own one-token-per-program launch instead of sharing
+                     prefill tiles, where each sequence of a tile is a serial pass. Also a hint.
     sliding_window   keys older than ctx - W are skipped; softcap: c * tanh(scores / c).
     config           overrides launch_config's BLOCK_T / BLOCK_N / NUM_SPLITS (tests).
     Returns out [T, H, D] in q's dtype (written in place if given). Indices are not bounds-checked.
@@ -218,6 +222,14 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "bad out"
     if T == 0:
+        return out
+    if 0 < num_decode_tokens < T and max_query_len is not None and max_query_len > 1 and config is None:
+        n = num_decode_tokens
+        opts = dict(max_context_len=max_context_len, sliding_window=sliding_window, softcap=softcap)
+        paged_attention_triton(q[:n], kv_cache, block_tables, token_seq[:n], token_ctx[:n], block_size, scale,
+                               out[:n], max_query_len=1, **opts)
+        paged_attention_triton(q[n:], kv_cache, block_tables, token_seq[n:], token_ctx[n:], block_size, scale,
+                               out[n:], max_query_len=max_query_len, **opts)
         return out
     cfg = launch_config(dev, T, H, KVH, D, q.element_size(), max_context_len, max_query_len)
     cfg.update(config or {})

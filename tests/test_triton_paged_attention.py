@@ -159,6 +159,12 @@ def test_triton_interp_matches_reference(name, dtype, config):
 
 
 @needs_interp
+def test_triton_interp_decode_tokens_launched_apart():
+    # mixed_chunked's first token is a decode: it runs in a launch of its own, the rest tiled
+    run_case("mixed_chunked", torch.float32, "cpu", num_decode_tokens=1)
+
+
+@needs_interp
 def test_triton_interp_window_softcap():
     case = CASES["mixed_chunked"]
     q, kv, bt, seq, ctx = make(case, torch.float32, seed=3)

@@ -258,3 +258,21 @@ def test_cuda_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     check(out, paged_attention_reference(q, kv, bt, seq, ctx, 16, 128 ** -0.5), torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the GPU benchmark's entry point
+
+@pytest.mark.skipif(CUDA, reason="checks the no-CUDA message")
+def test_bench_triton_backend_fails_clearly_without_cuda():
+    r = subprocess.run([sys.executable, "loadtest/bench_attention.py", "--backend", "triton"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@needs_cuda
+def test_cuda_bench_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "loadtest"))
+    import bench_attention
+    lines = bench_attention.run_gpu(repeats=3, cases=[("decode B=8 ctx=600", 8, 600, 0, 0),
+                                                      ("mixed", 4, 300, 40, 100)], layers=1)
+    assert len(lines) == 4 and all("nan" not in ln for ln in lines)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 __all__ = ["paged_attention_triton", "launch_config", "INTERPRETED"]
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: readable inside kernels
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fewest keys worth a split of their own: below this the combine costs more than it saves.
 _MIN_KEYS_PER_SPLIT = 256

@@ -203,6 +203,53 @@ def test_triton_interp_in_subprocess():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
+# ---------------------------------------------------------------- compiled for a GPU, without one
+
+# Triton's compiler runs on any host: lower both kernels to sm_90 cubins (ptxas ships with
+# triton) for a decode split-K and a prefill tiling, so errors the interpreter cannot see
+# (non-constexpr globals, dtype mismatches in loop-carried values, scf.while lowering) show up
+# on CPU-only CI. Runs in a child process: this one may have the interpreter switched on.
+_AOT = r"""
+import sys
+sys.path.insert(0, ".")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_paged_attention as t
+target = GPUTarget("cuda", 90, 32)
+def compile_fwd(dt, D, G, BT, BN, NS, SC, W):
+    g_pad = triton.next_power_of_2(G)
+    const = dict(D=D, G_PAD=g_pad, BLOCK_T=BT, BLOCK_M=max(16, BT * g_pad), BLOCK_N=BN, NUM_SPLITS=NS,
+                 USE_SOFTCAP=SC, USE_WINDOW=W, DOT_FP32=dt == "fp32", PRECISION="ieee" if dt == "fp32" else "tf32")
+    sig = {}
+    for name in t._fwd_jit.arg_names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name.startswith("part_") and NS > 1:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32" if name in ("bt_ptr", "seq_ptr", "ctx_ptr") else "*" + dt
+        else:
+            sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
+    triton.compile(ASTSource(t._fwd_jit, sig, const), target=target, options=dict(num_warps=4, num_stages=2))
+compile_fwd("bf16", 128, 4, 1, 64, 4, False, False)
+compile_fwd("fp16", 64, 2, 16, 64, 1, True, True)
+sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", H="i32", stride_ot="i32", stride_oh="i32",
+           D="constexpr", NUM_SPLITS="constexpr", S_PAD="constexpr")
+triton.compile(ASTSource(t._combine_jit, sig, dict(D=128, NUM_SPLITS=5, S_PAD=8)), target=target)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="no triton")
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- CUDA
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -6,13 +6,16 @@ No gather copy, no host synchronisation: every per-token datum is read on the de
 sizes come from T and host ints the caller already has (max_context_len, max_query_len).
 
 Layout of the work
-  One program = (tile of BLOCK_T consecutive query tokens) x (one kv head) x (one K split).
+  One program = (tile of <= BLOCK_T consecutive query tokens) x (one kv head) x (one K split).
   Its rows are the tile's tokens x the G query heads sharing that kv head (GQA folded onto the
   row axis, padded to >= 16 rows so both products run on the matrix units). Tokens carry their
   own sequence and context, in any order: the program walks the distinct sequences in its tile
   (one pass over the K/V of each), so the result never depends on the tiling. Decode uses
   BLOCK_T = 1 (one token, G heads); prefill tiles several tokens of one sequence so each K/V row
-  read serves BLOCK_T * G queries. A tile that straddles sequences costs one K/V pass each.
+  read serves BLOCK_T * G queries. Tiles are fixed token windows by default, and one that
+  straddles sequences costs one K/V pass per sequence, serially; a caller that knows its batch
+  (runs of one sequence's tokens, in order) passes a tile table from query_tiles instead, so no
+  tile straddles (as the LoRA kernels' segment tiles).
   Split-K (long decode contexts, few programs): each split covers an equal share of its
   sequence's key range and writes a normalised partial output and its log-sum-exp; a second
   small kernel combines the splits. With one split the first kernel writes `out` directly.
@@ -32,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention_triton", "launch_config", "INTERPRETED"]
+__all__ = ["paged_attention_triton", "launch_config", "query_tiles", "tile_tokens", "INTERPRETED"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: readable inside kernels
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,21 +45,27 @@ _MAX_SPLITS = 32
 
 
 def _attn_fwd(
-    q_ptr, kv_ptr, bt_ptr, seq_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, bt_ptr, seq_ptr, ctx_ptr, tiles_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     T, H, G, block_size, qk_scale, softcap, window,
     stride_qt, stride_qh, stride_ks, stride_kkv, stride_kh, stride_bt, stride_ot, stride_oh,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_TILES: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     rows = tl.arange(0, BLOCK_M)
-    tok = pid_t * BLOCK_T + rows // G_PAD
+    if USE_TILES:  # (first token, count <= BLOCK_T) from the caller's tile table
+        t0 = tl.load(tiles_ptr + 2 * pid_t)
+        t_len = tl.load(tiles_ptr + 2 * pid_t + 1)
+    else:
+        t0 = pid_t * BLOCK_T
+        t_len = BLOCK_T
+    tok = t0 + rows // G_PAD
     g = rows % G_PAD
-    row_ok = (rows < BLOCK_T * G_PAD) & (g < G) & (tok < T)
+    row_ok = (rows < BLOCK_T * G_PAD) & (rows // G_PAD < t_len) & (g < G) & (tok < T)
     head = kvh * G + g
     seq = tl.load(seq_ptr + tok, mask=row_ok, other=-1)
     ctx = tl.load(ctx_ptr + tok, mask=row_ok, other=0)
@@ -160,30 +169,42 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def launch_config(device: torch.device, T: int, H: int, KVH: int, D: int, elt_bytes: int,
-                  max_context_len: int | None, max_query_len: int | None) -> dict:
-    """Tile sizes and split count from host ints only (no device reads).
+def tile_tokens(H: int, KVH: int, max_query_len: int | None) -> int:
+    """BLOCK_T: query tokens per program. 1 for decode (max_query_len 1 or unknown); for prefill
+    enough tokens that tokens x padded GQA group fill ~64 rows of the matrix unit."""
+    if max_query_len is None or max_query_len <= 1:
+        return 1
+    return min(triton.next_power_of_2(max_query_len), max(1, 64 // triton.next_power_of_2(H // KVH)))
 
-    Decode (max_query_len 1 or unknown): one token per program, split-K when the programs alone
-    would not fill the GPU and contexts are long. Prefill: BLOCK_T tokens per program, no split."""
-    g_pad = triton.next_power_of_2(H // KVH)
-    if max_query_len is not None and max_query_len > 1:
-        block_t = min(triton.next_power_of_2(max_query_len), max(1, 64 // g_pad))
-    else:
-        block_t = 1
+
+def query_tiles(run_lengths: list[int], block_t: int, device: torch.device | str) -> torch.Tensor:
+    """Tile table [N, 2] int32 (first token, token count <= block_t) for a batch whose tokens come
+    in runs of one sequence each, in this order (decode runs have length 1). Build it once per
+    step (one host-to-device copy) and pass it with block_t = tile_tokens(H, KVH, max_query_len)."""
+    tiles, start = [], 0
+    for n in run_lengths:
+        tiles += [(start + i, min(block_t, n - i)) for i in range(0, n, block_t)]
+        start += n
+    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2).to(device, non_blocking=True)
+
+
+def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_bytes: int,
+                  max_context_len: int | None) -> dict:
+    """BLOCK_N and split count from host ints only (no device reads): split-K when the programs
+    alone would not fill the GPU and contexts are long (decode)."""
     block_n = 32 if (elt_bytes == 4 and D >= 128) or D >= 256 else 64
-    programs = triton.cdiv(T, block_t) * KVH
+    programs = num_tiles * KVH
     splits = 1
     if max_context_len is not None and device.type == "cuda":
         want = triton.cdiv(2 * _num_sms(device.index or 0), programs)
         splits = max(1, min(want, triton.cdiv(max_context_len, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
-    return dict(BLOCK_T=block_t, BLOCK_N=block_n, NUM_SPLITS=splits)
+    return dict(BLOCK_N=block_n, NUM_SPLITS=splits)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            token_seq: torch.Tensor, token_ctx: torch.Tensor, block_size: int, scale: float,
                            out: torch.Tensor | None = None, *, max_context_len: int | None = None,
-                           max_query_len: int | None = None, num_decode_tokens: int = 0,
+                           max_query_len: int | None = None, tiles: torch.Tensor | None = None,
                            sliding_window: int | None = None, softcap: float | None = None,
                            config: dict | None = None) -> torch.Tensor:
     """Attention of T query tokens over their sequences' paged K/V (kernels.paged_attention contract).
@@ -196,11 +217,10 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     max_context_len  host int >= every token_ctx, or None: enables split-K for decode on CUDA.
     max_query_len    host int, most query tokens of one sequence in this batch; > 1 selects the
                      prefill tiling (a pure performance hint: results do not depend on it).
-    num_decode_tokens  host int n: tokens [0, n) are one-token decodes (the scheduler's order, as
-                     vLLM's): they get their own one-token-per-program launch instead of sharing
-                     prefill tiles, where each sequence of a tile is a serial pass. Also a hint.
+    tiles            optional query_tiles(...) table built with tile_tokens(H, KVH, max_query_len);
+                     it must cover every token once. Without it tiles are fixed token windows.
     sliding_window   keys older than ctx - W are skipped; softcap: c * tanh(scores / c).
-    config           overrides launch_config's BLOCK_T / BLOCK_N / NUM_SPLITS (tests).
+    config           overrides BLOCK_T / BLOCK_N / NUM_SPLITS (tests).
     Returns out [T, H, D] in q's dtype (written in place if given). Indices are not bounds-checked.
     """
     T, H, D = q.shape
@@ -223,17 +243,13 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "bad out"
     if T == 0:
         return out
-    if 0 < num_decode_tokens < T and max_query_len is not None and max_query_len > 1 and config is None:
-        n = num_decode_tokens
-        opts = dict(max_context_len=max_context_len, sliding_window=sliding_window, softcap=softcap)
-        paged_attention_triton(q[:n], kv_cache, block_tables, token_seq[:n], token_ctx[:n], block_size, scale,
-                               out[:n], max_query_len=1, **opts)
-        paged_attention_triton(q[n:], kv_cache, block_tables, token_seq[n:], token_ctx[n:], block_size, scale,
-                               out[n:], max_query_len=max_query_len, **opts)
-        return out
-    cfg = launch_config(dev, T, H, KVH, D, q.element_size(), max_context_len, max_query_len)
+    block_t = (config or {}).get("BLOCK_T") or tile_tokens(H, KVH, max_query_len)
+    assert tiles is None or (tiles.dtype == torch.int32 and tiles.dim() == 2 and tiles.shape[1] == 2
+                             and tiles.is_contiguous() and tiles.device == dev), "tiles: [N, 2] int32 from query_tiles"
+    num_tiles = tiles.shape[0] if tiles is not None else triton.cdiv(T, block_t)
+    cfg = launch_config(dev, num_tiles, KVH, D, q.element_size(), max_context_len)
     cfg.update(config or {})
-    block_t, splits = cfg["BLOCK_T"], cfg["NUM_SPLITS"]
+    splits = cfg["NUM_SPLITS"]
     G = H // KVH
     g_pad = triton.next_power_of_2(G)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
@@ -248,15 +264,16 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_o = part_lse = out  # unused
     interp = INTERPRETED and dev.type == "cpu"
     extra = {} if interp else dict(num_warps=4 if block_t * g_pad <= 16 else 8, num_stages=2)
-    grid = (triton.cdiv(T, block_t), KVH, splits)
+    grid = (num_tiles, KVH, splits)
     _fwd_jit[grid](
-        q, kv_cache, bt, seq, ctx, out, part_o, part_lse,
+        q, kv_cache, bt, seq, ctx, tiles if tiles is not None else seq, out, part_o, part_lse,
         T, H, G, block_size, float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
         out.stride(0), out.stride(1),
         D=D, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_M=max(16, block_t * g_pad), BLOCK_N=cfg["BLOCK_N"],
         NUM_SPLITS=splits, USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        DOT_FP32=interp or q.dtype == torch.float32, PRECISION="ieee" if interp or q.dtype == torch.float32 else "tf32",
+        USE_TILES=tiles is not None, DOT_FP32=interp or q.dtype == torch.float32,
+        PRECISION="ieee" if interp or q.dtype == torch.float32 else "tf32",
         **extra)
     if splits > 1:
         _combine_jit[(T, H)](part_o, part_lse, out, H, out.stride(0), out.stride(1),

@@ -89,7 +89,7 @@ def run_gpu(repeats: int = 20, cases=GPU_CASES, layers: int = 4) -> list[str]:
     over the device copy bandwidth measured here. Raises RuntimeError without CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("--backend triton benchmarks a CUDA GPU; torch.cuda.is_available() is False here")
-    from kernels.triton_paged_attention import paged_attention_triton
+    from kernels.triton_paged_attention import paged_attention_triton, query_tiles, tile_tokens
     from loadtest.bench_kernels import _FLUSH, gpu_time, host_time
 
     dev = torch.device("cuda")
@@ -123,8 +123,9 @@ def run_gpu(repeats: int = 20, cases=GPU_CASES, layers: int = 4) -> list[str]:
         caches = [torch.randn(n_blocks * bs, 2, KVH, D, device=dev, dtype=dtype) for _ in range(layers)]
         qs = [torch.randn(T, H, D, device=dev, dtype=dtype) for _ in range(layers)]
         outs = [torch.empty_like(q) for q in qs]
-        kw = dict(max_context_len=max(c for c, _ in seqs), max_query_len=max(n for _, n in seqs),
-                  num_decode_tokens=n_dec if n_pre else 0)
+        max_q = max(n for _, n in seqs)
+        tiles = query_tiles([n for _, n in seqs], tile_tokens(H, KVH, max_q), dev) if max_q > 1 else None
+        kw = dict(max_context_len=max(c for c, _ in seqs), max_query_len=max_q, tiles=tiles)
         scale = D ** -0.5
 
         def triton_step():

@@ -159,9 +159,17 @@ def test_triton_interp_matches_reference(name, dtype, config):
 
 
 @needs_interp
-def test_triton_interp_decode_tokens_launched_apart():
-    # mixed_chunked's first token is a decode: it runs in a launch of its own, the rest tiled
-    run_case("mixed_chunked", torch.float32, "cpu", num_decode_tokens=1)
+def test_triton_interp_tile_table():
+    # runs of one sequence's tokens (1, 6, 5, 1) cut into tiles of <= 4 tokens, none straddling
+    tiles = tpa.query_tiles([1, 6, 5, 1], 4, "cpu")
+    assert tiles.tolist() == [[0, 1], [1, 4], [5, 2], [7, 4], [11, 1], [12, 1]]
+    run_case("mixed_chunked", torch.float32, "cpu", config=dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=2), tiles=tiles)
+    # the kernel follows the table: a token no tile covers is left unwritten
+    q, kv, bt, seq, ctx = make(CASES["mixed_chunked"], torch.float32)
+    out = torch.full_like(q, float("nan"))
+    tpa.paged_attention_triton(q, kv, bt, seq, ctx, 4, 0.125, out, max_query_len=6, tiles=tiles[:-1].clone(),
+                               config=dict(BLOCK_T=4, BLOCK_N=16))
+    assert torch.isfinite(out[:12]).all() and torch.isnan(out[12]).all()
 
 
 @needs_interp
@@ -217,10 +225,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import triton_paged_attention as t
 target = GPUTarget("cuda", 90, 32)
-def compile_fwd(dt, D, G, BT, BN, NS, SC, W):
+def compile_fwd(dt, D, G, BT, BN, NS, SC, W, TI):
     g_pad = triton.next_power_of_2(G)
     const = dict(D=D, G_PAD=g_pad, BLOCK_T=BT, BLOCK_M=max(16, BT * g_pad), BLOCK_N=BN, NUM_SPLITS=NS,
-                 USE_SOFTCAP=SC, USE_WINDOW=W, DOT_FP32=dt == "fp32", PRECISION="ieee" if dt == "fp32" else "tf32")
+                 USE_SOFTCAP=SC, USE_WINDOW=W, USE_TILES=TI, DOT_FP32=dt == "fp32", PRECISION="ieee" if dt == "fp32" else "tf32")
     sig = {}
     for name in t._fwd_jit.arg_names:
         if name in const:
@@ -228,12 +236,12 @@ def compile_fwd(dt, D, G, BT, BN, NS, SC, W):
         elif name.startswith("part_") and NS > 1:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in ("bt_ptr", "seq_ptr", "ctx_ptr") else "*" + dt
+            sig[name] = "*i32" if name in ("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr") else "*" + dt
         else:
             sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
     triton.compile(ASTSource(t._fwd_jit, sig, const), target=target, options=dict(num_warps=4, num_stages=2))
-compile_fwd("bf16", 128, 4, 1, 64, 4, False, False)
-compile_fwd("fp16", 64, 2, 16, 64, 1, True, True)
+compile_fwd("bf16", 128, 4, 1, 64, 4, False, False, False)
+compile_fwd("fp16", 64, 2, 16, 64, 1, True, True, True)
 sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", H="i32", stride_ot="i32", stride_oh="i32",
            D="constexpr", NUM_SPLITS="constexpr", S_PAD="constexpr")
 triton.compile(ASTSource(t._combine_jit, sig, dict(D=128, NUM_SPLITS=5, S_PAD=8)), target=target)

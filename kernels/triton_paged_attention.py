@@ -196,7 +196,8 @@ def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_by
     programs = num_tiles * KVH
     splits = 1
     if max_context_len is not None and device.type == "cuda":
-        want = triton.cdiv(2 * _num_sms(device.index or 0), programs)
+        want = triton.cdiv(2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
+                           programs)
         splits = max(1, min(want, triton.cdiv(max_context_len, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
     return dict(BLOCK_N=block_n, NUM_SPLITS=splits)
 

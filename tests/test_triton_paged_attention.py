@@ -120,8 +120,8 @@ def check(out, ref, dtype):
     assert err < TOL[dtype], f"max abs error {err:.3g} >= {TOL[dtype]}"
 
 
-def run_case(name, dtype, device, config=None, seed=0, **kw):
-    case = CASES[name]
+def run_case(case, dtype, device, config=None, seed=0, **kw):
+    case = CASES[case] if isinstance(case, str) else case
     q, kv, bt, seq, ctx = make(case, dtype, device, seed)
     scale = case.head_dim ** -0.5
     ref = paged_attention_reference(q, kv, bt, seq, ctx, case.block_size, scale)
@@ -276,13 +276,12 @@ def test_cuda_model_shapes(dtype, kind):
     # Llama-3-8B attention shape (H 32, KVH 8, D 128), block 16, contexts up to 1500: split-K
     # engages for decode; the mixed batch has chunked prefills next to decodes
     seqs = [(1500, 1), (37, 1), (700, 1), (1, 1)] if kind == "decode" else [(1500, 1), (300, 120), (64, 64), (9, 1)]
-    CASES[f"cuda_{kind}"] = Case(seqs, 32, 8, head_dim=128, block_size=16)
-    run_case(f"cuda_{kind}", dtype, "cuda", seed=7)
+    run_case(Case(seqs, 32, 8, head_dim=128, block_size=16), dtype, "cuda", seed=7)
 
 
 @needs_cuda
 def test_cuda_head_dim_64_window_softcap():
-    CASES["cuda_d64"] = case = Case([(400, 1), (90, 30), (17, 1)], 8, 2, head_dim=64, block_size=16)
+    case = Case([(400, 1), (90, 30), (17, 1)], 8, 2, head_dim=64, block_size=16)
     q, kv, bt, seq, ctx = make(case, torch.bfloat16, "cuda", seed=9)
     ref = oracle(q, kv, bt, seq, ctx, 16, 0.125, window=64, softcap=30.0)
     out = tpa.paged_attention_triton(q, kv, bt, seq, ctx, 16, 0.125, max_context_len=400, max_query_len=30,

@@ -229,17 +229,20 @@ def compile_fwd(dt, D, G, BT, BN, NS, SC, W, TI):
     g_pad = triton.next_power_of_2(G)
     const = dict(D=D, G_PAD=g_pad, BLOCK_T=BT, BLOCK_M=max(16, BT * g_pad), BLOCK_N=BN, NUM_SPLITS=NS,
                  USE_SOFTCAP=SC, USE_WINDOW=W, USE_TILES=TI, DOT_FP32=dt == "fp32", PRECISION="ieee" if dt == "fp32" else "tf32")
-    sig = {}
-    for name in t._fwd_jit.arg_names:
+    sig, attrs = {}, {}
+    for i, name in enumerate(t._fwd_jit.arg_names):
         if name in const:
             sig[name] = "constexpr"
-        elif name.startswith("part_") and NS > 1:
+            continue
+        if name.endswith("_ptr") or name.startswith("stride_"):  # the JIT's hints for aligned tensors
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        if name.startswith("part_") and NS > 1:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = "*i32" if name in ("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr") else "*" + dt
         else:
             sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
-    triton.compile(ASTSource(t._fwd_jit, sig, const), target=target, options=dict(num_warps=4, num_stages=2))
+    triton.compile(ASTSource(t._fwd_jit, sig, const, attrs), target=target, options=dict(num_warps=4, num_stages=2))
 compile_fwd("bf16", 128, 4, 1, 64, 4, False, False, False)
 compile_fwd("fp16", 64, 2, 16, 64, 1, True, True, True)
 sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", H="i32", stride_ot="i32", stride_oh="i32",

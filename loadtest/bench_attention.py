@@ -86,7 +86,8 @@ def run_gpu(repeats: int = 20, cases=GPU_CASES, layers: int = 4) -> list[str]:
     engine's decode graphs will run it); triton eager: wall time per eager call (host launch cost
     included); torch us: the gather path eagerly (its host synchronisations make it uncapturable),
     L2 flushed. tok/s = query tokens / triton device time (one layer). floor = K/V bytes read once
-    over the device copy bandwidth measured here. Raises RuntimeError without CUDA."""
+    over the device copy bandwidth measured here (meaningless for the compute-bound prefill rows).
+    Raises RuntimeError without CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("--backend triton benchmarks a CUDA GPU; torch.cuda.is_available() is False here")
     from kernels.triton_paged_attention import paged_attention_triton, query_tiles, tile_tokens

@@ -173,6 +173,23 @@ def test_triton_interp_tile_table():
 
 
 @needs_interp
+def test_triton_interp_strided_views():
+    # as the engine passes them: q a view into the fused qkv rows, out a view too, and a cache
+    # stored [2, S, KVH, D] handed over as .transpose(0, 1)
+    case = CASES["mixed_chunked"]
+    q, kv, bt, seq, ctx = make(case, torch.float32, seed=4)
+    T, H, D = q.shape
+    qkv = torch.randn(T, H + 4, D)
+    qkv[:, :H] = q
+    kv_t = kv.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.full((T, H + 2, D), float("nan"))
+    tpa.paged_attention_triton(qkv[:, :H], kv_t, bt.long(), seq.long(), ctx, 4, D ** -0.5, wide[:, 1:H + 1],
+                               max_query_len=6, config=dict(BLOCK_N=16))
+    check(wide[:, 1:H + 1], paged_attention_reference(q, kv, bt, seq, ctx, 4, D ** -0.5), torch.float32)
+    assert torch.isnan(wide[:, 0]).all() and torch.isnan(wide[:, H + 1]).all(), "wrote outside out's view"
+
+
+@needs_interp
 def test_triton_interp_window_softcap():
     case = CASES["mixed_chunked"]
     q, kv, bt, seq, ctx = make(case, torch.float32, seed=3)

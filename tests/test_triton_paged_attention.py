@@ -1,0 +1,352 @@
+"""Triton paged attention (kernels/triton_paged_attention.py) against paged_attention_reference.
+
+CPU: the kernel runs under Triton's interpreter at tiny shapes (this module sets
+TRITON_INTERPRET=1 before triton is imported; if triton was imported earlier in the same process,
+the interpreter tests rerun themselves in a subprocess so the variable never leaks into other
+tests). CUDA: the same cases plus model-sized ones, a CUDA-graph capture and a no-sync check.
+
+Every case uses shuffled, non-contiguous block ids; cache slots no sequence owns (and the blocks
+that block-table padding points at) hold NaN, so reading anything outside a sequence's context
+poisons the output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402  (torch does not import triton)
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.paged_attention import paged_attention_reference  # noqa: E402
+
+try:
+    from kernels import triton_paged_attention as tpa
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton missing entirely
+    tpa = None
+    HAVE_TRITON = False
+INTERP = HAVE_TRITON and tpa.INTERPRETED
+
+
+@dataclass
+class Case:
+    seqs: list  # (context length, query tokens at its end) per sequence
+    heads: int
+    kv_heads: int
+    head_dim: int = 64
+    block_size: int = 4
+    shuffle_tokens: bool = False  # tokens of different sequences interleaved in the batch
+
+
+CASES = {
+    "decode": Case([(5, 1), (17, 1), (9, 1)], 4, 2),
+    "decode_mha_long": Case([(40, 1), (7, 1), (33, 1)], 2, 2),
+    "prefill": Case([(20, 20)], 4, 1),  # G = 4
+    "mixed_chunked": Case([(12, 1), (19, 6), (5, 5), (9, 1)], 4, 2),  # (19, 6): 13 cached + a 6-token chunk
+    "mixed_shuffled": Case([(11, 3), (6, 1), (14, 4)], 6, 2, shuffle_tokens=True),  # G = 3: padded rows
+}
+
+
+def make(case: Case, dtype, device="cpu", seed=0):
+    """q, kv_cache (NaN outside every sequence's slots), block tables (shuffled ids, padding
+    pointing at a NaN block), token_seq, token_ctx, in the contract's layout."""
+    g = torch.Generator().manual_seed(seed)
+    bs = case.block_size
+    need = [math.ceil(c / bs) for c, _ in case.seqs]
+    n_blocks = sum(need) + 3
+    ids = torch.randperm(n_blocks, generator=g)
+    width = max(need) + 2
+    nan_block = int(ids[-1])
+    bt = torch.full((len(case.seqs), width), nan_block, dtype=torch.int32)
+    kv = torch.full((n_blocks * bs, 2, case.kv_heads, case.head_dim), float("nan"))
+    used = 0
+    seq, ctx = [], []
+    for b, (c, n) in enumerate(case.seqs):
+        bt[b, :need[b]] = ids[used:used + need[b]]
+        used += need[b]
+        for p in range(c):
+            slot = int(bt[b, p // bs]) * bs + p % bs
+            kv[slot] = torch.randn(2, case.kv_heads, case.head_dim, generator=g)
+        seq += [b] * n
+        ctx += list(range(c - n + 1, c + 1))
+    seq, ctx = torch.tensor(seq, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)
+    if case.shuffle_tokens:
+        perm = torch.randperm(len(seq), generator=g)
+        seq, ctx = seq[perm], ctx[perm]
+    q = torch.randn(len(seq), case.heads, case.head_dim, generator=g)
+    dev = lambda x: x.to(device)  # noqa: E731
+    return dev(q.to(dtype)), dev(kv.to(dtype)), dev(bt), dev(seq), dev(ctx)
+
+
+def oracle(q, kv, bt, seq, ctx, bs, scale, window=None, softcap=None):
+    """Independent dense fp32 loop with the two options (the project reference has neither)."""
+    T, H, D = q.shape
+    G = H // kv.shape[2]
+    out = torch.empty(T, H, D, dtype=torch.float64)
+    for t in range(T):
+        b, n = int(seq[t]), int(ctx[t])
+        lo = max(0, n - window) if window else 0
+        p = torch.arange(lo, n)
+        slots = bt[b].long().cpu()[p // bs] * bs + p % bs
+        k = kv.cpu()[slots, 0].double().repeat_interleave(G, dim=1)
+        v = kv.cpu()[slots, 1].double().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[t].cpu().double(), k) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        out[t] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    return out
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "non-finite output: read outside the context or unwritten"
+    err = (out.cpu().double() - ref.cpu().double()).abs().max().item()
+    assert err < TOL[dtype], f"max abs error {err:.3g} >= {TOL[dtype]}"
+
+
+def run_case(case, dtype, device, config=None, seed=0, **kw):
+    case = CASES[case] if isinstance(case, str) else case
+    q, kv, bt, seq, ctx = make(case, dtype, device, seed)
+    scale = case.head_dim ** -0.5
+    ref = paged_attention_reference(q, kv, bt, seq, ctx, case.block_size, scale)
+    out = torch.full_like(q, float("nan"))
+    max_q = max(n for _, n in case.seqs)
+    res = tpa.paged_attention_triton(q, kv, bt, seq, ctx, case.block_size, scale, out=out,
+                                     max_context_len=max(c for c, _ in case.seqs), max_query_len=max_q,
+                                     config=config, **kw)
+    assert res is out
+    check(out, ref, dtype)
+
+
+# ---------------------------------------------------------------- interpreter on CPU (tiny)
+
+needs_interp = pytest.mark.skipif(not INTERP, reason="Triton interpreter not active in-process")
+
+# (case, dtype, launch overrides): decode and prefill tilings, split-K with empty splits,
+# tiles straddling sequences, GQA with padded rows
+INTERP_RUNS = [
+    ("decode", torch.float32, dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=1)),
+    ("decode_mha_long", torch.float32, dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=3)),
+    ("prefill", torch.float32, dict(BLOCK_T=8, BLOCK_N=16, NUM_SPLITS=1)),
+    ("mixed_chunked", torch.float32, dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=2)),
+    ("mixed_chunked", torch.bfloat16, dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=1)),
+    ("mixed_shuffled", torch.float32, dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=1)),
+    ("mixed_shuffled", torch.float16, None),  # launch_config's own choice
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("name,dtype,config", INTERP_RUNS,
+                         ids=[f"{n}-{str(d)[6:]}-{c and '_'.join(map(str, c.values()))}" for n, d, c in INTERP_RUNS])
+def test_triton_interp_matches_reference(name, dtype, config):
+    run_case(name, dtype, "cpu", config)
+
+
+@needs_interp
+def test_triton_interp_tile_table():
+    # runs of one sequence's tokens (1, 6, 5, 1) cut into tiles of <= 4 tokens, none straddling
+    tiles = tpa.query_tiles([1, 6, 5, 1], 4, "cpu")
+    assert tiles.tolist() == [[0, 1], [1, 4], [5, 2], [7, 4], [11, 1], [12, 1]]
+    run_case("mixed_chunked", torch.float32, "cpu", config=dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=2), tiles=tiles)
+    # the kernel follows the table: a token no tile covers is left unwritten
+    q, kv, bt, seq, ctx = make(CASES["mixed_chunked"], torch.float32)
+    out = torch.full_like(q, float("nan"))
+    tpa.paged_attention_triton(q, kv, bt, seq, ctx, 4, 0.125, out, max_query_len=6, tiles=tiles[:-1].clone(),
+                               config=dict(BLOCK_T=4, BLOCK_N=16))
+    assert torch.isfinite(out[:12]).all() and torch.isnan(out[12]).all()
+
+
+@needs_interp
+def test_triton_interp_strided_views():
+    # as the engine passes them: q a view into the fused qkv rows, out a view too, and a cache
+    # stored [2, S, KVH, D] handed over as .transpose(0, 1)
+    case = CASES["mixed_chunked"]
+    q, kv, bt, seq, ctx = make(case, torch.float32, seed=4)
+    T, H, D = q.shape
+    qkv = torch.randn(T, H + 4, D)
+    qkv[:, :H] = q
+    kv_t = kv.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.full((T, H + 2, D), float("nan"))
+    tpa.paged_attention_triton(qkv[:, :H], kv_t, bt.long(), seq.long(), ctx, 4, D ** -0.5, wide[:, 1:H + 1],
+                               max_query_len=6, config=dict(BLOCK_N=16))
+    check(wide[:, 1:H + 1], paged_attention_reference(q, kv, bt, seq, ctx, 4, D ** -0.5), torch.float32)
+    assert torch.isnan(wide[:, 0]).all() and torch.isnan(wide[:, H + 1]).all(), "wrote outside out's view"
+
+
+@needs_interp
+def test_triton_interp_window_softcap():
+    case = CASES["mixed_chunked"]
+    q, kv, bt, seq, ctx = make(case, torch.float32, seed=3)
+    scale = case.head_dim ** -0.5
+    # the oracle agrees with the project's reference when both options are off
+    base = oracle(q, kv, bt, seq, ctx, case.block_size, scale)
+    assert (base - paged_attention_reference(q, kv, bt, seq, ctx, case.block_size, scale).double()).abs().max() < 1e-5
+    ref = oracle(q, kv, bt, seq, ctx, case.block_size, scale, window=5, softcap=2.0)
+    assert (ref - base).abs().max() > 0.05, "options had no effect: test would be vacuous"
+    out = tpa.paged_attention_triton(q, kv, bt, seq, ctx, case.block_size, scale, sliding_window=5, softcap=2.0,
+                                     config=dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=2))
+    check(out, ref, torch.float32)
+
+
+@needs_interp
+def test_triton_interp_rejects_bad_shapes():
+    q, kv, bt, seq, ctx = make(CASES["decode"], torch.float32)
+    with pytest.raises(AssertionError, match="power of two"):
+        tpa.paged_attention_triton(q[..., :48], kv[..., :48], bt, seq, ctx, 4, 0.1)
+    with pytest.raises(AssertionError, match="multiple of kv heads"):
+        tpa.paged_attention_triton(q[:, :3], kv, bt, seq, ctx, 4, 0.1)
+    with pytest.raises(AssertionError, match="dtypes"):
+        tpa.paged_attention_triton(q.bfloat16(), kv, bt, seq, ctx, 4, 0.1)
+    empty = tpa.paged_attention_triton(q[:0], kv, bt, seq[:0], ctx[:0], 4, 0.1)
+    assert empty.shape == (0, 4, 64)
+
+
+@pytest.mark.skipif(INTERP or CUDA or not HAVE_TRITON or os.environ.get("_LORAMUX_CHILD") == "1",
+                    reason="interpreter tests already ran in-process (or no triton)")
+def test_triton_interp_in_subprocess():
+    # triton was imported before this module could set TRITON_INTERPRET: rerun in a child
+    env = dict(os.environ, TRITON_INTERPRET="1", _LORAMUX_CHILD="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__, "-k", "triton_interp"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- compiled for a GPU, without one
+
+# Triton's compiler runs on any host: lower both kernels to sm_90 cubins (ptxas ships with
+# triton) for a decode split-K and a prefill tiling, so errors the interpreter cannot see
+# (non-constexpr globals, dtype mismatches in loop-carried values, scf.while lowering) show up
+# on CPU-only CI. Runs in a child process: this one may have the interpreter switched on.
+_AOT = r"""
+import sys
+sys.path.insert(0, ".")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_paged_attention as t
+target = GPUTarget("cuda", 90, 32)
+def compile_fwd(dt, D, G, BT, BN, NS, SC, W, TI):
+    g_pad = triton.next_power_of_2(G)
+    const = dict(D=D, G_PAD=g_pad, BLOCK_T=BT, BLOCK_M=max(16, BT * g_pad), BLOCK_N=BN, NUM_SPLITS=NS,
+                 USE_SOFTCAP=SC, USE_WINDOW=W, USE_TILES=TI, DOT_FP32=dt == "fp32", PRECISION="ieee" if dt == "fp32" else "tf32")
+    sig, attrs = {}, {}
+    for i, name in enumerate(t._fwd_jit.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+            continue
+        if name.endswith("_ptr") or name.startswith("stride_"):  # the JIT's hints for aligned tensors
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        if name.startswith("part_") and NS > 1:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32" if name in ("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr") else "*" + dt
+        else:
+            sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
+    triton.compile(ASTSource(t._fwd_jit, sig, const, attrs), target=target, options=dict(num_warps=4, num_stages=2))
+compile_fwd("bf16", 128, 4, 1, 64, 4, False, False, False)
+compile_fwd("fp16", 64, 2, 16, 64, 1, True, True, True)
+sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", H="i32", stride_ot="i32", stride_oh="i32",
+           D="constexpr", NUM_SPLITS="constexpr", S_PAD="constexpr")
+triton.compile(ASTSource(t._combine_jit, sig, dict(D=128, NUM_SPLITS=5, S_PAD=8)), target=target)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="no triton")
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,dtype,config", INTERP_RUNS)
+def test_cuda_matches_reference_tiny(name, dtype, config):
+    run_case(name, dtype, "cuda", config)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_cuda_model_shapes(dtype, kind):
+    # Llama-3-8B attention shape (H 32, KVH 8, D 128), block 16, contexts up to 1500: split-K
+    # engages for decode; the mixed batch has chunked prefills next to decodes
+    seqs = [(1500, 1), (37, 1), (700, 1), (1, 1)] if kind == "decode" else [(1500, 1), (300, 120), (64, 64), (9, 1)]
+    run_case(Case(seqs, 32, 8, head_dim=128, block_size=16), dtype, "cuda", seed=7)
+
+
+@needs_cuda
+def test_cuda_head_dim_64_window_softcap():
+    case = Case([(400, 1), (90, 30), (17, 1)], 8, 2, head_dim=64, block_size=16)
+    q, kv, bt, seq, ctx = make(case, torch.bfloat16, "cuda", seed=9)
+    ref = oracle(q, kv, bt, seq, ctx, 16, 0.125, window=64, softcap=30.0)
+    out = tpa.paged_attention_triton(q, kv, bt, seq, ctx, 16, 0.125, max_context_len=400, max_query_len=30,
+                                     sliding_window=64, softcap=30.0)
+    check(out, ref, torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_no_host_sync_and_graph_capture():
+    # the decode call must neither synchronise nor allocate differently between capture and replay
+    case = Case([(900, 1), (33, 1), (257, 1)], 32, 8, head_dim=128, block_size=16)
+    q, kv, bt, seq, ctx = make(case, torch.bfloat16, "cuda", seed=11)
+    out = torch.empty_like(q)
+    call = lambda: tpa.paged_attention_triton(q, kv, bt, seq, ctx, 16, 128 ** -0.5, out=out,  # noqa: E731
+                                              max_context_len=1024, max_query_len=1)
+    call()  # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, paged_attention_reference(q, kv, bt, seq, ctx, 16, 128 ** -0.5), torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the GPU benchmark's entry point
+
+@pytest.mark.skipif(CUDA, reason="checks the no-CUDA message")
+def test_bench_triton_backend_fails_clearly_without_cuda():
+    r = subprocess.run([sys.executable, "loadtest/bench_attention.py", "--backend", "triton"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@needs_cuda
+def test_cuda_bench_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "loadtest"))
+    import bench_attention
+    lines = bench_attention.run_gpu(repeats=3, cases=[("decode B=8 ctx=600", 8, 600, 0, 0),
+                                                      ("mixed", 4, 300, 40, 100)], layers=1)
+    assert len(lines) == 4 and all("nan" not in ln for ln in lines)

@@ -70,7 +70,8 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant.name)
-    streams = await _submit(raw, svc, tenant, requests, response)
+    streams, headers = await _submit(raw, svc, tenant, requests)
+    response.headers.update(headers)
     rid = new_id("cmpl")
 
     if body.stream:
@@ -98,7 +99,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams, raw.state.rate_limit_headers)
+        return EngineStreamResponse(events(), streams, headers)
 
     acc = await _collect(raw, streams)
     choices = [
@@ -121,7 +122,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant.name)
-    streams = await _submit(raw, svc, tenant, requests, response)
+    streams, headers = await _submit(raw, svc, tenant, requests)
+    response.headers.update(headers)
     rid = new_id("chatcmpl")
 
     if body.stream:
@@ -151,7 +153,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                                               usage=usage(len(prompt), completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams, raw.state.rate_limit_headers)
+        return EngineStreamResponse(events(), streams, headers)
 
     acc = await _collect(raw, streams)
     choices = [
@@ -238,15 +240,12 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
 # --- running them ---------------------------------------------------------------------------
 
 
-async def _submit(raw: Request, svc: Service, tenant: Tenant, requests: list[GenerationRequest],
-                  response: Response | None = None) -> list[LeasedStream]:
+async def _submit(raw: Request, svc: Service, tenant: Tenant,
+                  requests: list[GenerationRequest]) -> tuple[list[LeasedStream], dict[str, str]]:
     """Admit every choice's request, or none: the answer is still an HTTP status here.
-    The tenant's x-ratelimit-* headers go on `response` (a streamed one gets them later)."""
+    Returns the streams and the tenant's x-ratelimit-* headers for the answer."""
     streams, lease = await admit(raw, svc, tenant, requests, _until_disconnect)
-    raw.state.rate_limit_headers = rate_limit_headers(lease.state)
-    if response is not None:
-        response.headers.update(raw.state.rate_limit_headers)
-    return streams
+    return streams, rate_limit_headers(lease.state)
 
 
 class EngineStreamResponse(StreamingResponse):

@@ -22,7 +22,7 @@ from server_process import ServerProcess
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
 ADMIN = "admin-secret-key"
-ACME, METERED, BETA = "lmx-acme-key-1", "lmx-metered-key-1", "lmx-beta-key-1"
+ACME, METERED, BETA, PAIR = "lmx-acme-key-1", "lmx-metered-key-1", "lmx-beta-key-1", "lmx-pair-key-1"
 TOKENS_PER_MINUTE = 300  # 5 tokens/s back into the bucket
 
 
@@ -37,6 +37,10 @@ weight = 2.0
 keys = ["{hash_key(METERED)}"]
 tokens_per_minute = {TOKENS_PER_MINUTE}
 requests_per_minute = 1000
+
+[tenants.pair]
+keys = ["{hash_key(PAIR)}"]
+max_concurrent = 2
 """
     if beta:
         text += f'\n[tenants.beta]\nkeys = ["{hash_key(BETA)}"]\n'
@@ -144,6 +148,29 @@ def test_tokens_quota_gives_429_with_retry_after_then_success_after_waiting(serv
     assert_openai_error(complete(server, METERED, max_tokens=TOKENS_PER_MINUTE), 400, "request_too_large")
 
 
+def test_every_choice_frees_its_place_however_the_request_ends(server):
+    """`pair` may run 2 generations at once and queue none: any place not given back would
+    turn the next n=2 request into a 429."""
+    c = client(server, PAIR)
+    for _ in range(2):
+        r = c.completions.create(model=MODEL, prompt=["one", "two"], max_tokens=3)  # two prompts
+        assert [ch.finish_reason for ch in r.choices] == ["length"] * 2
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                max_tokens=3, stream=True))
+        assert sum(ch.choices[0].finish_reason == "length" for ch in chunks if ch.choices) == 2
+    # A client that leaves mid-stream (n=2) frees both places.
+    aborted = server.metric("loramux_requests_total", 'finish_reason="abort"')
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", headers={"Authorization": f"Bearer {PAIR}"},
+                         json={"model": MODEL, "prompt": "x", "n": 2, "max_tokens": 400, "ignore_eos": True,
+                               "stream": True}) as stream:
+            assert next(line for line in stream.iter_lines() if line.startswith("data: "))
+    _eventually(lambda: server.metric("loramux_requests_total", 'finish_reason="abort"') == aborted + 2)
+    _eventually(lambda: complete(server, PAIR, n=2).status_code == 200)
+    assert complete(server, PAIR, n=2).status_code == 200
+    assert_openai_error(complete(server, PAIR, n=3), 400, "request_too_large")  # could never run
+
+
 def _admin_reload(server) -> httpx.Response:
     return httpx.post(server.base_url + "/v1/admin/reload_tenants", headers={"Authorization": f"Bearer {ADMIN}"},
                       timeout=30)
@@ -168,7 +195,7 @@ def test_reload_by_admin_call_and_sighup_with_a_stream_running_across(server, te
             tenants_file.write_text(tenants_toml(beta=False, acme_keys=(new_acme,)))
             resp = _admin_reload(server)
             assert resp.status_code == 200, resp.text
-            assert resp.json() == {"status": "ok", "tenants": ["acme", "metered"]}
+            assert resp.json() == {"status": "ok", "tenants": ["acme", "metered", "pair"]}
             assert_openai_error(complete(server, ACME), 401, "invalid_api_key")
             assert_openai_error(complete(server, BETA), 401, "invalid_api_key")
             assert complete(server, new_acme).status_code == 200

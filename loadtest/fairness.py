@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             srv = ServerProcess(["--model", str(model_dir), "--served-model-name", "m", "--dtype", "float32",
                                  "--num-threads", "1", "--kv-cache-memory", "64MiB", "--no-lora",
                                  "--tenants", str(tfile), "--scheduling", policy,
-                                 "--max-num-seqs", str(args.max_num_seqs)], tmp_path / f"{policy}.log")
+                                 "--max-num-seqs", str(args.max_num_seqs), "--max-waiting", "1000"], tmp_path / f"{policy}.log")
             try:
                 trace = asyncio.run(offer(srv.base_url, "m", loads, prompt_len=args.prompt_len,
                                           max_tokens=args.max_tokens, max_duration_s=args.duration))

@@ -8,6 +8,8 @@ Definitions (the ones vLLM's benchmark_serving uses, so numbers compare):
 - Throughput: successful requests (and their tokens) / the time from the first send to the
   last completion.
 Percentiles interpolate linearly between samples (numpy's default).
+Per tenant (runs with `--tenant`): requests, answers, 429s (rate limited), 503s (server full),
+other errors, TTFT and E2E percentiles of the answers, and output tokens/s over the run.
 
     python -m loadtest.report results.json [--plots plots/] [--json]
 """
@@ -72,6 +74,21 @@ def summarize(data: dict) -> dict:
     per_adapter: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         per_adapter[r.get("adapter") or "<base>"].append(r)
+    per_tenant: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        if r.get("tenant") is not None:
+            per_tenant[r["tenant"]].append(r)
+    tenants = {}
+    for name, rs in sorted(per_tenant.items()):
+        good = [r for r in rs if r.get("error") is None and r.get("e2e_s") is not None]
+        status = Counter(r.get("status") for r in rs if r.get("error") not in (None, "cancelled"))
+        tenants[name] = {"requests": len(rs), "ok": len(good), "rate_limited": status[429], "overloaded": status[503],
+                         "errors": sum(r.get("error") not in (None, "cancelled") for r in rs) - status[429]
+                         - status[503],
+                         "output_token_throughput": sum(r.get("completion_tokens") or 0 for r in good) / duration
+                         if duration > 0 else 0.0,
+                         "ttft": stats([r["ttft_s"] for r in good if r.get("ttft_s") is not None]),
+                         "e2e": stats([r["e2e_s"] for r in good])}
     adapters = {}
     for name, rs in sorted(per_adapter.items(), key=lambda kv: -len(kv[1])):
         good = [r for r in rs if r.get("error") is None and r.get("e2e_s") is not None]
@@ -99,6 +116,7 @@ def summarize(data: dict) -> dict:
         "itl": stats([x for r in streamed for x in r.get("itl_s") or ()]),
         "e2e": stats([r["e2e_s"] for r in ok]),
         "adapters": adapters,
+        "tenants": tenants,
         "server": data.get("server", {}),
     }
 
@@ -134,6 +152,13 @@ def format_summary(s: dict, max_adapters: int = 10) -> str:
                          f"{_ms(a['ttft']['p95']):>10}{_ms(a['e2e']['p50']):>10}{_ms(a['e2e']['p95']):>10}")
         if len(s["adapters"]) > max_adapters:
             lines.append(f"... {len(s['adapters']) - max_adapters} more")
+    if s.get("tenants"):
+        lines += ["", f"{'tenant':<16}{'reqs':>6}{'ok':>6}{'429':>6}{'503':>6}{'errs':>6}{'tok/s':>9}{'TTFT p50':>10}"
+                  f"{'TTFT p95':>10}{'E2E p50':>10}{'E2E p95':>10}"]
+        for name, t in s["tenants"].items():
+            lines.append(f"{name[:15]:<16}{t['requests']:>6}{t['ok']:>6}{t['rate_limited']:>6}{t['overloaded']:>6}"
+                         f"{t['errors']:>6}{t['output_token_throughput']:>9.1f}{_ms(t['ttft']['p50']):>10}"
+                         f"{_ms(t['ttft']['p95']):>10}{_ms(t['e2e']['p50']):>10}{_ms(t['e2e']['p95']):>10}")
     if s.get("server"):
         lines += ["", "server counters (delta over the run):"]
         lines += [f"  {k} {v:g}" for k, v in s["server"].items()]

@@ -6,6 +6,8 @@ the error, if any (HTTP status + OpenAI error code, an SSE error event, a timeou
 A request with `disconnect_after` closes its connection after that many text chunks, as a
 client that gives up mid-stream; it is counted as disconnected, neither ok nor an error.
 The results go to a JSON file that `loadtest/report.py` summarizes (and plots).
+With `--tenant NAME=KEY[:WEIGHT]` (repeatable) the traffic is split over tenants by weight and
+each request carries its tenant's key; the report then has a per-tenant table (latency, 429s).
 
 Bounded by construction: at most `workload.MAX_REQUESTS` requests; nothing is sent after
 `--duration` seconds; whatever is still in flight `--drain` seconds later is cancelled; each
@@ -15,6 +17,7 @@ target: the URL must name a loopback address (127.0.0.0/8, ::1, or `localhost` r
 loopback only), and no proxy from the environment is used.
 
     python -m loadtest.run --url http://127.0.0.1:8000 -n 200 --rate 8 --out results.json
+    python -m loadtest.run -n 200 --rate 8 --tenant acme=lmx-...:3 --tenant beta=lmx-...:1
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from loadtest.workload import RequestSpec
 
 # Server-side counters worth a before/after delta next to the client's view.
 SERVER_COUNTERS = ("loramux_requests_total", "loramux_generation_tokens_total", "loramux_prompt_tokens_total",
-                   "loramux_preemptions_total", "loramux_http_errors_total")
+                   "loramux_preemptions_total", "loramux_http_errors_total", "loramux_tenant_requests_total")
 
 
 class NotLocalError(ValueError):
@@ -79,6 +82,7 @@ class Result:
     adapter: str | None
     stream: bool
     scheduled_s: float
+    tenant: str | None = None
     start_s: float | None = None
     ttft_s: float | None = None  # streaming only: send -> first chunk carrying text
     e2e_s: float | None = None
@@ -91,6 +95,7 @@ class Result:
     status: int | None = None
     error: str | None = None  # None: success; else a short kind, e.g. "http_503:overloaded"
     detail: str | None = None  # the error's message, for the report
+    retry_after_s: float | None = None  # a refusal's Retry-After header
 
 
 def _error(resp_body: bytes) -> tuple[str, str]:
@@ -119,16 +124,25 @@ def _finish_reason(obj: dict) -> str | None:
     return None
 
 
-async def _send(client: httpx.AsyncClient, spec: RequestSpec, model: str, res: Result, t0: float) -> None:
+def _refused(res: Result, resp: httpx.Response, body: bytes) -> None:
+    code, res.detail = _error(body)
+    res.error = f"http_{resp.status_code}:{code}"
+    try:
+        res.retry_after_s = float(resp.headers["retry-after"])
+    except (KeyError, ValueError):
+        pass
+
+
+async def _send(client: httpx.AsyncClient, spec: RequestSpec, model: str, res: Result, t0: float,
+                headers: dict[str, str]) -> None:
     path = "/v1/chat/completions" if spec.api == "chat" else "/v1/completions"
     start = time.perf_counter()
     res.start_s = time.monotonic() - t0
     if not spec.stream:
-        resp = await client.post(path, json=spec.body(model))
+        resp = await client.post(path, json=spec.body(model), headers=headers)
         res.status = resp.status_code
         if resp.status_code != 200:
-            code, res.detail = _error(resp.content)
-            res.error = f"http_{resp.status_code}:{code}"
+            _refused(res, resp, resp.content)
             return
         obj = resp.json()
         res.e2e_s = time.perf_counter() - start
@@ -136,11 +150,10 @@ async def _send(client: httpx.AsyncClient, spec: RequestSpec, model: str, res: R
         usage = obj.get("usage") or {}
         res.prompt_tokens, res.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
         return
-    async with client.stream("POST", path, json=spec.body(model)) as resp:
+    async with client.stream("POST", path, json=spec.body(model), headers=headers) as resp:
         res.status = resp.status_code
         if resp.status_code != 200:
-            code, res.detail = _error(await resp.aread())
-            res.error = f"http_{resp.status_code}:{code}"
+            _refused(res, resp, await resp.aread())
             return
         last = None
         async for line in resp.aiter_lines():
@@ -176,9 +189,9 @@ async def _send(client: httpx.AsyncClient, spec: RequestSpec, model: str, res: R
         res.error = "stream_ended_without_done"
 
 
-async def _one(client, spec, model, res, t0, timeout_s, sem) -> None:
+async def _one(client, spec, model, res, t0, timeout_s, sem, headers) -> None:
     try:
-        await asyncio.wait_for(_send(client, spec, model, res, t0), timeout_s)
+        await asyncio.wait_for(_send(client, spec, model, res, t0, headers), timeout_s)
     except asyncio.TimeoutError:
         res.error = "timeout"
     except asyncio.CancelledError:
@@ -234,23 +247,35 @@ async def scrape_counters(client: httpx.AsyncClient) -> dict[str, float]:
             continue
         value = float(line.rsplit(" ", 1)[1])
         out[name] = out.get(name, 0.0) + value
-        m = re.search(r'finish_reason="([^"]*)"', line)
-        if m:
-            key = f"{name}{{finish_reason={m.group(1)}}}"
-            out[key] = out.get(key, 0.0) + value
+        for label in ("finish_reason", "status"):
+            m = re.search(label + r'="([^"]*)"', line)
+            if m:
+                tenant = re.search(r'tenant="([^"]*)"', line)
+                key = f"{name}{{{label}={m.group(1)}{f',tenant={tenant.group(1)}' if tenant else ''}}}"
+                out[key] = out.get(key, 0.0) + value
     return out
 
 
 async def run(specs: list[RequestSpec], base_url: str, *, base_model: str | None = None,
               max_concurrency: int | None = None, duration_s: float = 60.0, drain_s: float = 30.0,
-              timeout_s: float = 120.0, warmup: int = 1) -> dict:
-    """Send `specs` on their schedule and return {"meta", "results", "server"} (JSON-ready)."""
+              timeout_s: float = 120.0, warmup: int = 1, keys: dict[str, str] | None = None,
+              api_key: str | None = None) -> dict:
+    """Send `specs` on their schedule and return {"meta", "results", "server"} (JSON-ready).
+    `keys`: API key per tenant name (every tenant in `specs` needs one); `api_key`: the key of
+    requests without a tenant, of the model list and of the warm-up (default: the first tenant's)."""
+    keys = keys or {}
+    missing = sorted({s.tenant for s in specs if s.tenant is not None} - set(keys))
+    if missing:
+        raise ValueError(f"no API key for tenant(s) {', '.join(missing)}: give --tenant NAME=KEY")
+    api_key = api_key or next(iter(keys.values()), None)
+    auth = {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}
+    default_auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     base_url = check_local_url(base_url)
     if len(specs) > workload.MAX_REQUESTS:
         raise ValueError(f"at most {workload.MAX_REQUESTS} requests")
     conns = max(1, min(max_concurrency or len(specs), 1024))
     # trust_env=False: no proxy from the environment can carry this traffic elsewhere.
-    async with httpx.AsyncClient(base_url=base_url, trust_env=False, follow_redirects=False,
+    async with httpx.AsyncClient(base_url=base_url, trust_env=False, follow_redirects=False, headers=default_auth,
                                  timeout=httpx.Timeout(timeout_s, connect=10.0),
                                  limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns)) as client:
         discovered_base, _ = await fetch_models(client)
@@ -275,9 +300,10 @@ async def run(specs: list[RequestSpec], base_url: str, *, base_model: str | None
                 except asyncio.TimeoutError:
                     not_sent = len(specs) - i
                     break
-            res = Result(spec.index, spec.adapter, spec.stream, spec.arrival_s)
+            res = Result(spec.index, spec.adapter, spec.stream, spec.arrival_s, tenant=spec.tenant)
             results.append(res)
-            tasks.append(asyncio.create_task(_one(client, spec, spec.adapter or model, res, t0, timeout_s, sem)))
+            tasks.append(asyncio.create_task(_one(client, spec, spec.adapter or model, res, t0, timeout_s, sem,
+                                                  auth.get(spec.tenant, default_auth))))
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, duration_s + drain_s - (time.monotonic() - t0)))
             for task in pending:
@@ -298,10 +324,11 @@ async def run(specs: list[RequestSpec], base_url: str, *, base_model: str | None
     }
 
 
-async def _resolve_adapters(base_url: str, text: str) -> tuple[str, ...]:
+async def _resolve_adapters(base_url: str, text: str, api_key: str | None) -> tuple[str, ...]:
     if text.strip().lower() != "auto":
         return workload.split_names(text)
-    async with httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=10.0) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=10.0, headers=headers) as client:
         return tuple((await fetch_models(client))[1])
 
 
@@ -309,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Load-test a local loramux server (loopback targets only).")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
     p.add_argument("--model", help="the base model id (default: the one /v1/models lists)")
+    p.add_argument("--api-key", help="key of requests without a tenant, the model list and the warm-up "
+                                     "(default: the first --tenant's key)")
     p.add_argument("--workload", type=Path, help="a JSONL workload from loadtest/workload.py (overrides the flags)")
     workload.add_arguments(p)
     p.set_defaults(adapters="auto")  # whatever adapters the server lists; none: base only
@@ -333,11 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     except NotLocalError as exc:
         print(f"loadtest: refusing to run: {exc}", file=sys.stderr)
         return 2
+    keys = {t.name: t.key for t in args.tenants if t.key}
+    if len(keys) != len(args.tenants):
+        p.error("--tenant needs NAME=KEY[:WEIGHT] here")
+    api_key = args.api_key or next(iter(keys.values()), None)
     try:
         if args.workload:
             specs = workload.load(args.workload)
         else:
-            adapters = asyncio.run(_resolve_adapters(base_url, args.adapters))
+            adapters = asyncio.run(_resolve_adapters(base_url, args.adapters, api_key))
             specs = workload.generate(workload.config_from_args(args, adapters))
     except (ValueError, OSError, httpx.HTTPError) as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
@@ -346,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = asyncio.run(run(specs, base_url, base_model=args.model, max_concurrency=args.max_concurrency,
                                duration_s=args.duration, drain_s=args.drain, timeout_s=args.timeout,
-                               warmup=args.warmup))
-    except (httpx.HTTPError, RuntimeError) as exc:  # no server there, or no base model listed
+                               warmup=args.warmup, keys=keys, api_key=api_key))
+    except (httpx.HTTPError, RuntimeError, ValueError) as exc:  # no server there, or no base model listed
         print(f"loadtest: cannot run against {base_url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     summary = report.summarize(data)

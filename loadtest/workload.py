@@ -16,6 +16,8 @@ so two runs against two server builds see identical traffic.
   with Zipf-like popularity, P(rank k) ~ 1 / (k + 1) ** zipf_s, rank 0 = the first name.
 - Disconnects: a share `disconnect_share` of requests stream and close their connection
   after `disconnect_after` text chunks (a client that gives up mid-stream).
+- Tenants: with `tenants` (name, traffic weight) each request belongs to one tenant, drawn
+  by weight; the runner sends it with that tenant's API key (keys never enter a workload file).
 
     python -m loadtest.workload -n 200 --rate 4 --adapters a,b,c --out workload.jsonl
 """
@@ -109,6 +111,7 @@ class RequestSpec:
     temperature: float = 0.0
     seed: int | None = None
     disconnect_after: int | None = None  # close the stream after this many text chunks (None: read it all)
+    tenant: str | None = None  # whose API key the runner sends it with (None: the default key, if any)
 
     def body(self, model: str) -> dict:
         """The OpenAI request body; `model` is the adapter name or the base model's id."""
@@ -139,6 +142,7 @@ class WorkloadConfig:
     seed: int = 0
     disconnect_share: float = 0.0  # of requests that stream and hang up mid-stream
     disconnect_after: LengthDist = field(default_factory=lambda: LengthDist.parse("fixed:2"))  # text chunks
+    tenants: tuple[tuple[str, float], ...] = ()  # (name, traffic weight); () = no tenant
 
     def validate(self) -> None:
         if not 1 <= self.num_requests <= MAX_REQUESTS:
@@ -153,6 +157,8 @@ class WorkloadConfig:
             raise ValueError("api must be 'completions' or 'chat'")
         if len(set(self.adapters)) != len(self.adapters):
             raise ValueError("adapter names must be distinct")
+        if len({n for n, _ in self.tenants}) != len(self.tenants) or not all(w > 0 for _, w in self.tenants):
+            raise ValueError("tenant names must be distinct and their traffic weights > 0")
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
@@ -168,7 +174,8 @@ def generate(cfg: WorkloadConfig) -> list[RequestSpec]:
     # Separate streams per aspect, so changing e.g. the length distribution does not
     # reshuffle the arrival times or the adapter picks of an otherwise identical workload.
     rngs = {name: random.Random(f"{cfg.seed}:{name}") for name in ("arrival", "adapter", "len", "text", "stream",
-                                                                 "disconnect")}
+                                                                 "disconnect", "tenant")}
+    tenant_cdf = list(itertools.accumulate(w for _, w in cfg.tenants))
     cumulative = list(itertools.accumulate(zipf_weights(len(cfg.adapters), cfg.zipf_s))) if cfg.adapters else []
     t = 0.0
     out = []
@@ -190,9 +197,13 @@ def generate(cfg: WorkloadConfig) -> list[RequestSpec]:
         disconnect_after = None
         if rngs["disconnect"].random() < cfg.disconnect_share:  # only a stream can be left mid-way
             stream, disconnect_after = True, cfg.disconnect_after.sample(rngs["disconnect"])
+        tenant = None
+        if cfg.tenants:  # its own stream: adding tenants leaves the rest of the workload as it was
+            pick = bisect.bisect_right(tenant_cdf, rngs["tenant"].random() * tenant_cdf[-1])
+            tenant = cfg.tenants[min(pick, len(cfg.tenants) - 1)][0]
         out.append(RequestSpec(index=i, arrival_s=round(t, 6), adapter=adapter, prompt=prompt, prompt_words=words,
                                max_tokens=max_tokens, stream=stream, api=cfg.api, ignore_eos=cfg.ignore_eos,
-                               temperature=cfg.temperature, disconnect_after=disconnect_after))
+                               temperature=cfg.temperature, disconnect_after=disconnect_after, tenant=tenant))
     return out
 
 
@@ -254,6 +265,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let requests stop at EOS (output lengths then depend on the model)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tenant", dest="tenants", type=TenantArg.parse, action="append", default=[],
+                   metavar="NAME=KEY[:WEIGHT]",
+                   help="send a share of the traffic (by WEIGHT, default 1) as tenant NAME with API key KEY; "
+                        "repeat per tenant (workload.py takes NAME[:WEIGHT] and ignores keys)")
 
 
 def config_from_args(args: argparse.Namespace, adapters: tuple[str, ...]) -> WorkloadConfig:
@@ -261,7 +276,35 @@ def config_from_args(args: argparse.Namespace, adapters: tuple[str, ...]) -> Wor
                           output_len=args.output_len, adapters=adapters, zipf_s=args.zipf,
                           base_share=args.base_share, stream_share=args.stream_share, api=args.api,
                           ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.seed,
-                          disconnect_share=args.disconnect_share, disconnect_after=args.disconnect_after)
+                          disconnect_share=args.disconnect_share, disconnect_after=args.disconnect_after,
+                          tenants=tuple((t.name, t.weight) for t in args.tenants))
+
+
+@dataclass(frozen=True)
+class TenantArg:
+    """`--tenant NAME=KEY[:WEIGHT]` (or `NAME[:WEIGHT]` where no key is needed)."""
+
+    name: str
+    key: str | None
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> TenantArg:
+        name, sep, rest = text.partition("=")
+        if not sep:
+            name, rest = "", text
+        head, colon, tail = rest.rpartition(":")
+        weight = 1.0
+        if colon:
+            try:
+                weight, rest = float(tail), head
+            except ValueError:
+                pass  # a colon inside the key
+        if not sep:
+            name, rest = rest, ""
+        if not name or not weight > 0 or weight == math.inf:
+            raise argparse.ArgumentTypeError(f"expected NAME=KEY[:WEIGHT] with WEIGHT > 0, got {text!r}")
+        return cls(name, rest or None, weight)
 
 
 def split_names(text: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""`loramux serve | fetch-default-model`.
+"""`loramux serve | fetch-default-model | tenants add-key`.
 
 Each setting is declared once in FLAGS: its command-line flag, its config-file key (the
 flag name, dashes or underscores) and its environment variable (`LORAMUX_` + the name
@@ -99,7 +99,8 @@ FLAGS = [
     Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),
     Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
          "tokens per engine step (prefill chunk + decodes)"),
-    Flag("max-waiting", "scheduler.max_waiting", int, "pending requests before new ones get HTTP 503"),
+    Flag("max-waiting", "scheduler.max_waiting", int, "requests pending in the engine (running + queued) before "
+         "new ones get an immediate HTTP 503 (None: 3 x --max-num-seqs)"),
     Flag("scheduling", "scheduler.scheduling", _scheduling, "admission policy: fcfs | vtc (fair share between "
          "tenants; default when --tenants or --api-keys is given, else fcfs); see docs/fairness.md"),
     Flag("vtc-input-weight", "scheduler.vtc_input_weight", _cost, "VTC cost of a prompt token"),
@@ -176,6 +177,12 @@ def make_parser() -> argparse.ArgumentParser:
         else:
             serve.add_argument(f"--{flag.name}", dest=dest, default=None, nargs=flag.nargs, help=text)
     sub.add_parser("fetch-default-model", help="install and convert SmolLM2-135M-Instruct (once)")
+    tenants = sub.add_parser("tenants", help="manage the tenants file").add_subparsers(dest="tenants_command",
+                                                                                        required=True)
+    add_key = tenants.add_parser("add-key", help="print a new API key for a tenant (once) and write its hash "
+                                                 "into the tenants file (tenant and file created if absent)")
+    add_key.add_argument("name", help="tenant name")
+    add_key.add_argument("--file", required=True, help="the tenants file (TOML) the server reads with --tenants")
     return parser
 
 
@@ -187,12 +194,29 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_default_model())
         return 0
+    if args.command == "tenants":
+        return tenants_add_key(args.name, args.file)
     try:
         cfg = build_config(args)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as exc:
         print(f"loramux: bad configuration: {exc}", file=sys.stderr)
         return 2
     return serve(cfg)
+
+
+def tenants_add_key(name: str, path: str) -> int:
+    from server.tenants import TenantFileError
+    from server.tenants.keys import add_key
+
+    try:
+        key = add_key(path, name)
+    except (TenantFileError, OSError) as exc:
+        print(f"loramux: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"added a key for tenant {name!r} to {path} (only its hash is stored: this is the one time the key "
+          "is shown). A running server picks it up on SIGHUP or POST /v1/admin/reload_tenants.", file=sys.stderr)
+    return 0
 
 
 def serve(cfg: Config) -> int:

@@ -34,10 +34,20 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 128  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
-    max_waiting: int = 1024  # queued requests before new ones are refused (overload: 503)
+    # Requests pending in the engine (running + queued) before new ones get an immediate 503.
+    # None: PENDING_PER_SEQ x max_num_seqs, i.e. the running batch plus two batches queued, so an
+    # accepted request starts within about two request lifetimes and overload shows as fast
+    # refusals (a router or client retries elsewhere) instead of minutes in a queue.
+    max_waiting: int | None = None
     scheduling: str | None = None  # fcfs | vtc; None: vtc when tenants are configured, else fcfs
     vtc_input_weight: float = 1.0  # VTC cost of a prompt token (w_p)
     vtc_output_weight: float = 2.0  # VTC cost of an output token (w_q)
+
+    PENDING_PER_SEQ = 3
+
+    @property
+    def pending_limit(self) -> int:
+        return self.max_waiting if self.max_waiting is not None else self.PENDING_PER_SEQ * self.max_num_seqs
 
 
 @dataclass

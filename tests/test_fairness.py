@@ -44,7 +44,8 @@ def served(model_dir: Path, tmp_path: Path, scheduling: str) -> tuple[dict[str, 
     tfile = tenants_file(tmp_path / "tenants.toml", LOADS)
     srv = ServerProcess(["--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32",
                          "--num-threads", "1", "--kv-cache-memory", "16MiB", "--no-lora", "--tenants", str(tfile),
-                         "--scheduling", scheduling, "--max-num-seqs", str(MAX_NUM_SEQS)],
+                         "--scheduling", scheduling, "--max-num-seqs", str(MAX_NUM_SEQS),
+                         "--max-waiting", "1000"],  # the backlog is the point here: no fast 503s
                         tmp_path / f"{scheduling}.log")
     try:
         trace = asyncio.run(offer(srv.base_url, "tiny", LOADS, prompt_len=P, max_tokens=MAX_TOKENS,

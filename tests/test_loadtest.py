@@ -163,3 +163,55 @@ def test_short_run_against_a_real_server(tiny_llama_dir, tmp_path):
     assert server["loramux_requests_total"] == 30
     assert server["loramux_generation_tokens_total"] == s["completion_tokens"]
     assert server["loramux_prompt_tokens_total"] == s["prompt_tokens"]
+
+
+def test_workload_splits_traffic_over_tenants_by_weight_and_leaves_the_rest_alone():
+    base = workload.WorkloadConfig(num_requests=3000, adapters=("a", "b"), seed=2)
+    plain = workload.generate(base)
+    split = workload.generate(workload.WorkloadConfig(**{**vars(base), "tenants": (("big", 3.0), ("small", 1.0))}))
+    assert all(s.tenant is None for s in plain)
+    mix = Counter(s.tenant for s in split)
+    assert set(mix) == {"big", "small"} and abs(mix["big"] / len(split) - 0.75) < 0.03
+    strip = lambda s: (s.arrival_s, s.adapter, s.prompt, s.max_tokens, s.stream)  # noqa: E731
+    assert list(map(strip, plain)) == list(map(strip, split))
+    arg = workload.TenantArg.parse("acme=lmx-k_1:2.5")
+    assert (arg.name, arg.key, arg.weight) == ("acme", "lmx-k_1", 2.5)
+    for bad in ("=k", "acme=k:0", "acme=k:-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            workload.TenantArg.parse(bad)
+
+
+def test_per_tenant_run_reports_latency_and_429s(tiny_llama_dir, tmp_path):
+    """Two tenants with keys against a server with a tenants file: `small` may send 4 requests a
+    minute, `big` is unlimited. The per-tenant report agrees with the server's counters."""
+    from server.tenants import hash_key
+
+    keys = {"big": "lmx-big-key", "small": "lmx-small-key"}
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.big]\nkeys = ["{hash_key(keys["big"])}"]\n\n'
+                       f'[tenants.small]\nkeys = ["{hash_key(keys["small"])}"]\nrequests_per_minute = 4\n')
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--dtype", "float32",
+                         "--kv-cache-memory", "8MiB", "--num-threads", "1", "--tenants", str(tenants)],
+                        tmp_path / "server.log")
+    out = tmp_path / "results.json"
+    flags = ["-n", "24", "--rate", "8", "--prompt-len", "uniform:4:12", "--output-len", "fixed:8", "--seed", "1",
+             "--tenant", f"big={keys['big']}:1", "--tenant", f"small={keys['small']}:1"]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", srv.base_url, *flags, "--adapters", "",
+                               "--duration", "15", "--drain", "10", "--timeout", "20", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr + srv.log()
+    assert "tenant" in proc.stdout and "429" in proc.stdout
+    data = json.loads(out.read_text())
+    s = report.summarize(data)
+    sent = Counter(r["tenant"] for r in data["results"])
+    big, small = s["tenants"]["big"], s["tenants"]["small"]
+    assert (big["requests"], small["requests"]) == (sent["big"], sent["small"]) and sent["small"] > 4
+    assert (big["ok"], big["rate_limited"], big["errors"]) == (sent["big"], 0, 0)
+    # A full bucket of 4, refilled at 4/min: over a ~3 s run no fifth request fits.
+    assert (small["ok"], small["rate_limited"], small["errors"]) == (4, sent["small"] - 4, 0)
+    assert all(r["retry_after_s"] >= 1 for r in data["results"] if r["status"] == 429)
+    assert big["e2e"]["count"] == sent["big"] and big["output_token_throughput"] > 0
+    assert data["server"]["loramux_tenant_requests_total{status=rate_limited,tenant=small}"] == sent["small"] - 4

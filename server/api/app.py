@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api import tenant_admin_routes as tenant_admin
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
 from server.api.middleware import BodyLimit, CatchAll
@@ -24,6 +26,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.metrics import Metrics
 from server.tenants import TenantFileError, TenantTable, load_tenants
+from server.tenants.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,15 @@ def build_engine(config: Config) -> LLMEngine:
 
 def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     engine = engine or build_engine(config)
-    async_engine = AsyncEngine(engine, max_pending=config.scheduler.max_waiting)
+    async_engine = AsyncEngine(engine, max_pending=config.scheduler.pending_limit)
     metrics = engine.metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         async_engine.start()
+        await tenant_admin.start(_app)
         yield
+        tenant_admin.stop()
         async_engine.shutdown()
 
     app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
@@ -80,12 +85,16 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.tenants = tenant_table(config)
     # The engine thread starts in `lifespan`, so this direct call is still single-threaded.
     engine.set_tenant_weights({t.name: t.weight for t in app.state.tenants})
+    app.state.tenants_file = config.server.tenants  # reloadable (SIGHUP, admin call); --api-keys is not
+    app.state.tenants_reload_lock = asyncio.Lock()
+    app.state.quotas = Quotas(app.state.tenants)
     app.state.admin_key = config.server.admin_key
     app.state.metrics = metrics
     app.state.drain = drain = Drain(timeout=config.server.shutdown_timeout)
     metrics.set_tenants(t.name for t in app.state.tenants)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(tenant_admin.router)
     install_openapi(app)
 
     def error(exc: APIError) -> JSONResponse:

@@ -11,10 +11,11 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers
 from server.api.auth import tenant_of
 from server.api.errors import APIError, bad_request
 from server.api.openapi import error_responses, generation_responses
@@ -43,7 +44,7 @@ from server.api.schemas import (
     new_id,
 )
 from server.api.service import Service
-from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError, RequestStream
+from server.engine.async_engine import RequestFailedError
 from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 from server.tenants import Tenant
@@ -61,14 +62,16 @@ async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(
 
 
 @router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
-async def create_completion(body: CompletionRequest, raw: Request, svc: Service = Depends(service),
+async def create_completion(body: CompletionRequest, raw: Request, response: Response,
+                            svc: Service = Depends(service),
                             tenant: Tenant = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant.name)
-    streams = await _submit(svc, requests)
+    streams, headers = await _submit(raw, svc, tenant, requests)
+    response.headers.update(headers)
     rid = new_id("cmpl")
 
     if body.stream:
@@ -96,7 +99,7 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams)
+        return EngineStreamResponse(events(), streams, headers)
 
     acc = await _collect(raw, streams)
     choices = [
@@ -110,7 +113,8 @@ async def create_completion(body: CompletionRequest, raw: Request, svc: Service 
 
 @router.post("/v1/chat/completions",
              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
-async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc: Service = Depends(service),
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request, response: Response,
+                                 svc: Service = Depends(service),
                                  tenant: Tenant = Depends(tenant_of)):
     adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
     messages = [_message(m) for m in body.messages]
@@ -118,7 +122,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant.name)
-    streams = await _submit(svc, requests)
+    streams, headers = await _submit(raw, svc, tenant, requests)
+    response.headers.update(headers)
     rid = new_id("chatcmpl")
 
     if body.stream:
@@ -148,7 +153,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, svc:
                                               usage=usage(len(prompt), completion_tokens)).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams)
+        return EngineStreamResponse(events(), streams, headers)
 
     acc = await _collect(raw, streams)
     choices = [
@@ -229,43 +234,26 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
             svc.engine.validate(r)
     except InvalidRequestError as exc:
         raise invalid_request(exc) from exc
-    svc.check_capacity(len(requests))
     return requests
-
-
-def invalid_request(exc: InvalidRequestError) -> APIError:
-    status = 404 if exc.code == "model_not_found" else 400
-    return APIError(status, str(exc), param=exc.param, code=exc.code)
 
 
 # --- running them ---------------------------------------------------------------------------
 
 
-async def _submit(svc: Service, requests: list[GenerationRequest]) -> list[RequestStream]:
-    """Admit every choice's request, or none: the answer is still an HTTP status here."""
-    streams: list[RequestStream] = []
-    try:
-        for r in requests:
-            streams.append(await svc.engine.submit(r))
-    except BaseException as exc:
-        for stream in streams:
-            await stream.aclose()
-        if isinstance(exc, InvalidRequestError):  # e.g. its adapter was unloaded since validation
-            raise invalid_request(exc) from exc
-        if isinstance(exc, EngineOverloadedError):  # lost the race for the last queue places
-            raise APIError(503, str(exc), code="overloaded") from exc
-        if isinstance(exc, EngineDeadError):
-            raise APIError(503, "the engine is not running", code="engine_unavailable") from exc
-        raise
-    return streams
+async def _submit(raw: Request, svc: Service, tenant: Tenant,
+                  requests: list[GenerationRequest]) -> tuple[list[LeasedStream], dict[str, str]]:
+    """Admit every choice's request, or none: the answer is still an HTTP status here.
+    Returns the streams and the tenant's x-ratelimit-* headers for the answer."""
+    streams, lease = await admit(raw, svc, tenant, requests, _until_disconnect)
+    return streams, rate_limit_headers(lease.state)
 
 
 class EngineStreamResponse(StreamingResponse):
     """An SSE response whose engine requests are aborted however it ends: finished, client
     gone mid-stream, or gone before the first byte (when the body iterator never starts)."""
 
-    def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream]):
-        super().__init__(events, media_type="text/event-stream")
+    def __init__(self, events: AsyncGenerator[str, None], streams: list[LeasedStream], headers: dict[str, str]):
+        super().__init__(events, media_type="text/event-stream", headers=headers)
         self._events = events
         self._streams = streams
 
@@ -288,7 +276,7 @@ async def _guarded(stream: AsyncIterator):
         yield 0, sse_error(str(exc), exc.code or "internal_error")
 
 
-async def _collect(raw: Request, streams: list[RequestStream]) -> list[ChoiceAccumulator]:
+async def _collect(raw: Request, streams: list[LeasedStream]) -> list[ChoiceAccumulator]:
     acc = [ChoiceAccumulator() for _ in streams]
 
     async def run() -> None:
@@ -303,8 +291,9 @@ async def _collect(raw: Request, streams: list[RequestStream]) -> list[ChoiceAcc
     return acc
 
 
-async def _until_disconnect(raw: Request, work) -> None:
-    """Await `work`, cancelling it (and so aborting its requests) if the client goes away."""
+async def _until_disconnect(raw: Request, work):
+    """Await `work` and return its result, cancelling it (and so aborting its requests, or
+    leaving the admission queue) if the client goes away."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -321,7 +310,7 @@ async def _until_disconnect(raw: Request, work) -> None:
         await asyncio.gather(task, return_exceptions=True)
         raise APIError(499, "client disconnected", code="client_disconnected")
     try:
-        task.result()
+        return task.result()
     except RequestFailedError as exc:
         if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
             raise APIError(400, str(exc), code=exc.code) from exc

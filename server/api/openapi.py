@@ -29,6 +29,7 @@ STATUS_TEXT = {
     404: "Unknown model or adapter",
     409: "Conflict with the adapter's current state (name taken, adapter in use)",
     413: "Request body too large",
+    429: "Over the tenant's rate limit or concurrency bound (Retry-After and x-ratelimit-* headers)",
     503: "Overloaded (too many pending requests; retry later) or the engine is not running",
 }
 
@@ -54,7 +55,7 @@ def generation_responses(json_model: type[BaseModel], chunk_model: type[BaseMode
     return {
         200: {"model": json_model, "description": "The result; with `stream: true`, server-sent events",
               "content": {"text/event-stream": {"itemSchema": event}}},
-        **error_responses(400, 401, 404, 413, 503),
+        **error_responses(400, 401, 404, 413, 429, 503),
     }
 
 

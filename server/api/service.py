@@ -54,15 +54,23 @@ class Service:
         return cards
 
     def check_capacity(self, num_requests: int) -> None:
-        """503 when the queue is full now; 400 when this request alone could never fit it."""
+        """503 (with Retry-After) when the engine's queue is full now; 400 when this request alone
+        could never fit it. The bound is `--max-waiting` (see config.SchedulerConfig)."""
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         if num_requests > self.engine.max_pending:
             raise APIError(400, f"the request asks for {num_requests} generations (prompts x n); this server "
                                 f"queues at most {self.engine.max_pending}", param="n", code="too_many_generations")
         if self.engine.num_pending + num_requests > self.engine.max_pending:
-            raise APIError(503, f"server overloaded ({self.engine.num_pending} requests pending); retry later",
-                           code="overloaded")
+            raise overloaded(f"server overloaded ({self.engine.num_pending} requests pending); retry later")
+
+
+OVERLOAD_RETRY_AFTER_S = 1  # a full queue drains in about one generation time; clients back off on their own
+
+
+def overloaded(message: str) -> APIError:
+    """Server full: 503 at once, never a long wait in a queue."""
+    return APIError(503, message, code="overloaded", headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_S)})
 
 
 def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:

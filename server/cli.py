@@ -102,7 +102,7 @@ FLAGS = [
     Flag("max-waiting", "scheduler.max_waiting", int, "requests pending in the engine (running + queued) before "
          "new ones get an immediate HTTP 503 (None: 3 x --max-num-seqs)"),
     Flag("scheduling", "scheduler.scheduling", _scheduling, "admission policy: fcfs | vtc (fair share between "
-         "tenants; default when --tenants or --api-keys is given, else fcfs); see docs/fairness.md"),
+         "tenants; default when --tenants or --api-keys is given, else fcfs); see docs/operator.md"),
     Flag("vtc-input-weight", "scheduler.vtc_input_weight", _cost, "VTC cost of a prompt token"),
     Flag("vtc-output-weight", "scheduler.vtc_output_weight", _cost, "VTC cost of an output token"),
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),

@@ -1,0 +1,162 @@
+"""Every family in the registry equals transformers (and PEFT), through the engine.
+
+Per family: a tiny random checkpoint from a transformers config with the family's options
+switched on (windows shorter than the prompts, soft-caps that bite, odd head_dims, scaled
+RoPE); a batch of prompts of different lengths, prefilled in chunks of 16 tokens, half of
+the requests on a PEFT adapter that targets every projection kind the family has, half on
+the base. Each reference runs alone in transformers / PEFT (batch 1, fp32, greedy).
+Then: checkpoints of an unsupported family or option are refused at start, by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from peft_adapters import make_peft_adapter, peft_greedy
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, SamplingParams
+from server.model.arch import ModelArch, UnsupportedModelError
+
+NEW = 12
+LENGTHS = (3, 11, 26, 40)
+SPLIT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# case -> (model_type, config overrides, adapter target_modules)
+CASES = {
+    "llama3-rope-tied-bias": ("llama", dict(
+        tie_word_embeddings=True, attention_bias=True,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=32)), SPLIT),
+    "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+                          SPLIT),
+    "llama-yarn-rope": ("llama", dict(max_position_embeddings=512, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128)), SPLIT),
+    "llama-dynamic-rope": ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+                           SPLIT),
+    "mistral-head-dim-window": ("mistral", dict(head_dim=24, sliding_window=8), SPLIT),
+    "qwen2-bias": ("qwen2", dict(), SPLIT),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=24), SPLIT),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.5,
+                              final_logit_softcapping=6.0, tie_word_embeddings=True), SPLIT),
+    "phi3-fused": ("phi3", dict(sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0),
+                   ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
+
+
+def make_engine(model_dir: Path, adapter_dir: Path) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.cache.kv_cache_memory = 4 << 20
+    cfg.scheduler.max_num_batched_tokens = 16  # every prompt but the shortest is prefilled in chunks
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {"fam": str(adapter_dir)}
+    cfg.lora.max_lora_rank = 8
+    return LLMEngine(cfg, model_dir)
+
+
+def run(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]]):
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+    for i, (adapter, prompt) in enumerate(jobs):
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
+    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_family_equals_transformers_and_peft(case, tmp_path):
+    model_type, overrides, targets = CASES[case]
+    model_dir = save_tiny_model(tmp_path / "model", model_type, seed=3, num_hidden_layers=2, **overrides)
+    adapter_dir = make_peft_adapter(model_dir, tmp_path / "adapter", seed=4, std=0.2, r=8, lora_alpha=16,
+                                    target_modules=targets)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
+    # Each prompt on the base and on the adapter, interleaved in one batch.
+    jobs = [(adapter, p) for p in prompts for adapter in (None, "fam")]
+    expected = [peft_greedy(model_dir, adapter_dir if a else None, p, NEW) for a, p in jobs]
+
+    tokens, logprobs = run(make_engine(model_dir, adapter_dir), jobs)
+
+    assert tokens == [e[0] for e in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=2e-4)
+    # The adapter visibly changes the model, so its half of the batch checks the LoRA path.
+    assert any(expected[i][0] != expected[i + 1][0] for i in range(0, len(jobs), 2))
+
+
+def _config(model_type: str, **overrides) -> dict:
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
+    d = cfg.to_dict()
+    d.update(overrides)
+    return d
+
+
+def _engine_refuses(tmp_path: Path, cfg: dict) -> str:
+    """Start an engine on a directory holding `cfg` (no weights needed: the config is read first)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    config = Config()
+    config.model.device = "cpu"
+    with pytest.raises(UnsupportedModelError) as err:
+        LLMEngine(config, tmp_path)
+    return str(err.value)
+
+
+def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path):
+    cfg = _config("gpt2", architectures=["GPT2LMHeadModel"])
+    message = _engine_refuses(tmp_path, cfg)
+    assert "unsupported architecture ['GPT2LMHeadModel']" in message
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Gemma2ForCausalLM", "Phi3ForCausalLM"):
+        assert name in message
+
+
+@pytest.mark.parametrize("model_type, overrides, why", [
+    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
+                                       long_factor=[2.0] * 8)),
+     "Phi-3 checkpoint: unsupported rope scaling 'longrope'; supported: default, linear, llama3, yarn, dynamic"),
+    ("llama", dict(hidden_act="relu"), "unsupported hidden_act 'relu'; supported: silu, gelu_pytorch_tanh"),
+    ("llama", dict(mlp_bias=True), "unsupported option mlp_bias=true"),
+    ("mistral", dict(attention_bias=True), "Mistral checkpoint: unsupported option attention_bias=true"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8, layer_types=["chunked_attention"] * 2),
+     "unsupported layer type 'chunked_attention'"),
+    ("llama", dict(sliding_window=8), "unsupported option sliding_window=8"),
+    ("llama", dict(final_logit_softcapping=30.0), "logit soft-capping is not part of this family"),
+])
+def test_unsupported_option_is_refused_by_name(tmp_path, model_type, overrides, why):
+    assert why in _engine_refuses(tmp_path, _config(model_type, **overrides))
+
+
+def test_dynamic_rope_past_the_pretrained_length_is_refused(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "m", "llama", num_hidden_layers=1, max_position_embeddings=64,
+                                rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    config = Config()
+    config.model.device = "cpu"
+    config.model.max_model_len = 128
+    with pytest.raises(UnsupportedModelError, match="dynamic RoPE scaling is served up to"):
+        LLMEngine(config, model_dir)
+
+
+def test_registry_states_each_family_once():
+    """The adapter-facing layout is derived from the one entry: fused names map to whole groups."""
+    phi = ModelArch.from_hf_config(_config("phi3", architectures=["Phi3ForCausalLM"]))
+    assert phi.lora_targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert phi.linear_shape("qkv_proj") == (64, 64 + 2 * 32) and phi.linear_shape("gate_up_proj") == (64, 224)
+    llama = ModelArch.from_hf_config(_config("llama", architectures=["LlamaForCausalLM"]))
+    assert llama.lora_groups["qkv"] == ("q_proj", "k_proj", "v_proj")
+    assert llama.linear_shape("k_proj") == (64, 32)

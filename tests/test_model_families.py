@@ -160,3 +160,24 @@ def test_registry_states_each_family_once():
     llama = ModelArch.from_hf_config(_config("llama", architectures=["LlamaForCausalLM"]))
     assert llama.lora_groups["qkv"] == ("q_proj", "k_proj", "v_proj")
     assert llama.linear_shape("k_proj") == (64, 32)
+
+
+def test_serve_any_family_and_models_shows_family_and_context(tmp_path):
+    """`loramux serve --model DIR` (the README command) on a non-Llama family; /v1/models says which."""
+    import httpx
+
+    from server_process import ServerProcess
+
+    model_dir = save_tiny_model(tmp_path / "gemma", "gemma2", num_hidden_layers=2, head_dim=16, sliding_window=8,
+                                max_position_embeddings=256)
+    srv = ServerProcess(["--model", str(model_dir), "--dtype", "float32", "--kv-cache-memory", "4MiB",
+                         "--num-threads", "1"], tmp_path / "server.log")
+    try:
+        cards = httpx.get(srv.base_url + "/v1/models", timeout=30).json()["data"]
+        assert [(c["family"], c["max_model_len"]) for c in cards] == [("gemma2", 256)]
+        body = {"model": cards[0]["id"], "prompt": [5, 9, 33, 41, 7, 12, 90, 3, 3, 17], "max_tokens": 6,
+                "temperature": 0}
+        done = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60).json()
+        assert done["usage"]["completion_tokens"] == 6, done
+    finally:
+        srv.stop()

@@ -155,6 +155,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.shape[0] == 0:
         return out
+    if window is not None and q.is_cpu and window >= int(token_ctx.max()):
+        window = None  # masks nothing in this batch: keep the fast path (no device sync on CPU)
     if window is not None or softcap is not None:
         if backend == "cpp":
             raise ValueError("the cpp backend supports neither a sliding window nor soft-capping")

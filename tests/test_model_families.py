@@ -181,3 +181,19 @@ def test_serve_any_family_and_models_shows_family_and_context(tmp_path):
         assert done["usage"]["completion_tokens"] == 6, done
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("adapter_on, base", [("llama", "phi3"), ("phi3", "llama")])
+def test_adapter_for_the_other_projection_layout_is_refused(tmp_path, adapter_on, base):
+    """Same shapes, other layout: a q_proj adapter on a fused-qkv base (and back) names the projections
+    this base serves instead of being packed into the wrong slices."""
+    from server.adapters import AdapterError, inspect_peft_adapter
+
+    source = save_tiny_model(tmp_path / "m", adapter_on, num_hidden_layers=1, pad_token_id=0)
+    targets = ["qkv_proj", "down_proj"] if adapter_on == "phi3" else ["q_proj", "down_proj"]
+    adapter = make_peft_adapter(source, tmp_path / "a", r=4, lora_alpha=4, target_modules=targets)
+    arch = ModelArch.from_hf_config(_config(base, num_hidden_layers=1, pad_token_id=0))
+    with pytest.raises(AdapterError) as err:
+        inspect_peft_adapter(adapter, arch, name="x", max_rank=8)
+    assert err.value.code == "adapter_unsupported"
+    assert f"decoder projections {', '.join(arch.lora_targets)} is served" in str(err.value)

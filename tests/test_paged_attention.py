@@ -312,3 +312,19 @@ def test_sliding_window_and_softcap(window, softcap):
         check(out, ref, torch.float32)
     with pytest.raises(ValueError, match="neither a sliding window nor soft-capping"):
         paged_attention(*args, backend="cpp", window=window, softcap=softcap)
+
+
+def test_window_longer_than_every_context_keeps_the_cpp_path(cpp):
+    """A window that masks nothing is dropped, so a long-window model (Phi-3: 2047) keeps the fast
+    kernel for short contexts: with the torch backend monkeyed out, `auto` must still answer."""
+    seqs = [(9, 1), (40, 40)]
+    args, tok = make_batch(seqs, 8, 2, 32, 8, torch.float32, seed=6)
+    ref = hf_style(args, tok, seqs)
+    out = torch.full_like(args[0], float("nan"))
+    saved = pa._paged_attention_torch
+    pa._paged_attention_torch = None  # calling it would raise
+    try:
+        paged_attention(*args, out=out, window=40)
+    finally:
+        pa._paged_attention_torch = saved
+    check(out, ref, torch.float32)

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from peft_adapters import make_peft_adapter, peft_greedy
+from peft_adapters import greedy, make_peft_adapter
 from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 from server.model.arch import ModelArch, UnsupportedModelError
 
 NEW = 12
-LENGTHS = (3, 11, 26, 40)
+LENGTHS = (3, 13, 37)
 SPLIT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # case -> (model_type, config overrides, adapter target_modules)
@@ -41,12 +41,30 @@ CASES = {
                            SPLIT),
     "mistral-head-dim-window": ("mistral", dict(head_dim=24, sliding_window=8), SPLIT),
     "qwen2-bias": ("qwen2", dict(), SPLIT),
+    "qwen2-window-from-layer-1": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+                                  ["q_proj", "v_proj", "down_proj"]),
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24), SPLIT),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.5,
                               final_logit_softcapping=6.0, tie_word_embeddings=True), SPLIT),
     "phi3-fused": ("phi3", dict(sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0),
                    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
+
+
+def references(model_dir: Path, adapter_dir: Path, jobs: list[tuple[str | None, list[int]]]):
+    """PEFT alone on each job (batch 1); base-only jobs with the adapter disabled."""
+    import contextlib
+
+    import peft
+    import transformers
+
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
+    results = []
+    for adapter, prompt in jobs:
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            results.append(greedy(model, prompt, NEW))
+    return results
 
 
 def make_engine(model_dir: Path, adapter_dir: Path) -> LLMEngine:
@@ -85,7 +103,7 @@ def test_family_equals_transformers_and_peft(case, tmp_path):
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
     # Each prompt on the base and on the adapter, interleaved in one batch.
     jobs = [(adapter, p) for p in prompts for adapter in (None, "fam")]
-    expected = [peft_greedy(model_dir, adapter_dir if a else None, p, NEW) for a, p in jobs]
+    expected = references(model_dir, adapter_dir, jobs)
 
     tokens, logprobs = run(make_engine(model_dir, adapter_dir), jobs)
 

@@ -54,7 +54,7 @@ class ModelArch:
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
-    family: Family = field(default=None, repr=False)  # type: ignore[assignment]  # set by from_hf_config
+    family: Family = field(repr=False)  # the registry entry: layout and options of this family
     rope: RopeConfig = field(default_factory=RopeConfig)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (tokens, self included) or None
     activation: str = "silu"

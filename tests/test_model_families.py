@@ -46,6 +46,11 @@ CASES = {
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24), SPLIT),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.5,
                               final_logit_softcapping=6.0, tie_word_embeddings=True), SPLIT),
+    "gemma3-text": ("gemma3_text", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                         "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0)}), SPLIT),
     "phi3-fused": ("phi3", dict(sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0),
                    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
@@ -140,7 +145,7 @@ def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path)
     message = _engine_refuses(tmp_path, cfg)
     assert "unsupported architecture ['GPT2LMHeadModel']" in message
     for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "Gemma2ForCausalLM", "Phi3ForCausalLM"):
+                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
         assert name in message
 
 
@@ -168,6 +173,24 @@ def test_dynamic_rope_past_the_pretrained_length_is_refused(tmp_path):
     config.model.max_model_len = 128
     with pytest.raises(UnsupportedModelError, match="dynamic RoPE scaling is served up to"):
         LLMEngine(config, model_dir)
+
+
+def test_legacy_gemma3_config_reads_as_transformers_converts_it():
+    """Hub Gemma 3 configs predate nested rope_parameters: rope_theta + rope_scaling for the global
+    layers, rope_local_base_freq for the sliding ones, sliding_window_pattern instead of layer_types."""
+    import transformers
+
+    legacy = dict(_config("gemma3_text", num_hidden_layers=7), rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                  rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=6, sliding_window=16)
+    for key in ("rope_parameters", "layer_types"):
+        legacy.pop(key)
+    hf = transformers.Gemma3TextConfig(**legacy)  # transformers' own conversion is the reference
+    arch = ModelArch.from_hf_config(legacy)
+    assert arch.layer_windows == tuple(16 if t == "sliding_attention" else None for t in hf.layer_types)
+    for rope, kind in zip(arch.layer_ropes, hf.layer_types):
+        want = hf.rope_parameters[kind]
+        assert (rope.rope_type, rope.theta, rope.factor) == (want["rope_type"], want["rope_theta"],
+                                                             want.get("factor", 1.0))
 
 
 def test_registry_states_each_family_once():

@@ -55,7 +55,7 @@ class ModelArch:
     qkv_bias: bool
     o_bias: bool
     family: Family = field(repr=False)  # the registry entry: layout and options of this family
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    layer_ropes: tuple[RopeConfig, ...] = ()  # per layer (families with local and global RoPE differ by layer)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (tokens, self included) or None
     activation: str = "silu"
     attn_scale: float = 0.0  # softmax scale; 0 = head_dim ** -0.5
@@ -135,6 +135,8 @@ class ModelArch:
         if not family.softcapping and any(softcaps):
             raise UnsupportedModelError(f"{where}: logit soft-capping is not part of this family")
 
+        types = _layer_types(cfg, family, num_layers, where)
+        ropes = _ropes_by_layer_type(cfg, family, where)
         eos: list[int] = []
         for source in (cfg, generation_cfg or {}):
             value = source.get("eos_token_id")
@@ -157,8 +159,8 @@ class ModelArch:
             qkv_bias=family.bias == "qkv" or attention_bias,
             o_bias=family.bias == "attention_bias" and attention_bias,
             family=family,
-            rope=_rope_config(cfg, where),
-            layer_windows=_layer_windows(cfg, family, num_layers, where),
+            layer_ropes=tuple(ropes[t] for t in types),
+            layer_windows=_layer_windows(cfg, family, types, where),
             activation=activation,
             attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5
             if family.query_pre_attn_scalar and cfg.get("query_pre_attn_scalar") else head_dim ** -0.5,
@@ -182,35 +184,49 @@ class ModelArch:
         return arch if arch.name else replace(arch, name=path.name)
 
 
-def _layer_windows(cfg: dict, family: Family, num_layers: int, where: str) -> tuple[int | None, ...]:
-    window = cfg.get("sliding_window")
-    if family.sliding_enabled_key is not None and not cfg.get(family.sliding_enabled_key, False):
-        window = None
-    if family.sliding == "none":
-        if window:
-            raise UnsupportedModelError(f"{where}: unsupported option sliding_window={window}")
-        return (None,) * num_layers
-    if family.sliding == "all":
-        return (int(window) if window else None,) * num_layers
-    types = cfg.get("layer_types")
-    if types is None:
-        types = [family.default_layer_types(cfg, i) for i in range(num_layers)] if window else []
-    if types and len(types) < num_layers:
+def _layer_types(cfg: dict, family: Family, num_layers: int, where: str) -> tuple[str, ...]:
+    """Each layer's attention kind: "full_attention" or "sliding_attention"."""
+    if family.sliding != "layer_types":
+        return ("full_attention",) * num_layers
+    types = cfg.get("layer_types") or [family.default_layer_types(cfg, i) for i in range(num_layers)]
+    if len(types) < num_layers:
         raise UnsupportedModelError(f"{where}: layer_types has {len(types)} entries for {num_layers} layers")
     for t in types:
         if t not in SUPPORTED_LAYER_TYPES:
             raise UnsupportedModelError(f"{where}: unsupported layer type {t!r}; supported: "
                                         f"{', '.join(SUPPORTED_LAYER_TYPES)}")
-    return tuple(int(window) if window and types and types[i] == "sliding_attention" else None
-                 for i in range(num_layers))
+    return tuple(types[:num_layers])
 
 
-def _rope_config(cfg: dict, where: str) -> RopeConfig:
-    # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+def _layer_windows(cfg: dict, family: Family, types: tuple[str, ...], where: str) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    if family.sliding_enabled_key is not None and not cfg.get(family.sliding_enabled_key, False):
+        window = None
+    if family.sliding == "none" and window:
+        raise UnsupportedModelError(f"{where}: unsupported option sliding_window={window}")
+    if family.sliding == "all":
+        return (int(window) if window else None,) * len(types)
+    return tuple(int(window) if window and t == "sliding_attention" else None for t in types)
+
+
+def _ropes_by_layer_type(cfg: dict, family: Family, where: str) -> dict[str, RopeConfig]:
+    # transformers >= 5 writes `rope_parameters` (nested by layer type where the family has several);
+    # older configs `rope_theta` + `rope_scaling` (+ a local base for the sliding layers).
     params = dict(cfg.get("rope_parameters") or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise UnsupportedModelError(f"{where}: per-layer-type RoPE parameters are not supported")
-    params = {**(cfg.get("rope_scaling") or {}), **params}
+    nested = {k: v for k, v in params.items() if isinstance(v, dict)}
+    if nested:
+        if not family.per_layer_rope or set(nested) != set(SUPPORTED_LAYER_TYPES):
+            raise UnsupportedModelError(f"{where}: unsupported per-layer-type RoPE parameters {sorted(nested)}")
+        return {t: _rope_config(cfg, d, where) for t, d in nested.items()}
+    rope = _rope_config(cfg, {**(cfg.get("rope_scaling") or {}), **params}, where)
+    ropes = dict.fromkeys(SUPPORTED_LAYER_TYPES, rope)
+    if family.local_rope_theta_key is not None:
+        ropes["sliding_attention"] = RopeConfig(theta=float(cfg.get(family.local_rope_theta_key) or 10000.0))
+    return ropes
+
+
+def _rope_config(cfg: dict, params: dict, where: str) -> RopeConfig:
+    """One RoPE from its parameter dict (`cfg` supplies the model-wide fallbacks)."""
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:

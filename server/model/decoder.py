@@ -48,7 +48,9 @@ class DecoderModel:
         self.w = weights
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
-        self.rope = RotaryEmbedding(arch.rope, arch.head_dim, max_positions, self.dtype, self.device)
+        # One table per distinct RoPE (local and global layers may differ), shared by its layers.
+        self.ropes = {r: RotaryEmbedding(r, arch.head_dim, max_positions, self.dtype, self.device)
+                      for r in dict.fromkeys(arch.layer_ropes)}
         self.act = _ACTIVATIONS[arch.activation]
         # As transformers: the scale is rounded to the weights' dtype before it multiplies.
         self.embed_scale = (torch.tensor(arch.hidden_size ** 0.5, dtype=self.dtype).item()
@@ -65,7 +67,7 @@ class DecoderModel:
         """-> final hidden states [T, hidden] (after the last norm)."""
         a = self.arch
         T = input_ids.shape[0]
-        cos, sin = self.rope.tables(positions)
+        tables = {r: rope.tables(positions) for r, rope in self.ropes.items()}
         hidden = F.embedding(input_ids, self.w.embed)
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
@@ -77,7 +79,7 @@ class DecoderModel:
             if layer.q_norm is not None:
                 self._qk_norm(heads, layer)
             q_k = heads[:, : a.num_heads + a.num_kv_heads]
-            self.rope.apply(q_k, cos, sin)
+            self.ropes[a.layer_ropes[i]].apply(q_k, *tables[a.layer_ropes[i]])
             kv = heads[:, a.num_heads:].view(T, 2, a.num_kv_heads, a.head_dim)
             layer_cache = kv_cache[i]
             layer_cache.index_copy_(0, attn.slot_mapping, kv)

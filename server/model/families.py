@@ -13,7 +13,7 @@ case in tests/test_model_families.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Runtime fused linear -> its output components, in output order (widths come from ModelArch).
 GROUP_COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -62,6 +62,10 @@ class Family:
     sliding: str = "none"
     default_layer_types: Callable[[dict, int], str] | None = None
     sliding_enabled_key: str | None = None  # a config flag that must be true for any window to apply
+    # RoPE per layer type: `rope_parameters` nested by layer type are read; legacy configs give the
+    # sliding layers a default RoPE of base `local_rope_theta_key` (the full layers keep the top-level one).
+    per_layer_rope: bool = False
+    local_rope_theta_key: str | None = None
     peft_default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")  # PEFT's per-model default
 
     @property
@@ -85,6 +89,15 @@ def _alternating_layer_type(cfg: dict, i: int) -> str:
     return "sliding_attention" if (i + 1) % 2 else "full_attention"
 
 
+def _gemma3_layer_type(cfg: dict, i: int) -> str:
+    # transformers' Gemma 3 default: every `sliding_window_pattern`-th layer is global.
+    return "sliding_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) else "full_attention"
+
+
+_GEMMA_NORMS = Norms(mlp_in="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
+                     mlp_out="post_feedforward_layernorm")
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "Llama 2/3/3.x, SmolLM", ("LlamaForCausalLM",), ("llama",), _SPLIT),
     Family("mistral", "Mistral", ("MistralForCausalLM",), ("mistral",), _SPLIT, bias="none", sliding="all"),
@@ -94,10 +107,13 @@ FAMILIES: tuple[Family, ...] = (
            norms=Norms(q="self_attn.q_norm", k="self_attn.k_norm"), sliding="layer_types",
            default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window"),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), _SPLIT,
-           norms=Norms(mlp_in="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
-                       mlp_out="post_feedforward_layernorm"),
-           norm_offset=1.0, activation_key="hidden_activation", embed_scale=True, softcapping=True,
+           norms=_GEMMA_NORMS, norm_offset=1.0, activation_key="hidden_activation", embed_scale=True, softcapping=True,
            query_pre_attn_scalar=True, sliding="layer_types", default_layer_types=_alternating_layer_type),
+    Family("gemma3_text", "Gemma 3 (text)", ("Gemma3ForCausalLM",), ("gemma3_text",), _SPLIT,
+           norms=replace(_GEMMA_NORMS, q="self_attn.q_norm", k="self_attn.k_norm"), norm_offset=1.0,
+           activation_key="hidden_activation", embed_scale=True, softcapping=True, query_pre_attn_scalar=True,
+           sliding="layer_types", default_layer_types=_gemma3_layer_type, per_layer_rope=True,
+           local_rope_theta_key="rope_local_base_freq"),
     Family("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), _FUSED, bias="none", sliding="all",
            peft_default_targets=None),
 )

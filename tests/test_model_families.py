@@ -51,6 +51,12 @@ CASES = {
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
                          "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0)}), SPLIT),
+    # LongRoPE within the original length (the short factors); max_model_len 64 = that length.
+    "phi3-longrope": ("phi3", dict(pad_token_id=0, max_position_embeddings=256, original_max_position_embeddings=64,
+                                   rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                        short_factor=[1.0, 1.3, 1.9, 2.5, 4.0, 6.0, 9.0, 14.0],
+                                                        long_factor=[2.0] * 8)),
+                      ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
     "phi3-fused": ("phi3", dict(sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0),
                    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
@@ -72,8 +78,9 @@ def references(model_dir: Path, adapter_dir: Path, jobs: list[tuple[str | None, 
     return results
 
 
-def make_engine(model_dir: Path, adapter_dir: Path) -> LLMEngine:
+def make_engine(model_dir: Path, adapter_dir: Path, max_model_len: int | None = None) -> LLMEngine:
     cfg = Config()
+    cfg.model.max_model_len = max_model_len
     cfg.model.dtype = "float32"
     cfg.model.device = "cpu"
     cfg.cache.kv_cache_memory = 4 << 20
@@ -110,7 +117,8 @@ def test_family_equals_transformers_and_peft(case, tmp_path):
     jobs = [(adapter, p) for p in prompts for adapter in (None, "fam")]
     expected = references(model_dir, adapter_dir, jobs)
 
-    tokens, logprobs = run(make_engine(model_dir, adapter_dir), jobs)
+    original = overrides.get("original_max_position_embeddings")  # longrope is exact up to there
+    tokens, logprobs = run(make_engine(model_dir, adapter_dir, max_model_len=original), jobs)
 
     assert tokens == [e[0] for e in expected]
     for got, (_, want) in zip(logprobs, expected):
@@ -150,9 +158,9 @@ def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path)
 
 
 @pytest.mark.parametrize("model_type, overrides, why", [
-    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
-                                       long_factor=[2.0] * 8)),
-     "Phi-3 checkpoint: unsupported rope scaling 'longrope'; supported: default, linear, llama3, yarn, dynamic"),
+    ("llama", dict(rope_parameters=dict(rope_type="proportional", rope_theta=10000.0)),
+     "Llama 2/3/3.x, SmolLM checkpoint: unsupported rope scaling 'proportional'; supported: default, linear, "
+     "llama3, yarn, dynamic, longrope"),
     ("llama", dict(hidden_act="relu"), "unsupported hidden_act 'relu'; supported: silu, gelu_pytorch_tanh"),
     ("llama", dict(mlp_bias=True), "unsupported option mlp_bias=true"),
     ("mistral", dict(attention_bias=True), "Mistral checkpoint: unsupported option attention_bias=true"),
@@ -165,13 +173,21 @@ def test_unsupported_option_is_refused_by_name(tmp_path, model_type, overrides, 
     assert why in _engine_refuses(tmp_path, _config(model_type, **overrides))
 
 
-def test_dynamic_rope_past_the_pretrained_length_is_refused(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "m", "llama", num_hidden_layers=1, max_position_embeddings=64,
-                                rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", dict(max_position_embeddings=64, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                      factor=2.0))),
+    ("phi3", dict(pad_token_id=0, max_position_embeddings=128, original_max_position_embeddings=64,
+                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
+                                       long_factor=[2.0] * 8))),
+])
+def test_rope_scaling_past_the_pretrained_length_is_refused(tmp_path, model_type, overrides):
+    """Past the original length transformers re-derives these RoPEs per batch: refused, with the way out."""
+    model_dir = save_tiny_model(tmp_path / "m", model_type, num_hidden_layers=1, **overrides)
     config = Config()
     config.model.device = "cpu"
     config.model.max_model_len = 128
-    with pytest.raises(UnsupportedModelError, match="dynamic RoPE scaling is served up to"):
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling is served up to 64 positions only; max_model_len "
+                                                    "128 is longer: pass --max-model-len 64"):
         LLMEngine(config, model_dir)
 
 

@@ -17,7 +17,7 @@ from server.model.families import (
     GROUP_COMPONENTS, GROUP_INPUT, SUPPORTED_ACTIVATIONS, SUPPORTED_LAYER_TYPES, Family, family_for, supported,
 )
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 class UnsupportedModelError(ValueError):
@@ -37,6 +37,9 @@ class RopeConfig:
     truncate: bool = True  # yarn
     attention_factor: float = 1.0  # cos/sin multiplier (yarn's mscale)
     partial_rotary_factor: float = 1.0  # fraction of head_dim rotated (the rest passes through)
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within the original length
+    # Positions past this need frequencies transformers derives per batch (dynamic, longrope): refused.
+    max_exact_positions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,9 +241,13 @@ def _rope_config(cfg: dict, params: dict, where: str) -> RopeConfig:
     if rope_type == "dynamic":  # transformers rescales only past max_position_embeddings
         original = int(cfg.get("max_position_embeddings", 2048))
     factor = float(params.get("factor") or 1.0)
-    if rope_type == "yarn" and not params.get("factor"):
+    if rope_type in ("yarn", "longrope") and not params.get("factor"):
         factor = int(cfg.get("max_position_embeddings", 2048)) / original
     attention_factor = 1.0
+    if rope_type == "longrope":
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     if rope_type == "yarn":
         attention_factor = params.get("attention_factor")
         if attention_factor is None:
@@ -259,6 +266,8 @@ def _rope_config(cfg: dict, params: dict, where: str) -> RopeConfig:
         truncate=bool(params.get("truncate", True)),
         attention_factor=float(attention_factor),
         partial_rotary_factor=float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0),
+        short_factor=tuple(float(f) for f in params.get("short_factor") or ()),
+        max_exact_positions=original if rope_type in ("dynamic", "longrope") else None,
     )
 
 

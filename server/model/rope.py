@@ -1,5 +1,5 @@
 """Rotary position embeddings (HF `rotate_half` layout): default, linear, Llama 3, YaRN, and
-dynamic NTK within the pretrained length; partial rotary dims (Phi-3 / Phi-4 style)."""
+dynamic NTK / LongRoPE within the pretrained length; partial rotary dims (Phi-3 / Phi-4 style)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def inv_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
         return torch.where(medium, smoothed, scaled)
     if rope.rope_type == "yarn":
         return _yarn(rope, rotary_dim)
+    if rope.rope_type == "longrope":  # the short factors: positions within the original length only
+        if len(rope.short_factor) != rotary_dim // 2:
+            raise UnsupportedModelError(f"longrope short_factor has {len(rope.short_factor)} entries; "
+                                        f"the rotary dim needs {rotary_dim // 2}")
+        shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        return 1.0 / (torch.tensor(rope.short_factor, dtype=torch.float32) * rope.theta ** shape)
     return inv_freq
 
 
@@ -62,12 +68,12 @@ class RotaryEmbedding:
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, dtype: torch.dtype,
                  device: torch.device):
-        if rope.rope_type == "dynamic" and max_positions > rope.original_max_position_embeddings:
-            # transformers re-derives dynamic NTK frequencies from each batch's length past this point,
-            # which a paged cache of already-rotated keys cannot reproduce.
+        if rope.max_exact_positions is not None and max_positions > rope.max_exact_positions:
+            # Past this point transformers re-derives the frequencies from each batch's length (and
+            # recomputes its cache), which a paged cache of already-rotated keys cannot reproduce.
             raise UnsupportedModelError(
-                f"dynamic RoPE scaling is served up to max_position_embeddings "
-                f"({rope.original_max_position_embeddings}) only; max_model_len {max_positions} is longer")
+                f"{rope.rope_type} RoPE scaling is served up to {rope.max_exact_positions} positions only; "
+                f"max_model_len {max_positions} is longer: pass --max-model-len {rope.max_exact_positions}")
         self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
         inv_freq = inv_frequencies(rope, self.rotary_dim)
         pos = torch.arange(max_positions, dtype=torch.int64).float()

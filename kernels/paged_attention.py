@@ -236,10 +236,10 @@ def _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, bloc
     mask = visible[:, None, None].expand(U, 1, G, Q, L).reshape(U, 1, G * Q, L)
     if softcap is None:
         o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [U, KVH, G*Q, D]
-    else:  # SDPA has no soft-capping: the same math spelled out
-        s = torch.matmul(qf, k.transpose(-1, -2)) * scale
+    else:  # SDPA has no soft-capping: the same math spelled out, in fp32 as transformers' eager path
+        s = torch.matmul(qf.float(), k.float().transpose(-1, -2)) * scale
         s = torch.tanh(s / softcap) * softcap
-        o = torch.matmul(s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+        o = torch.matmul(s.masked_fill(~mask, float("-inf")).softmax(-1), v.float()).to(q.dtype)
     o = o.view(U, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(U, Q, H, D)
     return o[inv, rank]
 

@@ -78,10 +78,11 @@ def references(model_dir: Path, adapter_dir: Path, jobs: list[tuple[str | None, 
     return results
 
 
-def make_engine(model_dir: Path, adapter_dir: Path, max_model_len: int | None = None) -> LLMEngine:
+def make_engine(model_dir: Path, adapter_dir: Path, max_model_len: int | None = None,
+                dtype: str = "float32") -> LLMEngine:
     cfg = Config()
     cfg.model.max_model_len = max_model_len
-    cfg.model.dtype = "float32"
+    cfg.model.dtype = dtype
     cfg.model.device = "cpu"
     cfg.cache.kv_cache_memory = 4 << 20
     cfg.scheduler.max_num_batched_tokens = 16  # every prompt but the shortest is prefilled in chunks
@@ -125,6 +126,22 @@ def test_family_equals_transformers_and_peft(case, tmp_path):
         assert got == pytest.approx(want, abs=2e-4)
     # The adapter visibly changes the model, so its half of the batch checks the LoRA path.
     assert any(expected[i][0] != expected[i + 1][0] for i in range(0, len(jobs), 2))
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3-text", "phi3-fused"])
+def test_bf16_stays_close(case, tmp_path):
+    """bf16 weights, KV cache and slots (the soft-capped and windowed paths too): the first token's
+    logprob stays near transformers' fp32 one."""
+    model_type, overrides, targets = CASES[case]
+    model_dir = save_tiny_model(tmp_path / "model", model_type, seed=3, num_hidden_layers=2, **overrides)
+    adapter_dir = make_peft_adapter(model_dir, tmp_path / "adapter", seed=4, std=0.2, r=8, lora_alpha=16,
+                                    target_modules=targets)
+    g = torch.Generator().manual_seed(6)
+    jobs = [(adapter, torch.randint(2, 320, (n,), generator=g).tolist()) for n, adapter in ((30, None), (20, "fam"))]
+    expected = references(model_dir, adapter_dir, jobs)
+    _, logprobs = run(make_engine(model_dir, adapter_dir, dtype="bfloat16"), jobs)
+    for got, (_, want) in zip(logprobs, expected):
+        assert got[0] == pytest.approx(want[0], abs=0.05)
 
 
 def _config(model_type: str, **overrides) -> dict:

@@ -226,6 +226,17 @@ def test_legacy_gemma3_config_reads_as_transformers_converts_it():
                                                              want.get("factor", 1.0))
 
 
+def test_every_registered_family_is_well_formed_and_has_a_parity_case():
+    from server.model.families import FAMILIES, GROUP_COMPONENTS
+
+    tested = {CASES[c][0] for c in CASES}
+    for family in FAMILIES:
+        assert set(family.linears) == set(GROUP_COMPONENTS), family.name
+        for group, modules in family.linears.items():
+            assert len(modules) in (1, len(GROUP_COMPONENTS[group])), (family.name, group)
+        assert set(family.model_types) & tested, f"{family.name} has no case in CASES"
+
+
 def test_registry_states_each_family_once():
     """The adapter-facing layout is derived from the one entry: fused names map to whole groups."""
     phi = ModelArch.from_hf_config(_config("phi3", architectures=["Phi3ForCausalLM"]))

@@ -41,10 +41,10 @@ class Norms:
     k: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
-    name: str
-    display: str  # for messages and /v1/models
+    name: str  # shown by /v1/models
+    display: str  # for messages
     architectures: tuple[str, ...]  # config.json `architectures` entries
     model_types: tuple[str, ...]  # config.json `model_type` values
     # Fused runtime linear -> checkpoint modules (inside `model.layers.{i}.`) packed into it, in

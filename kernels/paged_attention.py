@@ -130,7 +130,7 @@ def _int32(x: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, token_seq: torch.Tensor,
                     token_ctx: torch.Tensor, block_size: int, scale: float, out: torch.Tensor | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of T query tokens over their sequences' paged K/V.
 
     q            [T, H, D] fp32/bf16, RoPE applied.
@@ -140,6 +140,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     block_tables [B, max_blocks] int32; row b = block ids of sequence b (unused entries arbitrary).
     token_seq    [T] int32: block-table row of each token.
     token_ctx    [T] int32: positions [0, ctx) the token attends to (its position + 1), >= 1.
+    window       sliding window: a token sees only positions [ctx - window, ctx) (itself included).
+    softcap      scores (after `scale`) become softcap * tanh(scores / softcap) before the softmax.
+                 The cpp backend has neither option: with either set, `auto` runs the torch backend.
     Query head h uses kv head h // (H // KVH). Returns out [T, H, D] (q's dtype), written in place
     if `out` is given. The cpp backend checks every index it follows (token_seq, ctx against the
     block table width, block ids against the cache) and raises instead of reading out of bounds.
@@ -152,6 +155,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.shape[0] == 0:
         return out
+    if window is not None and q.is_cpu and window >= int(token_ctx.max()):
+        window = None  # masks nothing in this batch: keep the fast path (no device sync on CPU)
+    if window is not None or softcap is not None:
+        if backend == "cpp":
+            raise ValueError("the cpp backend supports neither a sliding window nor soft-capping")
+        backend = "torch" if backend == "auto" else backend
     if backend == "auto" or backend == "cpp":
         ok = (q.is_cpu and kv_cache.is_cpu and q.dtype in _CPP_DTYPES and kv_cache.dtype == q.dtype
               and kv_cache.stride(-1) == 1)
@@ -171,14 +180,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
             raise ValueError("the cpp backend needs CPU fp32/bf16 q and kv_cache of one dtype, kv_cache.stride(-1) == 1")
         backend = "torch"
     if backend == "torch":
-        res = _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale)
+        res = _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale,
+                                     window, softcap)
     else:
-        res = paged_attention_reference(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale)
+        res = paged_attention_reference(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale,
+                                        window, softcap)
     out.copy_(res)
     return out
 
 
-def _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale):
+def _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale, window=None,
+                           softcap=None):
     """Gather each distinct sequence's first L_u slots into [U, KVH, L, D] and run one SDPA.
 
     Tokens of one sequence become the query rows of one batch entry (GQA folded: the G heads of a
@@ -218,23 +230,34 @@ def _paged_attention_torch(q, kv_cache, block_tables, token_seq, token_ctx, bloc
     qf = qp.view(U, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(U, KVH, G * Q, D)
     ctxp = torch.ones(U, Q, dtype=torch.long, device=dev)  # padding queries see position 0 (no NaN)
     ctxp[inv, rank] = ctx
-    mask = (pos[None, None, :] < ctxp[:, :, None])[:, None, None].expand(U, 1, G, Q, L).reshape(U, 1, G * Q, L)
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [U, KVH, G*Q, D]
+    visible = pos[None, None, :] < ctxp[:, :, None]  # [U, Q, L]
+    if window is not None:
+        visible &= pos[None, None, :] >= ctxp[:, :, None] - window
+    mask = visible[:, None, None].expand(U, 1, G, Q, L).reshape(U, 1, G * Q, L)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [U, KVH, G*Q, D]
+    else:  # SDPA has no soft-capping: the same math spelled out, in fp32 as transformers' eager path
+        s = torch.matmul(qf.float(), k.float().transpose(-1, -2)) * scale
+        s = torch.tanh(s / softcap) * softcap
+        o = torch.matmul(s.masked_fill(~mask, float("-inf")).softmax(-1), v.float()).to(q.dtype)
     o = o.view(U, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(U, Q, H, D)
     return o[inv, rank]
 
 
-def paged_attention_reference(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale):
+def paged_attention_reference(q, kv_cache, block_tables, token_seq, token_ctx, block_size, scale, window=None,
+                              softcap=None):
     """Per-token loop in fp32; slow and obvious. Returns [T, H, D] in q's dtype."""
     T, H, D = q.shape
     G = H // kv_cache.shape[2]
     out = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
     for t in range(T):
         b, n = int(token_seq[t]), int(token_ctx[t])
-        p = torch.arange(n, device=q.device)
+        p = torch.arange(max(0, n - window) if window is not None else 0, n, device=q.device)
         slots = block_tables[b].long().to(q.device)[p // block_size] * block_size + p % block_size
         k = kv_cache[slots, 0].float().repeat_interleave(G, dim=1)  # [n, H, D]
         v = kv_cache[slots, 1].float().repeat_interleave(G, dim=1)
         s = torch.einsum("hd,nhd->hn", q[t].float(), k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         out[t] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
     return out.to(q.dtype)

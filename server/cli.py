@@ -86,7 +86,7 @@ class Flag:
 
 
 FLAGS = [
-    Flag("model", "model.path", str, "Hugging Face Llama-family model directory (default: the converted "
+    Flag("model", "model.path", str, "Hugging Face model directory of a registered family (server/model/families.py; default: the converted "
          "SmolLM2-135M-Instruct)"),
     Flag("served-model-name", "model.served_model_name", str, "`model` id of the base in the API"),
     Flag("dtype", "model.dtype", str, "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),

@@ -38,9 +38,7 @@ def save_tiny_model(path: Path, model_type: str, seed: int = 0, **overrides) -> 
                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, bos_token_id=0,
                   eos_token_id=1, tie_word_embeddings=False)
     common.update(overrides)
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[model_type]
-    config = config_cls(**common)
+    config = transformers.AutoConfig.for_model(model_type, **common)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Wider weights than the default init make logits peaked, so greedy ties are rare.
     with torch.no_grad():

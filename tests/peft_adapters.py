@@ -32,6 +32,11 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], new
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    return greedy(model, prompt, new)
+
+
+def greedy(model, prompt: list[int], new: int):
+    """Greedy tokens and the chosen tokens' logprobs of a loaded (PEFT) model, batch 1."""
     out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):].tolist()

@@ -84,13 +84,14 @@ def _make_batch(seqs, H, KVH, D, bs, dtype, seed, shuffle_tokens=True, split_cac
     return (q, kv_cache, bt, token_seq, token_ctx, bs, D ** -0.5), tok
 
 
-def hf_style(args, tok, seqs):
+def hf_style(args, tok, seqs, window=None, softcap=None):
     with one_thread():
-        return _hf_style(args, tok, seqs)
+        return _hf_style(args, tok, seqs, window, softcap)
 
 
-def _hf_style(args, tok, seqs):
-    """Independent oracle: per sequence, gather contiguous K/V, repeat_kv, causal mask, fp64 softmax."""
+def _hf_style(args, tok, seqs, window=None, softcap=None):
+    """Independent oracle: per sequence, gather contiguous K/V, repeat_kv, causal mask, fp64 softmax.
+    `window`: transformers' sliding overlay (key > query - window); `softcap`: Gemma 2's tanh cap."""
     q, kv_cache, bt, _, _, bs, scale = args
     T, H, D = q.shape
     KVH = kv_cache.shape[2]
@@ -107,7 +108,11 @@ def _hf_style(args, tok, seqs):
         qs = q[rows].double().permute(1, 0, 2)  # [H, n, D]
         pos = torch.tensor([tok[i][1] for i in rows])
         mask = torch.arange(L)[None, :] <= pos[:, None]  # causal
+        if window is not None:
+            mask &= torch.arange(L)[None, :] > pos[:, None] - window
         s = (qs @ k.transpose(1, 2)) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~mask, float("-inf"))
         out[rows] = (s.softmax(-1) @ v).permute(1, 0, 2)
     return out
@@ -290,3 +295,36 @@ def test_concurrent_callers(cpp):
     assert not errs
     for o in outs:
         check(o, ref, torch.float32)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (None, 0.7), (16, 2.0), (1, None)])
+def test_sliding_window_and_softcap(window, softcap):
+    """The options the cpp kernel lacks: `auto` takes the torch path, and it, like the reference,
+    matches the HF-style oracle (windows shorter and longer than a block, a prefill chunk, decodes)."""
+    seqs = [(1, 1), (9, 1), (40, 40), (70, 12)]
+    args, tok = make_batch(seqs, 8, 2, 32, 8, torch.float32, seed=5)
+    ref = hf_style(args, tok, seqs, window, softcap)
+    assert not torch.allclose(ref, hf_style(args, tok, seqs)), "the option changes the result"
+    for backend in ("auto", "torch", "reference"):
+        out = torch.full_like(args[0], float("nan"))
+        with one_thread() if backend == "reference" else contextlib.nullcontext():
+            paged_attention(*args, out=out, backend=backend, window=window, softcap=softcap)
+        check(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="neither a sliding window nor soft-capping"):
+        paged_attention(*args, backend="cpp", window=window, softcap=softcap)
+
+
+def test_window_longer_than_every_context_keeps_the_cpp_path(cpp):
+    """A window that masks nothing is dropped, so a long-window model (Phi-3: 2047) keeps the fast
+    kernel for short contexts: with the torch backend monkeyed out, `auto` must still answer."""
+    seqs = [(9, 1), (40, 40)]
+    args, tok = make_batch(seqs, 8, 2, 32, 8, torch.float32, seed=6)
+    ref = hf_style(args, tok, seqs)
+    out = torch.full_like(args[0], float("nan"))
+    saved = pa._paged_attention_torch
+    pa._paged_attention_torch = None  # calling it would raise
+    try:
+        paged_attention(*args, out=out, window=40)
+    finally:
+        pa._paged_attention_torch = saved
+    check(out, ref, torch.float32)

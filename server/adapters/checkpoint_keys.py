@@ -5,8 +5,9 @@ the `base_model.model.` wrapper prefix, the module's name inside the base model,
 the LoRA parameter with the adapter name removed. Other writers (Transformers' and
 Diffusers' PEFT integrations, hand-made exports of `model.state_dict()`) drop the
 wrapper prefix or keep the adapter name (`lora_A.default.weight`), and an adapter
-trained on a bare `LlamaModel` has no `model.` before `layers`. All of those are
-accepted, as long as one file uses one naming consistently.
+trained on a bare decoder (`LlamaModel`) has no `model.` before `layers`. All of those are
+accepted, as long as one file uses one naming consistently. Which projections exist, and in
+which block (`self_attn` / `mlp`), is the family registry's (`ModelArch.lora_targets`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.model.arch import LORA_TARGETS
+from server.model.families import BLOCK_OF
 
 from .errors import UNSUPPORTED, AdapterError
 
 PEFT_WRAPPER_PREFIX = "base_model.model."
-BLOCK_OF = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
 
 _LORA_KEY = re.compile(
     r"(?P<wrapper>base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<infix>[^.]+))?\.weight"
@@ -41,7 +38,7 @@ class LoraKey:
     tensor: str  # the checkpoint key, verbatim
     module_key: str  # the module's name inside the base model, e.g. "model.layers.0.mlp.up_proj"
     layer: int
-    module: str  # one of LORA_TARGETS
+    module: str  # one of the base model's lora_targets
     kind: str  # "lora_A" ([r, in]) or "lora_B" ([out, r])
     naming: tuple[bool, str, str | None]  # (has wrapper prefix, "model." or "", adapter-name infix)
 
@@ -51,19 +48,19 @@ def module_key(prefix: str, layer: int, module: str) -> str:
     return f"{prefix}layers.{layer}.{BLOCK_OF[module]}.{module}"
 
 
-def parse_lora_key(tensor: str, path: Path) -> LoraKey:
+def parse_lora_key(tensor: str, path: Path, targets: tuple[str, ...]) -> LoraKey:
     """Locate checkpoint key `tensor` (from file `path`); AdapterError(adapter_unsupported) if it is
-    not the lora_A/lora_B weight of one of the 7 decoder-layer projections."""
+    not the lora_A/lora_B weight of one of the base model's decoder-layer projections `targets`."""
     match = _LORA_KEY.fullmatch(tensor)
     if match is None:
         raise AdapterError(UNSUPPORTED, _why_not_lora(tensor), path=path)
     module_name = match["module"]
     proj = _PROJECTION.fullmatch(module_name)
-    if proj is None or proj["proj"] not in LORA_TARGETS or BLOCK_OF[proj["proj"]] != proj["block"]:
+    if proj is None or proj["proj"] not in targets or BLOCK_OF[proj["proj"]] != proj["block"]:
         raise AdapterError(
             UNSUPPORTED,
-            f"tensor {tensor!r} adapts module {module_name!r}; only LoRA on the decoder projections "
-            f"{', '.join(LORA_TARGETS)} is served (not embed_tokens, lm_head, norms, ...)",
+            f"tensor {tensor!r} adapts module {module_name!r}; only LoRA on this base model's decoder "
+            f"projections {', '.join(targets)} is served (not embed_tokens, lm_head, norms, ...)",
             path=path,
         )
     return LoraKey(

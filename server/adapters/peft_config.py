@@ -9,9 +9,9 @@ minus the `base_model.model.` prefix and the `.lora_A.weight` suffix).
   ending with `"." + entry` is targeted subject to `layers_to_transform` (layer index =
   the first `<layers_pattern>.<digits>.` segment). As a string: `re.fullmatch`, and
   `layers_to_transform` / `layers_pattern` are forbidden. `"all-linear"`
-  (any case) means every Linear except the output head; for a Llama-family model
-  those are exactly the 7 projections. `None` means PEFT's per-model default
-  (`q_proj`, `v_proj` for llama/mistral/qwen2).
+  (any case) means every Linear except the output head: exactly the decoder projections
+  the family registry lists for the base model. `None` means PEFT's per-model default
+  (from the registry too; `q_proj`, `v_proj` for most families, none for Phi-3).
 * `exclude_modules` (list: exact or dotted suffix; string: fullmatch) wins over targets.
 * `rank_pattern` / `alpha_pattern`: each key is a regex matched as
   `re.match(rf"(.*\\.)?({key})$", module_key)`, i.e. it must match a whole dotted
@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.model.families import family_named
+
 from .errors import INVALID, UNSUPPORTED, AdapterError
 from .regex_guard import compile_config_regex
 
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families we serve.
-DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj")}
 MAX_PATTERN_ENTRIES = 10_000
 
 # init_lora_weights values whose saved adapter is a plain LoRA delta on the unchanged base.
@@ -234,16 +234,19 @@ def _check_unsupported_features(cfg: Mapping[str, Any], path: Path) -> None:
 def _parse_targets(
     raw: Any, path: Path, model_type: str
 ) -> tuple[tuple[str, ...] | None, re.Pattern[str] | None]:
+    family = family_named(model_type)
     if raw is None:
-        default = DEFAULT_TARGETS.get(model_type)
+        default = family.peft_default_targets if family is not None else None
         if default is None:
             raise AdapterError(INVALID, "target_modules is null and there is no default for "
                                f"model type {model_type!r}", path=path)
         return default, None
     if isinstance(raw, str):
         if raw.lower() == ALL_LINEAR:
-            # The 7 projections are all the Linear layers below lm_head (the excluded output head).
-            return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None
+            # The decoder projections are all the Linear layers below lm_head (the excluded output head).
+            if family is None:
+                raise AdapterError(INVALID, f"all-linear has no meaning for model type {model_type!r}", path=path)
+            return family.lora_targets, None
         return None, compile_config_regex(raw, what="target_modules", path=path)
     if isinstance(raw, list) and raw and all(isinstance(t, str) and t for t in raw):
         return tuple(raw), None

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from server.model.arch import LORA_TARGETS, ModelArch
+from server.model.arch import ModelArch
 
 from .checkpoint_keys import PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
 from .errors import INCOMPATIBLE, INVALID, UNSUPPORTED, AdapterError
@@ -68,7 +68,7 @@ class LoraAdapter:
     name: str
     where: AdapterDir
     modules: Mapping[tuple[int, str], LoraModuleWeights]  # (layer index, "q_proj"...) -> weights
-    target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
+    target_modules: tuple[str, ...]  # projections present, in the model's lora_targets order
     rank: int  # max rank over modules
     num_params: int  # elements of all A and B
     nbytes: int  # fp32 bytes of all A and B
@@ -123,7 +123,7 @@ class AdapterSummary:
     name: str
     where: AdapterDir
     rank: int  # max rank over modules
-    target_modules: tuple[str, ...]  # projections present, in LORA_TARGETS order
+    target_modules: tuple[str, ...]  # projections present, in the model's lora_targets order
     num_params: int
     file_bytes: int  # size of adapter_model.safetensors on disk
     base_model_name_or_path: str | None
@@ -146,7 +146,7 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
     weights_fd = _weights_fd(files)
     header = read_header(weights_fd, max_bytes=max_bytes, path=weights_file)
 
-    keys = _parse_keys(header, weights_file)
+    keys = _parse_keys(header, weights_file, arch.lora_targets)
     pairs = _pair_up(keys, weights_file)
     base = cfg.get("base_model_name_or_path")
     # Shapes first, for all modules: "made for another base model" is the most useful diagnosis.
@@ -160,7 +160,7 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
     num_params = sum(_numel(header[k.tensor].shape) for pair in pairs.values() for k in pair)
     summary = AdapterSummary(
         name=name, where=files.where, rank=max(header[a.tensor].shape[0] for a, _ in pairs.values()),
-        target_modules=tuple(m for m in LORA_TARGETS if m in present), num_params=num_params,
+        target_modules=tuple(m for m in arch.lora_targets if m in present), num_params=num_params,
         file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
     )
     return _Plan(summary, spec, weights_file, weights_fd, pairs, cfg)
@@ -207,7 +207,7 @@ def load_peft_adapter(
                                "conversion)", path=plan.weights_file)
 
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for layer, module in sorted(plan.pairs, key=lambda lm: (lm[0], LORA_TARGETS.index(lm[1]))):
+    for layer, module in sorted(plan.pairs, key=lambda lm: (lm[0], arch.lora_targets.index(lm[1]))):
         key_a, key_b = plan.pairs[(layer, module)]
         modules[(layer, module)] = LoraModuleWeights(
             a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=plan.spec.scale_for(key_a.module_key)
@@ -245,10 +245,10 @@ def _weights_fd(files: OpenAdapterDir) -> int:
     raise AdapterError(INVALID, f"no {WEIGHTS_NAME}", path=files.where.path)
 
 
-def _parse_keys(header: Mapping[str, TensorInfo], path: Path) -> list[LoraKey]:
+def _parse_keys(header: Mapping[str, TensorInfo], path: Path, targets: tuple[str, ...]) -> list[LoraKey]:
     if not header:
         raise AdapterError(INVALID, "no tensors: the adapter holds no LoRA weights", path=path)
-    keys = [parse_lora_key(name, path) for name in sorted(header)]
+    keys = [parse_lora_key(name, path, targets) for name in sorted(header)]
     namings = {k.naming for k in keys}
     if len(namings) > 1:
         shown = ", ".join(sorted(_naming_template(n) for n in namings))
@@ -342,7 +342,7 @@ def _check_against_config(
     missing = [
         (layer, module)
         for layer in range(arch.num_layers)
-        for module in LORA_TARGETS
+        for module in arch.lora_targets
         if (layer, module) not in pairs and spec.targets(module_key(prefix, layer, module))
     ]
     if not missing:

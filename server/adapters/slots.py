@@ -5,6 +5,8 @@ Per layer and per fused projection group the pool holds
     b [num_layers, N, out_total, R]       (slices' lora_B * scale, concatenated along out)
 so `kernels.add_lora` serves every token of every adapter in one call per projection,
 and the fused qkv / gate_up GEMMs keep their LoRA as one shrink + one expand launch.
+Which PEFT modules stack into which group is the model's (`ModelArch.lora_groups`, from the
+family registry): q/k/v are three slices of `qkv`, a fused `qkv_proj` is one.
 A slot is (re)written only when an adapter that is not resident is needed by a step.
 """
 
@@ -21,14 +23,6 @@ from server.model.arch import ModelArch
 
 from .peft_format import LoraAdapter
 
-# Pool group (the model's fused linear) -> the PEFT modules it stacks, in output order.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-_SLICE_OF = {module: (group, i) for group, modules in GROUPS.items() for i, module in enumerate(modules)}
 
 
 class LoraSlots:
@@ -38,10 +32,12 @@ class LoraSlots:
         self.max_rank = max_rank
         self.metrics = metrics
         L, N, R = arch.num_layers, num_slots, max_rank
+        self.groups = arch.lora_groups  # pool group (the model's fused linear) -> PEFT modules, output order
+        self._slice_of = {m: (g, i) for g, modules in self.groups.items() for i, m in enumerate(modules)}
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         self.offsets: dict[str, tuple[int, ...]] = {}
-        for group, modules in GROUPS.items():
+        for group, modules in self.groups.items():
             in_features = arch.linear_shape(modules[0])[0]
             outs = [arch.linear_shape(m)[1] for m in modules]
             self.a[group] = torch.zeros(L, N, len(modules) * R, in_features, dtype=dtype, device=device)
@@ -93,11 +89,11 @@ class LoraSlots:
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         R = self.max_rank
-        for group in GROUPS:
+        for group in self.groups:
             self.a[group][:, slot].zero_()
             self.b[group][:, slot].zero_()
         for (layer, module), w in adapter.modules.items():
-            group, i = _SLICE_OF[module]
+            group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
             self.a[group][layer, slot, i * R: i * R + w.rank].copy_(w.a)
             # The scale is folded into B once here, so the kernels never see it.

@@ -340,6 +340,7 @@ class ModelCard(_ResponseBody):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    family: str | None = None  # the base model's family (server/model/families.py), on the base's card
 
 
 class ModelList(_ResponseBody):

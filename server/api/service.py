@@ -48,7 +48,8 @@ class Service:
         return name
 
     def model_cards(self, tenant: str) -> list[ModelCard]:
-        cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len)]
+        cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len,
+                           family=self.engine.engine.info.arch.family.name)]
         if self.adapters is not None:
             cards += [adapter_card(e, self.base_model) for e in self.adapters.registry.entries()]
         return cards

@@ -28,7 +28,7 @@ from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import EngineState, Metrics
 from server.model.arch import ModelArch
-from server.model.llama import LlamaModel
+from server.model.decoder import DecoderModel
 from server.model.loading import load_weights
 from server.model.tokenizer import Tokenizer
 
@@ -82,9 +82,6 @@ class LLMEngine:
 
         arch = ModelArch.from_dir(model_dir)
         max_len = mc.max_model_len or arch.max_position_embeddings
-        if arch.sliding_window and max_len > arch.sliding_window:
-            log.warning("capping max_model_len at the sliding window (%d)", arch.sliding_window)
-            max_len = arch.sliding_window
         per_block = KVCache.bytes_per_block(arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, dtype)
         num_blocks = cc.kv_cache_memory // per_block
         if num_blocks * cc.block_size < max_len:
@@ -99,7 +96,7 @@ class LLMEngine:
             load_cpp_extension()  # build (once, ~15 s) or load the C++ attention now, not on request 1
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)
-        self.model = LlamaModel(arch, weights, max_positions=max_len)
+        self.model = DecoderModel(arch, weights, max_positions=max_len)
         self.kv_cache = KVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                 dtype, device)
         lc = config.lora

@@ -17,7 +17,7 @@ from server.adapters.slots import LoraBatch, LoraSlots
 from server.engine.request import Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
-from server.model.llama import AttentionMetadata, LlamaModel
+from server.model.decoder import AttentionMetadata, DecoderModel
 
 
 @dataclass
@@ -42,7 +42,7 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, slots: LoraSlots | None = None):
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler, slots: LoraSlots | None = None):
         self.model = model
         self.kv = kv_cache
         self.sampler = sampler

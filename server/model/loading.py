@@ -1,7 +1,9 @@
-"""Hugging Face safetensors directory -> fused, device-resident weights for `LlamaModel`.
+"""Hugging Face safetensors directory -> fused, device-resident weights for `DecoderModel`.
 
-q/k/v are fused into one `qkv` matrix and gate/up into one `gate_up` matrix, so each
-decoder layer runs four GEMMs instead of seven. Pickle checkpoints are never loaded.
+The family registry says which checkpoint modules pack into each fused linear (q/k/v -> `qkv`,
+gate/up -> `gate_up`, or a checkpoint's own `qkv_proj` / `gate_up_proj` as is), so each decoder
+layer runs four GEMMs whatever the family. Norm weights are stored ready to multiply: a
+family whose RMSNorm scales by (1 + w) gets 1 + w here. Pickle checkpoints are never loaded.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from server.model.arch import ModelArch, UnsupportedModelError
 
 @dataclass
 class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
+    attn_in_norm: torch.Tensor  # [hidden]
     qkv: torch.Tensor  # [q_size + 2*kv_size, hidden]
     qkv_bias: torch.Tensor | None  # [q_size + 2*kv_size]
     o: torch.Tensor  # [hidden, q_size]
     o_bias: torch.Tensor | None  # [hidden]
-    post_norm: torch.Tensor  # [hidden]
+    mlp_in_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2*intermediate, hidden]
     down: torch.Tensor  # [hidden, intermediate]
+    attn_out_norm: torch.Tensor | None = None  # [hidden], on the attention output (sandwich norms)
+    mlp_out_norm: torch.Tensor | None = None  # [hidden], on the MLP output
+    q_norm: torch.Tensor | None = None  # [head_dim], per head, before RoPE
+    k_norm: torch.Tensor | None = None  # [head_dim]
 
 
 @dataclass
@@ -50,9 +56,6 @@ class _Checkpoint:
                 for key in handle.keys():
                     self._where[key] = f
 
-    def has(self, name: str) -> bool:
-        return name in self._where
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UnsupportedModelError(f"checkpoint is missing tensor {name!r}")
@@ -62,6 +65,7 @@ class _Checkpoint:
 
 def load_weights(path: str | Path, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> ModelWeights:
     ckpt = _Checkpoint(Path(path))
+    fam = arch.family
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = ckpt.get(name)
@@ -69,29 +73,42 @@ def load_weights(path: str | Path, arch: ModelArch, dtype: torch.dtype, device: 
             raise UnsupportedModelError(f"{name}: shape {tuple(t.shape)} does not match config {shape}")
         return t.to(dtype=dtype, device=device).contiguous()
 
-    def maybe(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return get(name, shape) if ckpt.has(name) else None
+    def norm(name: str | None, size: int) -> torch.Tensor | None:
+        if name is None:
+            return None
+        name += ".weight"
+        w = ckpt.get(name)
+        if tuple(w.shape) != (size,):
+            raise UnsupportedModelError(f"{name}: shape {tuple(w.shape)} does not match config {(size,)}")
+        return (w.float() + fam.norm_offset).to(dtype=dtype, device=device)
 
-    h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
+    def fused(prefix: str, group: str, suffix: str) -> torch.Tensor:
+        """The checkpoint modules of fused linear `group`, concatenated along out."""
+        parts = []
+        for module in fam.linears[group]:
+            n_in, n_out = arch.linear_shape(module.rsplit(".", 1)[1])
+            shape = (n_out, n_in) if suffix == "weight" else (n_out,)
+            parts.append(get(f"{prefix}{module}.{suffix}", shape))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    h, n = arch.hidden_size, fam.norms
     layers = []
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        biases = [maybe(f"{p}self_attn.{m}_proj.bias", (n,)) for m, n in (("q", q), ("k", kv), ("v", kv))]
-        if any(b is not None for b in biases) and not all(b is not None for b in biases):
-            raise UnsupportedModelError(f"layer {i}: q/k/v biases must be all present or all absent")
         layers.append(LayerWeights(
-            input_norm=get(f"{p}input_layernorm.weight", (h,)),
-            qkv=torch.cat([get(f"{p}self_attn.q_proj.weight", (q, h)),
-                           get(f"{p}self_attn.k_proj.weight", (kv, h)),
-                           get(f"{p}self_attn.v_proj.weight", (kv, h))]),
-            qkv_bias=torch.cat(biases) if biases[0] is not None else None,
-            o=get(f"{p}self_attn.o_proj.weight", (h, q)),
-            o_bias=maybe(f"{p}self_attn.o_proj.bias", (h,)),
-            post_norm=get(f"{p}post_attention_layernorm.weight", (h,)),
-            gate_up=torch.cat([get(f"{p}mlp.gate_proj.weight", (inter, h)),
-                               get(f"{p}mlp.up_proj.weight", (inter, h))]),
-            down=get(f"{p}mlp.down_proj.weight", (h, inter)),
+            attn_in_norm=norm(p + n.attn_in, h),
+            qkv=fused(p, "qkv", "weight"),
+            qkv_bias=fused(p, "qkv", "bias") if arch.qkv_bias else None,
+            o=fused(p, "o", "weight"),
+            o_bias=fused(p, "o", "bias") if arch.o_bias else None,
+            mlp_in_norm=norm(p + n.mlp_in, h),
+            gate_up=fused(p, "gate_up", "weight"),
+            down=fused(p, "down", "weight"),
+            attn_out_norm=norm(n.attn_out and p + n.attn_out, h),
+            mlp_out_norm=norm(n.mlp_out and p + n.mlp_out, h),
+            q_norm=norm(n.q and p + n.q, arch.head_dim),
+            k_norm=norm(n.k and p + n.k, arch.head_dim),
         ))
     embed = get("model.embed_tokens.weight", (arch.vocab_size, h))
     lm_head = embed if arch.tie_word_embeddings else get("lm_head.weight", (arch.vocab_size, h))
-    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (h,)), lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, norm=norm("model.norm", h), lm_head=lm_head)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.adapter_routes import router as adapter_router
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
 from server.api.middleware import BodyLimit, CatchAll
@@ -74,6 +75,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(adapter_router)
     install_openapi(app)
 
     def error(exc: APIError) -> JSONResponse:

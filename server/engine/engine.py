@@ -10,13 +10,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from kernels.paged_attention import load_cpp_extension
+from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
+from server.adapters.registry import AdapterRef
 from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
@@ -104,12 +106,11 @@ class LLMEngine:
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name]) \
             if lc.enabled else None
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed),
-                                  self.adapters.slots if self.adapters else None)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed))
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,
-                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None)
+                                   adapter_ready=self.adapters.is_ready if self.adapters else None)
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
@@ -140,20 +141,24 @@ class LLMEngine:
         vocab = self.info.arch.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.registry):
-            raise InvalidRequestError(f"The model `{request.adapter}` does not exist.", "model", "model_not_found")
+        if request.adapter is not None and (self.adapters is None or not self.adapters.exists(request.adapter)):
+            raise _adapter_not_found(request.adapter)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
         self.validate(request)
         if request.request_id in self._seqs:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        if request.adapter is not None:
+            # The request holds one version of its adapter until it finishes (see AdapterManager).
+            try:
+                request = replace(request, adapter=self.adapters.acquire(request.adapter))
+            except AdapterError:
+                raise _adapter_not_found(request.adapter) from None
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
         self.outputs.add(seq)
         self.scheduler.add(seq)
-        if request.adapter is not None:
-            self.adapters.cache.request(request.adapter)  # starts a background load on a miss
         self.publish_gauges()
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -199,8 +204,8 @@ class LLMEngine:
         the rest of the step still gets its tokens; the failing path costs O(k log B) passes."""
         names = {c.seq.adapter for c in chunks if c.seq.adapter is not None}
         try:
-            adapters = {n: self.adapters.cache.get(n) for n in sorted(names)} if names else None
-            result = self.runner.execute(chunks, adapters)
+            lora = self.adapters.activate(names) if names else None
+            result = self.runner.execute(chunks, lora)
         except Exception as exc:
             if len(chunks) > 1:
                 mid = len(chunks) // 2
@@ -240,7 +245,7 @@ class LLMEngine:
 
     def _poll_adapters(self) -> list[RequestOutput]:
         """Take in finished adapter loads; fail the requests whose adapter could not load."""
-        failed = self.adapters.cache.poll(self.scheduler.adapters_in_use)
+        failed = self.adapters.poll(self.scheduler.adapters_in_use)
         outputs = []
         for seq in [s for s in self._seqs.values() if s.adapter in failed]:
             error = failed[seq.adapter]
@@ -258,6 +263,8 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.outputs.remove(seq.request_id)
         del self._seqs[seq.request_id]
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
         now = time.monotonic()
         adapter = seq.adapter or ""
         m = self.metrics
@@ -266,6 +273,11 @@ class LLMEngine:
         m.e2e.labels(adapter).observe(now - seq.request.arrival_time)
         if seq.first_token_time is not None and seq.num_output_tokens > 1:
             m.tpot.labels(adapter).observe((now - seq.first_token_time) / (seq.num_output_tokens - 1))
+
+
+def _adapter_not_found(adapter: AdapterRef | str) -> InvalidRequestError:
+    name = adapter.name if isinstance(adapter, AdapterRef) else adapter
+    return InvalidRequestError(f"The model `{name}` does not exist.", "model", "model_not_found")
 
 
 def default_threads() -> int:

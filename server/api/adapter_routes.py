@@ -126,7 +126,7 @@ async def _read_upload(request: Request) -> tuple[str, str | None, dict[str, byt
     except Exception as exc:  # malformed multipart, or too many parts
         raise bad_request(f"unreadable multipart body ({getattr(exc, 'detail', None) or type(exc).__name__})",
                           code="invalid_request") from None
-    async with form:
+    try:
         unknown = sorted(set(form.keys()) - {"name", "tenant", CONFIG_NAME, WEIGHTS_NAME})
         if unknown:
             raise bad_request(f"unexpected form part(s): {', '.join(repr(k)[:40] for k in unknown)}",
@@ -143,4 +143,6 @@ async def _read_upload(request: Request) -> tuple[str, str | None, dict[str, byt
             if not isinstance(upload, UploadFile):
                 raise bad_request(f"the file `{part}` is required", param=part, code="invalid_request")
             files[part] = await upload.read()
+    finally:
+        await form.close()  # the spooled temp files
     return name, tenant or None, files

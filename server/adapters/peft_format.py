@@ -265,7 +265,9 @@ def _check_shapes(
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterError(INVALID, f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} must be 2-D",
                            path=path)
-    trained_on = f" (adapter trained on {base!r})" if base else ""
+    # A config written from a local checkout names an absolute path: show its last component only.
+    shown_base = Path(base).name if isinstance(base, str) and os.path.isabs(base) else base
+    trained_on = f" (adapter trained on {shown_base!r})" if base else ""
     if layer >= arch.num_layers:
         raise AdapterError(INCOMPATIBLE, f"{where}: the base model has only {arch.num_layers} layers"
                            f"{trained_on}", path=path)

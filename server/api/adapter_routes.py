@@ -17,17 +17,17 @@ running finish with the adapter's weights, and its files go when the last one ha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from server.adapters.errors import AdapterError
 from server.adapters.store_layout import CONFIG_NAME, WEIGHTS_NAME
 from server.api.admin_routes import check_tenant, is_admin, manager_of, unregister
 from server.api.auth import tenant_of
-from server.api.errors import APIError, bad_request, model_not_found
+from server.api.errors import APIError, model_not_found
 from server.api.openapi import error_responses
 from server.api.schemas import ModelCard
 from server.api.service import Service, adapter_card, adapter_error
@@ -83,13 +83,20 @@ async def list_adapters(request: Request, caller: Caller = Depends(caller_of)) -
     return out
 
 
-# 400: not multipart, a missing/extra part, a bad name or bad files; 401: key; 403: over quota, or a
-# tenant naming another tenant; 409: the name is taken; 413: body over --max-body-bytes.
+# 400: a missing part, a bad name or bad files; 401: key; 403: over quota, or a tenant naming another
+# tenant; 409: the name is taken; 413: body over --max-body-bytes.
 @router.post("/v1/adapters", responses=error_responses(400, 401, 403, 409, 413))
-async def upload_adapter(request: Request, caller: Caller = Depends(caller_of)) -> ModelCard:
+async def upload_adapter(
+    request: Request,
+    name: Annotated[str, Form(description="the adapter id")],
+    config: Annotated[UploadFile, File(alias=CONFIG_NAME, description="PEFT adapter_config.json")],
+    weights: Annotated[UploadFile, File(alias=WEIGHTS_NAME, description="PEFT adapter_model.safetensors")],
+    tenant: Annotated[str | None, Form(description="owner (admin key only); absent: shared")] = None,
+    caller: Caller = Depends(caller_of),
+) -> ModelCard:
     manager = manager_of(request)
-    name, tenant_param, files = await _read_upload(request)
-    owner = caller.owner(request, tenant_param)
+    owner = caller.owner(request, tenant or None)
+    files = {CONFIG_NAME: await config.read(), WEIGHTS_NAME: await weights.read()}
     limits = caller.tenant.limits if caller.tenant is not None else None
     try:
         entry = await run_in_threadpool(
@@ -115,34 +122,3 @@ async def delete_adapter(name: str, request: Request, tenant: str | None = None,
             raise model_not_found(name) from exc
         raise
     return DeletedAdapter(id=name)
-
-
-async def _read_upload(request: Request) -> tuple[str, str | None, dict[str, bytes]]:
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise bad_request("send the adapter as multipart/form-data: field `name`, files "
-                          f"`{CONFIG_NAME}` and `{WEIGHTS_NAME}`", code="invalid_request")
-    try:
-        form = await request.form(max_files=2, max_fields=2)
-    except Exception as exc:  # malformed multipart, or too many parts
-        raise bad_request(f"unreadable multipart body ({getattr(exc, 'detail', None) or type(exc).__name__})",
-                          code="invalid_request") from None
-    try:
-        unknown = sorted(set(form.keys()) - {"name", "tenant", CONFIG_NAME, WEIGHTS_NAME})
-        if unknown:
-            raise bad_request(f"unexpected form part(s): {', '.join(repr(k)[:40] for k in unknown)}",
-                              param=unknown[0][:40], code="unsupported")
-        name, tenant = form.get("name"), form.get("tenant")
-        if not isinstance(name, str):
-            raise bad_request("the form field `name` (the adapter id) is required", param="name",
-                              code="invalid_request")
-        if tenant is not None and not isinstance(tenant, str):
-            raise bad_request("`tenant` must be a form field", param="tenant", code="invalid_request")
-        files = {}
-        for part in (CONFIG_NAME, WEIGHTS_NAME):
-            upload = form.get(part)
-            if not isinstance(upload, UploadFile):
-                raise bad_request(f"the file `{part}` is required", param=part, code="invalid_request")
-            files[part] = await upload.read()
-    finally:
-        await form.close()  # the spooled temp files
-    return name, tenant or None, files

@@ -28,8 +28,8 @@ from server.adapters.safe_files import MAX_PATH_CHARS
 from server.adapters.store_layout import ADAPTER_NAME_RE
 from server.api.auth import bearer_token
 from server.api.errors import APIError
-from server.api.openapi import error_responses
-from server.api.schemas import ModelCard, RequestBody
+from server.api.openapi import STATUS_TEXT, error_responses
+from server.api.schemas import ErrorResponse, ModelCard, RequestBody
 from server.api.service import Service, adapter_card, adapter_error
 from server.engine.async_engine import EngineDeadError
 from server.tenants.table import TENANT_NAME_RE
@@ -40,6 +40,13 @@ router = APIRouter()
 
 _TENANT_SCHEMA = {"pattern": f"^{TENANT_NAME_RE.pattern}$"}
 _PLAIN = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Success: ..."}}
+
+
+def _json_errors(*statuses: int) -> dict[int, dict]:
+    """Error responses of a plain-text route: still OpenAI's JSON error object."""
+    schema = {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}
+    return {s: {"description": STATUS_TEXT[s], "content": {"application/json": {"schema": schema}}}
+            for s in statuses}
 
 
 def is_admin(request: Request) -> bool:
@@ -104,7 +111,7 @@ class UnloadAdapterRequest(RequestBody):
 # 400: invalid body, LoRA off, bad name or files, name already loaded (as vLLM); 401/403: admin
 # key / admin API off, or a path outside the allowed roots; 404: no such directory.
 @router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)], response_class=PlainTextResponse,
-             responses={**_PLAIN, **error_responses(400, 401, 403, 404)})
+             responses={**_PLAIN, **_json_errors(400, 401, 403, 404, 413)})
 async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextResponse:
     manager = manager_of(request)
     owner = check_tenant(request, body.tenant)
@@ -120,7 +127,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextR
 
 
 @router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)], response_class=PlainTextResponse,
-             responses={**_PLAIN, **error_responses(400, 401, 403, 404, 503)})
+             responses={**_PLAIN, **_json_errors(400, 401, 403, 404, 413, 503)})
 async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> PlainTextResponse:
     manager_of(request)
     await unregister(request, check_tenant(request, body.tenant), body.lora_name, delete_files=False)

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.api.adapter_routes import router as adapter_router
 from server.api.admin_routes import router as admin_router
@@ -104,9 +105,15 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         return error(APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`).
-        return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=exc.headers))
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`);
+        # Starlette names only the first route of the path (/v1/adapters has GET and POST).
+        headers = exc.headers
+        if exc.status_code == 405:
+            methods = sorted({m for r in app.routes if r.matches(request.scope)[0] is not Match.NONE
+                              for m in getattr(r, "methods", None) or ()})
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
+        return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=headers))
 
     @app.get("/health")
     async def health() -> JSONResponse:

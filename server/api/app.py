@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from server.api.adapter_routes import router as adapter_router
 from server.api.admin_routes import router as admin_router
@@ -110,9 +110,11 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         # Starlette names only the first route of the path (/v1/adapters has GET and POST).
         headers = exc.headers
         if exc.status_code == 405:
-            methods = sorted({m for r in app.routes if r.matches(request.scope)[0] is not Match.NONE
-                              for m in getattr(r, "methods", None) or ()})
-            headers = {**(headers or {}), "Allow": ", ".join(methods)}
+            path = request.scope.get("path", "")
+            methods = sorted({m.upper() for template, item in app.openapi()["paths"].items()
+                              if compile_path(template)[0].match(path) for m in item})
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=headers))
 
     @app.get("/health")

@@ -36,6 +36,7 @@ from .peft_format import parse_peft_adapter
 from .registry import AdapterEntry, AdapterRef, AdapterRegistry
 from .slots import LoraBatch, LoraSlots
 from .store import AdapterStore
+from .store_layout import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,15 @@ class AdapterManager:
     def upload(self, owner: str | None, name: str, files: dict[str, bytes], *,
                max_adapters: int | None = None, max_bytes: int | None = None) -> AdapterEntry:
         """Add an adapter to the store from its two files (CONFIG_NAME, WEIGHTS_NAME): written to a
-        temp directory, validated in full there, checked against the owner's quota, then renamed
-        into place and registered. Any refusal leaves nothing behind."""
+        temp directory, validated in full there, checked against the owner's quota (`max_bytes`:
+        the weights files of all its adapters), then renamed into place and registered. Any
+        refusal leaves nothing behind."""
         if self._store is None:
             raise AdapterError(NO_STORE, "this server has no adapter store (--adapters-dir): uploads are off")
         r = self._registry
         r.check_name(owner, name)
         with self._upload_lock:
-            self._check_quota(owner, name, sum(len(b) for b in files.values()), max_adapters, max_bytes)
+            self._check_quota(owner, name, len(files[WEIGHTS_NAME]), max_adapters, max_bytes)
             staged = self._store.stage(files)
             try:
                 summary, weights = parse_peft_adapter(staged, r.arch, name=name, max_rank=r.max_rank,
@@ -207,6 +209,11 @@ class AdapterManager:
         weights = {ref: self._cache.get(ref) for ref in sorted(refs, key=lambda r: (r.owner or "", r.name))}
         slot_of = self._slots.activate(weights)
         return StepLora(slot_of, self._slots.slot_rank, self._slots.num_slots, self._slots)
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of one adapter slot (all layers, at --max-lora-rank)."""
+        return self._slots.nbytes // self._slots.num_slots
 
     def num_users(self, ref: AdapterRef) -> int:
         return self._users[ref]

@@ -2,7 +2,8 @@
 visibility and isolation, uploads (validated in full, atomic, within quota), deletes, the vLLM
 unload/load lifecycle during a running stream, and a restart that keeps every owner's adapters.
 
-Expected generations come from PEFT on the same files, never from this server.
+Expected generations come from PEFT on the same files, never from this server. The tests share
+one server and build on each other's uploads, in file order (as pytest runs them).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def test_keys(api, server, seen):
     assert api["acme"].complete("shared-bot").status_code == 200
 
 
-def test_admin_acts_for_any_owner(api, adapters, tiny_llama_dir):
+def test_admin_acts_for_any_owner(api, adapters, tiny_llama_dir, work):
     admin = api["admin"]
     listing = admin.listing()
     assert {(a["id"], a["owned_by"]) for a in listing.values()} >= {("shared-bot", "loramux")}
@@ -207,6 +208,18 @@ def test_admin_acts_for_any_owner(api, adapters, tiny_llama_dir):
     assert admin.req("DELETE", "/v1/adapters/from-admin", params={"tenant": "initech"}).status_code == 200
     assert api["initech"].complete("from-admin").status_code == 404
     assert admin.upload("x", adapters["c"], tenant="nobody").status_code == 400
+    # vLLM's load route with a "tenant": that tenant's adapter, for this process's life.
+    import shutil
+    path = str(shutil.copytree(adapters["b"], work / "for-initech"))
+    r = admin.req("POST", "/v1/load_lora_adapter", json={"lora_name": "by-path", "lora_path": path,
+                                                          "tenant": "initech"})
+    assert r.status_code == 200, r.text
+    assert api["initech"].complete("by-path").json()["choices"][0]["text"] == \
+        peft_text(tiny_llama_dir, adapters["b"])
+    assert api["acme"].complete("by-path").status_code == 404
+    assert admin.req("POST", "/v1/unload_lora_adapter", json={"lora_name": "by-path"}).status_code == 404
+    r = admin.req("POST", "/v1/unload_lora_adapter", json={"lora_name": "by-path", "tenant": "initech"})
+    assert r.status_code == 200 and api["initech"].complete("by-path").status_code == 404
 
 
 @pytest.mark.parametrize("case", ["corrupt", "nan", "wrong-shapes", "oversize", "no-weights", "bad-json",

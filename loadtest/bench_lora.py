@@ -73,11 +73,13 @@ def prompts_for(engine: LLMEngine, n: int) -> list[list[int]]:
 
 def engine_run(engine: LLMEngine, prompts, names, new: int) -> float:
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    for n in set(names) - {None}:  # load every adapter into the host cache first: we time decode
-        engine.adapters.cache.request(n)
-    while engine.adapters and not all(engine.adapters.cache.is_resident(n) for n in set(names) - {None}):
+    # Load every adapter into the host cache first (hold each once: that starts its load): we time decode.
+    held = [engine.adapters.acquire(n) for n in set(names) - {None}]
+    while not all(engine.adapters.is_ready(ref) for ref in held):
         engine.step()
         time.sleep(0.01)
+    for ref in held:
+        engine.adapters.release(ref)
     t0 = time.perf_counter()
     for i, (p, n) in enumerate(zip(prompts, names)):
         engine.add_request(GenerationRequest(f"x{time.monotonic_ns()}-{i}", p, params, adapter=n))
@@ -140,7 +142,7 @@ def main() -> None:
     base = engine_for(model_dir, None, 1)
     lora = engine_for(model_dir, adapters, n_max)
     info = lora.info
-    per_adapter = lora.adapters.slots.nbytes // lora.adapters.slots.num_slots  # one slot, at rank --rank
+    per_adapter = lora.adapters.slot_nbytes  # one slot, at rank --rank
     base_bytes = info.arch.weight_params() * torch.empty((), dtype=info.dtype).element_size()
     N = args.new_tokens
     print(f"model {info.model_name}  dtype {info.dtype}  adapters rank {args.rank} on 7 projections "

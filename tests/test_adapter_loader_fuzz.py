@@ -276,7 +276,7 @@ def attempt(fn, top: Path, allowed: Path, weights: bytes | None):
 def every_entry_point(top: Path, root: Path, lora_path: str, weights: bytes | None, direct: Path | None) -> None:
     registry = AdapterRegistry(ARCH, max_rank=8, allowed_roots=[root], reserved_names=["base"])
     where = attempt(lambda: registry.check_allowed(lora_path), top, root, weights)
-    attempt(lambda: registry.add("fz", lora_path, "admin"), top, root, weights)
+    attempt(lambda: registry.add(None, "fz", lora_path, "admin"), top, root, weights)
     if where is not None:
         attempt(lambda: load_peft_adapter(where, ARCH, name="fz", max_rank=8), top, root, weights)
     if direct is not None:  # a directory named by the operator is its own root
@@ -331,4 +331,4 @@ def test_a_valid_adapter_loads_through_every_entry_point(workdir):
         loaded = attempt(lambda: load_peft_adapter(registry.check_allowed(str(adapter)), ARCH, name="fz",
                                                    max_rank=8), top, root, VALID_WEIGHTS)
         assert loaded is not None and loaded.rank == 4 and len(loaded.modules) == ARCH.num_layers
-        assert attempt(lambda: registry.add("fz", str(adapter), "admin"), top, root, None) is not None
+        assert attempt(lambda: registry.add(None, "fz", str(adapter), "admin"), top, root, None) is not None

@@ -122,7 +122,7 @@ def test_outside_the_roots_is_forbidden_without_naming_them(server, layout):
 
 def test_base_model_name_is_reserved(server, layout):
     assert models(server).count(BASE) == 1  # the store's adapter named "tiny" was skipped
-    err = assert_clean_error(load(server, BASE, str(layout["uploads"] / "fine")), 409, layout)
+    err = assert_clean_error(load(server, BASE, str(layout["uploads"] / "fine")), 400, layout)  # as vLLM
     assert err["code"] == "adapter_exists"
     assert models(server).count(BASE) == 1
 

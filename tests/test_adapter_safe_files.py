@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from server.adapters import AdapterError
 from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
 from server.adapters.safe_files import AdapterDir, OpenAdapterDir, read_limited
 from server.adapters.safetensors_file import load_tensors_fp32, read_header
 from server.model.arch import ModelArch
@@ -52,10 +53,10 @@ def test_lora_modules_paths_refuse_symlinked_files(tmp_path):
     linked = linked_copy(write_adapter(tmp_path / "real"), tmp_path / "linked")
     registry = AdapterRegistry(ARCH, 8, [])
     with pytest.raises(AdapterError, match="symbolic link") as info:
-        registry.add("x", linked, "cli")
+        registry.add(None, "x", linked, "cli")
     assert str(info.value).startswith(f"{CONFIG}: ") and str(tmp_path) not in str(info.value)
     assert str(tmp_path) in info.value.detail  # the full path is for the server log
-    assert registry.add("y", tmp_path / "real", "cli").summary.where.label == "real"
+    assert registry.add(None, "y", tmp_path / "real", "cli").summary.where.label == "real"
 
 
 def test_base_model_name_is_reserved_on_every_path(tmp_path, caplog):
@@ -64,12 +65,12 @@ def test_base_model_name_is_reserved_on_every_path(tmp_path, caplog):
     write_adapter(store / "other")
     registry = AdapterRegistry(ARCH, 8, [store], reserved_names=["base"])
     with caplog.at_level(logging.WARNING):
-        refused = registry.scan_store(store)
+        refused = registry.scan_store(AdapterStore(store))
     assert [e.code for e in refused] == ["adapter_exists"] and "not serving adapter 'base'" in caplog.text
     assert [e.name for e in registry.entries()] == ["other"]
     for source, path in (("cli", store / "base"), ("admin", str(store / "base"))):
         with pytest.raises(AdapterError, match="base model's name") as info:
-            registry.add("base", path, source, replace=True)
+            registry.add(None, "base", path, source, replace=True)
         assert info.value.code == "adapter_exists"
 
 

@@ -31,7 +31,7 @@ def test_an_adapter_unloaded_between_validation_and_admission_is_model_not_found
         try:
             request = GenerationRequest("r1", [5, 6, 7], SamplingParams(max_tokens=2), adapter="racer")
             bridge.validate(request)  # the HTTP side's check passes ...
-            await bridge.call(lambda e: e.adapters.registry.remove("racer"))  # ... then an unload wins the race
+            await bridge.call(lambda e: e.adapters.unregister(None, "racer"))  # ... then an unload wins the race
             with pytest.raises(InvalidRequestError) as refused:
                 await bridge.submit(request)
             base = await bridge.submit(GenerationRequest("r2", [5, 6, 7], SamplingParams(max_tokens=3)))

@@ -147,14 +147,14 @@ def test_cold_adapter_loads_while_other_streams_keep_decoding(default_model_dir,
     for _ in range(3):  # everyone is decoding
         engine.step()
     cold = "d-r64-all"  # the largest adapter: ~78 MB of fp32 weights to read, parse and check
-    assert not engine.adapters.cache.is_resident(cold)
+    assert not engine.adapters.residency(engine.adapters.lookup(None, cold))[0]
     engine.add_request(GenerationRequest("cold", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0),
                                          adapter=cold))
     steps_during_load = tokens_during_load = 0
     cold_tokens: list[int] = []
     for _ in range(1000):  # bounded: a load that never lands fails the test instead of hanging it
         outs = engine.step()
-        if engine.adapters.cache.is_resident(cold):  # this step's poll took the finished load in
+        if engine.adapters.residency(engine.adapters.lookup(None, cold))[0]:  # this step's poll took the finished load in
             cold_tokens += [t for o in outs if o.request_id == "cold" for t in o.token_ids]
             break
         steps_during_load += 1

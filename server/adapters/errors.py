@@ -23,13 +23,15 @@ INCOMPATIBLE = "adapter_incompatible"
 
 # An admin asked to register a path outside the allowed adapter roots.
 FORBIDDEN = "adapter_forbidden"
-# An admin asked to register a name that is taken.
+# A name that is taken (or the base model's).
 EXISTS = "adapter_exists"
 
-# An admin asked to unload an adapter that queued or running requests still use.
-IN_USE = "adapter_in_use"
+# A tenant's upload would pass its max_adapters / max_adapter_bytes.
+QUOTA = "quota_exceeded"
+# Uploads need an adapter store (--adapters-dir) and there is none.
+NO_STORE = "adapter_store_disabled"
 
-CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS, IN_USE)
+CODES = (NOT_FOUND, INVALID, UNSUPPORTED, INCOMPATIBLE, FORBIDDEN, EXISTS, QUOTA, NO_STORE)
 
 
 class AdapterError(ValueError):

@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from server.metrics import Metrics
 
 from .errors import INVALID, NOT_FOUND, AdapterError
-from .peft_format import LoraAdapter, load_peft_adapter
-from .registry import AdapterRegistry
+from .lora_weights import LoraAdapter
+from .peft_format import load_peft_adapter
+from .registry import AdapterRef, AdapterRegistry
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Done:
-    name: str
+    ref: AdapterRef
     adapter: LoraAdapter | None
     error: AdapterError | None
     seconds: float
@@ -42,62 +43,62 @@ class HostAdapterCache:
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
-        self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self._loading: set[str] = set()
+        self._resident: OrderedDict[AdapterRef, LoraAdapter] = OrderedDict()
+        self._loading: set[AdapterRef] = set()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
 
     # --- engine thread ---------------------------------------------------------------------
-    def request(self, name: str) -> bool:
-        """True if `name` is resident (a hit); otherwise make sure a load is under way."""
-        if name in self._resident:
-            self._resident.move_to_end(name)
+    def request(self, ref: AdapterRef) -> bool:
+        """True if `ref` is resident (a hit); otherwise make sure a load is under way."""
+        if ref in self._resident:
+            self._resident.move_to_end(ref)
             self.metrics.adapter_cache_hits.inc()
             return True
         self.metrics.adapter_cache_misses.inc()
-        if name not in self._loading:
-            self._loading.add(name)
-            self._pool.submit(self._load, name)
+        if ref not in self._loading:
+            self._loading.add(ref)
+            self._pool.submit(self._load, ref)
         return False
 
-    def is_resident(self, name: str) -> bool:
-        return name in self._resident
+    def is_resident(self, ref: AdapterRef) -> bool:
+        return ref in self._resident
 
-    def get(self, name: str) -> LoraAdapter:
-        adapter = self._resident[name]
-        self._resident.move_to_end(name)
+    def get(self, ref: AdapterRef) -> LoraAdapter:
+        adapter = self._resident[ref]
+        self._resident.move_to_end(ref)
         return adapter
 
-    def poll(self, in_use: Callable[[], Iterable[str]]) -> dict[str, AdapterError]:
+    def poll(self, in_use: Callable[[], Iterable[AdapterRef]]) -> dict[AdapterRef, AdapterError]:
         """Make finished loads resident, enforce the budget; returns the failed loads."""
-        failed: dict[str, AdapterError] = {}
+        failed: dict[AdapterRef, AdapterError] = {}
         changed = False
         while True:
             try:
                 done = self._done.get_nowait()
             except queue.Empty:
                 break
-            self._loading.discard(done.name)
+            self._loading.discard(done.ref)
             if done.adapter is None:
-                failed[done.name] = done.error
+                failed[done.ref] = done.error
                 continue
-            if done.name not in self.registry:  # unregistered while it loaded
+            if self.registry.version(done.ref) is None:  # retired while it loaded
                 continue
-            self._resident[done.name] = done.adapter
-            self._resident.move_to_end(done.name)
+            self._resident[done.ref] = done.adapter
+            self._resident.move_to_end(done.ref)
             changed = True
         if changed:
             self._evict(set(in_use()))
         self.metrics.adapters_resident.labels("host").set(len(self._resident))
         return failed
 
-    def drop(self, name: str) -> None:
-        """Forget `name` (unregistered or replaced)."""
-        self._resident.pop(name, None)
+    def drop(self, ref: AdapterRef) -> None:
+        """Forget `ref` (retired: nothing uses it any more)."""
+        self._resident.pop(ref, None)
 
-    def offer(self, adapter: LoraAdapter, seconds: float = 0.0) -> None:
+    def offer(self, ref: AdapterRef, adapter: LoraAdapter, seconds: float = 0.0) -> None:
         """Any thread: hand over an adapter loaded elsewhere (admin loads); resident at the next poll."""
-        self._done.put(_Done(adapter.name, adapter, None, seconds))
+        self._done.put(_Done(ref, adapter, None, seconds))
 
     @property
     def resident_bytes(self) -> int:
@@ -106,43 +107,43 @@ class HostAdapterCache:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _evict(self, in_use: set[str]) -> None:
+    def _evict(self, in_use: set[AdapterRef]) -> None:
         def over() -> bool:
             return len(self._resident) > self.max_adapters or self.resident_bytes > self.max_bytes
 
-        for name in list(self._resident):  # least recently used first
+        for ref in list(self._resident):  # least recently used first
             if not over():
                 return
-            entry = self.registry.get(name)
-            if name in in_use or (entry is not None and entry.pinned):
+            entry = self.registry.version(ref)
+            if ref in in_use or (entry is not None and entry.pinned):
                 continue
-            del self._resident[name]
+            del self._resident[ref]
             self.metrics.adapter_evictions.labels("host").inc()
         if over():
             log.warning("host adapter cache over budget: %d adapters / %d bytes are all in use or pinned",
                         len(self._resident), self.resident_bytes)
 
     # --- loader thread -----------------------------------------------------------------------
-    def _load(self, name: str) -> None:
+    def _load(self, ref: AdapterRef) -> None:
         t0 = time.perf_counter()
         adapter, error = None, None
         try:
-            entry = self.registry.get(name)
+            entry = self.registry.version(ref)
             if entry is None:
-                raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
+                raise AdapterError(NOT_FOUND, f"no adapter named {ref.name!r}")
             r = self.registry
             # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
-            adapter = load_peft_adapter(entry.summary.where, r.arch, name=name, max_rank=r.max_rank,
+            adapter = load_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
                                         max_bytes=r.max_bytes)
         except AdapterError as exc:
-            log.warning("loading adapter %r failed: %s", name, exc.detail)
+            log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc
         except Exception:  # an unreadable file must fail its requests, not the loader
-            log.exception("loading adapter %r failed", name)
+            log.exception("loading adapter %s failed", ref)
             error = AdapterError(INVALID, "the adapter could not be loaded (see the server log)")
         seconds = time.perf_counter() - t0
         self.metrics.adapter_loads.labels("ok" if error is None else "error").inc()
         self.metrics.adapter_load_seconds.observe(seconds)
-        self._done.put(_Done(name, adapter, error, seconds))
+        self._done.put(_Done(ref, adapter, error, seconds))
         if self.on_loaded is not None:
             self.on_loaded()

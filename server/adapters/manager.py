@@ -1,23 +1,57 @@
-"""The adapter tiers wired together for the engine: registry (disk) -> host cache -> device slots."""
+"""The adapter subsystem's one entry point: registry (names, owners, versions) -> host cache -> device slots.
+
+Callers (the engine, the HTTP routes) use only this class. Threads:
+  * lookups and listings: any thread;
+  * registration (`load_path`, `upload`, `set_pinned`): any thread, blocking file I/O (run it
+    off the event loop);
+  * everything that touches resident weights or reference counts (`acquire`, `release`,
+    `unregister`, `poll`, `activate`): the engine thread only.
+
+Lifecycle: each registration is a new version (`AdapterRef`). A request holds the version
+it was admitted with (`acquire` ... `release`). `unregister` stops new requests at once;
+a version still held drains (its weights stay resident) and is retired (memory freed,
+trashed files removed) when its last request finishes. Registering the name again while
+the old version drains serves the new version to new requests only.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from kernels import LoraSegments
 from server.config import LoraConfig
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
-from .errors import AdapterError
+from .errors import EXISTS, NO_STORE, NOT_FOUND, QUOTA, AdapterError
 from .host_cache import HostAdapterCache
-from .registry import AdapterRegistry
-from .slots import LoraSlots
+from .peft_format import parse_peft_adapter
+from .registry import AdapterEntry, AdapterRef, AdapterRegistry
+from .slots import LoraBatch, LoraSlots
+from .store import AdapterStore
+from .store_layout import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepLora:
+    """One step's adapters placed in device slots: ref -> slot, and each slot's rank."""
+
+    slot_of: dict[AdapterRef, int]
+    slot_rank: list[int]
+    num_slots: int
+    _slots: LoraSlots
+
+    def batch(self, segments: LoraSegments) -> LoraBatch:
+        return self._slots.batch(segments)
 
 
 class AdapterManager:
@@ -27,25 +61,171 @@ class AdapterManager:
         """`reserved_names`: ids no adapter may take (the base model's served name)."""
         roots = [Path(cfg.adapters_dir)] if cfg.adapters_dir else []
         roots += [Path(p) for p in cfg.allowed_adapter_roots]
-        self.registry = AdapterRegistry(arch, cfg.max_lora_rank, roots, reserved_names=reserved_names)
-        if cfg.adapters_dir:
-            self.registry.scan_store(Path(cfg.adapters_dir))
+        self._registry = AdapterRegistry(arch, cfg.max_lora_rank, roots, reserved_names=reserved_names)
+        self._store = AdapterStore(cfg.adapters_dir) if cfg.adapters_dir else None
+        if self._store is not None:
+            self._registry.scan_store(self._store)
         for name, path in cfg.lora_modules.items():  # named explicitly: a bad one is a startup error
             try:
-                self.registry.add(name, path, "cli", replace=True)
+                self._registry.add(None, name, path, "cli", replace=True)
             except AdapterError as exc:
                 log.error("--lora-modules %s: %s", name, exc.detail)
                 raise
         self._metrics = metrics
-        self.cache = HostAdapterCache(self.registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics, on_loaded)
+        self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
+                                       on_loaded)
         lora_dtype = dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
-        self.slots = LoraSlots(arch, cfg.max_loras, cfg.max_lora_rank, lora_dtype, device, metrics)
+        self._slots = LoraSlots(arch, cfg.max_loras, cfg.max_lora_rank, lora_dtype, device, metrics)
+        self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
+        self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time
+        entries = self._registry.entries()
         log.info("adapters: %d registered (%s); %d device slots x rank %d, %.0f MiB; host cache %d adapters",
-                 len(self.registry.entries()), ", ".join(e.name for e in self.registry.entries()[:8]),
-                 cfg.max_loras, cfg.max_lora_rank, self.slots.nbytes / 2**20, cfg.max_cpu_loras)
+                 len(entries), ", ".join(str(e.ref) for e in entries[:8]), cfg.max_loras, cfg.max_lora_rank,
+                 self._slots.nbytes / 2**20, cfg.max_cpu_loras)
 
-    def forget(self, name: str) -> None:
-        """Drop every resident copy of `name` (engine thread; after an unregister or a replace)."""
-        self.cache.drop(name)
-        self.slots.evict(name)
-        self._metrics.forget_adapter(name)
+        self._metrics = metrics
+    # --- lookups (any thread) ------------------------------------------------------------------
+    def lookup(self, tenant: str | None, name: str) -> AdapterRef | None:
+        """The version `name` means to `tenant` now: its own adapter, else the shared one; None if neither."""
+        entry = self._registry.lookup(tenant, name)
+        return entry.ref if entry else None
+
+    def get(self, owner: str | None, name: str) -> AdapterEntry | None:
+        """Exactly (owner, name), live."""
+        return self._registry.get(owner, name)
+
+    def visible(self, tenant: str | None) -> list[AdapterEntry]:
+        """What `tenant` may use (its own, then the shared ones it does not shadow)."""
+        return self._registry.visible(tenant)
+
+    def entries(self) -> list[AdapterEntry]:
+        """Every live adapter of every owner: for the admin."""
+        return self._registry.entries()
+
+    def exists(self, adapter: AdapterRef | str) -> bool:
+        """Whether a request for `adapter` (a version, or a shared name) can still be admitted."""
+        key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)
+        return key in self._registry
+
+    def residency(self, ref: AdapterRef) -> tuple[bool, bool]:
+        """(in the host cache, in a device slot): a snapshot, for listings."""
+        return self._cache.is_resident(ref), self._slots.is_resident(ref)
+
+    # --- registration (any thread; blocking I/O) -------------------------------------------------
+    def load_path(self, owner: str | None, name: str, path: str, *, pinned: bool = False) -> AdapterEntry:
+        """Register the adapter directory `path` (under an allowed root) as (owner, name), parsed
+        and validated once, in full (NaN/Inf included), and warm it into the host cache."""
+        r = self._registry
+        r.check_name(owner, name)  # before any file is touched
+        where = r.check_allowed(path)
+        summary, weights = parse_peft_adapter(where, r.arch, name=name, max_rank=r.max_rank, max_bytes=r.max_bytes)
+        entry = r.add(owner, name, where, "admin", summary=summary, pinned=pinned)
+        self._cache.offer(entry.ref, weights)
+        return entry
+
+    def upload(self, owner: str | None, name: str, files: dict[str, bytes], *,
+               max_adapters: int | None = None, max_bytes: int | None = None) -> AdapterEntry:
+        """Add an adapter to the store from its two files (CONFIG_NAME, WEIGHTS_NAME): written to a
+        temp directory, validated in full there, checked against the owner's quota (`max_bytes`:
+        the weights files of all its adapters), then renamed into place and registered. Any
+        refusal leaves nothing behind."""
+        if self._store is None:
+            raise AdapterError(NO_STORE, "this server has no adapter store (--adapters-dir): uploads are off")
+        r = self._registry
+        r.check_name(owner, name)
+        with self._upload_lock:
+            self._check_quota(owner, name, len(files[WEIGHTS_NAME]), max_adapters, max_bytes)
+            staged = self._store.stage(files)
+            try:
+                summary, weights = parse_peft_adapter(staged, r.arch, name=name, max_rank=r.max_rank,
+                                                      max_bytes=r.max_bytes)
+            except BaseException:
+                self._store.discard(staged)
+                raise
+            where = self._store.commit(staged, owner, name)
+            try:
+                entry = r.add(owner, name, where, "upload", summary=replace(summary, where=where))
+            except BaseException:
+                self._store.remove_trashed(self._store.trash(where))
+                raise
+        self._cache.offer(entry.ref, weights)
+        return entry
+
+    def _check_quota(self, owner: str | None, name: str, nbytes: int, max_adapters: int | None,
+                     max_bytes: int | None) -> None:
+        if (owner, name) in self._registry:
+            raise AdapterError(EXISTS, f"an adapter named {name!r} is already registered")
+        owned = self._registry.owned(owner) if owner is not None else []
+        if max_adapters is not None and len(owned) + 1 > max_adapters:
+            raise AdapterError(QUOTA, f"adapter quota reached: {len(owned)} of {max_adapters} adapters; "
+                                      "delete one first")
+        used = sum(e.summary.file_bytes for e in owned)
+        if max_bytes is not None and used + nbytes > max_bytes:
+            raise AdapterError(QUOTA, f"adapter storage quota: {used} + {nbytes} bytes would pass {max_bytes}")
+
+    def set_pinned(self, owner: str | None, name: str, pinned: bool) -> AdapterEntry:
+        return self._registry.set_pinned(owner, name, pinned)
+
+    # --- engine thread ----------------------------------------------------------------------------
+    def unregister(self, owner: str | None, name: str, *, delete_files: bool = False) -> AdapterEntry:
+        """New requests for (owner, name) 404 from now; running ones finish with their weights.
+        `delete_files`: also remove it from the store (its files move to the trash until retired)."""
+        entry = self._registry.remove(owner, name)
+        stored = entry.source in ("store", "upload")  # never files an admin merely pointed at
+        if delete_files and stored and self._store is not None and self._store.holds(entry.summary.where):
+            self._registry.move(entry.ref, self._store.trash(entry.summary.where))
+        if not self._users[entry.ref]:
+            self._retire(entry.ref)
+        else:
+            log.info("adapter %s unregistered; draining %d requests", entry.ref, self._users[entry.ref])
+        return entry
+
+    def acquire(self, adapter: AdapterRef | str) -> AdapterRef:
+        """Hold the live version of `adapter` (a version resolved earlier, or a shared name) for one
+        request and start loading it if needed; AdapterError(NOT_FOUND) if it is gone."""
+        key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)
+        entry = self._registry.get(*key)  # a version replaced since it was resolved: the new one
+        if entry is None:
+            raise AdapterError(NOT_FOUND, f"no adapter named {key[1]!r}")
+        self._users[entry.ref] += 1
+        self._cache.request(entry.ref)  # starts a background load on a miss
+        return entry.ref
+
+    def release(self, ref: AdapterRef) -> None:
+        """A request holding `ref` finished; the last one out of a draining version retires it."""
+        self._users[ref] -= 1
+        if self._users[ref] <= 0:
+            del self._users[ref]
+            if not self._registry.is_live(ref):
+                self._retire(ref)
+
+    def is_ready(self, ref: AdapterRef) -> bool:
+        return self._cache.is_resident(ref)
+
+    def poll(self, in_use: Callable[[], Iterable[AdapterRef]]) -> dict[AdapterRef, AdapterError]:
+        """Take in finished loads (see HostAdapterCache.poll); returns the failed ones."""
+        return self._cache.poll(in_use)
+
+    def activate(self, refs: Iterable[AdapterRef]) -> StepLora:
+        """Place one step's adapters (at most max_loras, all resident in the host cache) in device slots."""
+        weights = {ref: self._cache.get(ref) for ref in sorted(refs, key=lambda r: (r.owner or "", r.name))}
+        slot_of = self._slots.activate(weights)
+        return StepLora(slot_of, self._slots.slot_rank, self._slots.num_slots, self._slots)
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of one adapter slot (all layers, at --max-lora-rank)."""
+        return self._slots.nbytes // self._slots.num_slots
+
+    def num_users(self, ref: AdapterRef) -> int:
+        return self._users[ref]
+
+    def _retire(self, ref: AdapterRef) -> None:
+        entry = self._registry.version(ref)
+        self._cache.drop(ref)
+        self._slots.evict(ref)
+        self._registry.retire(ref)
+        self._metrics.forget_adapter(str(ref))
+        if entry is not None and self._store is not None:
+            self._store.remove_trashed(entry.summary.where)
+        log.info("adapter %s retired", ref)

@@ -28,15 +28,16 @@ from server.model.arch import ModelArch
 
 from .checkpoint_keys import PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
 from .errors import INCOMPATIBLE, INVALID, UNSUPPORTED, AdapterError
+from .lora_weights import LoraAdapter, LoraModuleWeights
 from .peft_config import LoraSpec, parse_lora_config
 from .safe_files import AdapterDir, OpenAdapterDir, read_limited
 from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
 
 __all__ = [
-    "AdapterError", "AdapterSummary", "LoraAdapter", "LoraModuleWeights", "inspect_peft_adapter",
-    "load_peft_adapter", "read_adapter_config",
-    "scan_adapter_store", "validate_adapter_name", "DEFAULT_MAX_BYTES",
+    "AdapterError", "AdapterSummary", "LoraAdapter", "inspect_peft_adapter", "load_peft_adapter",
+    "parse_peft_adapter", "read_adapter_config", "scan_adapter_store", "validate_adapter_name",
+    "DEFAULT_MAX_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,34 +47,6 @@ MAX_CONFIG_BYTES = 4 * 1024**2  # a 10k-entry rank_pattern fits comfortably
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Weight files PEFT (or torch) may write that we never open: all are pickle or unknown.
 _OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack")
-
-
-@dataclass(frozen=True, eq=False)
-class LoraModuleWeights:
-    """One adapted linear: delta(x) = scale * (x @ a.T) @ b.T."""
-
-    a: torch.Tensor  # [r, in]  float32, contiguous (PEFT lora_A.weight)
-    b: torch.Tensor  # [out, r] float32, contiguous (PEFT lora_B.weight; scale NOT folded in)
-    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module patterns applied)
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class LoraAdapter:
-    """A validated adapter, all weights in host memory as float32."""
-
-    name: str
-    where: AdapterDir
-    modules: Mapping[tuple[int, str], LoraModuleWeights]  # (layer index, "q_proj"...) -> weights
-    target_modules: tuple[str, ...]  # projections present, in the model's lora_targets order
-    rank: int  # max rank over modules
-    num_params: int  # elements of all A and B
-    nbytes: int  # fp32 bytes of all A and B
-    base_model_name_or_path: str | None
-    peft_config: Mapping[str, Any]  # the raw adapter_config.json (read-only view)
 
 
 def read_adapter_config(path: Path | AdapterDir) -> dict:
@@ -136,7 +109,6 @@ class _Plan:
     weights_file: Path  # for messages
     weights_fd: int  # open while the plan's OpenAdapterDir is
     pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]]
-    config: dict
 
 
 def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_bytes: int) -> _Plan:
@@ -163,7 +135,7 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
         target_modules=tuple(m for m in arch.lora_targets if m in present), num_params=num_params,
         file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
     )
-    return _Plan(summary, spec, weights_file, weights_fd, pairs, cfg)
+    return _Plan(summary, spec, weights_file, weights_fd, pairs)
 
 
 def _numel(shape) -> int:
@@ -194,6 +166,14 @@ def load_peft_adapter(
     Raises AdapterError (see errors.py for the codes); on success every module's
     `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
     """
+    return parse_peft_adapter(path, arch, name=name, max_rank=max_rank, max_bytes=max_bytes)[1]
+
+
+def parse_peft_adapter(
+    path: Path | str | AdapterDir, arch: ModelArch, *, name: str, max_rank: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[AdapterSummary, LoraAdapter]:
+    """`load_peft_adapter`, also returning what `inspect_peft_adapter` would: one parse for both."""
     validate_adapter_name(name)
     with OpenAdapterDir(_where(path)) as files:
         plan = _plan(files, arch, name, max_rank, max_bytes)
@@ -213,17 +193,8 @@ def load_peft_adapter(
             a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=plan.spec.scale_for(key_a.module_key)
         )
     s = plan.summary
-    return LoraAdapter(
-        name=s.name,
-        where=s.where,
-        modules=MappingProxyType(modules),
-        target_modules=s.target_modules,
-        rank=s.rank,
-        num_params=s.num_params,
-        nbytes=s.num_params * 4,
-        base_model_name_or_path=s.base_model_name_or_path,
-        peft_config=MappingProxyType(plan.config),
-    )
+    return s, LoraAdapter(modules=MappingProxyType(modules), target_modules=s.target_modules, rank=s.rank,
+                          num_params=s.num_params, nbytes=s.num_params * 4)
 
 
 def _weights_fd(files: OpenAdapterDir) -> int:
@@ -294,7 +265,9 @@ def _check_shapes(
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterError(INVALID, f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} must be 2-D",
                            path=path)
-    trained_on = f" (adapter trained on {base!r})" if base else ""
+    # A config written from a local checkout names an absolute path: show its last component only.
+    shown_base = Path(base).name if isinstance(base, str) and os.path.isabs(base) else base
+    trained_on = f" (adapter trained on {shown_base!r})" if base else ""
     if layer >= arch.num_layers:
         raise AdapterError(INCOMPATIBLE, f"{where}: the base model has only {arch.num_layers} layers"
                            f"{trained_on}", path=path)

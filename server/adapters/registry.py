@@ -1,16 +1,22 @@
-"""Which adapters this server can serve: name -> directory, validated against the base model.
+"""Which adapters this server can serve: (owner, name) -> the current version, validated.
 
-Registration runs every header-level check (`inspect_peft_adapter`), so a corrupt,
-pickled, wrong-shape or over-rank adapter is refused up front with a clear reason;
-only NaN/Inf in the tensor data waits for the real load. Safe to use from any thread.
+An adapter is shared (owner None) or owned by one tenant; names are per owner. Name
+resolution for a tenant: its own adapter of that name first, then the shared one (an own
+adapter shadows a shared one of the same name, for that tenant only); another tenant's
+adapters are invisible. Every registration is a new *version* (`AdapterRef`); an
+unregistered version stays known here (draining) until the manager retires it, so
+requests that hold it keep their weights. Registration runs every header-level check
+(`inspect_peft_adapter`), unless the caller parsed the adapter already and passes its
+summary. Safe to use from any thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.model.arch import ModelArch
@@ -18,20 +24,44 @@ from server.model.arch import ModelArch
 from .errors import EXISTS, NOT_FOUND, AdapterError
 from .peft_format import DEFAULT_MAX_BYTES, AdapterSummary, inspect_peft_adapter
 from .safe_files import AdapterDir, locate
-from .store_layout import scan_adapter_store, validate_adapter_name
+from .store import AdapterStore
+from .store_layout import validate_adapter_name
 
 log = logging.getLogger(__name__)
+
+Key = tuple[str | None, str]  # (owner tenant or None = shared, adapter name)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One registered version of an adapter: what a request holds while it runs."""
+
+    owner: str | None
+    name: str
+    version: int
+
+    @property
+    def key(self) -> Key:
+        return (self.owner, self.name)
+
+    def __str__(self) -> str:  # for logs and metric labels: never a path
+        return self.name if self.owner is None else f"{self.owner}/{self.name}"
 
 
 @dataclass(frozen=True)
 class AdapterEntry:
+    ref: AdapterRef
     summary: AdapterSummary
-    source: str  # "store" (found in --adapters-dir) | "cli" (--lora-modules) | "admin" (loaded over HTTP)
+    source: str  # "store" (found in the store) | "cli" (--lora-modules) | "admin" (loaded by path) | "upload"
     pinned: bool = False  # pinned adapters stay in the host cache
 
     @property
     def name(self) -> str:
-        return self.summary.name
+        return self.ref.name
+
+    @property
+    def owner(self) -> str | None:
+        return self.ref.owner
 
 
 class AdapterRegistry:
@@ -44,7 +74,9 @@ class AdapterRegistry:
         self.max_bytes = max_bytes
         self.allowed_roots = [p.resolve() for p in allowed_roots]
         self.reserved_names = frozenset(reserved_names)
-        self._entries: dict[str, AdapterEntry] = {}
+        self._live: dict[Key, AdapterEntry] = {}
+        self._versions: dict[AdapterRef, AdapterEntry] = {}  # live and draining
+        self._counter = itertools.count(1)
         self._lock = threading.Lock()
 
     def inspect(self, name: str, where: AdapterDir) -> AdapterSummary:
@@ -54,66 +86,110 @@ class AdapterRegistry:
         """Where `path` lies under an allowed root (symlinks and `..` resolved first); else AdapterError."""
         return locate(path, self.allowed_roots)
 
-    def check_name(self, name: str, *, replace: bool = False) -> str:
-        """`name` if it may name an adapter: a valid id, not reserved, not taken (unless `replace`);
-        else AdapterError. Cheap: run it before reading any file."""
+    def check_name(self, owner: str | None, name: str, *, replace: bool = False) -> str:
+        """`name` if it may name an adapter of `owner`: a valid id, not reserved, not taken
+        (unless `replace`); else AdapterError. Cheap: run it before reading any file."""
         validate_adapter_name(name)
         if name in self.reserved_names:
             raise AdapterError(EXISTS, f"{name!r} is the base model's name; choose another adapter id")
-        if not replace and name in self:
+        if not replace and (owner, name) in self:
             raise AdapterError(EXISTS, f"an adapter named {name!r} is already registered")
         return name
 
-    def add(self, name: str, path: Path | str | AdapterDir, source: str, *, replace: bool = False) -> AdapterEntry:
-        """Register `name` -> `path`. "admin" paths must lie under an allowed root; "cli" paths
-        (named by the operator) are their own root; "store" passes the AdapterDir it found."""
-        self.check_name(name, replace=replace)
-        if isinstance(path, AdapterDir):
-            where = path
-        else:
-            where = self.check_allowed(path) if source == "admin" else AdapterDir.own_root(path)
-        entry = AdapterEntry(self.inspect(name, where), source)
+    def add(self, owner: str | None, name: str, where: Path | str | AdapterDir, source: str, *,
+            summary: AdapterSummary | None = None, replace: bool = False, pinned: bool = False) -> AdapterEntry:
+        """Register a new version of (owner, name). "admin" paths must lie under an allowed root;
+        "cli" paths (named by the operator) are their own root; others pass the AdapterDir."""
+        self.check_name(owner, name, replace=replace)
+        if not isinstance(where, AdapterDir):
+            where = self.check_allowed(where) if source == "admin" else AdapterDir.own_root(where)
+        summary = summary or self.inspect(name, where)
         with self._lock:
-            if name in self._entries and not replace:
+            if (owner, name) in self._live and not replace:
                 raise AdapterError(EXISTS, f"an adapter named {name!r} is already registered")
-            self._entries[name] = entry
+            entry = AdapterEntry(AdapterRef(owner, name, next(self._counter)), summary, source, pinned)
+            self._live[(owner, name)] = entry
+            self._versions[entry.ref] = entry
         return entry
 
-    def scan_store(self, root: Path) -> list[AdapterError]:
-        """Register every valid adapter under `root`; return (and log) the refused ones."""
+    def scan_store(self, store: AdapterStore) -> list[AdapterError]:
+        """Register every valid adapter of `store` with its owner; return (and log) the refused ones."""
         refused = []
-        real_root = Path(root).resolve()
-        for name, path in scan_adapter_store(Path(root)).items():
+        for stored in store.scan():
             try:
-                self.add(name, AdapterDir(real_root, path.relative_to(real_root).parts), "store", replace=True)
+                self.add(stored.owner, stored.name, stored.where, "store", replace=True)
             except AdapterError as exc:
-                log.warning("not serving adapter %r: %s", name, exc.detail)
+                log.warning("not serving adapter %r: %s", stored.name, exc.detail)
                 refused.append(exc)
         return refused
 
-    def remove(self, name: str) -> AdapterEntry:
+    def remove(self, owner: str | None, name: str) -> AdapterEntry:
+        """Stop serving (owner, name) to new requests; its version stays known until `retire`."""
         with self._lock:
-            entry = self._entries.pop(name, None)
+            entry = self._live.pop((owner, name), None)
         if entry is None:
             raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
         return entry
 
-    def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
+    def retire(self, ref: AdapterRef) -> None:
+        """Forget a version nothing uses any more."""
         with self._lock:
-            entry = self._entries.get(name)
+            if self._live.get(ref.key, None) is None or self._live[ref.key].ref != ref:
+                self._versions.pop(ref, None)
+
+    def move(self, ref: AdapterRef, where: AdapterDir) -> None:
+        """A draining version's files moved (to the store's trash): loads read them there."""
+        with self._lock:
+            entry = self._versions.get(ref)
+            if entry is not None:
+                self._versions[ref] = replace(entry, summary=replace(entry.summary, where=where))
+
+    def set_pinned(self, owner: str | None, name: str, pinned: bool) -> AdapterEntry:
+        with self._lock:
+            entry = self._live.get((owner, name))
             if entry is None:
                 raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
-            entry = AdapterEntry(entry.summary, entry.source, pinned)
-            self._entries[name] = entry
+            entry = replace(entry, pinned=pinned)
+            self._live[(owner, name)] = self._versions[entry.ref] = entry
         return entry
 
-    def get(self, name: str) -> AdapterEntry | None:
+    def lookup(self, tenant: str | None, name: str) -> AdapterEntry | None:
+        """What `name` means to `tenant` (None: the shared set only): its own, else the shared one."""
         with self._lock:
-            return self._entries.get(name)
+            own = self._live.get((tenant, name)) if tenant is not None else None
+            return own or self._live.get((None, name))
 
-    def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
+    def get(self, owner: str | None, name: str) -> AdapterEntry | None:
+        """The live version of exactly (owner, name)."""
+        with self._lock:
+            return self._live.get((owner, name))
+
+    def version(self, ref: AdapterRef) -> AdapterEntry | None:
+        """A live or draining version."""
+        with self._lock:
+            return self._versions.get(ref)
+
+    def is_live(self, ref: AdapterRef) -> bool:
+        with self._lock:
+            entry = self._live.get(ref.key)
+            return entry is not None and entry.ref == ref
+
+    def __contains__(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._live
+
+    def visible(self, tenant: str | None) -> list[AdapterEntry]:
+        """The adapters `tenant` may use, by name: its own, then shared ones it does not shadow."""
+        with self._lock:
+            own = {n: e for (o, n), e in self._live.items() if tenant is not None and o == tenant}
+            shared = {n: e for (o, n), e in self._live.items() if o is None and n not in own}
+        return sorted([*own.values(), *shared.values()], key=lambda e: (e.owner is None, e.name))
 
     def entries(self) -> list[AdapterEntry]:
+        """Every live adapter of every owner (shared first)."""
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: e.name)
+            return sorted(self._live.values(), key=lambda e: (e.owner or "", e.name))
+
+    def owned(self, tenant: str) -> list[AdapterEntry]:
+        with self._lock:
+            return [e for (o, _), e in self._live.items() if o == tenant]

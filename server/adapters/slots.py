@@ -13,7 +13,7 @@ A slot is (re)written only when an adapter that is not resident is needed by a s
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import torch
 
@@ -21,7 +21,7 @@ from kernels import LoraSegments, add_lora
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
-from .peft_format import LoraAdapter
+from .lora_weights import LoraAdapter
 
 
 
@@ -49,14 +49,14 @@ class LoraSlots:
         # Per-layer views, made once: the hot path indexes lists, it builds no tensors.
         self.layer_a = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.layer_b = {g: list(t.unbind(0)) for g, t in self.b.items()}
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
+        self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
         self.slot_rank = [0] * N
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
-    def activate(self, adapters: Mapping[str, LoraAdapter]) -> dict[str, int]:
+    def activate(self, adapters: Mapping[Hashable, LoraAdapter]) -> dict[Hashable, int]:
         """Make every adapter of this step resident (at most `num_slots` of them) -> name: slot."""
         if len(adapters) > self.num_slots:
             raise ValueError(f"{len(adapters)} adapters in one step but only {self.num_slots} slots")
@@ -80,10 +80,10 @@ class LoraSlots:
         self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
         return {name: self._slot_of[name] for name in adapters}
 
-    def is_resident(self, name: str) -> bool:
+    def is_resident(self, name: Hashable) -> bool:
         return name in self._slot_of
 
-    def evict(self, name: str) -> None:
+    def evict(self, name: Hashable) -> None:
         """Forget `name` (unregistered or replaced); its slot is rewritten before any reuse."""
         self._slot_of.pop(name, None)
 

@@ -2,10 +2,18 @@
 
 ```
 adapters_store/
-  sql-expert/            adapter id "sql-expert"
+  sql-expert/            shared adapter "sql-expert"
     adapter_config.json
     adapter_model.safetensors
+  _tenants/
+    acme/
+      support-bot/       adapter "support-bot" owned by tenant "acme"
+  .tmp-upload-*/         uploads being written (removed at start: a crash leaves no half adapter)
+  .trash/                deleted adapters still draining (removed at start)
 ```
+
+`_tenants` cannot be an adapter id (ids start with a letter or digit), so tenant
+subdirectories never collide with shared adapters; tenant names are [a-z0-9_-].
 
 Adapter ids travel in URLs, JSON and file paths, so they are restricted to a
 conservative alphabet that cannot express path traversal ("..", "/", "\\",
@@ -23,6 +31,9 @@ from .errors import INVALID, AdapterError
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANTS_DIR = "_tenants"
+TMP_PREFIX = ".tmp-upload-"
+TRASH_DIR = ".trash"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -58,6 +69,8 @@ def scan_adapter_store(root: Path) -> dict[str, Path]:
     real_root = root.resolve()
     found: dict[str, Path] = {}
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name == TENANTS_DIR:  # tenants' adapters: see scan_tenant_stores
+            continue
         try:
             validate_adapter_name(entry.name)
         except AdapterError:
@@ -91,3 +104,21 @@ def scan_adapter_store(root: Path) -> dict[str, Path]:
 def _inside(path: Path, root: Path) -> bool:
     # Strictly below: a link to the store root itself is not an adapter either.
     return root in path.parents
+
+
+def scan_tenant_stores(root: Path) -> dict[str, dict[str, Path]]:
+    """Tenant -> (adapter id -> directory) for every tenant subdirectory of `root`/_tenants,
+    with `scan_adapter_store`'s rules; a tenant directory that is a symlink or has an invalid
+    name is skipped with a log line."""
+    from server.tenants.table import TENANT_NAME_RE
+
+    tenants_root = Path(root) / TENANTS_DIR
+    if not tenants_root.is_dir() or tenants_root.is_symlink():
+        return {}
+    found = {}
+    for entry in sorted(tenants_root.iterdir(), key=lambda p: p.name):
+        if entry.is_symlink() or not entry.is_dir() or not TENANT_NAME_RE.fullmatch(entry.name):
+            log.warning("adapter store: skipping %s: not a tenant directory", entry)
+            continue
+        found[entry.name] = scan_adapter_store(entry)
+    return found

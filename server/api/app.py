@@ -12,7 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
+from server.api.adapter_routes import router as adapter_router
 from server.api import tenant_admin_routes as tenant_admin
 from server.api.admin_routes import router as admin_router
 from server.api.errors import APIError
@@ -94,6 +96,7 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     metrics.set_tenants(t.name for t in app.state.tenants)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(adapter_router)
     app.include_router(tenant_admin.router)
     install_openapi(app)
 
@@ -125,9 +128,17 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         return error(APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`).
-        return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=exc.headers))
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`);
+        # Starlette names only the first route of the path (/v1/adapters has GET and POST).
+        headers = exc.headers
+        if exc.status_code == 405:
+            path = request.scope.get("path", "")
+            methods = sorted({m.upper() for template, item in app.openapi()["paths"].items()
+                              if compile_path(template)[0].match(path) for m in item})
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
+        return error(APIError(exc.status_code, str(exc.detail), code="http_error", headers=headers))
 
     @app.get("/health")
     async def health() -> JSONResponse:

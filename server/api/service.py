@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.adapters.errors import EXISTS, FORBIDDEN, IN_USE, NOT_FOUND, AdapterError
+from server.adapters.errors import EXISTS, FORBIDDEN, NOT_FOUND, QUOTA, AdapterError
 from server.adapters.manager import AdapterManager
-from server.adapters.registry import AdapterEntry
+from server.adapters.registry import AdapterEntry, AdapterRef
 from server.api.errors import APIError, model_not_found
 from server.api.schemas import ModelCard
 from server.engine.async_engine import AsyncEngine
 from server.model.tokenizer import Tokenizer
 
-_ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, EXISTS: 409, IN_USE: 409}
+_ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, QUOTA: 403, EXISTS: 409}
 
 
 def adapter_error(exc: AdapterError) -> APIError:
-    """AdapterError -> OpenAI error: unknown 404, forbidden path 403, name taken / in use 409, else 400."""
+    """AdapterError -> OpenAI error: unknown 404, forbidden path / over quota 403, name taken 409, else 400."""
     return APIError(_ADAPTER_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
@@ -28,11 +28,12 @@ class Service:
     max_model_len: int
     adapters: AdapterManager | None = None
 
-    def resolve_model(self, model: str, adapter_id: str | None, tenant: str) -> str | None:
-        """The adapter a request runs with (None: the base), or a 404.
+    def resolve_model(self, model: str, adapter_id: str | None, tenant: str) -> AdapterRef | None:
+        """The adapter version a request runs with (None: the base), or a 404.
 
         `model` names the base or an adapter (as in vLLM); or `adapter_id` names the adapter
-        with `model` = the base."""
+        with `model` = the base. A tenant sees its own adapters, then the shared ones; another
+        tenant's adapter answers exactly as one that does not exist."""
         if adapter_id:
             if model != self.base_model:
                 raise model_not_found(model)
@@ -41,17 +42,19 @@ class Service:
             return None
         else:
             name, param = model, "model"
-        if self.adapters is None or name not in self.adapters.registry:
+        ref = self.adapters.lookup(tenant, name) if self.adapters is not None else None
+        if ref is None:
             err = model_not_found(name)
             err.param = param
             raise err
-        return name
+        return ref
 
     def model_cards(self, tenant: str) -> list[ModelCard]:
+        """The base and every adapter `tenant` may use (never a filesystem path)."""
         cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len,
                            family=self.engine.engine.info.arch.family.name)]
         if self.adapters is not None:
-            cards += [adapter_card(e, self.base_model) for e in self.adapters.registry.entries()]
+            cards += [adapter_card(e, self.base_model) for e in self.adapters.visible(tenant)]
         return cards
 
     def check_capacity(self, num_requests: int) -> None:
@@ -75,8 +78,9 @@ def overloaded(message: str) -> APIError:
 
 
 def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:
-    """An adapter's card; `root` is its id, as vLLM shows LoRA modules (never a server filesystem path)."""
+    """An adapter's card; `root` is its id (never a server filesystem path); `owned_by` its
+    tenant, or "loramux" for a shared adapter."""
     s = entry.summary
-    return ModelCard(id=s.name, root=s.name, parent=base_model, rank=s.rank,
-                     target_modules=list(s.target_modules), size_bytes=s.file_bytes, num_params=s.num_params,
-                     source=entry.source, pinned=entry.pinned)
+    return ModelCard(id=entry.name, root=entry.name, parent=base_model, owned_by=entry.owner or "loramux",
+                     shared=entry.owner is None, rank=s.rank, target_modules=list(s.target_modules),
+                     size_bytes=s.file_bytes, num_params=s.num_params, source=entry.source, pinned=entry.pinned)

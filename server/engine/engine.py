@@ -11,13 +11,15 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from kernels.paged_attention import load_cpp_extension
+from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
+from server.adapters.registry import AdapterRef
 from server.config import Config
 from server.engine.kv_cache import BlockAllocator, blocks_for
 from server.engine.model_runner import KVCache, ModelRunner
@@ -103,12 +105,11 @@ class LLMEngine:
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name]) \
             if lc.enabled else None
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed),
-                                  self.adapters.slots if self.adapters else None)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed))
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,
-                                   adapter_ready=self.adapters.cache.is_resident if self.adapters else None,
+                                   adapter_ready=self.adapters.is_ready if self.adapters else None,
                                    policy=make_policy(config))
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
@@ -141,20 +142,24 @@ class LLMEngine:
         vocab = self.info.arch.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.registry):
-            raise InvalidRequestError(f"The model `{request.adapter}` does not exist.", "model", "model_not_found")
+        if request.adapter is not None and (self.adapters is None or not self.adapters.exists(request.adapter)):
+            raise _adapter_not_found(request.adapter)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
         self.validate(request)
         if request.request_id in self._seqs:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        if request.adapter is not None:
+            # The request holds one version of its adapter until it finishes (see AdapterManager).
+            try:
+                request = replace(request, adapter=self.adapters.acquire(request.adapter))
+            except AdapterError:
+                raise _adapter_not_found(request.adapter) from None
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
         self.outputs.add(seq)
         self.scheduler.add(seq)
-        if request.adapter is not None:
-            self.adapters.cache.request(request.adapter)  # starts a background load on a miss
         self.publish_gauges()
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -184,7 +189,7 @@ class LLMEngine:
         running, waiting = set(), set()
         for seq in self._seqs.values():
             if seq.adapter is not None:
-                (running if seq.status is SeqStatus.RUNNING else waiting).add(seq.adapter)
+                (running if seq.status is SeqStatus.RUNNING else waiting).add(str(seq.adapter))
         self.metrics.publish(EngineState(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
                                          kv_blocks_used=self.allocator.num_used,
                                          running_adapters=tuple(sorted(running)),
@@ -227,8 +232,8 @@ class LLMEngine:
         the rest of the step still gets its tokens; the failing path costs O(k log B) passes."""
         names = {c.seq.adapter for c in chunks if c.seq.adapter is not None}
         try:
-            adapters = {n: self.adapters.cache.get(n) for n in sorted(names)} if names else None
-            result = self.runner.execute(chunks, adapters)
+            lora = self.adapters.activate(names) if names else None
+            result = self.runner.execute(chunks, lora)
         except Exception as exc:
             if len(chunks) > 1:
                 mid = len(chunks) // 2
@@ -245,7 +250,7 @@ class LLMEngine:
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                self.metrics.on_first_token(seq.request.tenant, seq.adapter or "", seq.num_prompt_tokens,
+                self.metrics.on_first_token(seq.request.tenant, _label(seq.adapter), seq.num_prompt_tokens,
                                             now - seq.request.arrival_time)
             try:
                 out = self.outputs.on_token(seq, token, logprobs)
@@ -269,7 +274,7 @@ class LLMEngine:
 
     def _poll_adapters(self) -> list[RequestOutput]:
         """Take in finished adapter loads; fail the requests whose adapter could not load."""
-        failed = self.adapters.cache.poll(self.scheduler.adapters_in_use)
+        failed = self.adapters.poll(self.scheduler.adapters_in_use)
         outputs = []
         for seq in [s for s in self._seqs.values() if s.adapter in failed]:
             error = failed[seq.adapter]
@@ -287,12 +292,24 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.outputs.remove(seq.request_id)
         del self._seqs[seq.request_id]
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
         now = time.monotonic()
         tpot = None
         if seq.first_token_time is not None and seq.num_output_tokens > 1:
             tpot = (now - seq.first_token_time) / (seq.num_output_tokens - 1)
-        self.metrics.on_finish(seq.request.tenant, seq.adapter or "", reason.value, seq.num_prompt_tokens,
+        self.metrics.on_finish(seq.request.tenant, _label(seq.adapter), reason.value, seq.num_prompt_tokens,
                                now - seq.request.arrival_time, tpot)
+
+
+def _label(adapter: AdapterRef | None) -> str:
+    """An adapter's metric label: its name, `tenant/name` for a tenant's own, "" for the base."""
+    return "" if adapter is None else str(adapter)
+
+
+def _adapter_not_found(adapter: AdapterRef | str) -> InvalidRequestError:
+    name = adapter.name if isinstance(adapter, AdapterRef) else adapter
+    return InvalidRequestError(f"The model `{name}` does not exist.", "model", "model_not_found")
 
 
 def default_threads() -> int:

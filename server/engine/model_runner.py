@@ -6,14 +6,13 @@ tables, the LoRA segment table) is built once here and shared by every layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from kernels import LoraSegments
-from server.adapters.peft_format import LoraAdapter
-from server.adapters.slots import LoraBatch, LoraSlots
+from server.adapters.manager import StepLora
+from server.adapters.slots import LoraBatch
 from server.engine.request import Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
@@ -42,20 +41,19 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler, slots: LoraSlots | None = None):
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler):
         self.model = model
         self.kv = kv_cache
         self.sampler = sampler
-        self.slots = slots
         self.device = model.device
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter] | None = None) -> StepResult:
-        """Run one step. `adapters`: the step's adapters by name (every chunk's adapter, at most
-        `max_loras`); their tokens are laid out grouped by slot, base-only tokens last."""
+    def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None) -> StepResult:
+        """Run one step. `step_lora`: every chunk's adapter placed in a device slot (see
+        AdapterManager.activate); their tokens are laid out grouped by slot, base-only tokens last."""
         lora = None
-        if adapters:
-            chunks, lora = self._group_by_slot(chunks, adapters)
+        if step_lora is not None:
+            chunks, lora = self._group_by_slot(chunks, step_lora)
         ids: list[int] = []
         positions: list[int] = []
         token_seq: list[int] = []
@@ -93,11 +91,11 @@ class ModelRunner:
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
 
-    def _group_by_slot(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter]
+    def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
                        ) -> tuple[list[ScheduledChunk], LoraBatch]:
         """Order chunks by adapter slot (base-only last) and build the step's segment table."""
-        slot_of = self.slots.activate(adapters)
-        base = self.slots.num_slots
+        slot_of = step_lora.slot_of
+        base = step_lora.num_slots
         ordered = sorted(chunks, key=lambda c: slot_of[c.seq.adapter] if c.seq.adapter is not None else base)
         seg_lens: list[int] = []
         seg_slots: list[int] = []
@@ -110,6 +108,6 @@ class ModelRunner:
             else:
                 seg_slots.append(slot)
                 seg_lens.append(c.num_tokens)
-        ranks = [self.slots.slot_rank[s] for s in seg_slots]
-        segments = LoraSegments.build(seg_lens, seg_slots, ranks, self.slots.num_slots, self.device)
-        return ordered, self.slots.batch(segments)
+        ranks = [step_lora.slot_rank[s] for s in seg_slots]
+        segments = LoraSegments.build(seg_lens, seg_slots, ranks, step_lora.num_slots, self.device)
+        return ordered, step_lora.batch(segments)

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.adapters.registry import AdapterRef
+
 
 # What torch's generators accept as a seed: the API takes OpenAI's int64, and choice i of
 # `n` samples with seed + i, which stays in this range.
@@ -88,7 +90,9 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # adapter id; None = the base model
+    # The adapter: a name or a resolved version (the engine swaps in the version it acquired,
+    # held until the request finishes); None = the base model.
+    adapter: AdapterRef | str | None = None
     tenant: str = "default"
     arrival_time: float = field(default_factory=time.monotonic)
 

@@ -15,7 +15,7 @@ The runner lays out the step's tokens and executes; the engine applies the resul
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockAllocator
@@ -62,7 +62,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_loras: int = 0,
-        adapter_ready: Callable[[str], bool] | None = None,
+        adapter_ready: Callable[[Hashable], bool] | None = None,
         policy: SchedulingPolicy | None = None,
     ):
         """`adapter_ready(name)` says whether an adapter can run now (loaded); a waiting

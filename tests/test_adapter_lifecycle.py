@@ -1,0 +1,90 @@
+"""Adapter versions in the engine: an unregister never waits, a draining version keeps serving
+the requests that hold it and is freed after the last one; a reload serves new requests only.
+
+Reference outputs come from PEFT (greedy, fp32), never from this server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
+
+from peft_adapters import make_peft_adapter, peft_greedy
+
+NEW = 12
+PROMPT = [5, 17, 42, 99]
+QV = dict(target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("versions")
+    return {v: make_peft_adapter(tiny_llama_dir, root / v, seed=s, r=4, lora_alpha=8, **QV)
+            for v, s in (("v1", 11), ("v2", 12))}
+
+
+@pytest.fixture
+def engine(tiny_llama_dir, versions) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", "cpu", 8 << 20
+    cfg.lora.adapters_dir = None
+    cfg.lora.allowed_adapter_roots = [str(versions["v1"].parent)]
+    return LLMEngine(cfg, tiny_llama_dir)
+
+
+def submit(engine: LLMEngine, rid: str, adapter: str) -> None:
+    engine.add_request(GenerationRequest(rid, PROMPT, SamplingParams(max_tokens=NEW, temperature=0.0,
+                                                                     ignore_eos=True), adapter=adapter))
+
+
+def drain(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None = None) -> None:
+    for _ in range(steps if steps is not None else 10_000):
+        if not engine.has_unfinished():
+            return
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+
+
+def test_unregister_drains_then_frees(engine, versions, tiny_llama_dir):
+    manager = engine.adapters
+    manager.load_path(None, "bot", str(versions["v1"]))
+    ref = manager.lookup(None, "bot")
+    submit(engine, "old", "bot")
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens, steps=3)  # running, part-way through
+    assert 0 < len(tokens["old"]) < NEW
+
+    manager.unregister(None, "bot")  # returns at once, with a request still holding "bot"
+    assert manager.lookup(None, "bot") is None and manager.visible(None) == []
+    with pytest.raises(InvalidRequestError) as refused:
+        submit(engine, "new", "bot")
+    assert refused.value.code == "model_not_found"
+    assert manager.residency(ref)[0] and manager.num_users(ref) == 1  # draining: weights stay
+
+    drain(engine, tokens)
+    assert tokens["old"] == peft_greedy(tiny_llama_dir, versions["v1"], PROMPT, NEW)[0]
+    assert manager.residency(ref) == (False, False) and manager.num_users(ref) == 0  # freed after the last
+
+
+def test_reload_of_a_draining_name_serves_the_new_version_to_new_requests(engine, versions, tiny_llama_dir):
+    manager = engine.adapters
+    manager.load_path(None, "bot", str(versions["v1"]))
+    old_ref = manager.lookup(None, "bot")
+    submit(engine, "old", "bot")
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens, steps=3)
+    manager.unregister(None, "bot")
+    manager.load_path(None, "bot", str(versions["v2"]))  # same name, other weights, while v1 drains
+    new_ref = manager.lookup(None, "bot")
+    assert new_ref != old_ref
+    submit(engine, "new", "bot")
+    drain(engine, tokens)
+    assert tokens["old"] == peft_greedy(tiny_llama_dir, versions["v1"], PROMPT, NEW)[0]
+    assert tokens["new"] == peft_greedy(tiny_llama_dir, versions["v2"], PROMPT, NEW)[0]
+    assert manager.residency(old_ref) == (False, False) and manager.residency(new_ref)[0]

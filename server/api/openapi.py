@@ -24,13 +24,14 @@ _STREAM_MODELS = (ChatCompletionChunk,)  # streamed-only shapes no route returns
 STATUS_TEXT = {
     400: "Invalid request: a field is missing, of the wrong type, out of range or not supported, "
          "or the request can never fit the model's context",
-    401: "Missing or invalid API key (servers started with --api-keys / --admin-key)",
-    403: "Forbidden (admin API disabled, or a path outside the allowed adapter roots)",
+    401: "Missing or invalid API key (servers started with --tenants / --api-keys / --admin-key)",
+    403: "Forbidden (admin API disabled, a path outside the allowed adapter roots, another tenant named, "
+         "or the tenant's adapter quota reached)",
     404: "Unknown model or adapter",
-    409: "Conflict with the adapter's current state (name taken, adapter in use)",
+    409: "Conflict with the adapter's current state (name taken)",
     413: "Request body too large",
     429: "Over the tenant's rate limit or concurrency bound (Retry-After and x-ratelimit-* headers)",
-    503: "Overloaded (too many pending requests; retry later) or the engine is not running",
+    503: "Overloaded (too many pending requests; retry later), shutting down, or the engine is not running",
 }
 
 

@@ -109,7 +109,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def adapters_in_use(self) -> set[str]:
+    def adapters_in_use(self) -> set[Hashable]:
         """Adapters referenced by a queued or running sequence (must not be evicted)."""
         return {s.adapter for s in (*self.running, *self.waiting) if s.adapter is not None}
 
@@ -117,7 +117,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        adapters: set[str] = set()
+        adapters: set[Hashable] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -136,10 +136,10 @@ class Scheduler:
             self._admit(out, budget, adapters)
         return out
 
-    def _adapter_fits(self, seq: Sequence, adapters: set[str]) -> bool:
+    def _adapter_fits(self, seq: Sequence, adapters: set[Hashable]) -> bool:
         return seq.adapter is None or seq.adapter in adapters or len(adapters) < self.max_loras
 
-    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, adapters: set[str]) -> None:
+    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, adapters: set[Hashable]) -> None:
         self.allocator.grow(seq, n)
         chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
         out.chunks.append(chunk)
@@ -170,7 +170,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _admit(self, out: SchedulerOutput, budget: int, adapters: set[str]) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, adapters: set[Hashable]) -> None:
         # A sequence that cannot run this step (adapter not loaded, or the adapter budget is
         # spent) is skipped, not waited for: the policy then picks among the rest, so one
         # tenant's adapter never holds back the others. Running out of KV blocks stops

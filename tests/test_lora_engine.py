@@ -15,6 +15,7 @@ from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 
+from engine_runs import greedy_with_logprobs
 from peft_adapters import make_peft_adapter, peft_greedy
 
 NEW = 24
@@ -56,20 +57,6 @@ def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int =
     return LLMEngine(cfg, model_dir)
 
 
-def run(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]], new: int):
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
-    for i, (adapter, prompt) in enumerate(jobs):
-        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
-    tokens: dict[str, list[int]] = {}
-    logprobs: dict[str, list[float]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
-    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
-
-
 @pytest.fixture(scope="module")
 def mixed_case(tiny_llama_dir, adapter_dirs):
     g = torch.Generator().manual_seed(7)
@@ -83,7 +70,7 @@ def mixed_case(tiny_llama_dir, adapter_dirs):
 def test_mixed_adapter_batch_equals_peft_each_alone(tiny_llama_dir, adapter_dirs, mixed_case):
     jobs, expected = mixed_case
     engine = make_engine(tiny_llama_dir, adapter_dirs)
-    tokens, logprobs = run(engine, jobs, NEW)
+    tokens, logprobs = greedy_with_logprobs(engine, jobs, NEW)
     assert tokens == [e[0] for e in expected]
     for got, (_, want) in zip(logprobs, expected):
         assert got == pytest.approx(want, abs=2e-4)
@@ -96,7 +83,7 @@ def test_mixed_adapter_batch_equals_peft_each_alone(tiny_llama_dir, adapter_dirs
 def test_fewer_slots_than_adapters_is_scheduled_not_failed(tiny_llama_dir, adapter_dirs, mixed_case):
     jobs, expected = mixed_case
     engine = make_engine(tiny_llama_dir, adapter_dirs, max_loras=2)
-    tokens, _ = run(engine, jobs, NEW)
+    tokens, _ = greedy_with_logprobs(engine, jobs, NEW)
     assert tokens == [e[0] for e in expected]
     assert engine.metrics.adapter_evictions.labels("device")._value.get() > 0
 
@@ -105,7 +92,7 @@ def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_cas
     """bf16 slots round A and B: the first token's logprob moves a little, never far."""
     jobs, expected = mixed_case
     engine = make_engine(tiny_llama_dir, adapter_dirs, lora_dtype="bfloat16")
-    _, logprobs = run(engine, jobs, 1)
+    _, logprobs = greedy_with_logprobs(engine, jobs, 1)
     for got, (_, want) in zip(logprobs, expected):
         assert got[0] == pytest.approx(want[0], abs=0.05)
 
@@ -130,7 +117,7 @@ def test_default_model_mixed_adapters_equal_peft(default_model_dir, default_adap
                for q in questions]
     jobs = list(zip([*default_adapters, None, "d-r16-all"], prompts))
     expected = [peft_greedy(default_model_dir, default_adapters[a] if a else None, p, 16) for a, p in jobs]
-    tokens, logprobs = run(engine, jobs, 16)
+    tokens, logprobs = greedy_with_logprobs(engine, jobs, 16)
     assert tokens == [e[0] for e in expected]
     for got, (_, want) in zip(logprobs, expected):
         assert got == pytest.approx(want, abs=1e-3)

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
+from engine_runs import greedy_with_logprobs
 from peft_adapters import greedy, make_peft_adapter
 from server.config import Config
 from server.engine.engine import LLMEngine
-from server.engine.request import GenerationRequest, SamplingParams
 from server.model.arch import ModelArch, UnsupportedModelError
 
 NEW = 12
@@ -92,20 +92,6 @@ def make_engine(model_dir: Path, adapter_dir: Path, max_model_len: int | None = 
     return LLMEngine(cfg, model_dir)
 
 
-def run(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]]):
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
-    for i, (adapter, prompt) in enumerate(jobs):
-        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
-    tokens: dict[str, list[int]] = {}
-    logprobs: dict[str, list[float]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
-    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_family_equals_transformers_and_peft(case, tmp_path):
     model_type, overrides, targets = CASES[case]
@@ -119,7 +105,7 @@ def test_family_equals_transformers_and_peft(case, tmp_path):
     expected = references(model_dir, adapter_dir, jobs)
 
     original = overrides.get("original_max_position_embeddings")  # longrope is exact up to there
-    tokens, logprobs = run(make_engine(model_dir, adapter_dir, max_model_len=original), jobs)
+    tokens, logprobs = greedy_with_logprobs(make_engine(model_dir, adapter_dir, max_model_len=original), jobs, NEW)
 
     assert tokens == [e[0] for e in expected]
     for got, (_, want) in zip(logprobs, expected):
@@ -139,7 +125,7 @@ def test_bf16_stays_close(case, tmp_path):
     g = torch.Generator().manual_seed(6)
     jobs = [(adapter, torch.randint(2, 320, (n,), generator=g).tolist()) for n, adapter in ((30, None), (20, "fam"))]
     expected = references(model_dir, adapter_dir, jobs)
-    _, logprobs = run(make_engine(model_dir, adapter_dir, dtype="bfloat16"), jobs)
+    _, logprobs = greedy_with_logprobs(make_engine(model_dir, adapter_dir, dtype="bfloat16"), jobs, NEW)
     for got, (_, want) in zip(logprobs, expected):
         assert got[0] == pytest.approx(want[0], abs=0.05)
 

@@ -21,7 +21,7 @@ from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config
-from server.engine.kv_cache import BlockAllocator, blocks_for
+from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
 from server.engine.policies import make_policy

@@ -95,7 +95,6 @@ class Sampler:
 
     # --- random sampling -----------------------------------------------------------------
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
-        B = logits.shape[0]
         params = [s.params for s in seqs]
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                              device=self.device)[:, None]

@@ -1,0 +1,23 @@
+"""Drive an `LLMEngine` in-process to completion: the side of a parity test that is ours."""
+
+from __future__ import annotations
+
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, SamplingParams
+
+
+def greedy_with_logprobs(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]],
+                         new: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy `new` tokens for each (adapter or None, prompt ids), all submitted at once;
+    returns the tokens and the sampled tokens' logprobs, in `jobs` order."""
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
+    for i, (adapter, prompt) in enumerate(jobs):
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
+    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]

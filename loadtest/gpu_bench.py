@@ -61,14 +61,18 @@ def lora_params(arch: ModelArch, rank: int = LORA_RANK) -> int:
     return arch.num_layers * sum(rank * sum(arch.linear_shape(m)) for m in LORA_TARGETS)
 
 
-def write_adapters(root: Path, arch: ModelArch, count: int, dtype: torch.dtype, rank: int = LORA_RANK,
-                   seed: int = 0) -> dict[str, Path]:
-    """`count` PEFT LoRA directories (rank `rank`, all linear projections), tensors written
-    directly with safetensors: PEFT's own save would first build an 8B transformers model."""
+def write_adapters(root: Path, arch: ModelArch, count: int, dtype: torch.dtype, device: torch.device,
+                   rank: int = LORA_RANK, seed: int = 0) -> dict[str, Path]:
+    """`count` PEFT LoRA directories (rank `rank`, all linear projections), tensors drawn on
+    `device` (fast) and written directly with safetensors: PEFT's own save would first build an
+    8B transformers model."""
     import peft
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
     out = {}
     for n in range(count):
         d = root / f"lora{n:02d}"
@@ -81,8 +85,8 @@ def write_adapters(root: Path, arch: ModelArch, count: int, dtype: torch.dtype, 
                 n_in, n_out = arch.linear_shape(m)
                 block = "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
                 key = f"base_model.model.model.layers.{layer}.{block}.{m}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, n_in, generator=gen) / n_in ** 0.5).to(dtype)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen) * 0.01).to(dtype)
+                tensors[f"{key}.lora_A.weight"] = (randn(rank, n_in) / n_in ** 0.5).to(dtype).cpu()
+                tensors[f"{key}.lora_B.weight"] = (randn(n_out, rank) * 0.01).to(dtype).cpu()
         save_file(tensors, str(d / "adapter_model.safetensors"))
         out[d.name] = d
     return out

@@ -207,7 +207,7 @@ class Bench:
         dtype = self.weights().embed.dtype
         return self.timed(f"{max(self.plan.adapter_counts)} PEFT adapter directories (rank {gb.LORA_RANK}, written)",
                           lambda: gb.write_adapters(self.work / "adapters", self.arch(),
-                                                    max(self.plan.adapter_counts), dtype))
+                                                    max(self.plan.adapter_counts), dtype, self.device))
 
     def engine(self, lora: bool):
         def make():
@@ -220,19 +220,26 @@ class Bench:
         return self.timed("transformers model (views of the same weights)",
                           lambda: gb.hf_model_over(self.weights(), self.plan.hf_config))
 
-    def peft(self, n: int):
+    def peft(self, n: int, seconds_left: float):
+        """PEFT over the transformers model with the first `n` adapters; SkipUnit if loading the
+        missing ones would, at the rate of the first load, take longer than `seconds_left`."""
         names = list(self.adapter_dirs())[:n]
         have = self.objects.get("peft adapters", [])
         todo = {a: self.adapter_dirs()[a] for a in names if a not in have}
         if todo:
+            rate = self.objects.get("peft s/adapter")
+            if rate is not None and rate * len(todo) > seconds_left:
+                raise SkipUnit(f"skipped: loading {len(todo)} more PEFT adapters would take ~{rate * len(todo):.0f} s")
             t0 = time.perf_counter()
             self.objects["peft"] = gb.load_peft(self.hf(), todo, self.objects.get("peft"))
             self.objects["peft adapters"] = have + list(todo)
-            self.setup[f"PEFT: load {len(todo)} adapters"] = round(time.perf_counter() - t0, 2)
+            seconds = time.perf_counter() - t0
+            self.objects["peft s/adapter"] = seconds / len(todo)
+            self.setup[f"PEFT: load {len(todo)} adapters"] = round(seconds, 2)
         return self.objects["peft"]
 
-    def runner(self, unit: Unit):
-        """-> (run(new_tokens) -> seconds, distinct adapters the rows use)."""
+    def runner(self, unit: Unit, seconds_left: float = float("inf")):
+        """-> run(new_tokens) -> seconds."""
         prompts = gb.random_prompts(unit.streams, self.plan.prompt_len, self.plan.hf_config["vocab_size"],
                                     seed=unit.streams)
         names = list(self.adapter_dirs())[:unit.adapters] if unit.adapters else []
@@ -248,9 +255,13 @@ class Bench:
             else:
                 run = lambda n: gb.hf_time(model, prompts, n)  # noqa: E731
         else:
-            model = self.peft(unit.adapters)
+            model = self.peft(unit.adapters, seconds_left)
             run = lambda n: gb.hf_time(model, prompts, n, adapter_names=rows)  # noqa: E731
-        return run, len(set(names[:unit.streams])) if names else 0
+        return run
+
+
+class SkipUnit(Exception):
+    """This benchmark row would not fit in the time left; the message says why."""
 
 
 def _without_adapters(peft_model, fn):
@@ -269,36 +280,47 @@ def run_bench(plan: Plan, budget: Budget, work: Path, results: dict, flush) -> N
     arch = bench.arch()
     elem = 2 if plan.dtype == "bfloat16" else 4
     warmed: set[tuple[str, int]] = set()
+    last: dict[str, tuple[int, float]] = {}  # system -> (streams, seconds) of its last row
     for unit in units(plan):
-        row = dict(asdict(unit), status="", tok_s=None, floor_tok_s=None, tokens_ok=None, seconds=None)
+        sb = gb.step_bytes(arch, unit.streams, results["floor"]["context"], min(unit.adapters, unit.streams), elem)
+        row = dict(asdict(unit), status="", tok_s=None, floor_tok_s=unit.streams / (sb.total / bw), tokens_ok=None,
+                   seconds=None, step_bytes=asdict(sb))
         results["rows"].append(row)
         left = deadline - budget.clock()
         if left < max(plan.min_unit_s, 0.01):
             row["status"] = "skipped: time cap" if budget.left() > 0 else "skipped: run budget spent"
             continue
+        if unit.system in last:  # a row costs about its system's last one, scaled by the batch
+            prev_streams, prev_s = last[unit.system]
+            guess = prev_s * max(1.0, unit.streams / prev_streams)
+            if guess > left:
+                row["status"] = f"skipped: would take ~{guess:.0f} s, {left:.0f} s left"
+                continue
         t0 = time.perf_counter()
         try:
-            run, distinct = bench.runner(unit)
+            run = bench.runner(unit, left)
             if (unit.system, unit.adapters) not in warmed:  # compile, allocate, load adapters
-                warm = bench.runner(replace(unit, streams=max(1, min(unit.adapters, max(plan.streams)))))[0]
-                warm(2)
+                tw = time.perf_counter()
+                warm_streams = max(1, min(unit.adapters, max(plan.streams)))
+                bench.runner(replace(unit, streams=warm_streams))(2)
                 warmed.add((unit.system, unit.adapters))
+                bench.setup[f"warm-up: {unit.system}, {unit.adapters or 'no'} adapters"] = \
+                    round(time.perf_counter() - tw, 2)
+            t1 = time.perf_counter()
             row["tok_s"] = gb.decode_tps(run, unit.streams, plan.new_tokens, plan.repeats)
+            last[unit.system] = (unit.streams, time.perf_counter() - t1)
             row["tokens_ok"] = True
             row["status"] = "ok"
+        except SkipUnit as exc:
+            row["status"] = str(exc)
         except gb.TokenCountError as exc:
             row.update(tokens_ok=False, status=f"wrong token count: {exc}")
-            distinct = unit.adapters
         except Exception as exc:  # OOM, a kernel error: this row fails, the others still run
             row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
             traceback.print_exc()
-            distinct = unit.adapters
             if plan.device == "cuda":
                 torch.cuda.empty_cache()
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        sb = gb.step_bytes(arch, unit.streams, results["floor"]["context"], min(distinct, unit.streams), elem)
-        row["floor_tok_s"] = unit.streams / (sb.total / bw)
-        row["step_bytes"] = asdict(sb)
         print(f"  {unit.system:<18} adapters {unit.adapters:>3} streams {unit.streams:>4}: {row['status']}"
               + (f", {row['tok_s']:.1f} tok/s" if row["tok_s"] else ""), flush=True)
         flush()

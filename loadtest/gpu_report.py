@@ -74,7 +74,7 @@ def render_markdown(res: dict) -> str:
                   f"{floor['copy_bytes'] >> 20} MiB device-to-device copy).", ""]
     if res.get("setup"):
         lines += ["Setup: " + "; ".join(f"{k} {v} s" for k, v in res["setup"].items()), ""]
-    lines += ["| system | adapters | streams | tok/s | floor tok/s | vs floor | vs own base-only | tokens | s | status |",
+    lines += ["| system | adapters | streams | tok/s | floor tok/s | vs floor | vs own base-only | tokens | row s | status |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = res["rows"]
     order = {"loramux": 0, "loramux --no-lora": 1, "transformers": 2, "peft": 3}

@@ -169,8 +169,14 @@ def hf_time(model, prompts: list[list[int]], new_tokens: int, adapter_names: lis
 
 
 def decode_tps(run: Callable[[int], float], streams: int, new_tokens: int, repeats: int) -> float:
-    """Median over `repeats` of B * (N - 1) / (t(N) - t(1))."""
-    rates = [streams * (new_tokens - 1) / (run(new_tokens) - run(1)) for _ in range(repeats)]
+    """Median over `repeats` of B * (N - 1) / (t(N) - t(1)); t(1) is the faster of two runs (a
+    stall can only add time, and one in t(1) would inflate the rate)."""
+    rates = []
+    for _ in range(repeats):
+        decode = run(new_tokens) - min(run(1), run(1))
+        if decode <= 0:
+            raise RuntimeError(f"timing noise: {new_tokens} tokens took no longer than 1 token")
+        rates.append(streams * (new_tokens - 1) / decode)
     return statistics.median(rates)
 
 

@@ -63,7 +63,7 @@ GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
                 caps=dict(tests=110, bench=250, attention=35, kernels=35), min_unit_s=12)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
-                  target_streams=4, prompt_len=8, new_tokens=4, repeats=1, copy_bytes=16 << 20,
+                  target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
                   test_files=("tests/test_gpu_engine.py",), total_s=150,
                   caps=dict(tests=60, bench=90, attention=10, kernels=10), min_unit_s=0)
 MICRO = {

@@ -155,8 +155,11 @@ def run_micro(name: str, plan: Plan, budget: Budget, out: Path, cuda: bool) -> d
     if not cuda:
         return dict(name=name, status="skipped: needs a CUDA device", lines=[])
     deadline = budget.section(plan.caps[name])
+    if deadline - budget.clock() < 5:
+        return dict(name=name, status="skipped: run budget spent", lines=[])
     log = out / f"bench_{name}.log"
-    rc, seconds = run_child([sys.executable, *MICRO[name]], log, deadline - budget.clock())
+    argv = [*MICRO[name], "--out", str(out)] if name == "kernels" else MICRO[name]  # its table file
+    rc, seconds = run_child([sys.executable, *argv], log, deadline - budget.clock())
     status = "cut at its time cap: the rows below are the ones it finished" if rc is None else f"exit {rc}"
     lines = log.read_text(errors="replace").splitlines()
     return dict(name=name, command=" ".join(["python", *MICRO[name]]), status=status, seconds=round(seconds, 1),
@@ -338,6 +341,12 @@ def environment(plan: Plan, smoke: bool) -> dict:
                dtype=plan.dtype, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens, repeats=plan.repeats,
                streams=list(plan.streams), adapter_counts=list(plan.adapter_counts), lora_rank=gb.LORA_RANK,
                budget_s=plan.total_s, caps_s=plan.caps)
+    env["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None  # a copy of the tree without .git
     if plan.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

@@ -26,7 +26,6 @@ from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 from server.model.arch import LORA_TARGETS, ModelArch
 from server.model.loading import ModelWeights
-from server.model.random_weights import random_weights
 
 # Llama-3.1-8B's config.json, less what only the tokenizer needs.
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

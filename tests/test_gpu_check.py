@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest import gpu_bench as gb  # noqa: E402
-from loadtest.gpu_check import SMOKE_PLAN, Budget, Unit, units  # noqa: E402
+from loadtest.gpu_check import SMOKE_PLAN, Budget, units  # noqa: E402
+from loadtest.gpu_systems import Unit  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
+from server.model.random_weights import random_weights  # noqa: E402
 
 
 def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -106,7 +108,7 @@ def test_transformers_over_the_engine_weights_decodes_like_the_engine(tmp_path, 
     model_dir = gb.write_model_dir(tmp_path / "m", hf_config)
     from server.model.arch import ModelArch
 
-    weights = gb.random_weights(ModelArch.from_dir(model_dir), torch.float32, torch.device("cpu"), seed=3, std=0.08)
+    weights = random_weights(ModelArch.from_dir(model_dir), torch.float32, torch.device("cpu"), seed=3, std=0.08)
     engine = gb.make_engine(model_dir, weights, lora=False, adapters={}, max_seqs=2, max_len=64, device="cpu",
                             dtype="float32")
     prompt = gb.random_prompts(1, 9, hf_config["vocab_size"], seed=5)[0]

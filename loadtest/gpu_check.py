@@ -89,7 +89,7 @@ class Budget:
 
 def units(plan: Plan) -> list[Unit]:
     """Every row, the ones the issue's targets read first, so a short budget still yields them."""
-    few, many, B = plan.adapter_counts[0], plan.adapter_counts[-1], plan.target_streams
+    few, B = plan.adapter_counts[0], plan.target_streams
     first = [Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", 0, B),
              Unit("loramux", few, B), Unit("loramux --no-lora", 0, B), Unit("peft", few, B),
              Unit("transformers", 0, B), Unit("transformers", 0, 1)]

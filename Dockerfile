@@ -1,6 +1,9 @@
-# loramux: the OpenAI-compatible server on CPU, with the default model baked in.
+# loramux: the OpenAI-compatible server on CPU, with the default model baked in; the `gpu`
+# target is the same image checked for a CUDA torch + Triton and set up for NVIDIA GPUs.
 #
-#   docker build -t loramux .
+#   docker build -t loramux .                                    # CPU (the last stage)
+#   docker build --target gpu -t loramux:gpu \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # GPU, see the end
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/adapters_store:/app/adapters_store:ro" loramux
 #   docker run ... loramux --max-num-seqs 32          # extra args are `loramux serve` flags
 #
@@ -22,7 +25,7 @@
 # (added as an extra index; same preference). Our build machines reach only PyPI, so the
 # default is the best effort that always builds.
 
-FROM python:3.11-slim
+FROM python:3.11-slim AS base
 
 # build-essential + g++ + ninja: the paged-attention C++ kernel (kernels/csrc) is built by
 # torch.utils.cpp_extension on first use; it runs ninja on every load to check the cached
@@ -90,3 +93,24 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 # Exec form: the server is PID 1 and gets SIGTERM itself; it drains (in-flight requests finish,
 # up to --shutdown-timeout) and exits 0. Give `docker stop` a longer -t than that timeout.
 ENTRYPOINT ["loramux", "serve", "--host", "0.0.0.0"]
+
+# --- GPU: docker build --target gpu --------------------------------------------------------------
+# Pick the CUDA build of torch that the nodes' driver supports with TORCH_INDEX_URL (e.g.
+# https://download.pytorch.org/whl/cu128 for CUDA 12.8: `nvidia-smi` on a node shows the
+# highest CUDA version its driver runs; the index's +cu128 wheel wins over PyPI's plain one,
+# itself a CUDA build on linux/x86_64). torch brings Triton, which compiles the LoRA and attention kernels at
+# run time with the image's gcc and Python headers. The driver itself comes from the host (the
+# NVIDIA container runtime / device plugin mounts it). Run: docker run --gpus all ... loramux:gpu
+# --model /models/<dir>; on Kubernetes see deploy/k8s/gpu/.
+FROM base AS gpu
+# Triton's kernel cache under /tmp, a volume under the read-only root (as HOME). LORAMUX_DEVICE:
+# a pod scheduled without a GPU fails at start instead of serving an 8B model on CPU.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    TRITON_CACHE_DIR=/tmp/.triton \
+    LORAMUX_DEVICE=cuda
+# A CPU-only torch (a +cpu wheel in deploy/wheels/, a CPU index) fails the build, not the first request.
+RUN python -c "import torch, triton; assert torch.version.cuda, 'the gpu target needs a CUDA build of torch: check TORCH_SPEC / TORCH_INDEX_URL / deploy/wheels'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
+
+# The default target (last stage): the CPU image, as built above.
+FROM base AS cpu

@@ -1,0 +1,310 @@
+"""The GPU check of issue 10, in one call: the GPU tests, then the decode benchmark on a random
+Llama-3.1-8B-shaped bf16 model (weights made on the device, no download) against transformers,
+PEFT mixed-adapter generate and the HBM floor, then the Triton micro-benchmarks. Under 8 minutes
+on one H100/H200: every section has a time cap and the whole run a budget (~7.5 min); what does
+not fit is skipped and the tables say so. Tables are rewritten after every section, so a killed
+run still leaves what it measured.
+
+    python loadtest/gpu_check.py --out DIR          # default: $OUT, else ./gpu_check_out
+    python loadtest/gpu_check.py --smoke --out DIR  # CPU, tiny model and counts, same code paths
+
+Writes DIR/gpu_check.md and DIR/gpu_check.json (+ the logs of pytest and the micro-benchmarks).
+Exit status 1 if a test failed or a run returned other than the requested number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from loadtest import gpu_bench as gb  # noqa: E402
+from loadtest.gpu_systems import Bench, SkipUnit, Unit  # noqa: E402
+from loadtest.gpu_report import render_markdown, targets  # noqa: E402
+
+GPU_TESTS = ("tests/test_gpu_engine.py", "tests/test_kernels.py", "tests/test_triton_paged_attention.py")
+
+
+@dataclass(frozen=True)
+class Plan:
+    hf_config: dict
+    device: str
+    dtype: str  # the engine's --dtype
+    streams: tuple[int, ...]
+    adapter_counts: tuple[int, ...]  # distinct adapters of the LoRA rows (the issue: 8 and 64)
+    target_streams: int  # where the issue's batch targets are read (64)
+    prompt_len: int
+    new_tokens: int
+    repeats: int
+    copy_bytes: int  # size of the bandwidth-measuring copy
+    test_files: tuple[str, ...]
+    total_s: float  # the whole run's budget
+    caps: dict[str, float]  # per-section caps, seconds
+    min_unit_s: float  # a benchmark unit is not started with less than this left in its section
+
+
+GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=(1, 8, 64, 256),
+                adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
+                copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
+                caps=dict(tests=110, bench=250, attention=35, kernels=35), min_unit_s=12)
+SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
+                  target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
+                  test_files=("tests/test_gpu_engine.py",), total_s=150,
+                  caps=dict(tests=60, bench=90, attention=10, kernels=10), min_unit_s=0)
+MICRO = {
+    "attention": ["loadtest/bench_attention.py", "--backend", "triton", "--repeats", "10"],
+    "kernels": ["loadtest/bench_kernels.py", "--device", "cuda", "--models", "big", "--reps", "10"],
+}
+
+
+class Budget:
+    """The run's deadline, and each section's: min(its cap from now, the run's end)."""
+
+    def __init__(self, total_s: float, clock=time.monotonic):
+        self.clock = clock
+        self.end = clock() + total_s
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def section(self, cap_s: float) -> float:
+        """The section's deadline (a clock value)."""
+        return min(self.clock() + cap_s, self.end)
+
+
+def units(plan: Plan) -> list[Unit]:
+    """Every row, the ones the issue's targets read first, so a short budget still yields them."""
+    few, B = plan.adapter_counts[0], plan.target_streams
+    first = [Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", 0, B),
+             Unit("loramux", few, B), Unit("loramux --no-lora", 0, B), Unit("peft", few, B),
+             Unit("transformers", 0, B), Unit("transformers", 0, 1)]
+    rest = [Unit("loramux", a, s) for a in (0, *plan.adapter_counts) for s in plan.streams]
+    rest += [Unit("loramux --no-lora", 0, s) for s in plan.streams]
+    rest += [Unit("transformers", 0, s) for s in plan.streams]
+    rest += [Unit("peft", a, s) for a in plan.adapter_counts for s in plan.streams]
+    return first + [u for u in rest if u not in first]
+
+
+# --- running things in a child process with a time limit -------------------------------------------
+
+
+def run_child(argv: list[str], log: Path, timeout_s: float) -> tuple[int | None, float]:
+    """Run `argv` from the repo root, output to `log`; kill its whole process group at the
+    timeout. -> (exit status, None if killed; seconds)."""
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    return rc, time.monotonic() - t0
+
+
+TEST_LINE = re.compile(r"^(tests/\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+
+
+def run_tests(plan: Plan, budget: Budget, out: Path) -> dict:
+    deadline = budget.section(plan.caps["tests"])
+    log = out / "pytest.log"
+    argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *plan.test_files]
+    rc, seconds = run_child(argv, log, deadline - budget.clock())
+    text = log.read_text(errors="replace")
+    counts = {k: 0 for k in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
+    failed = []
+    for name, outcome in TEST_LINE.findall(text):
+        counts[outcome] += 1
+        if outcome in ("FAILED", "ERROR"):
+            failed.append(name)
+    status = "timed out (section cap): counts are of the tests that finished" if rc is None else f"exit {rc}"
+    return dict(files=list(plan.test_files), status=status, exit=rc, seconds=round(seconds, 1),
+                passed=counts["PASSED"], failed=counts["FAILED"] + counts["XPASS"], errors=counts["ERROR"],
+                skipped=counts["SKIPPED"] + counts["XFAIL"], failures=failed, log=log.name,
+                ok=rc in (0, 5) and not failed)
+
+
+def run_micro(name: str, plan: Plan, budget: Budget, out: Path, cuda: bool) -> dict:
+    if not cuda:
+        return dict(name=name, status="skipped: needs a CUDA device", lines=[])
+    deadline = budget.section(plan.caps[name])
+    if deadline - budget.clock() < 5:
+        return dict(name=name, status="skipped: run budget spent", lines=[])
+    log = out / f"bench_{name}.log"
+    argv = [*MICRO[name], "--out", str(out)] if name == "kernels" else MICRO[name]  # its table file
+    rc, seconds = run_child([sys.executable, *argv], log, deadline - budget.clock())
+    status = "cut at its time cap: the rows below are the ones it finished" if rc is None else f"exit {rc}"
+    lines = log.read_text(errors="replace").splitlines()
+    return dict(name=name, command=" ".join(["python", *MICRO[name]]), status=status, seconds=round(seconds, 1),
+                lines=lines[-80:], log=log.name)
+
+
+# --- the decode benchmark --------------------------------------------------------------------------
+
+
+def run_bench(plan: Plan, budget: Budget, work: Path, results: dict, flush) -> None:
+    deadline = budget.section(plan.caps["bench"])
+    bench = Bench(plan, work)
+    results["setup"] = bench.setup
+    for make in (bench.model_dir, bench.weights, bench.adapter_dirs):  # in order: each timed on its own
+        make()
+    bw = gb.copy_bandwidth(bench.device, plan.copy_bytes)
+    results["floor"] = dict(copy_bytes_per_s=bw, copy_bytes=plan.copy_bytes,
+                            context=plan.prompt_len + plan.new_tokens / 2,
+                            note="bytes read per decode step / measured copy bandwidth (read + write bytes)")
+    arch = bench.arch()
+    elem = 2 if plan.dtype == "bfloat16" else 4
+    warmed: set[tuple[str, int]] = set()
+    last: dict[str, tuple[int, float]] = {}  # system -> (streams, seconds) of its last row
+    for unit in units(plan):
+        sb = gb.step_bytes(arch, unit.streams, results["floor"]["context"], min(unit.adapters, unit.streams), elem)
+        row = dict(asdict(unit), status="", tok_s=None, floor_tok_s=unit.streams / (sb.total / bw), tokens_ok=None,
+                   seconds=None, step_bytes=asdict(sb))
+        results["rows"].append(row)
+        left = deadline - budget.clock()
+        if left < max(plan.min_unit_s, 0.01):
+            row["status"] = "skipped: time cap" if budget.left() > 0 else "skipped: run budget spent"
+            continue
+        if unit.system in last:  # a row costs about its system's last one, scaled by the batch
+            prev_streams, prev_s = last[unit.system]
+            guess = prev_s * max(1.0, unit.streams / prev_streams)
+            if guess > left:
+                row["status"] = f"skipped: would take ~{guess:.0f} s, {left:.0f} s left"
+                continue
+        t0 = time.perf_counter()
+        try:
+            run = bench.runner(unit, left)
+            if (unit.system, unit.adapters) not in warmed:  # compile, allocate, load adapters
+                tw = time.perf_counter()
+                warm_streams = max(1, min(unit.adapters, max(plan.streams)))
+                bench.runner(replace(unit, streams=warm_streams))(2)
+                warmed.add((unit.system, unit.adapters))
+                bench.setup[f"warm-up: {unit.system}, {unit.adapters or 'no'} adapters"] = \
+                    round(time.perf_counter() - tw, 2)
+            t1 = time.perf_counter()
+            row["tok_s"] = gb.decode_tps(run, unit.streams, plan.new_tokens, plan.repeats)
+            last[unit.system] = (unit.streams, time.perf_counter() - t1)
+            row["tokens_ok"] = True
+            row["status"] = "ok"
+        except SkipUnit as exc:
+            row["status"] = str(exc)
+        except gb.TokenCountError as exc:
+            row.update(tokens_ok=False, status=f"wrong token count: {exc}")
+        except Exception as exc:  # OOM, a kernel error: this row fails, the others still run
+            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            traceback.print_exc()
+            if plan.device == "cuda":
+                torch.cuda.empty_cache()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"  {unit.system:<18} adapters {unit.adapters:>3} streams {unit.streams:>4}: {row['status']}"
+              + (f", {row['tok_s']:.1f} tok/s" if row["tok_s"] else ""), flush=True)
+        flush()
+    bench.objects.clear()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def environment(plan: Plan, smoke: bool) -> dict:
+    env = dict(mode="smoke (CPU, tiny model)" if smoke else "GPU", torch=torch.__version__, device=plan.device,
+               model=("Llama-3.1-8B shape, random weights" if not smoke else "tiny Llama, random weights"),
+               dtype=plan.dtype, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens, repeats=plan.repeats,
+               streams=list(plan.streams), adapter_counts=list(plan.adapter_counts), lora_rank=gb.LORA_RANK,
+               budget_s=plan.total_s, caps_s=plan.caps)
+    env["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None  # a copy of the tree without .git
+    if plan.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def work_dir() -> Path:
+    """Adapters are written to tmpfs when it has room (they are read back at once)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 8 << 30 else None
+    return Path(tempfile.mkdtemp(prefix="gpu_check-", dir=base))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="directory for the tables")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and counts: the control flow only")
+    ap.add_argument("--budget-s", type=float, help="override the whole run's time budget (seconds)")
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args(argv)
+    plan = SMOKE_PLAN if args.smoke else GPU_PLAN
+    if args.budget_s is not None:
+        plan = replace(plan, total_s=args.budget_s)
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs on CPU")
+        return 2
+    budget = Budget(plan.total_s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = dict(environment=environment(plan, args.smoke), tests=None, setup={}, floor=None, rows=[],
+                         targets=[], micro=[], notes=[])
+
+    def flush() -> None:
+        results["targets"] = targets(results["rows"], plan.adapter_counts[0], plan.target_streams)
+        results["elapsed_s"] = round(plan.total_s - budget.left(), 1)
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "gpu_check.md").write_text(render_markdown(results))
+
+    print(f"gpu_check: {results['environment']['mode']}, budget {plan.total_s:.0f} s, tables in {out}", flush=True)
+    if args.skip_tests:
+        results["notes"].append("tests skipped (--skip-tests)")
+    else:
+        print("tests ...", flush=True)
+        results["tests"] = run_tests(plan, budget, out)
+        flush()
+    work = work_dir()
+    try:
+        print("decode benchmark ...", flush=True)
+        run_bench(plan, budget, work, results, flush)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    flush()
+    for name in MICRO:
+        print(f"micro-benchmark {name} ...", flush=True)
+        results["micro"].append(run_micro(name, plan, budget, out, plan.device == "cuda"))
+        flush()
+    if budget.left() < 0:
+        results["notes"].append(f"the run went {-budget.left():.0f} s past its budget")
+    flush()
+    print((out / "gpu_check.md").read_text())
+    tokens_bad = any(r["tokens_ok"] is False for r in results["rows"])
+    tests_bad = results["tests"] is not None and not results["tests"]["ok"]
+    return 1 if tokens_bad or tests_bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""loadtest/gpu_check.py, the prepared GPU check, on CPU: its --smoke mode runs the whole control
+flow (tests through pytest, engine decode, transformers and PEFT mixed-adapter baselines, the
+floor, the token-count checks, the tables) with a tiny model, so the script a GPU holder runs
+once is known to work before that one run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest import gpu_bench as gb  # noqa: E402
+from loadtest.gpu_check import SMOKE_PLAN, Budget, units  # noqa: E402
+from loadtest.gpu_systems import Unit  # noqa: E402
+from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
+from server.model.random_weights import random_weights  # noqa: E402
+
+
+def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "loadtest/gpu_check.py", "--smoke", "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def expected_rows() -> set[tuple[str, int, int]]:
+    p = SMOKE_PLAN
+    rows = {("loramux", a, s) for a in (0, *p.adapter_counts) for s in p.streams}
+    rows |= {(system, 0, s) for system in ("loramux --no-lora", "transformers") for s in p.streams}
+    rows |= {("peft", a, s) for a in p.adapter_counts for s in p.streams}
+    return rows
+
+
+def test_smoke_run_writes_every_table(tmp_path):
+    proc = run_script(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    md = (tmp_path / "gpu_check.md").read_text()
+
+    tests = res["tests"]
+    assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
+    # tests/test_gpu_engine.py: 2 tests, skipped without CUDA (passed with it)
+    assert tests["passed"] + tests["skipped"] == 2, tests
+    assert (tmp_path / tests["log"]).is_file()
+
+    rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}
+    assert set(rows) == expected_rows() and len(res["rows"]) == len(rows)
+    for key, r in rows.items():
+        assert r["status"] == "ok" and r["tokens_ok"] is True, (key, r)
+        assert r["tok_s"] > 0 and r["floor_tok_s"] > 0, (key, r)
+        streams_bytes = r["step_bytes"]
+        assert streams_bytes["weights"] > 0 and streams_bytes["kv"] > 0
+        assert (streams_bytes["adapters"] > 0) == (r["adapters"] > 0), (key, r)
+        assert re.search(rf"^\| {re.escape(key[0])} \| {key[1] or 'base'} \| {key[2]} \| [0-9.]+ \| [0-9.]+ \|",
+                         md, re.M), key
+    assert res["floor"]["copy_bytes_per_s"] > 0
+    assert {"random weights on the device", "engine, LoRA enabled", "engine, --no-lora"} <= set(res["setup"])
+
+    assert len(res["targets"]) == 5
+    for t in res["targets"]:
+        assert isinstance(t["value"], float) and t["value"] > 0, t
+        assert f"| {t['name']} |" in md
+    assert [m["name"] for m in res["micro"]] == ["attention", "kernels"]
+    assert all(m["status"].startswith("skipped") for m in res["micro"]) != torch.cuda.is_available()
+
+
+def test_a_spent_budget_skips_the_rows_and_still_writes_the_tables(tmp_path):
+    proc = run_script(tmp_path, "--budget-s", "0", "--skip-tests")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {(r["system"], r["adapters"], r["streams"]) for r in res["rows"]} == expected_rows()
+    assert all(r["status"] == "skipped: run budget spent" and r["tok_s"] is None for r in res["rows"])
+    assert all(t["value"] is None and t["met"] is None for t in res["targets"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.count("skipped: run budget spent") == len(expected_rows())
+    assert "not measured" in md and "tests skipped (--skip-tests)" in md
+
+
+def test_target_rows_come_first_and_every_row_once():
+    order = units(SMOKE_PLAN)
+    assert len(order) == len(set(order)) == len(expected_rows())
+    B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
+    first = {Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", A, B),
+             Unit("loramux", 0, B), Unit("loramux --no-lora", 0, B), Unit("peft", A, B)}
+    assert first <= set(order[:len(first) + 2])
+
+
+def test_section_deadline_is_its_cap_or_the_run_end():
+    now = [100.0]
+    budget = Budget(50, clock=lambda: now[0])
+    assert budget.section(10) == 110 and budget.section(80) == 150
+    now[0] = 160.0
+    assert budget.left() == -10 and budget.section(10) == 150
+
+
+@pytest.mark.parametrize("hf_config", [gb.TINY, {**gb.TINY, "rope_theta": 500000.0, "rope_scaling": dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)}],
+    ids=["default-rope", "llama3-rope"])
+def test_transformers_over_the_engine_weights_decodes_like_the_engine(tmp_path, hf_config):
+    """The baselines run the engine's own random weights: transformers' model built over them
+    (views of the fused matrices) gives the engine's greedy tokens."""
+    model_dir = gb.write_model_dir(tmp_path / "m", hf_config)
+    from server.model.arch import ModelArch
+
+    weights = random_weights(ModelArch.from_dir(model_dir), torch.float32, torch.device("cpu"), seed=3, std=0.08)
+    engine = gb.make_engine(model_dir, weights, lora=False, adapters={}, max_seqs=2, max_len=64, device="cpu",
+                            dtype="float32")
+    prompt = gb.random_prompts(1, 9, hf_config["vocab_size"], seed=5)[0]
+    engine.add_request(GenerationRequest("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    got = []
+    while engine.has_unfinished():
+        got += [t for o in engine.step() for t in o.token_ids]
+    hf = gb.hf_model_over(weights, hf_config)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == ref

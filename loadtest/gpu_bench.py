@@ -24,7 +24,8 @@ import server.engine.engine as engine_module
 from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
-from server.model.arch import LORA_TARGETS, ModelArch
+from server.model.arch import ModelArch
+from server.model.families import BLOCK_OF
 from server.model.loading import ModelWeights
 
 # Llama-3.1-8B's config.json, less what only the tokenizer needs.
@@ -57,7 +58,7 @@ def write_model_dir(path: Path, hf_config: dict) -> Path:
 
 def lora_params(arch: ModelArch, rank: int = LORA_RANK) -> int:
     """Parameters of one adapter of `rank` on all seven projections of every layer."""
-    return arch.num_layers * sum(rank * sum(arch.linear_shape(m)) for m in LORA_TARGETS)
+    return arch.num_layers * sum(rank * sum(arch.linear_shape(m)) for m in arch.lora_targets)
 
 
 def write_adapters(root: Path, arch: ModelArch, count: int, dtype: torch.dtype, device: torch.device,
@@ -76,14 +77,13 @@ def write_adapters(root: Path, arch: ModelArch, count: int, dtype: torch.dtype, 
     for n in range(count):
         d = root / f"lora{n:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+        peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(arch.lora_targets), lora_dropout=0.0,
                         task_type="CAUSAL_LM").save_pretrained(str(d))
         tensors = {}
         for layer in range(arch.num_layers):
-            for m in LORA_TARGETS:
+            for m in arch.lora_targets:
                 n_in, n_out = arch.linear_shape(m)
-                block = "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-                key = f"base_model.model.model.layers.{layer}.{block}.{m}"
+                key = f"base_model.model.model.layers.{layer}.{BLOCK_OF[m]}.{m}"
                 tensors[f"{key}.lora_A.weight"] = (randn(rank, n_in) / n_in ** 0.5).to(dtype).cpu()
                 tensors[f"{key}.lora_B.weight"] = (randn(n_out, rank) * 0.01).to(dtype).cpu()
         save_file(tensors, str(d / "adapter_model.safetensors"))
@@ -200,8 +200,8 @@ def hf_model_over(weights: ModelWeights, hf_config: dict):
     inter = config.intermediate_size
     for layer, w in zip(model.model.layers, weights.layers):
         att, mlp = layer.self_attn, layer.mlp
-        put(layer.input_layernorm, "weight", w.input_norm)
-        put(layer.post_attention_layernorm, "weight", w.post_norm)
+        put(layer.input_layernorm, "weight", w.attn_in_norm)
+        put(layer.post_attention_layernorm, "weight", w.mlp_in_norm)
         put(att.q_proj, "weight", w.qkv[:q])
         put(att.k_proj, "weight", w.qkv[q:q + kv])
         put(att.v_proj, "weight", w.qkv[q + kv:])

@@ -25,16 +25,26 @@ def random_weights(arch: ModelArch, dtype: torch.dtype, device: torch.device, se
         return torch.ones(n, dtype=dtype, device=device)
 
     h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
+    n = arch.family.norms
+
+    def norm(name: str | None, size: int) -> torch.Tensor | None:
+        """A norm the family has, at its effective scale 1 (what loading makes of a fresh checkpoint)."""
+        return None if name is None else ones(size)
+
     layers = [
         LayerWeights(
-            input_norm=ones(h),
+            attn_in_norm=ones(h),
             qkv=normal(q + 2 * kv, h),
             qkv_bias=normal(q + 2 * kv) if arch.qkv_bias else None,
             o=normal(h, q),
             o_bias=normal(h) if arch.o_bias else None,
-            post_norm=ones(h),
+            mlp_in_norm=ones(h),
             gate_up=normal(2 * inter, h),
             down=normal(h, inter),
+            attn_out_norm=norm(n.attn_out, h),
+            mlp_out_norm=norm(n.mlp_out, h),
+            q_norm=norm(n.q, arch.head_dim),
+            k_norm=norm(n.k, arch.head_dim),
         )
         for _ in range(arch.num_layers)
     ]

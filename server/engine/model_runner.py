@@ -58,9 +58,9 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter] | None = None) -> StepResult:
         """Run one step. `adapters`: the step's adapters by name (every chunk's adapter, at most
         `max_loras`); their tokens are laid out grouped by slot, base-only tokens last."""
-        lora = None
+        lora_step = None
         if adapters:
-            chunks, lora = self._group_by_slot(chunks, adapters)
+            chunks, lora_step = self._group_by_slot(chunks, adapters)
         ids: list[int] = []
         positions: list[int] = []
         token_seq: list[int] = []
@@ -92,7 +92,7 @@ class ModelRunner:
             query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_tables=tables_t,
             token_seq=seq_t, token_ctx=(pos_t + 1).to(torch.int32), slot_mapping=slots, block_size=bs))
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64).to(dev), pos_t.to(dev), attn,
-                                    self.kv.tensor, lora)
+                                    self.kv.tensor, lora_step)
         if not sampled:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
@@ -100,7 +100,7 @@ class ModelRunner:
 
     def _group_by_slot(self, chunks: list[ScheduledChunk], adapters: Mapping[str, LoraAdapter]
                        ) -> tuple[list[ScheduledChunk], LoraStep]:
-        """Order chunks by adapter slot (base-only last) and build the step's segment table."""
+        """Order chunks by adapter slot (base-only last); the LoRA backend builds the step's table."""
         slot_of = self.slots.activate(adapters)
         base = self.slots.num_slots
         ordered = sorted(chunks, key=lambda c: slot_of[c.seq.adapter] if c.seq.adapter is not None else base)

@@ -22,7 +22,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from conftest import save_tiny_model  # noqa: E402
-from kernels import add_lora  # noqa: E402
 from kernels.paged_attention import cpp_available  # noqa: E402
 from peft_adapters import greedy, make_peft_adapter  # noqa: E402
 from server.cli import build_config, make_parser  # noqa: E402
@@ -80,7 +79,8 @@ def engine_tokens(model_dir: str, adapter_dir: str, jobs: list, attention: str, 
 def _child() -> None:
     """Entry of the Triton child: cases as JSON on stdin, results as JSON on stdout."""
     cases = json.load(sys.stdin)
-    results = {name: engine_tokens(c["model"], c["adapter"], c["jobs"], "triton", "triton") for name, c in cases.items()}
+    results = {name: engine_tokens(c["model"], c["adapter"], c["jobs"], "triton", "triton")
+               for name, c in cases.items()}
     print("RESULT " + json.dumps(results))
 
 
@@ -217,16 +217,14 @@ def test_server_refuses_to_start_with_an_impossible_backend(cases):
 # --- each backend builds its own per-step metadata, and only that ---------------------------------
 def test_each_lora_backend_builds_only_its_layout(arch):
     slots = LoraSlots(arch, num_slots=4, max_rank=8, dtype=torch.float32, device=CPU, metrics=Metrics())
-    slots.slot_rank[1] = slots.slot_rank[3] = 8
-    torch_step = TorchLora(CPU).prepare(slots, [3, 2], [1, 3])
-    triton_step = TritonLora(CPU).prepare(slots, [3, 2], [1, 3])
-    t, s = torch_step.segments, triton_step.segments
+    t = TorchLora(CPU).segments([3, 2], [1, 3], [8, 8], slots.num_slots)
+    s = TritonLora(CPU).segments([3, 2], [1, 3], [8, 8], slots.num_slots)
     assert t.slot_offsets.tolist() == [0, 3, 3, 5] and t.tiles is None and not t.tile_views
     assert s.slot_offsets is None and s.token_slots is None and s.pad_rows is None
     assert s.tile_range(16)[1] == 2 and s.starts.tolist() == [0, 3, 5]
     x, y = torch.randn(5, arch.hidden_size), torch.zeros(5, slots.offsets["o"][-1])
     with pytest.raises(ValueError, match="built for \\('triton',\\), not for the 'torch' kernels"):
-        add_lora(y, x, slots.layer_a["o"][0], slots.layer_b["o"][0], s, slots.offsets["o"], backend="torch")
+        TorchLora(CPU).applier(slots, s).apply(0, "o", x, y)
 
 
 def test_cpp_attention_plans_its_fallback_per_step(cases):

@@ -115,4 +115,6 @@ class ModelRunner:
             else:
                 seg_slots.append(slot)
                 seg_lens.append(c.num_tokens)
-        return ordered, self.lora.prepare(self.slots, seg_lens, seg_slots)
+        ranks = [self.slots.slot_rank[s] for s in seg_slots]
+        table = self.lora.segments(seg_lens, seg_slots, ranks, self.slots.num_slots)
+        return ordered, self.lora.applier(self.slots, table)

@@ -44,12 +44,15 @@ class LoraBackend(ABC):
         """Why this backend cannot run here, or None. Called before construction."""
         return None
 
-    def prepare(self, slots: LoraSlots, seg_lens: Sequence[int], seg_slots: Sequence[int]) -> LoraStep:
-        """The step's applier from the runner's host lists (tokens and slot per segment, ascending
-        slots): the segment table with this backend's layout only, in one upload."""
-        ranks = [slots.slot_rank[s] for s in seg_slots]
-        table = LoraSegments.build(seg_lens, seg_slots, ranks, slots.num_slots, self.device, layouts=(self.name,))
-        return LoraStep(self.name, slots, table)
+    def segments(self, seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
+                 num_slots: int) -> LoraSegments:
+        """The step's segment table from the runner's host lists (tokens, slot and rank per segment,
+        ascending slots), with this backend's kernel layout only, in one upload."""
+        return LoraSegments.build(seg_lens, seg_slots, seg_ranks, num_slots, self.device, layouts=(self.name,))
+
+    def applier(self, slots: LoraSlots, segments: LoraSegments) -> LoraStep:
+        """The step's LoRA over the slot pool, on this backend's kernels."""
+        return LoraStep(self.name, slots, segments)
 
 
 class TorchLora(LoraBackend):

@@ -47,11 +47,11 @@ MODELS = {
 
 
 # --- the engine, shared by this process and the Triton child ------------------------------------
-def engine_tokens(model_dir: str, adapter_dir: str, jobs: list, attention: str, lora: str):
+def engine_tokens(model_dir: str, adapter_dir: str, jobs: list, attention: str, lora: str, device: str = "cpu"):
     """Greedy tokens and their logprobs of every job [(adapter or None, prompt)], all in one engine."""
     cfg = Config()
     cfg.model.dtype = "float32"
-    cfg.model.device = "cpu"
+    cfg.model.device = device
     cfg.model.attention_backend = attention
     cfg.cache.kv_cache_memory = 2 << 20
     cfg.scheduler.max_num_batched_tokens = 16  # the longer prompts are prefilled in chunks, next to decodes
@@ -131,6 +131,16 @@ def test_cpu_backends_match_peft(cases, model, attention):
     assert_matches(got, c["expected"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attention, lora", [("triton", "triton"), ("torch", "torch")])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_cuda_backends_match_peft(cases, model, attention, lora):
+    c = cases[model]
+    got = engine_tokens(c["model"], c["adapter"], c["jobs"], attention, lora, device="cuda")
+    assert got["backends"] == [attention, lora]
+    assert_matches(got, c["expected"])
+
+
 def test_triton_backends_whole_engine_match_peft_under_the_interpreter(cases):
     """Triton paged attention + Triton SGMV through the whole engine (chunked prefill next to
     decodes, adapter and base-only sequences in one batch, Gemma 2's window and soft-cap)."""
@@ -192,6 +202,18 @@ def test_impossible_choices_are_clear_errors(arch, monkeypatch):
         select_attention("triton", arch, torch.device("cuda"), torch.bfloat16)
     with pytest.raises(BackendError, match="lora-backend triton cannot run here: triton is not installed"):
         select_lora("triton", torch.device("cuda"))
+
+
+def test_auto_on_cuda_without_triton_falls_back_to_torch(arch, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "triton", None)  # triton's import fails
+    for mod in ("kernels.triton_paged_attention", "kernels.triton_sgmv"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    cuda = torch.device("cuda")  # nothing here touches the device
+    with caplog.at_level("INFO", logger="server.engine.backends"):
+        assert isinstance(select_attention("auto", arch, cuda, torch.bfloat16), TorchAttention)
+        assert isinstance(select_lora("auto", cuda), TorchLora)
+    assert "attention backend: torch (auto for cuda; not triton: triton is not installed" in caplog.text
+    assert "lora backend: torch (auto for cuda; not triton: triton is not installed" in caplog.text
 
 
 def test_flags_reach_the_config_and_bad_names_are_refused(monkeypatch):

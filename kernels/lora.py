@@ -1,10 +1,12 @@
-"""Public segmented LoRA ops and their device dispatch.
+"""Public segmented LoRA ops: one entry point per op over the three kernel families.
 
-CUDA tensors -> Triton SGMV kernels. CPU tensors -> torch_ops: padded bmm at decode-like
-steps, grouped_mm over the slot pool otherwise (the fastest correct CPU paths measured by
-loadtest/bench_kernels.py; see docs/benchmarks_kernels.md and docs/benchmarks.md).
-`backend=` forces one path: "reference" (per-segment loop), "torch" (padded / grouped_mm /
-gather fallback), "triton" (on CPU tensors this runs Triton's interpreter: tiny shapes only).
+`backend=` names the path: "reference" (per-segment loop), "torch" (torch_ops: padded bmm at
+decode-like steps, grouped_mm over the slot pool otherwise, gather fallback; the fastest
+correct CPU paths measured by loadtest/bench_kernels.py, see docs/benchmarks_kernels.md),
+"triton" (triton_sgmv; on CPU tensors this runs Triton's interpreter: tiny shapes only).
+The server's LoRA backend (server/engine/backends/) names it once, at start; None (tests,
+benchmarks) means triton for CUDA tensors and torch otherwise. The segment table must carry
+the chosen kernel's layout (LoraSegments.build(layouts=...)).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def _backend(t: torch.Tensor, backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def _layout(seg: LoraSegments, which: str) -> None:
+    if which != "reference":  # the reference loop reads only the host tuples
+        seg.require(which)
 
 
 def _check(seg: LoraSegments, pool: torch.Tensor, r_pad: int) -> None:
@@ -53,6 +60,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
         raise ValueError(f"out must be float32 [{seg.num_tokens}, {a.shape[1]}], "
                          f"got {out.dtype} {tuple(out.shape)}")
     which = _backend(x, backend)
+    _layout(seg, which)
     if which == "triton":
         from . import triton_sgmv  # imported lazily: CPU-only deployments never load Triton
         return triton_sgmv.sgmv_shrink(x, a, seg, n_slices, out=out)
@@ -85,6 +93,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
         raise ValueError(f"h must be [{seg.num_tokens}, {n_slices * r_pad}], got {tuple(h.shape)}")
     _check(seg, b, r_pad)
     which = _backend(y, backend)
+    _layout(seg, which)
     if which == "triton":
         from . import triton_sgmv
         triton_sgmv.sgmv_expand(y, h, b, seg, slice_offsets)

@@ -7,7 +7,9 @@ Backends
              one SDPA with a boolean causal/length mask. Works on any device (CUDA too).
   reference  per-token loop, fp32 math; the oracle for tests.
   auto       cpp for CPU fp32/bf16 tensors with a contiguous last dim if the extension builds,
-             otherwise torch.
+             otherwise torch (tests, benchmarks). The server names the backend instead: its
+             attention backend (server/engine/backends/) is chosen once at engine start and
+             decides per step which layers need the torch path.
 
 Build: the extension is compiled once per (python, torch, ISA) under
 $TORCH_EXTENSIONS_DIR (default ~/.cache/loramux/torch_extensions). The ISA is "avx2" (built with
@@ -155,7 +157,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.shape[0] == 0:
         return out
-    if window is not None and q.is_cpu and window >= int(token_ctx.max()):
+    if backend == "auto" and window is not None and q.is_cpu and window >= int(token_ctx.max()):
         window = None  # masks nothing in this batch: keep the fast path (no device sync on CPU)
     if window is not None or softcap is not None:
         if backend == "cpp":

@@ -1,4 +1,10 @@
-"""The per-step LoRA segment table, built once per forward step and shared by every layer."""
+"""The per-step LoRA segment table, built once per forward step and shared by every layer.
+
+The table proper (starts, slots, ranks and their host copies) serves every kernel; each
+kernel family also needs its own index layout, built only when asked for (`layouts`):
+"torch" (torch_ops: grouped_mm offsets, per-token slots, the padded bmm layout) and
+"triton" (triton_sgmv: the BLOCK_M tile tables). An engine builds only its backend's.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 # Token-tile heights (BLOCK_M) the Triton kernels may pick; a tile table is prebuilt for each
 # so that a launch's grid is exactly the number of non-empty tiles (no idle programs).
 TILE_SIZES: tuple[int, ...] = (16, 32, 64)
+LAYOUTS: tuple[str, ...] = ("torch", "triton")
 
 
 @dataclass(frozen=True, eq=False)  # identity semantics: fields are tensors
@@ -25,17 +32,19 @@ class LoraSegments:
       starts        [S+1]  token offset where segment i starts; starts[S] == num_tokens
       slots         [S]    pool slot of segment i (strictly ascending)
       ranks         [S]    true adapter rank of segment i (<= the pool's padded rank R)
+    "torch" layout (None unless built):
       slot_offsets  [num_slots]  cumulative END token offset per pool slot (empty slots repeat
                     the previous value): the `offs` argument of torch grouped_mm when the
                     whole slot pool is the 3D operand
       token_slots   [num_tokens]  pool slot of every LoRA token (for gather formulations)
-      tiles         [2*n]  (segment, first token) pairs, one per BLOCK_M-token tile, for each
-                    BLOCK_M in TILE_SIZES back to back; see `tile_range`
       pad_rows      [W*L]  the padded layout used by the CPU bmm path: W = the pool slots from
                     the first to the last active one, L = max_seg_len; entry w*L+j is the token
                     row of the j-th token of slot lo+w, or 0 where that slot has fewer tokens
       pad_valid     [num_tokens]  where each LoRA token sits in that padded layout
                     (both None when padding would more than `max_padding`-fold the rows)
+    "triton" layout (None / empty unless built):
+      tiles         [2*n]  (segment, first token) pairs, one per BLOCK_M-token tile, for each
+                    BLOCK_M in TILE_SIZES back to back; see `tile_range`
     Host values: num_tokens, max_seg_len, max_rank, min_rank, num_segments, num_slots, and the
     same table as Python tuples (seg_starts/seg_slots/seg_ranks) for host-side loops.
     """
@@ -43,9 +52,6 @@ class LoraSegments:
     starts: torch.Tensor
     slots: torch.Tensor
     ranks: torch.Tensor
-    slot_offsets: torch.Tensor
-    token_slots: torch.Tensor
-    tiles: torch.Tensor
     num_tokens: int
     max_seg_len: int
     max_rank: int
@@ -55,8 +61,12 @@ class LoraSegments:
     seg_starts: tuple[int, ...]
     seg_slots: tuple[int, ...]
     seg_ranks: tuple[int, ...]
+    layouts: tuple[str, ...] = LAYOUTS  # which of the layouts below were built
+    slot_offsets: torch.Tensor | None = field(repr=False, default=None)
+    token_slots: torch.Tensor | None = field(repr=False, default=None)
+    tiles: torch.Tensor | None = field(repr=False, default=None)
     # ((BLOCK_M, first pair index, number of tiles), ...) into `tiles`
-    tile_index: tuple[tuple[int, int, int], ...] = field(repr=False)
+    tile_index: tuple[tuple[int, int, int], ...] = field(repr=False, default=())
     # the same as prebuilt views ((BLOCK_M, pairs [2*n], n), ...): no slicing per launch
     tile_views: tuple[tuple[int, torch.Tensor, int], ...] = field(repr=False, default=())
     pad_rows: torch.Tensor | None = field(repr=False, default=None)
@@ -72,22 +82,34 @@ class LoraSegments:
 
     def tile_range(self, block_m: int) -> tuple[torch.Tensor, int]:
         """The (segment, first token) int32 pairs [2*n] for tiles of `block_m` tokens, and n."""
+        self.require("triton")
         for bm, pairs, count in self.tile_views:
             if bm == block_m:
                 return pairs, count
         raise ValueError(f"no tile table for BLOCK_M={block_m}; have {TILE_SIZES}")
 
+    def require(self, layout: str) -> None:
+        """Raise unless the table was built with `layout` (a kernel asking for another backend's)."""
+        if layout not in self.layouts:
+            raise ValueError(f"this segment table was built for {self.layouts}, not for the {layout!r} kernels")
+
     @staticmethod
     def build(seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
-              num_slots: int, device: torch.device | str, max_padding: float = 2.0) -> "LoraSegments":
+              num_slots: int, device: torch.device | str, max_padding: float = 2.0,
+              layouts: Sequence[str] = LAYOUTS) -> "LoraSegments":
         """Build the table from host lists (one entry per segment, ascending slots).
 
         seg_lens[i] > 0 tokens for slot seg_slots[i] (strictly ascending, < num_slots), adapter
         rank seg_ranks[i] >= 0. Empty lists give the empty table (all LoRA ops are no-ops).
         max_padding: build the padded layout (pad_rows/pad_valid) only when its W*L rows are at
         most this many times num_tokens (decode-like steps; long uneven prefills skip it).
-        Cost: O(S + tokens/16 + W*L) host work and a single host->device copy.
+        layouts: the kernel layouts to build (a subset of LAYOUTS; default both, for tests).
+        Cost: O(S) + "torch" O(tokens + W*L) + "triton" O(tokens/16) host work, one host->device copy.
         """
+        layouts = tuple(layouts)
+        if not set(layouts) <= set(LAYOUTS):
+            raise ValueError(f"layouts must be a subset of {LAYOUTS}, got {layouts}")
+        want_torch, want_triton = "torch" in layouts, "triton" in layouts
         lens = [int(v) for v in seg_lens]
         slots = [int(v) for v in seg_slots]
         ranks = [int(v) for v in seg_ranks]
@@ -112,27 +134,31 @@ class LoraSegments:
         buf = array("i", starts)
         buf.extend(slots)
         buf.extend(ranks)
-        ends = [0] * num_slots
-        for slot, end in zip(slots, starts[1:]):
-            ends[slot] = end
-        for i in range(1, num_slots):  # empty slots end where the previous one ended
-            if ends[i] < ends[i - 1]:
-                ends[i] = ends[i - 1]
-        buf.extend(ends)
-        for slot, n in zip(slots, lens):
-            buf.extend([slot] * n)
+        n_offsets = n_token_slots = 0
+        if want_torch:
+            ends = [0] * num_slots
+            for slot, end in zip(slots, starts[1:]):
+                ends[slot] = end
+            for i in range(1, num_slots):  # empty slots end where the previous one ended
+                if ends[i] < ends[i - 1]:
+                    ends[i] = ends[i - 1]
+            buf.extend(ends)
+            for slot, n in zip(slots, lens):
+                buf.extend([slot] * n)
+            n_offsets, n_token_slots = num_slots, num_tokens
         tile_index, first = [], 0
-        for bm in TILE_SIZES:
-            count = 0
-            for i, (s, n) in enumerate(zip(starts, lens)):
-                for m0 in range(s, s + n, bm):
-                    buf.append(i)
-                    buf.append(m0)
-                count += (n + bm - 1) // bm
-            tile_index.append((bm, first, count))
-            first += count
+        if want_triton:
+            for bm in TILE_SIZES:
+                count = 0
+                for i, (s, n) in enumerate(zip(starts, lens)):
+                    for m0 in range(s, s + n, bm):
+                        buf.append(i)
+                        buf.append(m0)
+                    count += (n + bm - 1) // bm
+                tile_index.append((bm, first, count))
+                first += count
         pad_len = 0
-        if slots:
+        if want_torch and slots:
             width, seg_len = slots[-1] - slots[0] + 1, max(lens)
             if width * seg_len <= max_padding * num_tokens:
                 pad_len = width * seg_len
@@ -147,23 +173,25 @@ class LoraSegments:
         # buf always holds starts[0]; copy=True so the result never aliases the temporary array
         dev = torch.frombuffer(buf, dtype=torch.int32).to(device, copy=True)
         views, at = [], 0
-        for n in (len(starts), len(slots), len(ranks), num_slots, num_tokens, 2 * first,
+        for n in (len(starts), len(slots), len(ranks), n_offsets, n_token_slots, 2 * first,
                   pad_len, num_tokens if pad_len else 0):
             views.append(dev[at: at + n])
             at += n
         return LoraSegments(
-            starts=views[0], slots=views[1], ranks=views[2], slot_offsets=views[3],
-            token_slots=views[4], tiles=views[5], num_tokens=num_tokens,
+            starts=views[0], slots=views[1], ranks=views[2], num_tokens=num_tokens,
             max_seg_len=max(lens, default=0), max_rank=max(ranks, default=0),
             min_rank=min(ranks, default=0),
             num_segments=len(lens), num_slots=int(num_slots),
             seg_starts=tuple(starts), seg_slots=tuple(slots), seg_ranks=tuple(ranks),
+            layouts=layouts,
+            slot_offsets=views[3] if want_torch else None, token_slots=views[4] if want_torch else None,
+            tiles=views[5] if want_triton else None,
             tile_index=tuple(tile_index),
             tile_views=tuple((bm, views[5][2 * f: 2 * (f + n)], n) for bm, f, n in tile_index),
             pad_rows=views[6] if pad_len else None, pad_valid=views[7] if pad_len else None,
         )
 
     @staticmethod
-    def empty(num_slots: int, device: torch.device | str) -> "LoraSegments":
+    def empty(num_slots: int, device: torch.device | str, layouts: Sequence[str] = LAYOUTS) -> "LoraSegments":
         """The table of a step with no LoRA tokens."""
-        return LoraSegments.build([], [], [], num_slots, device)
+        return LoraSegments.build([], [], [], num_slots, device, layouts=layouts)

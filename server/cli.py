@@ -66,6 +66,18 @@ def _cost(value: Any) -> float:
     return cost
 
 
+def _backend(kind: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        from server.engine.backends import ATTENTION_BACKENDS, LORA_BACKENDS
+
+        names = ATTENTION_BACKENDS if kind == "attention" else LORA_BACKENDS
+        name = str(value).strip().lower()
+        if name != "auto" and name not in names:
+            raise ValueError(f"--{kind}-backend: expected auto or one of {', '.join(names)}, got {value!r}")
+        return name
+    return convert
+
+
 def _paths(value: Any) -> list[str]:
     return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
 
@@ -94,6 +106,8 @@ FLAGS = [
     Flag("max-model-len", "model.max_model_len", int, "longest prompt + completion in tokens"),
     Flag("seed", "model.seed", int, "seed of unseeded sampling"),
     Flag("num-threads", "model.num_threads", int, "torch CPU threads (default: all cores)"),
+    Flag("attention-backend", "model.attention_backend", _backend("attention"),
+         "auto | cpp | torch | triton (auto: cpp on CPU, triton on CUDA, else torch; chosen at start)"),
     Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
     Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
     Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),
@@ -112,6 +126,8 @@ FLAGS = [
     Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
     Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
     Flag("lora-dtype", "lora.lora_dtype", str, "auto (the model dtype) | float32 | bfloat16"),
+    Flag("lora-backend", "lora.lora_backend", _backend("lora"),
+         "auto | torch | triton (auto: triton on CUDA, torch on CPU; chosen at start)"),
     Flag("allowed-adapter-roots", "lora.allowed_adapter_roots", _paths,
          "directories the admin API may load adapters from (besides --adapters-dir)", nargs="+"),
     Flag("no-lora", "lora.enabled", _bool, "serve the base model alone (no adapter slots)", switch=True,
@@ -225,6 +241,7 @@ def serve(cfg: Config) -> int:
 
     from server.api.app import create_app
     from server.api.shutdown import FLUSH_S, DrainingServer
+    from server.engine.backends import BackendError
     from server.tenants import TenantFileError
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,6 +249,9 @@ def serve(cfg: Config) -> int:
         app = create_app(cfg)
     except TenantFileError as exc:
         print(f"loramux: bad tenants: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(f"loramux: {exc}", file=sys.stderr)
         return 2
     # The drain has already waited for the requests in flight; uvicorn's own graceful wait
     # only covers a connection still open after it (e.g. a client that stopped reading).

@@ -22,6 +22,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+    attention_backend: str = "auto"  # auto | cpp | torch | triton (server/engine/backends/)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LoraConfig:
     cpu_lora_cache_memory: int = 4 * GiB  # bytes budget of that host cache
     max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
     lora_dtype: str = "auto"  # auto (= the model dtype) | float32 | bfloat16
+    lora_backend: str = "auto"  # auto | torch | triton (server/engine/backends/)
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, as vLLM
     allowed_adapter_roots: list[str] = field(default_factory=list)  # where admin loads may read from
 

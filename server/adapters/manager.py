@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from kernels import LoraSegments
 from server.config import LoraConfig
 from server.metrics import Metrics
 from server.model.arch import ModelArch
@@ -34,7 +33,7 @@ from .errors import EXISTS, NO_STORE, NOT_FOUND, QUOTA, AdapterError
 from .host_cache import HostAdapterCache
 from .peft_format import parse_peft_adapter
 from .registry import AdapterEntry, AdapterRef, AdapterRegistry
-from .slots import LoraBatch, LoraSlots
+from .slots import LoraSlots
 from .store import AdapterStore
 from .store_layout import WEIGHTS_NAME
 
@@ -48,10 +47,7 @@ class StepLora:
     slot_of: dict[AdapterRef, int]
     slot_rank: list[int]
     num_slots: int
-    _slots: LoraSlots
-
-    def batch(self, segments: LoraSegments) -> LoraBatch:
-        return self._slots.batch(segments)
+    slots: LoraSlots  # the pool the step's LoRA backend reads
 
 
 class AdapterManager:

@@ -1,9 +1,9 @@
-"""The device tier: `max_loras` slots of stacked adapter weights, and the per-step applier.
+"""The device tier: `max_loras` slots of stacked adapter weights (read by the LoRA backend).
 
 Per layer and per fused projection group the pool holds
     a [num_layers, N, n_slices * R, in]   (each slice's lora_A, zero-padded to rank R)
     b [num_layers, N, out_total, R]       (slices' lora_B * scale, concatenated along out)
-so `kernels.add_lora` serves every token of every adapter in one call per projection,
+so one LoRA kernel call serves every token of every adapter in one call per projection,
 and the fused qkv / gate_up GEMMs keep their LoRA as one shrink + one expand launch.
 Which PEFT modules stack into which group is the model's (`ModelArch.lora_groups`, from the
 family registry): q/k/v are three slices of `qkv`, a fused `qkv_proj` is one.
@@ -17,7 +17,6 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
-from kernels import LoraSegments, add_lora
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
@@ -100,18 +99,3 @@ class LoraSlots:
             self.b[group][layer, slot, lo:hi, : w.rank].copy_(w.b * w.scale)
         self.slot_rank[slot] = adapter.rank
         self.metrics.adapter_slot_writes.inc()
-
-    def batch(self, segments: LoraSegments) -> LoraBatch:
-        return LoraBatch(self, segments)
-
-
-class LoraBatch:
-    """One step's LoRA: the shared segment table + the pool. Implements `LoraApplier`."""
-
-    def __init__(self, slots: LoraSlots, segments: LoraSegments):
-        self.slots = slots
-        self.segments = segments
-
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        s = self.slots
-        add_lora(y, x, s.layer_a[module][layer], s.layer_b[module][layer], self.segments, s.offsets[module])

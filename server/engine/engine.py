@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from kernels.paged_attention import load_cpp_extension
 from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config
+from server.engine.backends import select_attention, select_lora
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
@@ -94,8 +94,8 @@ class LLMEngine:
             max_len = capped
 
         t0 = time.perf_counter()
-        if device.type == "cpu":
-            load_cpp_extension()  # build (once, ~15 s) or load the C++ attention now, not on request 1
+        attention = select_attention(mc.attention_backend, arch, device, dtype)  # may build the C++ kernel (~15 s, once)
+        lora_backend = select_lora(config.lora.lora_backend, device) if config.lora.enabled else None
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)
         self.model = DecoderModel(arch, weights, max_positions=max_len)
@@ -105,7 +105,8 @@ class LLMEngine:
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name]) \
             if lc.enabled else None
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed))
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed), attention=attention,
+                                  lora=lora_backend)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,

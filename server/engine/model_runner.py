@@ -1,7 +1,9 @@
 """Executes one scheduled step: lays out the flat batch, runs the model, samples.
 
-Tensor code only; it decides nothing. Everything per step (positions, KV slots, block
-tables, the LoRA segment table) is built once here and shared by every layer.
+Tensor code only; it decides nothing. Everything per step is built once here and shared by
+every layer: positions and the host layout of the batch (StepBatch), from which the attention
+backend builds its metadata, and the adapter segments, from which the LoRA backend builds its
+table (both backends chosen at engine start: server/engine/backends/).
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import LoraSegments
 from server.adapters.manager import StepLora
-from server.adapters.slots import LoraBatch
+from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, StepBatch
 from server.engine.request import Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
-from server.model.decoder import AttentionMetadata, DecoderModel
+from server.model.decoder import DecoderModel
 
 
 @dataclass
@@ -41,22 +42,27 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler):
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler, *,
+                 attention: AttentionBackend, lora: LoraBackend | None = None):
         self.model = model
         self.kv = kv_cache
         self.sampler = sampler
+        self.attention = attention
+        self.lora = lora
         self.device = model.device
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None) -> StepResult:
         """Run one step. `step_lora`: every chunk's adapter placed in a device slot (see
         AdapterManager.activate); their tokens are laid out grouped by slot, base-only tokens last."""
-        lora = None
+        lora_step = None
         if step_lora is not None:
-            chunks, lora = self._group_by_slot(chunks, step_lora)
+            chunks, lora_step = self._group_by_slot(chunks, step_lora)
         ids: list[int] = []
         positions: list[int] = []
         token_seq: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         for row, chunk in enumerate(chunks):
@@ -64,6 +70,8 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             token_seq.extend([row] * n)
+            query_lens.append(n)
+            context_lens.append(start + n)
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
@@ -77,23 +85,19 @@ class ModelRunner:
         seq_t = torch.tensor(token_seq, dtype=torch.int32)
         tables_t = torch.tensor(tables, dtype=torch.int32)
         slots = tables_t[seq_t.long(), pos_t // bs].long() * bs + pos_t % bs
-        attn = AttentionMetadata(
-            slot_mapping=slots.to(dev),
-            block_tables=tables_t.to(dev),
-            token_seq=seq_t.to(dev),
-            token_ctx=(pos_t + 1).to(torch.int32).to(dev),
-            block_size=bs,
-        )
+        attn = self.attention.prepare(StepBatch(
+            query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_tables=tables_t,
+            token_seq=seq_t, token_ctx=(pos_t + 1).to(torch.int32), slot_mapping=slots, block_size=bs))
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64).to(dev), pos_t.to(dev), attn,
-                                    self.kv.tensor, lora)
+                                    self.kv.tensor, lora_step)
         if not sampled:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
 
     def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
-                       ) -> tuple[list[ScheduledChunk], LoraBatch]:
-        """Order chunks by adapter slot (base-only last) and build the step's segment table."""
+                       ) -> tuple[list[ScheduledChunk], LoraStep]:
+        """Order chunks by adapter slot (base-only last); the LoRA backend builds the step's table."""
         slot_of = step_lora.slot_of
         base = step_lora.num_slots
         ordered = sorted(chunks, key=lambda c: slot_of[c.seq.adapter] if c.seq.adapter is not None else base)
@@ -109,5 +113,5 @@ class ModelRunner:
                 seg_slots.append(slot)
                 seg_lens.append(c.num_tokens)
         ranks = [step_lora.slot_rank[s] for s in seg_slots]
-        segments = LoraSegments.build(seg_lens, seg_slots, ranks, step_lora.num_slots, self.device)
-        return ordered, step_lora.batch(segments)
+        table = self.lora.segments(seg_lens, seg_slots, ranks, step_lora.num_slots)
+        return ordered, self.lora.applier(step_lora.slots, table)

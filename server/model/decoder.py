@@ -10,13 +10,11 @@ named here. LoRA is not the model's business either: every fused linear goes thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_attention
 from server.model.arch import ModelArch
 from server.model.loading import LayerWeights, ModelWeights
 from server.model.rope import RotaryEmbedding
@@ -31,15 +29,13 @@ class LoraApplier(Protocol):
         """module in ("qkv", "o", "gate_up", "down"); x [T, in], y [T, out]."""
 
 
-@dataclass
-class AttentionMetadata:
-    """Built once per step by the runner; shared by every layer."""
+class AttentionStep(Protocol):
+    """One step's attention, built by the engine's attention backend and shared by every layer;
+    the backend applies the layer's sliding window and soft-capping (from the same ModelArch)."""
 
-    slot_mapping: torch.Tensor  # [T] int64: KV-cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B, max_blocks] int32, one row per sequence in the step
-    token_seq: torch.Tensor  # [T] int32: block-table row of each token
-    token_ctx: torch.Tensor  # [T] int32: cache positions each token attends to (causal)
-    block_size: int
+    def forward(self, layer: int, q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, out: torch.Tensor) -> None:
+        """Write kv [T, 2, KVH, D] (this step's keys/values) into cache [S, 2, KVH, D] (this layer's
+        paged cache), then out [T, H, D] = attention of q [T, H, D] over each token's context."""
 
 
 class DecoderModel:
@@ -60,7 +56,7 @@ class DecoderModel:
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        attn: AttentionMetadata,
+        attn: AttentionStep,
         kv_cache: torch.Tensor,  # [num_layers, S, 2, kv_heads, head_dim]
         lora: LoraApplier | None = None,
     ) -> torch.Tensor:
@@ -81,11 +77,7 @@ class DecoderModel:
             q_k = heads[:, : a.num_heads + a.num_kv_heads]
             self.ropes[a.layer_ropes[i]].apply(q_k, *tables[a.layer_ropes[i]])
             kv = heads[:, a.num_heads:].view(T, 2, a.num_kv_heads, a.head_dim)
-            layer_cache = kv_cache[i]
-            layer_cache.index_copy_(0, attn.slot_mapping, kv)
-            paged_attention(heads[:, : a.num_heads], layer_cache, attn.block_tables, attn.token_seq,
-                            attn.token_ctx, attn.block_size, a.attn_scale, out=attn_out,
-                            window=a.layer_windows[i], softcap=a.attn_softcap)
+            attn.forward(i, heads[:, : a.num_heads], kv, kv_cache[i], attn_out)
             o = self._linear(i, "o", attn_out.view(T, a.q_size), layer.o, layer.o_bias, lora)
             if layer.attn_out_norm is not None:
                 o = self._norm(o, layer.attn_out_norm)

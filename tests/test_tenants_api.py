@@ -97,7 +97,10 @@ def test_the_admin_key_is_no_tenant_key_and_a_tenant_key_opens_no_admin_route(se
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         assert_openai_error(httpx.post(server.base_url + "/v1/admin/reload_tenants", headers=headers),
                             401, "invalid_api_key")
-        assert_openai_error(httpx.get(server.base_url + "/v1/adapters", headers=headers), 401, "invalid_api_key")
+        assert_openai_error(httpx.post(server.base_url + "/v1/unload_lora_adapter", headers=headers,
+                                       json={"lora_name": "x"}), 401, "invalid_api_key")
+    # /v1/adapters is a tenant route (the caller's adapters): it needs a tenant key, not the admin's.
+    assert_openai_error(httpx.get(server.base_url + "/v1/adapters"), 401, "invalid_api_key")
 
 
 def _reset_seconds(text: str) -> float:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from conftest import save_tiny_model  # noqa: E402
 from kernels.paged_attention import cpp_available  # noqa: E402
+from engine_runs import greedy_with_logprobs  # noqa: E402
 from peft_adapters import greedy, make_peft_adapter  # noqa: E402
 from server.cli import build_config, make_parser  # noqa: E402
 from server.config import Config  # noqa: E402
@@ -30,7 +31,6 @@ from server.engine.backends import (BackendError, StepBatch, select_attention, s
 from server.engine.backends.attention import CppAttention, TorchAttention  # noqa: E402
 from server.engine.backends.lora import TorchLora, TritonLora  # noqa: E402
 from server.engine.engine import LLMEngine  # noqa: E402
-from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.adapters.slots import LoraSlots  # noqa: E402
 from server.model.arch import ModelArch  # noqa: E402
@@ -60,20 +60,9 @@ def engine_tokens(model_dir: str, adapter_dir: str, jobs: list, attention: str, 
     cfg.lora.max_lora_rank = 8
     cfg.lora.lora_backend = lora
     engine = LLMEngine(cfg, model_dir)
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
-    for i, (adapter, prompt) in enumerate(jobs):
-        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
-    tokens: dict[str, list[int]] = {}
-    logprobs: dict[str, list[float]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
+    tokens, logprobs = greedy_with_logprobs(engine, jobs, NEW)
     runner = engine.runner
-    return {"tokens": [tokens[f"r{i}"] for i in range(len(jobs))],
-            "logprobs": [logprobs[f"r{i}"] for i in range(len(jobs))],
-            "backends": [runner.attention.name, runner.lora.name]}
+    return {"tokens": tokens, "logprobs": logprobs, "backends": [runner.attention.name, runner.lora.name]}
 
 
 def _child() -> None:

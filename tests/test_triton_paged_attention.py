@@ -17,17 +17,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from triton_mode import CHILD, CUDA, ROOT, rerun_in_child  # before anything imports triton
 
-import torch  # noqa: E402  (torch does not import triton)
-
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -217,15 +210,10 @@ def test_triton_interp_rejects_bad_shapes():
     assert empty.shape == (0, 4, 64)
 
 
-@pytest.mark.skipif(INTERP or CUDA or not HAVE_TRITON or os.environ.get("_LORAMUX_CHILD") == "1",
+@pytest.mark.skipif(INTERP or CUDA or not HAVE_TRITON or CHILD,
                     reason="interpreter tests already ran in-process (or no triton)")
 def test_triton_interp_in_subprocess():
-    # triton was imported before this module could set TRITON_INTERPRET: rerun in a child
-    env = dict(os.environ, TRITON_INTERPRET="1", _LORAMUX_CHILD="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        __file__, "-k", "triton_interp"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rerun_in_child(__file__)  # triton was imported before this module could switch the interpreter on
 
 
 # ---------------------------------------------------------------- compiled for a GPU, without one

@@ -3,8 +3,10 @@
 Loads (read + parse + validate, milliseconds to seconds) run on a worker thread so the
 engine keeps stepping; a finished load is handed back through a queue and becomes
 resident at the engine's next `poll()`. The LRU itself is touched only by the engine
-thread. Adapters referenced by a queued or running request, and pinned ones, are never
-evicted; if everything is in use the budget is exceeded rather than failing requests.
+thread. Loads start only when the scheduler asks (`prefetch`, for the requests about to be
+admitted), never for a whole queue. Adapters the scheduler keeps (running or in its prefetch
+window) and pinned ones are never evicted; if everything is kept the budget is exceeded
+rather than failing requests.
 """
 
 from __future__ import annotations
@@ -49,20 +51,39 @@ class HostAdapterCache:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
 
     # --- engine thread ---------------------------------------------------------------------
-    def request(self, ref: AdapterRef) -> bool:
-        """True if `ref` is resident (a hit); otherwise make sure a load is under way."""
+    def touch(self, ref: AdapterRef) -> bool:
+        """A request for `ref` arrived: count a hit (resident: also most recently used) or a miss."""
         if ref in self._resident:
             self._resident.move_to_end(ref)
             self.metrics.adapter_cache_hits.inc()
             return True
         self.metrics.adapter_cache_misses.inc()
-        if ref not in self._loading:
+        return False
+
+    def prefetch(self, refs: Iterable[AdapterRef], keep: set[AdapterRef]) -> list[AdapterRef]:
+        """Start loads for the non-resident `refs`, in order, while the count budget has room
+        beside the kept adapters (resident ones not in `keep` are evictable, so they count as room).
+        So a prefetch never pushes out an adapter that is kept. One load may always be in flight,
+        even over budget, so the most wanted adapter is never stuck behind kept ones. Returns the
+        loads started."""
+        started = []
+        room = self.max_adapters - len(self._loading) - sum(1 for r in keep if r in self._resident)
+        for ref in refs:
+            if ref in self._resident or ref in self._loading:
+                continue
+            if room <= 0 and self._loading:
+                break
             self._loading.add(ref)
             self._pool.submit(self._load, ref)
-        return False
+            started.append(ref)
+            room -= 1
+        return started
 
     def is_resident(self, ref: AdapterRef) -> bool:
         return ref in self._resident
+
+    def is_loading(self, ref: AdapterRef) -> bool:
+        return ref in self._loading
 
     def get(self, ref: AdapterRef) -> LoraAdapter:
         adapter = self._resident[ref]

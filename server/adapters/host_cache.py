@@ -23,7 +23,7 @@ from server.metrics import Metrics
 
 from .errors import INVALID, NOT_FOUND, AdapterError
 from .lora_weights import LoraAdapter
-from .peft_format import load_peft_adapter
+from .peft_format import parse_peft_adapter
 from .registry import AdapterRef, AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,9 @@ class HostAdapterCache:
                 raise AdapterError(NOT_FOUND, f"no adapter named {ref.name!r}")
             r = self.registry
             # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
-            adapter = load_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
-                                        max_bytes=r.max_bytes)
+            summary, adapter = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
+                                                  max_bytes=r.max_bytes)
+            r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
         except AdapterError as exc:
             log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc

@@ -184,3 +184,21 @@ def test_when_everything_is_resident_vtc_order_is_unchanged():
         return order
 
     assert admissions(True) == admissions(False)
+
+
+def test_a_long_queue_of_cold_adapters_costs_a_bounded_scan_per_step():
+    """2,000 requests on 2,000 cold adapters: a step asks the policy for at most
+    prefetch_window + max_num_seqs + 2 candidates and starts at most prefetch_window loads."""
+    calls = []
+
+    class Counting(FCFSPolicy):
+        def next_waiting(self, waiting, skip):
+            calls.append(1)
+            return super().next_waiting(waiting, skip)
+
+    res = FakeResidency(capacity=64, load_steps=1000)
+    sim = ResidencySim(Counting(), res, max_num_seqs=8, max_loras=8)
+    sim.add(*(seq(f"r{i}", "t", 4, adapter=f"a{i}") for i in range(2000)))
+    sim.step()
+    assert len(calls) <= sim.sched.prefetch_window + 8 + 2
+    assert len(res.loading) == sim.sched.prefetch_window

@@ -67,7 +67,8 @@ class HostAdapterCache:
         even over budget, so the most wanted adapter is never stuck behind kept ones. Returns the
         loads started."""
         started = []
-        room = self.max_adapters - len(self._loading) - sum(1 for r in keep if r in self._resident)
+        held = sum(1 for r in self._resident if r in keep or self._pinned(r))  # not evictable
+        room = self.max_adapters - len(self._loading) - held
         for ref in refs:
             if ref in self._resident or ref in self._loading:
                 continue
@@ -78,6 +79,10 @@ class HostAdapterCache:
             started.append(ref)
             room -= 1
         return started
+
+    def _pinned(self, ref: AdapterRef) -> bool:
+        entry = self.registry.version(ref)
+        return entry is not None and entry.pinned
 
     def is_resident(self, ref: AdapterRef) -> bool:
         return ref in self._resident
@@ -135,8 +140,7 @@ class HostAdapterCache:
         for ref in list(self._resident):  # least recently used first
             if not over():
                 return
-            entry = self.registry.version(ref)
-            if ref in in_use or (entry is not None and entry.pinned):
+            if ref in in_use or self._pinned(ref):
                 continue
             del self._resident[ref]
             self.metrics.adapter_evictions.labels("host").inc()

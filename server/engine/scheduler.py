@@ -226,6 +226,8 @@ class Scheduler:
                 seq = self.policy.next_waiting(self.waiting, skip)
                 if seq is None:
                     break
+            if len(skip) > self.prefetch_window + self.max_num_seqs:
+                break  # a long queue of cold adapters: bound the step's cost (they are not in the window)
             if seq.adapter is not None and not self.adapter_ready(seq.adapter):
                 skip.add(id(seq))
                 passed.append(seq)

@@ -140,3 +140,16 @@ def test_a_large_store_registers_lazily_and_a_corrupt_adapter_fails_only_its_own
         assert after["a100"]["rank"] == 4  # known after its first load
     finally:
         srv.stop()
+
+
+def test_prefetch_stays_within_the_host_cache_budgets(tiny_llama_dir, adapter_dirs):
+    """Loads start only while the adapters fit beside the kept ones, by count and by bytes; one load
+    may always run, so the first in line is never stuck."""
+    refs = lambda engine: [engine.adapters.lookup(None, n) for n in NAMES]  # noqa: E731
+    roomy = make_engine(tiny_llama_dir, adapter_dirs)
+    assert roomy.adapters.prefetch(refs(roomy), set()) == refs(roomy)
+    by_count = make_engine(tiny_llama_dir, adapter_dirs, max_cpu_loras=2)
+    assert by_count.adapters.prefetch(refs(by_count), set()) == refs(by_count)[:2]
+    by_bytes = make_engine(tiny_llama_dir, adapter_dirs, cpu_lora_cache_memory=1)
+    assert by_bytes.adapters.prefetch(refs(by_bytes), set()) == refs(by_bytes)[:1]
+    assert by_bytes.adapters.prefetch(refs(by_bytes), set()) == []  # that one is still loading

@@ -61,24 +61,37 @@ class HostAdapterCache:
         return False
 
     def prefetch(self, refs: Iterable[AdapterRef], keep: set[AdapterRef]) -> list[AdapterRef]:
-        """Start loads for the non-resident `refs`, in order, while the count budget has room
-        beside the kept adapters (resident ones not in `keep` are evictable, so they count as room).
+        """Start loads for the non-resident `refs`, in order, while the count and bytes budgets have
+        room beside the kept adapters (resident ones not in `keep` are evictable, so they count as room).
         So a prefetch never pushes out an adapter that is kept. One load may always be in flight,
         even over budget, so the most wanted adapter is never stuck behind kept ones. Returns the
         loads started."""
         started = []
-        held = sum(1 for r in self._resident if r in keep or self._pinned(r))  # not evictable
-        room = self.max_adapters - len(self._loading) - held
+        held = [r for r in self._resident if r in keep or self._pinned(r)]  # not evictable
+        room = self.max_adapters - len(self._loading) - len(held)
+        room_bytes = (self.max_bytes - sum(self._resident[r].nbytes for r in held)
+                      - sum(self._estimate(r) for r in self._loading))
         for ref in refs:
             if ref in self._resident or ref in self._loading:
                 continue
-            if room <= 0 and self._loading:
+            need = self._estimate(ref)
+            if (room <= 0 or need > room_bytes) and self._loading:
                 break
             self._loading.add(ref)
             self._pool.submit(self._load, ref)
             started.append(ref)
             room -= 1
+            room_bytes -= need
         return started
+
+    def _estimate(self, ref: AdapterRef) -> int:
+        """Bytes `ref` will take once loaded (fp32): exact if it was parsed before, else twice its
+        file (an upper bound for 16-bit files, the usual kind)."""
+        entry = self.registry.version(ref)
+        if entry is None:
+            return 0
+        s = entry.summary
+        return s.num_params * 4 if s.num_params is not None else 2 * s.file_bytes
 
     def _pinned(self, ref: AdapterRef) -> bool:
         entry = self.registry.version(ref)

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest import report, run, workload
+from loadtest import report, run, svg_plot, workload
 from loadtest.random_adapters import adapter_name, link_adapter, write_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +112,23 @@ HEADER = ("  adpt zipf   ok/req     tok/s ttft_p50 ttft_p99 tpot_50 tpot_99   hi
           "                                     (ms)     (ms)    (ms)    (ms)")
 
 
+def plot(rows: list[dict], caption: str = "") -> str:
+    """An SVG: output tok/s and median TTFT against the adapter count, one line per Zipf exponent."""
+    counts = sorted({r["adapters"] for r in rows})
+    cells = {(r["adapters"], r["zipf"]): r for r in rows}
+    zipfs = sorted({r["zipf"] for r in rows})
+
+    def series(key: str, scale: float = 1.0) -> dict[str, list[float | None]]:
+        return {f"zipf {s}": [cells[(n, s)][key] * scale if (n, s) in cells and cells[(n, s)][key] is not None
+                              else None for n in counts] for s in zipfs}
+
+    xs = [str(n) for n in counts]
+    return svg_plot.figure([svg_plot.panel("output tokens/s", xs, series("output_tok_s"), "tok/s"),
+                            svg_plot.panel("TTFT p50", xs, series("ttft_p50_s"), "s", x0=svg_plot.W),
+                            svg_plot.panel("host-cache hit rate", xs, series("hit_rate"), "hits / lookups",
+                                           x0=2 * svg_plot.W)], caption)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -125,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", default="fixed:32")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", type=Path, help="write the rows (JSON) here")
+    p.add_argument("--svg", type=Path, help="write a plot (SVG) here: tok/s, TTFT p50, hit rate against N")
     p.add_argument("server_args", nargs="*", help="after --: extra server flags, e.g. -- --max-cpu-loras 64")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="many-adapters-") as tmp:
@@ -142,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                       args.rank, server_args=args.server_args)
         print(HEADER, flush=True)
         rows = run_scenario(sc, tmp_path)
+    if args.svg:
+        args.svg.write_text(plot(rows, f"{args.streams} streams, {args.requests} requests x {args.max_tokens} tokens"
+                                       f" per cell; x: adapters registered"))
     if args.out:
         args.out.write_text(json.dumps({"scenario": {k: str(v) if isinstance(v, Path) else v
                                                      for k, v in vars(sc).items()}, "rows": rows}, indent=1))

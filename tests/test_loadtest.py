@@ -233,3 +233,7 @@ def test_many_adapters_scenario_reports_latency_and_cache_counters(tiny_llama_di
     assert 0 <= row["hit_rate"] < 1 and row["loads_per_s"] > 0
     assert row["output_tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
     assert 0 < row["tpot_p50_s"] <= row["tpot_p99_s"]
+    import xml.dom.minidom
+
+    svg = xml.dom.minidom.parseString(many_adapters.plot([row, {**row, "adapters": 60, "zipf": 1.0}]))
+    assert len(svg.getElementsByTagName("polyline")) == 3  # tok/s, TTFT, hit rate: one Zipf line each

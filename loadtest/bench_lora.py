@@ -73,9 +73,10 @@ def prompts_for(engine: LLMEngine, n: int) -> list[list[int]]:
 
 def engine_run(engine: LLMEngine, prompts, names, new: int) -> float:
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    # Load every adapter into the host cache first (hold each once: that starts its load): we time decode.
+    # Load every adapter into the host cache first: we time decode.
     held = [engine.adapters.acquire(n) for n in set(names) - {None}]
     while not all(engine.adapters.is_ready(ref) for ref in held):
+        engine.adapters.prefetch(held, set(held))
         engine.step()
         time.sleep(0.01)
     for ref in held:

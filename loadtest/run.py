@@ -45,7 +45,9 @@ from loadtest.workload import RequestSpec
 
 # Server-side counters worth a before/after delta next to the client's view.
 SERVER_COUNTERS = ("loramux_requests_total", "loramux_generation_tokens_total", "loramux_prompt_tokens_total",
-                   "loramux_preemptions_total", "loramux_http_errors_total", "loramux_tenant_requests_total")
+                   "loramux_preemptions_total", "loramux_http_errors_total", "loramux_tenant_requests_total",
+                   "loramux_adapter_cache_hits_total", "loramux_adapter_cache_misses_total",
+                   "loramux_adapter_loads_total")
 
 
 class NotLocalError(ValueError):

@@ -43,6 +43,8 @@ class SchedulerConfig:
     scheduling: str | None = None  # fcfs | vtc; None: vtc when tenants are configured, else fcfs
     vtc_input_weight: float = 1.0  # VTC cost of a prompt token (w_p)
     vtc_output_weight: float = 2.0  # VTC cost of an output token (w_q)
+    prefetch_window: int = 16  # waiting requests, in policy order, whose adapters are loaded ahead
+    max_wait_steps: int = 32  # steps a request may be passed over for its adapter before it goes first
 
     PENDING_PER_SEQ = 3
 

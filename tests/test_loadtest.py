@@ -215,3 +215,25 @@ def test_per_tenant_run_reports_latency_and_429s(tiny_llama_dir, tmp_path):
     assert all(r["retry_after_s"] >= 1 for r in data["results"] if r["status"] == 429)
     assert big["e2e"]["count"] == sent["big"] and big["output_token_throughput"] > 0
     assert data["server"]["loramux_tenant_requests_total{status=rate_limited,tenant=small}"] == sent["small"] - 4
+
+
+def test_many_adapters_scenario_reports_latency_and_cache_counters(tiny_llama_dir, tmp_path):
+    """The many-adapters scenario, shrunk: 6 random adapters through a 2-adapter host cache,
+    16 requests; every request is served and the cache counters agree with the workload."""
+    from loadtest import many_adapters
+
+    sc = many_adapters.Scenario(tiny_llama_dir, counts=[6], zipf=[1.0], streams=4, requests=16, prompt_len="fixed:4",
+                                max_tokens=4, rank=8, distinct=3,
+                                server_args=["--max-cpu-loras", "2", "--max-loras", "2", "--dtype", "float32",
+                                             "--kv-cache-memory", "8MiB"])
+    (row,) = many_adapters.run_scenario(sc, tmp_path)
+    assert (row["adapters"], row["zipf"], row["requests"], row["ok"], row["errors"]) == (6, 1.0, 16, 16, 0)
+    assert row["cache_hits"] + row["cache_misses"] == 16  # one host-cache lookup per request
+    assert row["distinct_used"] <= row["loads"] <= 16  # each adapter used loads at least once
+    assert 0 <= row["hit_rate"] < 1 and row["loads_per_s"] > 0
+    assert row["output_tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert 0 < row["tpot_p50_s"] <= row["tpot_p99_s"]
+    import xml.dom.minidom
+
+    svg = xml.dom.minidom.parseString(many_adapters.plot([row, {**row, "adapters": 60, "zipf": 1.0}]))
+    assert len(svg.getElementsByTagName("polyline")) == 3  # tok/s, TTFT, hit rate: one Zipf line each

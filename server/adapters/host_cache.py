@@ -3,8 +3,10 @@
 Loads (read + parse + validate, milliseconds to seconds) run on a worker thread so the
 engine keeps stepping; a finished load is handed back through a queue and becomes
 resident at the engine's next `poll()`. The LRU itself is touched only by the engine
-thread. Adapters referenced by a queued or running request, and pinned ones, are never
-evicted; if everything is in use the budget is exceeded rather than failing requests.
+thread. Loads start only when the scheduler asks (`prefetch`, for the requests about to be
+admitted), never for a whole queue. Adapters the scheduler keeps (running or in its prefetch
+window) and pinned ones are never evicted; if everything is kept the budget is exceeded
+rather than failing requests.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from server.metrics import Metrics
 
 from .errors import INVALID, NOT_FOUND, AdapterError
 from .lora_weights import LoraAdapter
-from .peft_format import load_peft_adapter
+from .peft_format import parse_peft_adapter
 from .registry import AdapterRef, AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -49,20 +51,57 @@ class HostAdapterCache:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
 
     # --- engine thread ---------------------------------------------------------------------
-    def request(self, ref: AdapterRef) -> bool:
-        """True if `ref` is resident (a hit); otherwise make sure a load is under way."""
+    def touch(self, ref: AdapterRef) -> bool:
+        """A request for `ref` arrived: count a hit (resident: also most recently used) or a miss."""
         if ref in self._resident:
             self._resident.move_to_end(ref)
             self.metrics.adapter_cache_hits.inc()
             return True
         self.metrics.adapter_cache_misses.inc()
-        if ref not in self._loading:
+        return False
+
+    def prefetch(self, refs: Iterable[AdapterRef], keep: set[AdapterRef]) -> list[AdapterRef]:
+        """Start loads for the non-resident `refs`, in order, while the count and bytes budgets have
+        room beside the kept adapters (resident ones not in `keep` are evictable, so they count as room).
+        So a prefetch never pushes out an adapter that is kept. One load may always be in flight,
+        even over budget, so the most wanted adapter is never stuck behind kept ones. Returns the
+        loads started."""
+        started = []
+        held = [r for r in self._resident if r in keep or self._pinned(r)]  # not evictable
+        room = self.max_adapters - len(self._loading) - len(held)
+        room_bytes = (self.max_bytes - sum(self._resident[r].nbytes for r in held)
+                      - sum(self._estimate(r) for r in self._loading))
+        for ref in refs:
+            if ref in self._resident or ref in self._loading:
+                continue
+            need = self._estimate(ref)
+            if (room <= 0 or need > room_bytes) and self._loading:
+                break
             self._loading.add(ref)
             self._pool.submit(self._load, ref)
-        return False
+            started.append(ref)
+            room -= 1
+            room_bytes -= need
+        return started
+
+    def _estimate(self, ref: AdapterRef) -> int:
+        """Bytes `ref` will take once loaded (fp32): exact if it was parsed before, else twice its
+        file (an upper bound for 16-bit files, the usual kind)."""
+        entry = self.registry.version(ref)
+        if entry is None:
+            return 0
+        s = entry.summary
+        return s.num_params * 4 if s.num_params is not None else 2 * s.file_bytes
+
+    def _pinned(self, ref: AdapterRef) -> bool:
+        entry = self.registry.version(ref)
+        return entry is not None and entry.pinned
 
     def is_resident(self, ref: AdapterRef) -> bool:
         return ref in self._resident
+
+    def is_loading(self, ref: AdapterRef) -> bool:
+        return ref in self._loading
 
     def get(self, ref: AdapterRef) -> LoraAdapter:
         adapter = self._resident[ref]
@@ -114,8 +153,7 @@ class HostAdapterCache:
         for ref in list(self._resident):  # least recently used first
             if not over():
                 return
-            entry = self.registry.version(ref)
-            if ref in in_use or (entry is not None and entry.pinned):
+            if ref in in_use or self._pinned(ref):
                 continue
             del self._resident[ref]
             self.metrics.adapter_evictions.labels("host").inc()
@@ -133,8 +171,9 @@ class HostAdapterCache:
                 raise AdapterError(NOT_FOUND, f"no adapter named {ref.name!r}")
             r = self.registry
             # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
-            adapter = load_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
-                                        max_bytes=r.max_bytes)
+            summary, adapter = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
+                                                  max_bytes=r.max_bytes)
+            r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
         except AdapterError as exc:
             log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc

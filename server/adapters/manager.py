@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from server.config import LoraConfig
+from server.engine.residency import AdapterState
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
@@ -78,8 +79,6 @@ class AdapterManager:
         log.info("adapters: %d registered (%s); %d device slots x rank %d, %.0f MiB; host cache %d adapters",
                  len(entries), ", ".join(str(e.ref) for e in entries[:8]), cfg.max_loras, cfg.max_lora_rank,
                  self._slots.nbytes / 2**20, cfg.max_cpu_loras)
-
-        self._metrics = metrics
     # --- lookups (any thread) ------------------------------------------------------------------
     def lookup(self, tenant: str | None, name: str) -> AdapterRef | None:
         """The version `name` means to `tenant` now: its own adapter, else the shared one; None if neither."""
@@ -178,13 +177,14 @@ class AdapterManager:
 
     def acquire(self, adapter: AdapterRef | str) -> AdapterRef:
         """Hold the live version of `adapter` (a version resolved earlier, or a shared name) for one
-        request and start loading it if needed; AdapterError(NOT_FOUND) if it is gone."""
+        request; AdapterError(NOT_FOUND) if it is gone. Its load starts when the scheduler
+        prefetches it (`prefetch`), not here: a long queue must not load all its adapters at once."""
         key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)
         entry = self._registry.get(*key)  # a version replaced since it was resolved: the new one
         if entry is None:
             raise AdapterError(NOT_FOUND, f"no adapter named {key[1]!r}")
         self._users[entry.ref] += 1
-        self._cache.request(entry.ref)  # starts a background load on a miss
+        self._cache.touch(entry.ref)  # counts a cache hit or miss
         return entry.ref
 
     def release(self, ref: AdapterRef) -> None:
@@ -197,6 +197,17 @@ class AdapterManager:
 
     def is_ready(self, ref: AdapterRef) -> bool:
         return self._cache.is_resident(ref)
+
+    def state_of(self, ref: AdapterRef) -> AdapterState:
+        """The scheduler's view (server/engine/residency.py)."""
+        if self._cache.is_resident(ref):
+            return AdapterState.RESIDENT
+        return AdapterState.LOADING if self._cache.is_loading(ref) else AdapterState.COLD
+
+    def prefetch(self, refs: Iterable[AdapterRef], keep: set[AdapterRef]) -> list[AdapterRef]:
+        """Start host-cache loads for `refs`, most wanted first, without evicting `keep`
+        (HostAdapterCache.prefetch); returns the loads started."""
+        return self._cache.prefetch(refs, keep)
 
     def poll(self, in_use: Callable[[], Iterable[AdapterRef]]) -> dict[AdapterRef, AdapterError]:
         """Take in finished loads (see HostAdapterCache.poll); returns the failed ones."""

@@ -35,7 +35,7 @@ from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
 
 __all__ = [
-    "AdapterError", "AdapterSummary", "LoraAdapter", "inspect_peft_adapter", "load_peft_adapter",
+    "AdapterError", "AdapterSummary", "LoraAdapter", "inspect_peft_adapter", "listed_summary", "load_peft_adapter",
     "parse_peft_adapter", "read_adapter_config", "scan_adapter_store", "validate_adapter_name",
     "DEFAULT_MAX_BYTES",
 ]
@@ -91,15 +91,32 @@ def _read_config(files: OpenAdapterDir) -> dict:
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """What `inspect_peft_adapter` learns from the config and the safetensors header alone."""
+    """What `inspect_peft_adapter` learns from the config and the safetensors header alone.
+
+    A store adapter is registered from the directory listing only (`listed_summary`: nothing
+    read, `inspected` False, rank/target_modules/num_params None) and gets its full summary
+    at its first successful load."""
 
     name: str
     where: AdapterDir
-    rank: int  # max rank over modules
-    target_modules: tuple[str, ...]  # projections present, in the model's lora_targets order
-    num_params: int
+    rank: int | None  # max rank over modules
+    target_modules: tuple[str, ...] | None  # projections present, in the model's lora_targets order
+    num_params: int | None
     file_bytes: int  # size of adapter_model.safetensors on disk
     base_model_name_or_path: str | None
+    inspected: bool = True
+
+
+def listed_summary(where: AdapterDir, name: str) -> AdapterSummary:
+    """A summary from one stat, no file opened: for registering thousands of adapters at startup.
+    The adapter is validated in full by its first load (`load_peft_adapter`), which fails only
+    its own requests if it is bad."""
+    try:
+        file_bytes = (where.path / WEIGHTS_NAME).stat().st_size
+    except OSError:
+        file_bytes = 0  # missing or unreadable: its load will say so
+    return AdapterSummary(name=name, where=where, rank=None, target_modules=None, num_params=None,
+                          file_bytes=file_bytes, base_model_name_or_path=None, inspected=False)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ adapters are invisible. Every registration is a new *version* (`AdapterRef`); an
 unregistered version stays known here (draining) until the manager retires it, so
 requests that hold it keep their weights. Registration runs every header-level check
 (`inspect_peft_adapter`), unless the caller parsed the adapter already and passes its
-summary. Safe to use from any thread.
+summary; the startup store scan reads nothing but the directory listing (`listed_summary`),
+so start-up cost does not grow with adapters never used: each is validated in full by its
+first load, and a bad one fails only its own requests. Safe to use from any thread.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from server.model.arch import ModelArch
 
 from .errors import EXISTS, NOT_FOUND, AdapterError
-from .peft_format import DEFAULT_MAX_BYTES, AdapterSummary, inspect_peft_adapter
+from .peft_format import DEFAULT_MAX_BYTES, AdapterSummary, inspect_peft_adapter, listed_summary
 from .safe_files import AdapterDir, locate
 from .store import AdapterStore
 from .store_layout import validate_adapter_name
@@ -113,11 +115,13 @@ class AdapterRegistry:
         return entry
 
     def scan_store(self, store: AdapterStore) -> list[AdapterError]:
-        """Register every valid adapter of `store` with its owner; return (and log) the refused ones."""
+        """Register every adapter directory of `store` with its owner, lazily (nothing parsed: see the
+        module docstring); return (and log) the refused ones (reserved names)."""
         refused = []
         for stored in store.scan():
             try:
-                self.add(stored.owner, stored.name, stored.where, "store", replace=True)
+                self.add(stored.owner, stored.name, stored.where, "store", replace=True,
+                         summary=listed_summary(stored.where, stored.name))
             except AdapterError as exc:
                 log.warning("not serving adapter %r: %s", stored.name, exc.detail)
                 refused.append(exc)
@@ -143,6 +147,17 @@ class AdapterRegistry:
             entry = self._versions.get(ref)
             if entry is not None:
                 self._versions[ref] = replace(entry, summary=replace(entry.summary, where=where))
+
+    def record_summary(self, ref: AdapterRef, summary: AdapterSummary) -> None:
+        """A load parsed `ref` in full: its listing shows rank, modules and size from now on."""
+        with self._lock:
+            entry = self._versions.get(ref)
+            if entry is None or entry.summary.inspected:
+                return
+            entry = replace(entry, summary=replace(summary, where=entry.summary.where))
+            self._versions[ref] = entry
+            if self._live.get(ref.key) is not None and self._live[ref.key].ref == ref:
+                self._live[ref.key] = entry
 
     def set_pinned(self, owner: str | None, name: str, pinned: bool) -> AdapterEntry:
         with self._lock:

@@ -82,5 +82,6 @@ def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:
     tenant, or "loramux" for a shared adapter."""
     s = entry.summary
     return ModelCard(id=entry.name, root=entry.name, parent=base_model, owned_by=entry.owner or "loramux",
-                     shared=entry.owner is None, rank=s.rank, target_modules=list(s.target_modules),
+                     shared=entry.owner is None, rank=s.rank,
+                     target_modules=list(s.target_modules) if s.target_modules is not None else None,
                      size_bytes=s.file_bytes, num_params=s.num_params, source=entry.source, pinned=entry.pinned)

@@ -110,8 +110,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=lc.max_loras if self.adapters else 0,
-                                   adapter_ready=self.adapters.is_ready if self.adapters else None,
-                                   policy=make_policy(config))
+                                   residency=self.adapters, policy=make_policy(config),
+                                   prefetch_window=sc.prefetch_window, max_wait_steps=sc.max_wait_steps)
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())

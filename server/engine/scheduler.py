@@ -6,10 +6,25 @@ Plain Python over `Sequence` objects, no tensors, no I/O. Each step
   2. when the KV cache cannot hold a running sequence's next tokens, a running sequence not
      yet scheduled this step is preempted (blocks freed, recomputed later) — never fail;
   3. waiting sequences are admitted while the token budget, `max_num_seqs`, the KV blocks and
-     the distinct-adapter budget allow; a long prompt is chunked.
+     the distinct-adapter budget allow; a long prompt is chunked;
+  4. adapters are prefetched for the next `prefetch_window` waiting sequences (residency.py).
 Which sequence is admitted next and which is preempted is the policy's choice
 (server/engine/policies: fcfs or vtc); the policy is also told every chunk scheduled.
 The runner lays out the step's tokens and executes; the engine applies the results.
+
+Adapter residency and fairness are one rule (docs/operator.md, "Fair scheduling"):
+  a. overdue first: a waiting sequence passed over for `max_wait_steps` steps because of its
+     adapter (not loaded, or the step's distinct-adapter budget spent) is served before any
+     other, longest-waiting first. If its adapter is loaded but does not fit the adapter budget,
+     nothing else is admitted until running sequences free a place (they finish: bounded);
+     if it is still loading, its load is first in line and others are admitted meanwhile;
+  b. otherwise the policy's order (VTC: lowest tenant counter) among sequences that can run
+     now (adapter resident and within the budget). Skipping one that cannot run costs it
+     nothing (VTC charges only computed tokens), so affinity never outranks fairness for
+     longer than the load itself, and never longer than the bound of (a).
+Bound: a waiting sequence whose adapter is resident is admitted within `max_wait_steps` + S
+steps of becoming passed over, S the most steps a running sequence still needs (its remaining
+prompt chunks + max_tokens), when KV blocks allow.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockAllocator
 from server.engine.policies.base import SchedulingPolicy
+from server.engine.residency import AdapterState, Residency
 from server.engine.request import FinishReason, Sequence, SeqStatus
 
 
@@ -64,16 +80,30 @@ class Scheduler:
         max_loras: int = 0,
         adapter_ready: Callable[[Hashable], bool] | None = None,
         policy: SchedulingPolicy | None = None,
+        residency: Residency | None = None,
+        prefetch_window: int = 16,
+        max_wait_steps: int = 32,
     ):
         """`adapter_ready(name)` says whether an adapter can run now (loaded); a waiting
         sequence whose adapter is not ready stays queued without blocking others.
-        `policy`: admission and preemption order (default: first come, first served)."""
+        `residency`: where adapters are, and prefetch (replaces `adapter_ready`).
+        `policy`: admission and preemption order (default: first come, first served).
+        `prefetch_window`: how many waiting sequences, in the policy's order, get their adapter
+        loaded ahead of admission. `max_wait_steps`: the starvation bound's N (module docstring)."""
         self.policy = policy or SchedulingPolicy()
+        self.residency = residency
+        self.prefetch_window = prefetch_window
+        self.max_wait_steps = max_wait_steps
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_loras = max_loras
-        self.adapter_ready = adapter_ready or (lambda _name: True)
+        if residency is not None:
+            self.adapter_ready = lambda ref: residency.state_of(ref) is AdapterState.RESIDENT
+        else:
+            self.adapter_ready = adapter_ready or (lambda _name: True)
+        self._passed_over: dict[int, int] = {}  # id(waiting seq) -> steps its adapter kept it out
+        self._window: list[Hashable] = []  # adapters of the last prefetch window, most wanted first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Keep a few blocks back when admitting, so running sequences can grow a block each
@@ -92,6 +122,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+            self._passed_over.pop(id(seq), None)
         if seq.status is not SeqStatus.FINISHED:
             self.policy.on_finish(seq)
         self.allocator.free(seq)
@@ -110,8 +141,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def adapters_in_use(self) -> set[Hashable]:
-        """Adapters referenced by a queued or running sequence (must not be evicted)."""
-        return {s.adapter for s in (*self.running, *self.waiting) if s.adapter is not None}
+        """Adapters that must stay resident: those of running sequences and of the prefetch window
+        (about to run). Other waiting sequences' adapters may be evicted and loaded again when their
+        turn nears: holding every queued adapter would let a long queue outgrow any memory budget."""
+        return {s.adapter for s in self.running if s.adapter is not None} | set(self._window)
+
+    def is_overdue(self, seq: Sequence) -> bool:
+        return self._passed_over.get(id(seq), 0) >= self.max_wait_steps
 
     # --- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -134,6 +170,7 @@ class Scheduler:
 
         if not out.preempted:
             self._admit(out, budget, adapters)
+        self._prefetch()
         return out
 
     def _adapter_fits(self, seq: Sequence, adapters: set[Hashable]) -> bool:
@@ -175,22 +212,57 @@ class Scheduler:
         # spent) is skipped, not waited for: the policy then picks among the rest, so one
         # tenant's adapter never holds back the others. Running out of KV blocks stops
         # admission instead: whoever is next in the policy's order is served first once
-        # blocks free up, rather than smaller requests slipping past it.
+        # blocks free up, rather than smaller requests slipping past it. Overdue sequences
+        # (rule a in the module docstring) go before the policy's choice.
         skip: set[int] = set()
+        passed: list[Sequence] = []
+        overdue = iter(self._overdue())
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.policy.next_waiting(self.waiting, skip)
-            if seq is None:
-                break
-            if seq.adapter is not None and (
-                not self.adapter_ready(seq.adapter) or not self._adapter_fits(seq, adapters)
-            ):
-                skip.add(id(seq))
+            seq = next(overdue, None)
+            if seq is not None and id(seq) in skip:
                 continue
+            from_policy = seq is None
+            if from_policy:
+                seq = self.policy.next_waiting(self.waiting, skip)
+                if seq is None:
+                    break
+            if len(skip) > self.prefetch_window + self.max_num_seqs:
+                break  # a long queue of cold adapters: bound the step's cost (they are not in the window)
+            if seq.adapter is not None and not self.adapter_ready(seq.adapter):
+                skip.add(id(seq))
+                passed.append(seq)
+                continue  # loading: first in the prefetch line; others run meanwhile
+            if seq.adapter is not None and not self._adapter_fits(seq, adapters):
+                skip.add(id(seq))
+                passed.append(seq)
+                if from_policy:
+                    continue
+                break  # overdue: hold admissions until running sequences free an adapter place
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_allocate(self.allocator.blocks_needed(seq, n), self.watermark):
                 break
             self.waiting.remove(seq)
+            self._passed_over.pop(id(seq), None)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._schedule_chunk(seq, n, out, adapters)
             budget -= n
+        for seq in passed:
+            self._passed_over[id(seq)] = self._passed_over.get(id(seq), 0) + 1
+
+    def _overdue(self) -> list[Sequence]:
+        """Waiting sequences past the bound, longest passed over first (queue order on ties)."""
+        late = [s for s in self.waiting if self.is_overdue(s)] if self._passed_over else []
+        return sorted(late, key=lambda s: -self._passed_over[id(s)])
+
+    def _prefetch(self) -> None:
+        """Name the adapters of the next `prefetch_window` waiting sequences to the residency:
+        overdue ones first, then the policy's predicted order."""
+        if self.residency is None:
+            return
+        order = [*self._overdue(), *self.policy.prefetch_order(self.waiting, self.prefetch_window)]
+        window = dict.fromkeys(s.adapter for s in order if s.adapter is not None)  # ordered, distinct
+        self._window = list(window)[: self.prefetch_window]
+        if self._window:
+            keep = {s.adapter for s in self.running if s.adapter is not None} | set(self._window)
+            self.residency.prefetch(self._window, keep)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Container, Iterable
 
 from server.engine.request import Sequence
@@ -13,7 +14,8 @@ class SchedulingPolicy:
     The scheduler calls, on the engine thread:
       `on_add` when a request is queued, `on_finish` when it leaves for good,
       `next_waiting` for each admission, `preemption_victim` when the KV cache is full,
-      `on_scheduled` for each chunk it schedules (the tokens that step computes).
+      `on_scheduled` for each chunk it schedules (the tokens that step computes),
+      `prefetch_order` once a step, to choose whose adapters to load ahead.
     """
 
     def on_add(self, seq: Sequence) -> None:
@@ -26,6 +28,11 @@ class SchedulingPolicy:
         """The waiting sequence to admit next, ignoring those whose `id()` is in `skip` (they cannot
         run this step); None if none is left. `waiting` is in queue order (preempted ones first)."""
         return next((s for s in waiting if id(s) not in skip), None)
+
+    def prefetch_order(self, waiting: Iterable[Sequence], k: int) -> list[Sequence]:
+        """The (at most) `k` waiting sequences this policy would admit next, best guess, in order:
+        whose adapters to load ahead of admission. Default: queue order."""
+        return list(itertools.islice(waiting, k))
 
     def preemption_victim(self, candidates: list[Sequence]) -> Sequence:
         """Which of `candidates` (running, in admission order, never empty) to preempt."""

@@ -74,6 +74,21 @@ class VTCPolicy(SchedulingPolicy):
                 break
         return best
 
+    def prefetch_order(self, waiting: Iterable[Sequence], k: int) -> list[Sequence]:
+        """Tenants by counter, lowest first, taking one head per tenant per round: the order
+        admissions would follow if each admitted request cost its tenant about the same."""
+        queues: dict[str, list[Sequence]] = {}
+        for seq in waiting:
+            queues.setdefault(seq.request.tenant, []).append(seq)
+        tenants = sorted(queues, key=lambda t: self.counter.get(t, 0.0))  # stable: earlier heads first
+        order: list[Sequence] = []
+        for depth in range(k):
+            row = [queues[t][depth] for t in tenants if depth < len(queues[t])]
+            if not row:
+                break
+            order += row
+        return order[:k]
+
     def preemption_victim(self, candidates: list[Sequence]) -> Sequence:
         victim, top = candidates[-1], -math.inf
         for seq in candidates:  # admission order: `>=` keeps the tenant's most recent

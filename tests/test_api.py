@@ -23,7 +23,8 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32",
-                         "--kv-cache-memory", "8MiB", "--max-waiting", "64", "--num-threads", "1"],
+                         "--kv-cache-memory", "8MiB", "--max-waiting", "64", "--num-threads", "1",
+                         "--adapters-dir", ""],  # the demo store is for SmolLM2, not this model
                         tmp_path_factory.mktemp("logs") / "server.log")
     yield srv
     srv.stop()

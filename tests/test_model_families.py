@@ -242,7 +242,7 @@ def test_serve_any_family_and_models_shows_family_and_context(tmp_path):
     model_dir = save_tiny_model(tmp_path / "gemma", "gemma2", num_hidden_layers=2, head_dim=16, sliding_window=8,
                                 max_position_embeddings=256)
     srv = ServerProcess(["--model", str(model_dir), "--dtype", "float32", "--kv-cache-memory", "4MiB",
-                         "--num-threads", "1"], tmp_path / "server.log")
+                         "--num-threads", "1", "--adapters-dir", ""], tmp_path / "server.log")
     try:
         cards = httpx.get(srv.base_url + "/v1/models", timeout=30).json()["data"]
         assert [(c["family"], c["max_model_len"]) for c in cards] == [("gemma2", 256)]

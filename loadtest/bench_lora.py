@@ -58,8 +58,9 @@ def engine_for(model_dir: Path, adapters: dict[str, Path] | None, slots: int, lo
     cfg.lora.enabled = adapters is not None
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
-    cfg.lora.max_loras = max(1, slots)
     cfg.lora.max_cpu_loras = max(64, slots)
+    # a pool that holds them all (slots are capped at max_cpu_loras; CPU pages are taken on use)
+    cfg.lora.lora_pool_memory = 1 << 40
     cfg.lora.lora_dtype = lora_dtype
     cfg.lora.max_lora_rank = RANK
     return LLMEngine(cfg, model_dir)

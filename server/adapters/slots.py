@@ -83,6 +83,7 @@ class LoraSlots:
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
         self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
         self.slot_rank = [0] * N
+        self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
 
     @property
     def nbytes(self) -> int:
@@ -129,15 +130,27 @@ class LoraSlots:
             self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into `slot` (B pre-scaled): multi-tensor copies, one per operand, and the
+        zero padding written only where the adapter does not fill the slot (ranks < R, modules or
+        layers it does not adapt). ~12 -> ~N ms for a rank-16 SmolLM2 adapter (slot copy cost:
+        docs/benchmarks_kernels.md)."""
         R = self.max_rank
-        for group in self.groups:
-            self.a[group][:, slot].zero_()
-            self.b[group][:, slot].zero_()
+        if len(adapter.modules) < self._num_linears or any(w.rank < R for w in adapter.modules.values()):
+            for group in self.groups:
+                self.a[group][:, slot].zero_()
+                self.b[group][:, slot].zero_()
+        a_dst, a_src, b_dst, b_src, scales = [], [], [], [], []
         for (layer, module), w in adapter.modules.items():
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
-            self.a[group][layer, slot, i * R: i * R + w.rank].copy_(w.a)
-            # The scale is folded into B once here, so the kernels never see it.
-            self.b[group][layer, slot, lo:hi, : w.rank].copy_(w.b * w.scale)
+            a_dst.append(self.layer_a[group][layer][slot, i * R: i * R + w.rank])
+            a_src.append(w.a)
+            b_dst.append(self.layer_b[group][layer][slot, lo:hi, : w.rank])
+            b_src.append(w.b)
+            scales.append(w.scale)
+        if a_dst:
+            torch._foreach_copy_(a_dst, a_src)
+            # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it.
+            torch._foreach_copy_(b_dst, torch._foreach_mul(b_src, scales))
         self.slot_rank[slot] = adapter.rank
         self.metrics.adapter_slot_writes.inc()

@@ -242,9 +242,12 @@ def test_torch_path_matches_reference(name, dt):
 
 def test_spread_adapters_take_the_compact_layout():
     # the kernels run over the S active slots (gathered), not the idle pool window between them
-    decode = LoraSegments.build(*(lambda c: (c.lens, c.slots, c.ranks, c.num_slots))(CASES["many_spread_decode"]), "cpu")
+    def table(c: Case) -> LoraSegments:
+        return LoraSegments.build(c.lens, c.slots, c.ranks, c.num_slots, "cpu")
+
+    decode = table(CASES["many_spread_decode"])
     assert decode.compact and decode.pad_rows is not None and decode.pad_rows.numel() == 48
-    prefill = LoraSegments.build(*(lambda c: (c.lens, c.slots, c.ranks, c.num_slots))(CASES["many_spread_prefill"]), "cpu")
+    prefill = table(CASES["many_spread_prefill"])
     assert prefill.compact and prefill.pad_rows is None  # uneven: grouped_mm
     dense = LoraSegments.build([1] * 4, [2, 3, 4, 5], [8] * 4, 200, "cpu")
     assert not dense.compact and dense.pad_rows.numel() == 4  # a dense window stays a view

@@ -130,10 +130,10 @@ class LoraSlots:
             self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy `adapter` into `slot` (B pre-scaled): multi-tensor copies, one per operand, and the
-        zero padding written only where the adapter does not fill the slot (ranks < R, modules or
-        layers it does not adapt). ~12 -> ~N ms for a rank-16 SmolLM2 adapter (slot copy cost:
-        docs/benchmarks_kernels.md)."""
+        """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the
+        slot is zeroed first unless the adapter fills all of it (every module of every layer at
+        rank R). ~8-11 ms for a rank-16 SmolLM2-135M adapter on every projection, on CPU
+        (docs/benchmarks_kernels.md)."""
         R = self.max_rank
         if len(adapter.modules) < self._num_linears or any(w.rank < R for w in adapter.modules.values()):
             for group in self.groups:

@@ -17,6 +17,12 @@ import torch
 # Token-tile heights (BLOCK_M) the Triton kernels may pick; a tile table is prebuilt for each
 # so that a launch's grid is exactly the number of non-empty tiles (no idle programs).
 TILE_SIZES: tuple[int, ...] = (16, 32, 64)
+# The torch kernels run over the pool window [first active slot, last active slot] as a view
+# while it holds at most this many slots per active one; past that (a large pool, the step's
+# adapters spread over it) they gather the active slots' weights instead. Gathering copies S
+# slots (read + write, then read by the GEMM); running over the window reads W: measured on CPU
+# at decode, the window won at W = 2 S and lost at W = 4 S (loadtest/bench_kernels.py --pool).
+WINDOW_SLACK = 3.0
 LAYOUTS: tuple[str, ...] = ("torch", "triton")
 
 
@@ -37,11 +43,16 @@ class LoraSegments:
                     the previous value): the `offs` argument of torch grouped_mm when the
                     whole slot pool is the 3D operand
       token_slots   [num_tokens]  pool slot of every LoRA token (for gather formulations)
-      pad_rows      [W*L]  the padded layout used by the CPU bmm path: W = the pool slots from
-                    the first to the last active one, L = max_seg_len; entry w*L+j is the token
-                    row of the j-th token of slot lo+w, or 0 where that slot has fewer tokens
+      pad_rows      [W*L]  the padded layout used by the CPU bmm path, L = max_seg_len rows per
+                    entry; entry w*L+j is the token row of the j-th token of entry w, or 0 where
+                    it has fewer tokens. The W entries are either the pool window (the slots from
+                    the first to the last active one: `pad_window` is (lo, hi), the weights are a
+                    view) or, when that window is mostly idle slots (a large pool), the S active
+                    segments themselves (`pad_window` None: the kernel gathers their weights)
       pad_valid     [num_tokens]  where each LoRA token sits in that padded layout
                     (both None when padding would more than `max_padding`-fold the rows)
+    Host value `compact`: the pool window holds more than WINDOW_SLACK x S slots, so the torch
+    kernels gather the active slots' weights rather than touch every slot in the window.
     "triton" layout (None / empty unless built):
       tiles         [2*n]  (segment, first token) pairs, one per BLOCK_M-token tile, for each
                     BLOCK_M in TILE_SIZES back to back; see `tile_range`
@@ -71,6 +82,7 @@ class LoraSegments:
     tile_views: tuple[tuple[int, torch.Tensor, int], ...] = field(repr=False, default=())
     pad_rows: torch.Tensor | None = field(repr=False, default=None)
     pad_valid: torch.Tensor | None = field(repr=False, default=None)
+    compact: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -96,14 +108,15 @@ class LoraSegments:
     @staticmethod
     def build(seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
               num_slots: int, device: torch.device | str, max_padding: float = 2.0,
-              layouts: Sequence[str] = LAYOUTS) -> "LoraSegments":
+              layouts: Sequence[str] = LAYOUTS, window_only: bool = False) -> "LoraSegments":
         """Build the table from host lists (one entry per segment, ascending slots).
 
         seg_lens[i] > 0 tokens for slot seg_slots[i] (strictly ascending, < num_slots), adapter
         rank seg_ranks[i] >= 0. Empty lists give the empty table (all LoRA ops are no-ops).
-        max_padding: build the padded layout (pad_rows/pad_valid) only when its W*L rows are at
-        most this many times num_tokens (decode-like steps; long uneven prefills skip it).
+        max_padding: build the padded layout (pad_rows/pad_valid) only when S*L (segments x the
+        longest) is at most this many times num_tokens (decode-like steps; long uneven prefills skip it).
         layouts: the kernel layouts to build (a subset of LAYOUTS; default both, for tests).
+        window_only: never compact (the layout before large pools; benchmarks compare it).
         Cost: O(S) + "torch" O(tokens + W*L) + "triton" O(tokens/16) host work, one host->device copy.
         """
         layouts = tuple(layouts)
@@ -158,14 +171,18 @@ class LoraSegments:
                 tile_index.append((bm, first, count))
                 first += count
         pad_len = 0
+        compact = bool(slots) and not window_only and slots[-1] - slots[0] + 1 > WINDOW_SLACK * len(slots)
         if want_torch and slots:
-            width, seg_len = slots[-1] - slots[0] + 1, max(lens)
-            if width * seg_len <= max_padding * num_tokens:
+            width = len(slots) if compact else slots[-1] - slots[0] + 1
+            seg_len = max(lens)
+            # The padding that matters is the active segments' (uneven lengths); idle window
+            # slots are bounded by WINDOW_SLACK (window_only: the rule before large pools).
+            if (width if window_only else len(slots)) * seg_len <= max_padding * num_tokens:
                 pad_len = width * seg_len
                 rows = [0] * pad_len
                 valid = array("i")
-                for slot, s, n in zip(slots, starts, lens):
-                    at = (slot - slots[0]) * seg_len
+                for i, (slot, s, n) in enumerate(zip(slots, starts, lens)):
+                    at = (i if compact else slot - slots[0]) * seg_len
                     rows[at:at + n] = range(s, s + n)
                     valid.extend(range(at, at + n))
                 buf.extend(rows)
@@ -189,6 +206,7 @@ class LoraSegments:
             tile_index=tuple(tile_index),
             tile_views=tuple((bm, views[5][2 * f: 2 * (f + n)], n) for bm, f, n in tile_index),
             pad_rows=views[6] if pad_len else None, pad_valid=views[7] if pad_len else None,
+            compact=compact,
         )
 
     @staticmethod

@@ -9,7 +9,11 @@ padded_*: gather the tokens into [W, L, in] (W pool slots of the window, L = lon
 grouped_*: torch.nn.functional.grouped_mm with the slot pool itself as the 3D operand and
   LoraSegments.slot_offsets as its per-group END offsets, so no weights are copied per step.
   Only the pool rows between the first and last active slot are passed (empty groups cost a
-  call each inside grouped_mm). grouped_mm needs every non-unit stride of the last two dims of
+  call each inside grouped_mm).
+Both read the pool window as a view while it is dense; when the step's adapters are spread
+  over a large pool (seg.compact) they first gather the S active slots' weights (one
+  index_select per operand and call) and run over those S entries only, so the cost follows
+  the adapters the step uses, not the pool size. grouped_mm needs every non-unit stride of the last two dims of
   both operands to be a multiple of 16 bytes; when that fails (or this torch has no grouped_mm
   for the device/dtype) we fall back to gather_*.
 gather_*: gather each token's weights and contract per token (bmm); copies T x weights, so it
@@ -58,6 +62,21 @@ def _pool_window(seg: LoraSegments, pool: torch.Tensor) -> tuple[int, int]:
     return lo, hi
 
 
+def _step_weights(seg: LoraSegments, pool: torch.Tensor) -> torch.Tensor:
+    """The pool entries the step's kernels run over: the window [first, last active slot] as a
+    view, or (seg.compact) the active slots' weights gathered in segment order [S, ...]."""
+    lo, hi = _pool_window(seg, pool)
+    return pool.index_select(0, seg.slots) if seg.compact else pool[lo:hi]
+
+
+def _group_ends(seg: LoraSegments) -> torch.Tensor:
+    """grouped_mm's END offsets for the entries of _step_weights."""
+    if seg.compact:
+        return seg.starts[1:]
+    lo, hi = seg.seg_slots[0], seg.seg_slots[-1] + 1
+    return seg.slot_offsets[lo:hi]
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
     """x [T, in], a [N, n_slices*R, in] -> h [num_tokens, n_slices*R] float32: the fastest path."""
     if seg.pad_rows is not None and seg.num_segments > 1:
@@ -79,10 +98,10 @@ def padded_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.
     nt = seg.num_tokens
     if nt == 0:
         return x.new_zeros(0, a.shape[1], dtype=torch.float32)
-    lo, hi = _pool_window(seg, a)
+    w = _step_weights(seg, a)
     xs = x if x.dtype == a.dtype else x[:nt].to(a.dtype)
-    xp = xs.index_select(0, seg.pad_rows).view(hi - lo, -1, xs.shape[1])  # [W, L, in]
-    hp = torch.bmm(xp, a[lo:hi].transpose(1, 2))  # [W, L, nR]
+    xp = xs.index_select(0, seg.pad_rows).view(w.shape[0], -1, xs.shape[1])  # [W, L, in]
+    hp = torch.bmm(xp, w.transpose(1, 2))  # [W, L, nR]
     return hp.view(-1, a.shape[1]).index_select(0, seg.pad_valid).float()
 
 
@@ -92,13 +111,13 @@ def padded_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSe
     nt = seg.num_tokens
     if nt == 0:
         return
-    lo, hi = _pool_window(seg, b)
+    w = _step_weights(seg, b)
     r_pad = b.shape[2]
     hh = h if h.dtype == b.dtype else h.to(b.dtype)
-    hp = hh.index_select(0, seg.pad_rows).view(hi - lo, -1, hh.shape[1])  # [W, L, n_slices*R]
+    hp = hh.index_select(0, seg.pad_rows).view(w.shape[0], -1, hh.shape[1])  # [W, L, n_slices*R]
     for i in range(len(slice_offsets) - 1):  # static: at most 3 fused slices
         lo_o, hi_o = slice_offsets[i], slice_offsets[i + 1]
-        d = torch.bmm(hp[:, :, i * r_pad:(i + 1) * r_pad], b[lo:hi, lo_o:hi_o].transpose(1, 2))
+        d = torch.bmm(hp[:, :, i * r_pad:(i + 1) * r_pad], w[:, lo_o:hi_o].transpose(1, 2))
         y[:nt, lo_o:hi_o] += d.view(-1, hi_o - lo_o).index_select(0, seg.pad_valid).to(y.dtype)
 
 
@@ -111,10 +130,10 @@ def grouped_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch
     xs = x[:nt] if x.dtype == a.dtype else x[:nt].to(a.dtype)
     if seg.num_segments == 1:  # one adapter: a plain GEMM skips grouped_mm's per-group overhead
         return (xs @ a[lo].T).float()
-    w = a[lo:hi].transpose(1, 2)  # [G, in, nR] view, no copy
+    w = _step_weights(seg, a).transpose(1, 2)  # [G, in, nR]
     if not _gmm_ok(xs, w):
         return gather_shrink(x, a, seg)
-    return F.grouped_mm(xs, w, offs=seg.slot_offsets[lo:hi]).float()
+    return F.grouped_mm(xs, w, offs=_group_ends(seg)).float()
 
 
 def grouped_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
@@ -126,7 +145,6 @@ def grouped_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraS
     lo, hi = _pool_window(seg, b)
     r_pad = b.shape[2]
     hh = h if h.dtype == b.dtype else h.to(b.dtype)
-    offs = seg.slot_offsets[lo:hi]
     n_slices = len(slice_offsets) - 1
     hs = [hh[:, i * r_pad:(i + 1) * r_pad] for i in range(n_slices)]
     if seg.num_segments == 1:
@@ -137,10 +155,12 @@ def grouped_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraS
             else:
                 y[:nt, lo_o:hi_o] += (hs[i] @ b[lo, lo_o:hi_o].T).to(y.dtype)
         return
-    ws = [b[lo:hi, slice_offsets[i]:slice_offsets[i + 1]].transpose(1, 2) for i in range(n_slices)]
+    wb = _step_weights(seg, b)
+    ws = [wb[:, slice_offsets[i]:slice_offsets[i + 1]].transpose(1, 2) for i in range(n_slices)]
     if not _gmm_ok(*ws, *hs):
         gather_expand(y, h, b, seg, slice_offsets)
         return
+    offs = _group_ends(seg)
     for i in range(n_slices):  # static: at most 3 fused slices
         d = F.grouped_mm(hs[i], ws[i], offs=offs)
         y[:nt, slice_offsets[i]:slice_offsets[i + 1]] += d.to(y.dtype)

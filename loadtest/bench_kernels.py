@@ -40,10 +40,11 @@ def layer_dims(m: dict, layer: str) -> tuple[int, list[int]]:
             "gate_up": (m["hidden"], [m["inter"]] * 2), "down": (m["inter"], [m["hidden"]])}[layer]
 
 
-def make_layer(m, layer, T, S, R, dtype, device, seed=0):
+def make_layer(m, layer, T, S, R, dtype, device, seed=0, pool: int = 0):
+    """pool: slots in the pool (default max(S, 8)); the S active ones are spread at random."""
     in_dim, widths = layer_dims(m, layer)
     g = torch.Generator().manual_seed(seed)
-    n_pool = max(S, 8)
+    n_pool = max(S, pool or 8)
     slots = sorted(torch.randperm(n_pool, generator=g)[:S].tolist())
     lens = [T // S + (1 if i < T % S else 0) for i in range(S)]
     seg = LoraSegments.build(lens, slots, [R] * S, n_pool, device)
@@ -79,6 +80,15 @@ def loop_baseline(y, x, a, b, seg, offs):
 
 def gather_bmm(y, x, a, b, seg, offs):
     torch_ops.gather_expand(y, torch_ops.gather_shrink(x, a, seg), b, seg, offs)
+
+
+def old_dispatch(y, x, a, b, seg, offs):
+    """add_lora's CPU dispatch before the many-adapters change: padded bmm over the pool window
+    when that layout at most doubles the rows, else grouped_mm (its table: `oseg`)."""
+    if seg.pad_rows is not None and seg.num_segments > 1:
+        torch_ops.padded_expand(y, torch_ops.padded_shrink(x, a, seg), b, seg, offs)
+    else:
+        torch_ops.grouped_expand(y, torch_ops.grouped_shrink(x, a, seg), b, seg, offs)
 
 
 def cpu_time(fn, min_s=0.1, max_reps=100) -> float:
@@ -147,36 +157,43 @@ def run_cpu(args) -> list[str]:
     m = MODELS["small"]
     rows = []
     plan = []
-    for R in (16, 8, 64):
-        for layer in (LAYERS if R == 16 else ("qkv", "down")):
-            for T in ((32, 128, 512) if not args.quick else (128,)):
-                for S in (1, 8, 32, 64):
-                    if S <= T:
-                        plan.append((layer, R, T, S))
-    hdr = (f"{'layer':8} {'R':>3} {'T':>4} {'S':>3} | {'loop':>9} {'torch':>9} {'padded':>9} {'grouped':>9} "
-           f"{'gather':>9} | {'loop/torch':>10} {'grp/pad':>7} | {'base':>8} {'lora/base':>9}")
+    counts = [int(c) for c in args.adapters.split(",")]
+    layers = args.layers.split(",")
+    for R in args.ranks:
+        for layer in (layers if R == 16 else [lay for lay in layers if lay in ("qkv", "down")]):
+            for T in ((32, 128, 512) if not args.quick else (128,)) if not args.tokens else args.tokens:
+                for S in counts:
+                    if S <= T or args.tokens:
+                        plan.append((layer, R, max(T, S), S))
+    hdr = (f"{'layer':8} {'R':>3} {'T':>4} {'S':>3} | {'loop':>9} {'before':>9} {'torch':>9} {'padded':>9} "
+           f"{'grouped':>9} | {'bef/torch':>9} {'grp/pad':>7} | {'base':>8} {'before/base':>11} {'lora/base':>9}")
     print(f"CPU, fp32, torch {torch.__version__}, threads={args.threads}; times in us "
-          "(median thread CPU time); torch = add_lora's CPU dispatch")
+          f"(median thread CPU time); pool {args.pool or 'max(S, 8)'} slots; torch = add_lora's CPU "
+          "dispatch, before = the dispatch before the many-adapters change")
     print(hdr)
     rows.append(hdr)
     for layer, R, T, S in plan:
-        seg, x, a, b, y, w, offs = make_layer(m, layer, T, S, R, torch.float32, "cpu")
-        # the same table with the padded layout always built, to time that path on every shape
+        seg, x, a, b, y, w, offs = make_layer(m, layer, T, S, R, torch.float32, "cpu", pool=args.pool)
         lens = [e - s for s, e in zip(seg.seg_starts, seg.seg_starts[1:])]
+        # the same table with the padded layout always built, to time that path on every shape
         pseg = LoraSegments.build(lens, seg.seg_slots, seg.seg_ranks, seg.num_slots, "cpu",
                                   max_padding=float("inf"))
+        # ... and as it was built before the change (window padding at most 2x)
+        oseg = LoraSegments.build(lens, seg.seg_slots, seg.seg_ranks, seg.num_slots, "cpu",
+                                  layouts=("torch",), window_only=True)
         t = {
-            "loop": cpu_time(lambda: loop_baseline(y, x, a, b, seg, offs)),
+            "loop": cpu_time(lambda: loop_baseline(y, x, a, b, seg, offs)) if S <= 64 else float("nan"),
+            "before": cpu_time(lambda: old_dispatch(y, x, a, b, oseg, offs)),
             "torch": cpu_time(lambda: add_lora(y, x, a, b, seg, offs, backend="torch")),
             "padded": cpu_time(lambda: torch_ops.padded_expand(y, torch_ops.padded_shrink(x, a, pseg), b, pseg, offs)),
             "grouped": cpu_time(lambda: torch_ops.grouped_expand(y, torch_ops.grouped_shrink(x, a, seg), b, seg, offs)),
-            "gather": cpu_time(lambda: gather_bmm(y, x, a, b, seg, offs)),
             "base": cpu_time(lambda: x @ w.T),
         }
         us = {k: v * 1e6 for k, v in t.items()}
-        row = (f"{layer:8} {R:3d} {T:4d} {S:3d} | {us['loop']:9.1f} {us['torch']:9.1f} {us['padded']:9.1f} "
-               f"{us['grouped']:9.1f} {us['gather']:9.1f} | {t['loop'] / t['torch']:10.2f} "
-               f"{t['grouped'] / t['padded']:7.2f} | {us['base']:8.1f} {t['torch'] / t['base']:9.2f}")
+        row = (f"{layer:8} {R:3d} {T:4d} {S:3d} | {us['loop']:9.1f} {us['before']:9.1f} {us['torch']:9.1f} "
+               f"{us['padded']:9.1f} {us['grouped']:9.1f} | {t['before'] / t['torch']:9.2f} "
+               f"{t['grouped'] / t['padded']:7.2f} | {us['base']:8.1f} {t['before'] / t['base']:11.2f} "
+               f"{t['torch'] / t['base']:9.2f}")
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -305,6 +322,11 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (2 shared cores here)")
     p.add_argument("--quick", action="store_true", help="CPU: T=128 only")
+    p.add_argument("--adapters", default="1,8,32,64", help="CPU: distinct adapters per call (S), comma separated")
+    p.add_argument("--tokens", type=int, nargs="+", help="CPU: LoRA tokens per call (T; raised to S at least)")
+    p.add_argument("--layers", default=",".join(LAYERS), help="CPU: layers, comma separated")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 8, 64], help="CPU: adapter ranks")
+    p.add_argument("--pool", type=int, default=0, help="CPU: pool slots (default max(S, 8))")
     p.add_argument("--models", default="small,big")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--host", action="store_true", help="CUDA: eager host-cost breakdown")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from server.config import Config
-from server.engine.engine import LLMEngine
+from server.engine.engine import LLMEngine, resolve_device, resolve_dtype
 from server.engine.request import GenerationRequest, SamplingParams
 
 RANK = 16
@@ -50,7 +50,10 @@ def make_adapters(model_dir: Path, out: Path, count: int, rank: int) -> dict[str
     return paths
 
 
-def engine_for(model_dir: Path, adapters: dict[str, Path] | None, slots: int, lora_dtype: str = "auto") -> LLMEngine:
+def engine_for(model_dir: Path, adapters: dict[str, Path] | None, slots: int, lora_dtype: str = "auto",
+               old_slots: int | None = None) -> LLMEngine:
+    """`slots`: adapters the pool must hold. `old_slots`: the fixed design before the byte-sized
+    pool instead: a pool of exactly that many slots and at most that many adapters per step."""
     cfg = Config()
     cfg.model.dtype = "auto"
     cfg.scheduler.max_num_seqs = 128
@@ -58,8 +61,18 @@ def engine_for(model_dir: Path, adapters: dict[str, Path] | None, slots: int, lo
     cfg.lora.enabled = adapters is not None
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
-    cfg.lora.max_loras = max(1, slots)
     cfg.lora.max_cpu_loras = max(64, slots)
+    # a pool that holds them all (slots are capped at max_cpu_loras; CPU pages are taken on use)
+    cfg.lora.lora_pool_memory = 1 << 40
+    if old_slots:
+        from server.adapters.slots import LoraSlots
+        from server.model.arch import ModelArch
+
+        arch = ModelArch.from_dir(model_dir)
+        dtype = (resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)) if lora_dtype == "auto"
+                 else getattr(torch, lora_dtype))
+        cfg.lora.lora_pool_memory = old_slots * LoraSlots.slot_nbytes(arch, RANK, dtype)
+        cfg.lora.max_loras = old_slots
     cfg.lora.lora_dtype = lora_dtype
     cfg.lora.max_lora_rank = RANK
     return LLMEngine(cfg, model_dir)
@@ -127,6 +140,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--old-slots", type=int, default=0, help="also time the old fixed design: this many "
+                    "slots, at most this many adapters per step (the `fixed` column)")
+    ap.add_argument("--skip", default="", help="sections to skip, comma separated: base,dtype")
     ap.add_argument("--peft", type=str, default="32x8", help="(streams x adapters) cases to also run in PEFT, "
                     "comma separated, or 'none'")
     args = ap.parse_args()
@@ -149,8 +165,9 @@ def main() -> None:
     print(f"model {info.model_name}  dtype {info.dtype}  adapters rank {args.rank} on 7 projections "
           f"({per_adapter / 2**20:.1f} MiB each at the slot dtype)  threads {torch.get_num_threads()}  new tokens {N}")
 
+    skip = set(args.skip.split(","))
     print("\nbase-only requests: LoRA-enabled engine (adapters registered, slots allocated) vs --no-lora")
-    for B in args.streams:
+    for B in args.streams if "base" not in skip else ():
         p = prompts_for(base, B)
         off, on, ratio = paired(lambda: engine_tps(base, p, [None] * B, N),
                                 lambda: engine_tps(lora, p, [None] * B, N), args.repeats)
@@ -170,21 +187,27 @@ def main() -> None:
         peft_model.eval()
     pad = info.arch.eos_token_ids[0] if info.arch.eos_token_ids else 0
 
+    fixed = engine_for(model_dir, adapters, n_max, old_slots=args.old_slots) if args.old_slots else None
     print(f"\n{'streams':>7} {'adapters':>8} | {'engine':>8} | {'LoRA off':>8} | {'vs off':>6} | {'PEFT':>7} | "
-          f"{'vs PEFT':>7} | {'adapter MiB/step':>16} | {'base MiB/step':>13}")
+          f"{'vs PEFT':>7} | {'fixed':>7} | {'adapter MiB/step':>16} | {'base MiB/step':>13}")
     for B in args.streams:
         prompts = prompts_for(lora, B)
         for k in args.adapters:
             names = [names_all[i % k] for i in range(B)]
             off, tps, ratio = paired(lambda: engine_tps(base, prompts, [None] * B, N),
                                      lambda: engine_tps(lora, prompts, names, N), args.repeats)
-            peft_str, ratio_str = "-", "-"
+            peft_str, ratio_str, fixed_str = "-", "-", "-"
+            if fixed is not None:
+                fixed_str = f"{engine_tps(fixed, prompts, names, N):7.1f}"
             if (B, k) in peft_cases:
                 ptps = peft_tps(peft_model, prompts, names, N, pad)
                 peft_str, ratio_str = f"{ptps:7.1f}", f"{tps / ptps:6.1f}x"
             print(f"{B:>7} {k:>8} | {tps:8.1f} | {off:8.1f} | {ratio:6.2f} | {peft_str:>7} | {ratio_str:>7} | "
+                  f"{fixed_str:>7} | "
                   f"{min(k, B) * per_adapter / 2**20:16.1f} | {base_bytes / 2**20:13.1f}", flush=True)
 
+    if "dtype" in skip:
+        return
     B, k = args.streams[0], min(8, n_max)
     print(f"\nadapter weight dtype ({B} streams over {k} adapters):")
     prompts = prompts_for(lora, B)

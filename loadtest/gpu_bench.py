@@ -108,7 +108,7 @@ def make_engine(model_dir: Path, weights: ModelWeights, *, lora: bool, adapters:
     cfg.lora.enabled = lora
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
-    cfg.lora.max_loras = max(1, len(adapters))
+    cfg.lora.lora_pool_memory = 16 << 30  # every adapter of the run resident (64 x ~84 MB at rank 16)
     cfg.lora.max_cpu_loras = max(1, len(adapters))
     cfg.lora.max_lora_rank = LORA_RANK
     cfg.lora.cpu_lora_cache_memory = 1 << 40  # every adapter stays parsed: loads are setup, not decode

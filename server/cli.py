@@ -125,7 +125,10 @@ FLAGS = [
          "steps a request may be passed over because of its adapter before it goes first (starvation bound)"),
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
     Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
-    Flag("max-loras", "lora.max_loras", int, "distinct adapters in one step (device slots)"),
+    Flag("lora-pool-memory", "lora.lora_pool_memory", parse_bytes, "device adapter pool size: bytes or e.g. "
+         "2GiB; a step may use as many distinct adapters as it holds (slots of --max-lora-rank)"),
+    Flag("max-loras", "lora.max_loras", int, "optional limit on distinct adapters in one step (default: as "
+         "many as the adapter pool holds)"),
     Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
     Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
     Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),

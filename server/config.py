@@ -57,7 +57,12 @@ class SchedulerConfig:
 class LoraConfig:
     enabled: bool = True
     adapters_dir: str | None = "adapters_store"  # scanned at start: one PEFT directory per adapter id
-    max_loras: int = 8  # distinct adapters in one step = device slots
+    # The device adapter pool, in bytes: its slots (one adapter of rank <= max_lora_rank each) are
+    # as many as fit (at most max_cpu_loras: the pool is filled from the host cache); a step may
+    # use as many distinct adapters as the pool holds. 2 GiB: 24 rank-16 slots of an 8B model in
+    # bf16 (the old fixed 8 slots took 0.66 GiB), the whole host cache of SmolLM2-135M ones.
+    lora_pool_memory: int = 2 * GiB
+    max_loras: int | None = None  # optional extra limit on distinct adapters in one step (None: the pool's)
     max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
     cpu_lora_cache_memory: int = 4 * GiB  # bytes budget of that host cache
     max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)

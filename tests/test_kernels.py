@@ -8,7 +8,7 @@ process, the interpreter tests rerun themselves in a subprocess). CUDA tests nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
 
@@ -56,6 +56,20 @@ CASES = {
     # one long segment spanning several 16-token tiles, 1 slice, full rank, slot not 0
     "prefill_long": Case([37], [2], [16], 3, 16, 64, [40], tail=5),
 }
+
+
+def _spread(n: int, pool: int, lens, seed: int) -> Case:
+    """n adapters of mixed ranks spread over a large pool: the compact (gathered) layout."""
+    g = torch.Generator().manual_seed(seed)
+    slots = sorted(torch.randperm(pool, generator=g)[:n].tolist())
+    ranks = torch.randint(1, 9, (n,), generator=g).tolist()
+    return Case(list(lens), slots, ranks, pool, 8, 32, [16, 8, 8])
+
+
+# many distinct adapters in one call, spread over a pool 4-5x larger: decode (padded, gathered
+# weights) and uneven prefill chunks (grouped_mm over the gathered weights)
+CASES["many_spread_decode"] = _spread(48, 200, [1] * 48, seed=11)
+CASES["many_spread_prefill"] = _spread(40, 200, [1 + i % 3 for i in range(39)] + [50], seed=12)
 
 
 def make(case: Case, wdtype, xdtype, device="cpu", seed=0):
@@ -146,7 +160,9 @@ def test_build_padded_layout():
     seg = LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu")
     assert seg.pad_rows.tolist() == [0, 1, 2, 0, 0, 0, 3, 4]  # slot 4 is empty: padding rows
     assert seg.pad_valid.tolist() == [0, 1, 2, 6, 7]
-    assert LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu", max_padding=1.5).pad_rows is None
+    # the padding counted is the segments' own (3 x 2 rows for 5 tokens), not the idle slot 4
+    assert LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu", max_padding=1.2).pad_rows is not None
+    assert LoraSegments.build([2, 1, 2], [2, 3, 5], [8, 8, 8], 7, "cpu", max_padding=1.1).pad_rows is None
 
 
 @pytest.mark.parametrize("args", [
@@ -213,16 +229,36 @@ def test_torch_path_matches_reference(name, dt):
     _run_paths(CASES[name], dt, "torch", seed=3)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "gather", "padded"])
+def test_spread_adapters_take_the_compact_layout():
+    # the kernels run over the S active slots (gathered), not the idle pool window between them
+    def table(c: Case) -> LoraSegments:
+        return LoraSegments.build(c.lens, c.slots, c.ranks, c.num_slots, "cpu")
+
+    decode = table(CASES["many_spread_decode"])
+    assert decode.compact and decode.pad_rows is not None and decode.pad_rows.numel() == 48
+    prefill = table(CASES["many_spread_prefill"])
+    assert prefill.compact and prefill.pad_rows is None  # uneven: grouped_mm
+    dense = LoraSegments.build([1] * 4, [2, 3, 4, 5], [8] * 4, 200, "cpu")
+    assert not dense.compact and dense.pad_rows.numel() == 4  # a dense window stays a view
+
+
+@pytest.mark.parametrize("impl", ["grouped", "grouped_window", "gather", "padded", "padded_window"])
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_torch_variants_directly(impl, dt):
-    # every formulation, whichever the dispatcher would pick for these strides and this padding
-    c = CASES["gateup_aligned"]
+    # every formulation, whichever the dispatcher would pick for these strides and this padding:
+    # slots 0 and 11 of 12 make the window mostly idle, so the default table is compact (gathered
+    # weights); the *_window variants run over the window view instead
+    c = replace(CASES["gateup_aligned"], slots=[0, 11], num_slots=12)
     wdt, xdt = DTYPES[dt]
     seg, x, a, b, y0 = make(c, wdt, xdt, seed=4)
-    if impl == "padded":  # 6 window slots x 9 rows for 13 tokens: the default table skips it
-        assert seg.pad_rows is None
-        seg = LoraSegments.build(c.lens, c.slots, c.ranks, c.num_slots, "cpu", max_padding=float("inf"))
+    assert seg.compact
+    if impl.endswith("_window"):
+        seg = LoraSegments.build(c.lens, c.slots, c.ranks, c.num_slots, "cpu", max_padding=float("inf"),
+                                 window_only=True)
+        assert not seg.compact and seg.pad_rows is not None
+    impl = impl.removesuffix("_window")
+    if impl == "padded":
+        assert seg.pad_rows is not None  # 2 compact entries x 9 rows for 13 tokens: within 2x
     shrink, expand = {"grouped": (torch_ops.grouped_shrink, torch_ops.grouped_expand),
                       "gather": (torch_ops.gather_shrink, torch_ops.gather_expand),
                       "padded": (torch_ops.padded_shrink, torch_ops.padded_expand)}[impl]

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.adapters.slots import LoraSlots
 from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
+from server.model.arch import ModelArch
 
 from engine_runs import greedy_with_logprobs
 from peft_adapters import make_peft_adapter, peft_greedy
@@ -42,7 +44,7 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
             for i, (name, kw) in enumerate(ADAPTERS.items())}
 
 
-def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int = 8,
+def make_engine(model_dir: Path, adapter_dirs: dict[str, Path], max_loras: int | None = None,
                 kv_cache_memory: int = 16 << 20, **lora) -> LLMEngine:
     cfg = Config()
     cfg.model.dtype = "float32"
@@ -82,7 +84,9 @@ def test_mixed_adapter_batch_equals_peft_each_alone(tiny_llama_dir, adapter_dirs
 
 def test_fewer_slots_than_adapters_is_scheduled_not_failed(tiny_llama_dir, adapter_dirs, mixed_case):
     jobs, expected = mixed_case
-    engine = make_engine(tiny_llama_dir, adapter_dirs, max_loras=2)
+    two_slots = 2 * LoraSlots.slot_nbytes(ModelArch.from_dir(tiny_llama_dir), 64, torch.float32)
+    engine = make_engine(tiny_llama_dir, adapter_dirs, lora_pool_memory=two_slots)
+    assert engine.adapters.step_capacity == 2
     tokens, _ = greedy_with_logprobs(engine, jobs, NEW)
     assert tokens == [e[0] for e in expected]
     assert engine.metrics.adapter_evictions.labels("device")._value.get() > 0

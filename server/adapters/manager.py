@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepLora:
-    """One step's adapters placed in device slots: ref -> slot, and each slot's rank."""
+    """One step's adapters placed in the device pool: ref -> slot, and each slot's rank."""
 
     slot_of: dict[AdapterRef, int]
     slot_rank: list[int]
@@ -72,13 +72,18 @@ class AdapterManager:
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
                                        on_loaded)
         lora_dtype = dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
-        self._slots = LoraSlots(arch, cfg.max_loras, cfg.max_lora_rank, lora_dtype, device, metrics)
+        # The pool is filled from the host cache, so it never needs more slots than that holds.
+        self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
+                                      max_slots=max(1, cfg.max_cpu_loras))
+        self._step_limit = cfg.max_loras
         self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
         self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time
         entries = self._registry.entries()
-        log.info("adapters: %d registered (%s); %d device slots x rank %d, %.0f MiB; host cache %d adapters",
-                 len(entries), ", ".join(str(e.ref) for e in entries[:8]), cfg.max_loras, cfg.max_lora_rank,
-                 self._slots.nbytes / 2**20, cfg.max_cpu_loras)
+        log.info("adapters: %d registered (%s); device pool %d slots x rank %d (%.0f MiB), up to %d distinct "
+                 "adapters per step; host cache %d adapters", len(entries), ", ".join(str(e.ref) for e in entries[:8]),
+                 self._slots.num_slots, cfg.max_lora_rank, self._slots.nbytes / 2**20, self.step_capacity,
+                 cfg.max_cpu_loras)
+
     # --- lookups (any thread) ------------------------------------------------------------------
     def lookup(self, tenant: str | None, name: str) -> AdapterRef | None:
         """The version `name` means to `tenant` now: its own adapter, else the shared one; None if neither."""
@@ -214,10 +219,26 @@ class AdapterManager:
         return self._cache.poll(in_use)
 
     def activate(self, refs: Iterable[AdapterRef]) -> StepLora:
-        """Place one step's adapters (at most max_loras, all resident in the host cache) in device slots."""
-        weights = {ref: self._cache.get(ref) for ref in sorted(refs, key=lambda r: (r.owner or "", r.name))}
+        """Place one step's adapters (at most step_capacity, all resident in the host cache) in the
+        device pool; those not in it yet are copied in from the host cache."""
+        refs = sorted(refs, key=lambda r: (r.owner or "", r.name))
+        if len(refs) > self.step_capacity:
+            raise ValueError(f"{len(refs)} adapters in one step; at most {self.step_capacity}")
+        weights = {ref: self._cache.get(ref) for ref in refs}  # also keeps them recent in the host LRU
         slot_of = self._slots.activate(weights)
         return StepLora(slot_of, self._slots.slot_rank, self._slots.num_slots, self._slots)
+
+    @property
+    def step_capacity(self) -> int:
+        """Distinct adapters one step may use: what the pool holds, under --max-loras if set
+        (the scheduler's per-step adapter budget)."""
+        n = self._slots.num_slots
+        return n if self._step_limit is None else max(1, min(n, self._step_limit))
+
+    @property
+    def pool_resident(self) -> int:
+        """Adapters in the device pool now (all of them free again once none is registered)."""
+        return self._slots.num_resident
 
     @property
     def slot_nbytes(self) -> int:

@@ -1,4 +1,4 @@
-"""The device tier: `max_loras` slots of stacked adapter weights (read by the LoRA backend).
+"""The device tier: a pool of adapter slots sized in bytes (read by the LoRA backend).
 
 Per layer and per fused projection group the pool holds
     a [num_layers, N, n_slices * R, in]   (each slice's lora_A, zero-padded to rank R)
@@ -7,7 +7,13 @@ so one LoRA kernel call serves every token of every adapter in one call per proj
 and the fused qkv / gate_up GEMMs keep their LoRA as one shrink + one expand launch.
 Which PEFT modules stack into which group is the model's (`ModelArch.lora_groups`, from the
 family registry): q/k/v are three slices of `qkv`, a fused `qkv_proj` is one.
-A slot is (re)written only when an adapter that is not resident is needed by a step.
+
+N comes from the byte budget (`LoraSlots.sized`), so a step may use as many distinct adapters
+as the pool holds; R is --max-lora-rank for every slot (a rank-4 adapter still takes a
+rank-R slot: rank-unit pages are the next step). A slot is (re)written only when an adapter
+that is not resident is needed by a step; the victim is the least recently used adapter the
+step does not use. The tensors are allocated empty: a slot is zeroed when first written, so
+on CPU the pool's untouched slots take no memory.
 """
 
 from __future__ import annotations
@@ -24,7 +30,33 @@ from .lora_weights import LoraAdapter
 
 
 
+def _group_shapes(arch: ModelArch) -> dict[str, tuple[int, int, int]]:
+    """pool group -> (slices, in_features, out_total)."""
+    shapes = {}
+    for group, modules in arch.lora_groups.items():
+        shapes[group] = (len(modules), arch.linear_shape(modules[0])[0],
+                         sum(arch.linear_shape(m)[1] for m in modules))
+    return shapes
+
+
 class LoraSlots:
+    @staticmethod
+    def slot_nbytes(arch: ModelArch, max_rank: int, dtype: torch.dtype) -> int:
+        """Bytes of one slot: every layer's A and B of every group at rank `max_rank`."""
+        esz = torch.empty((), dtype=dtype).element_size()
+        per_layer = sum(n * max_rank * i + o * max_rank for n, i, o in _group_shapes(arch).values())
+        return arch.num_layers * per_layer * esz
+
+    @classmethod
+    def sized(cls, arch: ModelArch, pool_bytes: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+              metrics: Metrics, max_slots: int) -> "LoraSlots":
+        """As many slots as `pool_bytes` holds, at most `max_slots`; ValueError if not even one."""
+        one = cls.slot_nbytes(arch, max_rank, dtype)
+        if pool_bytes < one:
+            raise ValueError(f"--lora-pool-memory {pool_bytes} bytes holds no adapter: one of rank {max_rank} "
+                             f"takes {one} bytes ({one / 2**20:.1f} MiB) in {dtype}")
+        return cls(arch, max(1, min(pool_bytes // one, max_slots)), max_rank, dtype, device, metrics)
+
     def __init__(self, arch: ModelArch, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, metrics: Metrics):
         self.num_slots = num_slots
@@ -39,8 +71,8 @@ class LoraSlots:
         for group, modules in self.groups.items():
             in_features = arch.linear_shape(modules[0])[0]
             outs = [arch.linear_shape(m)[1] for m in modules]
-            self.a[group] = torch.zeros(L, N, len(modules) * R, in_features, dtype=dtype, device=device)
-            self.b[group] = torch.zeros(L, N, sum(outs), R, dtype=dtype, device=device)
+            self.a[group] = torch.empty(L, N, len(modules) * R, in_features, dtype=dtype, device=device)
+            self.b[group] = torch.empty(L, N, sum(outs), R, dtype=dtype, device=device)
             offsets = [0]
             for o in outs:
                 offsets.append(offsets[-1] + o)
@@ -49,33 +81,40 @@ class LoraSlots:
         self.layer_a = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.layer_b = {g: list(t.unbind(0)) for g, t in self.b.items()}
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
+        self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
         self.slot_rank = [0] * N
+        self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
+    @property
+    def num_resident(self) -> int:
+        return len(self._slot_of)
+
     def activate(self, adapters: Mapping[Hashable, LoraAdapter]) -> dict[Hashable, int]:
-        """Make every adapter of this step resident (at most `num_slots` of them) -> name: slot."""
+        """Make every adapter of this step resident (at most `num_slots` of them) -> name: slot.
+        Cost: O(adapters of the step) plus one slot write per adapter not yet resident."""
         if len(adapters) > self.num_slots:
             raise ValueError(f"{len(adapters)} adapters in one step but only {self.num_slots} slots")
         for name in adapters:
             if name in self._slot_of:
                 self._slot_of.move_to_end(name)
-        used = {self._slot_of[n] for n in adapters if n in self._slot_of}
-        free = [s for s in range(self.num_slots) if s not in self._slot_of.values()]
         for name, adapter in adapters.items():
             if name in self._slot_of:
                 continue
-            if free:
-                slot = free.pop(0)
-            else:  # evict the least recently used adapter this step does not need
-                victim = next(n for n, s in self._slot_of.items() if s not in used)
+            if self._free:
+                slot = self._free.pop()
+            else:
+                # The step's resident adapters were just moved to the LRU end, and the ones it
+                # places now go there too, so the LRU head is never one this step uses.
+                victim = next(iter(self._slot_of))
+                assert victim not in adapters
                 slot = self._slot_of.pop(victim)
                 self.metrics.adapter_evictions.labels("device").inc()
             self._write(slot, adapter)
             self._slot_of[name] = slot
-            used.add(slot)
         self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
         return {name: self._slot_of[name] for name in adapters}
 
@@ -83,19 +122,35 @@ class LoraSlots:
         return name in self._slot_of
 
     def evict(self, name: Hashable) -> None:
-        """Forget `name` (unregistered or replaced); its slot is rewritten before any reuse."""
-        self._slot_of.pop(name, None)
+        """Forget `name` (unregistered or replaced); its slot is free, rewritten before any reuse."""
+        slot = self._slot_of.pop(name, None)
+        if slot is not None:
+            self._free.append(slot)
+            self.slot_rank[slot] = 0
+            self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the
+        slot is zeroed first unless the adapter fills all of it (every module of every layer at
+        rank R). ~8-11 ms for a rank-16 SmolLM2-135M adapter on every projection, on CPU
+        (docs/benchmarks_kernels.md)."""
         R = self.max_rank
-        for group in self.groups:
-            self.a[group][:, slot].zero_()
-            self.b[group][:, slot].zero_()
+        if len(adapter.modules) < self._num_linears or any(w.rank < R for w in adapter.modules.values()):
+            for group in self.groups:
+                self.a[group][:, slot].zero_()
+                self.b[group][:, slot].zero_()
+        a_dst, a_src, b_dst, b_src, scales = [], [], [], [], []
         for (layer, module), w in adapter.modules.items():
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
-            self.a[group][layer, slot, i * R: i * R + w.rank].copy_(w.a)
-            # The scale is folded into B once here, so the kernels never see it.
-            self.b[group][layer, slot, lo:hi, : w.rank].copy_(w.b * w.scale)
+            a_dst.append(self.layer_a[group][layer][slot, i * R: i * R + w.rank])
+            a_src.append(w.a)
+            b_dst.append(self.layer_b[group][layer][slot, lo:hi, : w.rank])
+            b_src.append(w.b)
+            scales.append(w.scale)
+        if a_dst:
+            torch._foreach_copy_(a_dst, a_src)
+            # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it.
+            torch._foreach_copy_(b_dst, torch._foreach_mul(b_src, scales))
         self.slot_rank[slot] = adapter.rank
         self.metrics.adapter_slot_writes.inc()

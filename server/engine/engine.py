@@ -109,7 +109,7 @@ class LLMEngine:
                                   lora=lora_backend)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
-                                   max_loras=lc.max_loras if self.adapters else 0,
+                                   max_loras=self.adapters.step_capacity if self.adapters else 0,
                                    residency=self.adapters, policy=make_policy(config),
                                    prefetch_window=sc.prefetch_window, max_wait_steps=sc.max_wait_steps)
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
@@ -122,7 +122,7 @@ class LLMEngine:
             dtype=dtype, device=device, max_model_len=max_len, num_blocks=num_blocks, block_size=cc.block_size,
         )
         self.metrics.configure_engine(self.info.model_name, cc.block_size, num_blocks,
-                                      lc.max_loras if self.adapters else None)
+                                      self.adapters.step_capacity if self.adapters else None)
         log.info("loaded %s (%s, %s, %s) in %.1fs: %d KV blocks x %d tokens, max_model_len %d, %d threads",
                  self.info.model_name, arch.model_type, dtype, device, time.perf_counter() - t0, num_blocks,
                  cc.block_size, max_len, torch.get_num_threads())

@@ -173,7 +173,8 @@ class Metrics:
 
     # --- engine state ------------------------------------------------------------------------
     def configure_engine(self, model_name: str, block_size: int, num_blocks: int, max_loras: int | None) -> None:
-        """Once, when the engine is built. `max_loras`: distinct adapters one step may use (`AdapterManager.step_capacity`), None without LoRA."""
+        """Once, when the engine is built. `max_loras`: distinct adapters one step may use
+        (`AdapterManager.step_capacity`), None without LoRA."""
         self._num_blocks = num_blocks
         self._max_lora = max_loras
         self._engine_labels = (model_name, "0")

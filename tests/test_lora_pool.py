@@ -7,6 +7,7 @@ register / run / unregister churn. References come from PEFT, never from this se
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,18 @@ def one_slot(model_dir: Path, rank: int = max(RANKS)) -> int:
     return LoraSlots.slot_nbytes(ModelArch.from_dir(model_dir), rank, torch.float32)
 
 
+def warm(engine: LLMEngine, names, timeout: float = 120.0) -> None:
+    """Load every adapter of `names` into the host cache before any request arrives, so the
+    first steps can hold them all (otherwise the scheduler's prefetch window paces the loads)."""
+    refs = [engine.adapters.lookup(None, n) for n in names]
+    deadline = time.monotonic() + timeout
+    while not all(engine.adapters.is_ready(r) for r in refs):
+        assert time.monotonic() < deadline, "adapters did not load"
+        engine.adapters.prefetch(refs, keep=set(refs))
+        engine.adapters.poll(lambda: refs)
+        time.sleep(0.01)
+
+
 def spy_step_sizes(engine: LLMEngine) -> list[int]:
     """Record how many distinct adapters each step placed (wraps the instance's activate)."""
     sizes: list[int] = []
@@ -90,6 +103,7 @@ def test_more_adapters_in_one_step_than_any_fixed_cap_equal_peft(tiny_llama_dir,
     jobs += [(None, [7, 8, 9])]  # a base-only request in the same batch
     engine = engine_for(tiny_llama_dir, many_adapters)
     assert engine.scheduler.max_loras == engine.adapters.step_capacity >= MANY  # the pool's capacity
+    warm(engine, many_adapters)
     sizes = spy_step_sizes(engine)
     tokens, logprobs = greedy_with_logprobs(engine, jobs, NEW)
     assert max(sizes) == MANY, sizes  # every adapter in one step

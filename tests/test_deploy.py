@@ -1,6 +1,7 @@
-"""Deployment files stay in step with the code: they parse, the dashboard's PromQL names
-only metrics (and labels) that server/metrics.py defines, and every LORAMUX_* setting they
-pass is a real server flag. Fast: no server, no Docker (none runs on the dev machines)."""
+"""Deployment files stay in step with the code: they parse, every shipped pod passes Pod Security
+"restricted", keys come only from a Secret, shutdown and probes match the server, and every
+LORAMUX_* setting they pass is a real server flag. Fast: no server, no Docker (none runs on the
+dev machines). The dashboard: tests/test_dashboard.py; the GPU variant: tests/test_deploy_gpu.py."""
 
 from __future__ import annotations
 
@@ -11,92 +12,13 @@ import shlex
 from pathlib import Path
 
 import pytest
-from prometheus_client.metrics import MetricWrapperBase
 
+from deploy_files import (DASHBOARD, DEPLOY, NON_FLAG_ENV, ROOT, compose_seconds, dockerfile_instructions, is_under,
+                          k8s_docs, k8s_objects, pod_templates, restricted_violations, server_container,
+                          shutdown_timeout, yaml_docs)
 from server.api.shutdown import FLUSH_S, UNGATED_PATHS
 from server.cli import FLAGS
-from server.config import LoraConfig, ServerConfig
-from server.metrics import Metrics
-
-yaml = pytest.importorskip("yaml")
-
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loramux.json"
-
-# Announced by the adapter-cache work before it lands in server/metrics.py: (type, labels).
-# Once a name is defined in the code, the code's definition is the one checked.
-PENDING_METRICS = {
-    "loramux_adapter_cache_hits": ("counter", ()),
-    "loramux_adapter_cache_misses": ("counter", ()),
-    "loramux_adapter_loads": ("counter", ("result",)),
-    "loramux_adapter_evictions": ("counter", ("tier",)),
-    "loramux_adapter_load_seconds": ("histogram", ()),
-    "loramux_adapters_resident": ("gauge", ("tier",)),
-    "loramux_step_adapters": ("histogram", ()),
-    "loramux_adapter_slot_writes": ("counter", ()),
-}
-# Labels Prometheus attaches to every scraped series.
-TARGET_LABELS = {"instance", "job"}
-# Environment variables the server reads that are not flags.
-NON_FLAG_ENV = {"LORAMUX_CACHE"}
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
-            "histogram": ("_bucket", "_count", "_sum", "_created")}
-
-
-def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Metric family name -> (type, label names), from the code, plus the pending ones."""
-    found = {}
-    for value in vars(Metrics()).values():
-        if isinstance(value, MetricWrapperBase):
-            # _labelnames/_type are private but stable; the families from collect() carry
-            # no label names for labelled metrics without children.
-            found[value._name] = (value._type, tuple(value._labelnames))
-    return {**PENDING_METRICS, **found}
-
-
-def series_names() -> dict[str, tuple[str, set[str]]]:
-    """Exposed sample name -> (family name, labels a selector on it may use)."""
-    out = {}
-    for family, (kind, labels) in defined_metrics().items():
-        for suffix in SUFFIXES[kind]:
-            extra = {"le"} if suffix == "_bucket" else set()
-            out[family + suffix] = (family, set(labels) | TARGET_LABELS | extra)
-    return out
-
-
-def all_panels(panels: list[dict]):
-    for p in panels:
-        yield p
-        yield from all_panels(p.get("panels") or [])  # collapsed rows nest their panels
-
-
-def dashboard_queries() -> list[tuple[str, str, str]]:
-    """(where, expr, legendFormat) for every panel target and query variable."""
-    dash = json.loads(DASHBOARD.read_text())
-    out = []
-    for p in all_panels(dash["panels"]):
-        for t in p.get("targets", []):
-            out.append((f"panel {p['title']!r}", t["expr"], t.get("legendFormat", "")))
-    for v in dash.get("templating", {}).get("list", []):
-        if v.get("type") == "query":
-            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-            out.append((f"variable {v['name']!r}", q, ""))
-    return out
-
-
-METRIC_RE = re.compile(r"\bloramux_[A-Za-z0-9_]+")
-SELECTOR_RE = re.compile(r"\b(loramux_[A-Za-z0-9_]+)\s*\{([^}]*)\}")
-MATCHER_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
-GROUPING_RE = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
-LEGEND_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def yaml_docs(path: Path) -> list:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-# --- files parse ------------------------------------------------------------------------------
+from server.config import LoraConfig
 
 
 def test_every_deploy_file_parses():
@@ -105,80 +27,6 @@ def test_every_deploy_file_parses():
     for path in files:
         assert yaml_docs(path), f"{path} is empty"
     json.loads(DASHBOARD.read_text())
-
-
-# --- the dashboard against server/metrics.py ------------------------------------------------------
-
-
-def test_dashboard_names_only_defined_metrics():
-    known = series_names()
-    queries = dashboard_queries()
-    assert len(queries) > 20
-    unknown = {(where, name) for where, expr, _ in queries for name in METRIC_RE.findall(expr) if name not in known}
-    assert not unknown, (f"the dashboard uses metrics that server/metrics.py does not define: {sorted(unknown)}; "
-                         "counters are exposed as <name>_total, histograms as <name>_bucket/_sum/_count")
-
-
-def test_dashboard_uses_only_labels_the_metrics_have():
-    known = series_names()
-    problems = []
-    for where, expr, legend in dashboard_queries():
-        metrics = set(METRIC_RE.findall(expr))
-        if not metrics <= set(known):
-            continue  # reported by test_dashboard_names_only_defined_metrics
-        allowed = set().union(*(known[m][1] for m in metrics))
-        for name, matchers in SELECTOR_RE.findall(expr):
-            for label in MATCHER_RE.findall(matchers):
-                if label not in known[name][1]:
-                    problems.append(f"{where}: {name} has no label {label!r}")
-        grouped = [x.strip() for g in GROUPING_RE.findall(expr) for x in g.split(",") if x.strip()]
-        problems += [f"{where}: grouping by unknown label {g!r}" for g in grouped if g not in allowed]
-        # A legend can only show labels that survive the aggregation.
-        visible = set(grouped) if grouped else allowed
-        problems += [f"{where}: legend {{{{{x}}}}} is not a label of the result" for x in LEGEND_RE.findall(legend)
-                     if x not in visible]
-        m = re.fullmatch(r"label_values\((.*),\s*([A-Za-z_]\w*)\)", expr.strip())
-        if m and m.group(2) not in allowed:
-            problems.append(f"{where}: label_values of unknown label {m.group(2)!r}")
-    assert not problems, "\n".join(problems)
-
-
-def test_every_server_metric_is_on_the_dashboard():
-    """So a new metric is a deliberate dashboard decision, not an oversight."""
-    known = series_names()
-    used = {known[n][0] for _, expr, _ in dashboard_queries() for n in METRIC_RE.findall(expr) if n in known}
-    missing = sorted(set(defined_metrics()) - used)
-    assert not missing, f"metrics with no dashboard panel: {missing}; add a panel to {DASHBOARD}"
-
-
-def test_dashboard_structure():
-    dash = json.loads(DASHBOARD.read_text())
-    panels = list(all_panels(dash["panels"]))
-    ids = [p["id"] for p in panels]
-    assert len(ids) == len(set(ids)), "panel ids must be unique"
-    var_names = {v["name"] for v in dash["templating"]["list"]}
-    assert {"datasource", "instance", "adapter"} <= var_names
-    for v in dash["templating"]["list"]:
-        if v["type"] == "query":  # `definition` is what the editor shows; `query` is what runs
-            assert v["definition"] == v["query"]["query"], v["name"]
-    for p in panels:
-        g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
-        if p["type"] != "row":
-            assert p["datasource"]["uid"] == "${datasource}", p["title"]
-            assert p["targets"], p["title"]
-        for t in p.get("targets", []):
-            assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
-            assert t["expr"].count("{") == t["expr"].count("}"), t["expr"]
-            # Rates over a fixed window break when the scrape interval changes.
-            assert "rate(" not in t["expr"] or "[$__rate_interval]" in t["expr"], t["expr"]
-    # The provisioned datasource is what ${datasource} defaults to.
-    ds = yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"][0]
-    default = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
-    assert default["current"]["value"] == ds["uid"] and ds["type"] == default["query"] == "prometheus"
-
-
-# --- Prometheus, compose, Kubernetes ---------------------------------------------------------
 
 
 def test_prometheus_scrapes_loramux_every_5s():
@@ -222,21 +70,6 @@ def test_compose_stack_is_wired_together():
         assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), svc.get("ports")
 
 
-def k8s_docs() -> list[dict]:
-    return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml_docs(f)]
-
-
-def k8s_objects() -> dict[str, dict]:
-    by_kind = {d["kind"]: d for d in k8s_docs()}
-    assert set(by_kind) == {"Namespace", "Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"}
-    return by_kind
-
-
-def server_container(dep: dict) -> dict:
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
-    return c
-
-
 def test_k8s_manifests():
     by_kind = k8s_objects()
     dep, svc, cm, pvc = by_kind["Deployment"], by_kind["Service"], by_kind["ConfigMap"], by_kind["PersistentVolumeClaim"]
@@ -259,78 +92,6 @@ def test_k8s_manifests():
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/app/adapters_store")
     assert not mount.get("readOnly")
     assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-
-
-# --- Pod Security "restricted", secrets, shutdown, probes ------------------------------------
-
-# The restricted profile's rules (kubernetes.io/docs/concepts/security/pod-security-standards).
-PSS_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                    "projected", "secret"}
-PSS_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                    "net.ipv4.tcp_keepalive_probes"}
-
-
-def pod_templates(docs: list[dict]):
-    """(name, pod spec) of every workload in `docs`."""
-    for d in docs:
-        kind = d["kind"]
-        if kind == "Pod":
-            yield d["metadata"]["name"], d["spec"]
-        elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
-            yield d["metadata"]["name"], d["spec"]["template"]["spec"]
-        elif kind == "CronJob":
-            yield d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-
-
-def restricted_violations(pod: dict) -> list[str]:
-    """What keeps `pod` (a pod spec) from the Pod Security "restricted" profile, plus our own rule
-    that every container's root filesystem is read-only."""
-    problems = []
-    psc = pod.get("securityContext") or {}
-    for key in ("hostNetwork", "hostPID", "hostIPC"):
-        if pod.get(key):
-            problems.append(f"{key} is set")
-    for v in pod.get("volumes") or []:
-        kinds = set(v) - {"name"}
-        if not kinds <= PSS_VOLUME_TYPES:
-            problems.append(f"volume {v['name']}: type {sorted(kinds - PSS_VOLUME_TYPES)} not allowed")
-    for sysctl in psc.get("sysctls") or []:
-        if sysctl["name"] not in PSS_SAFE_SYSCTLS:
-            problems.append(f"unsafe sysctl {sysctl['name']}")
-    if psc.get("runAsUser") == 0:
-        problems.append("pod runAsUser 0")
-    containers = [(f"container {c['name']}", c) for c in pod.get("containers") or []]
-    containers += [(f"initContainer {c['name']}", c) for c in pod.get("initContainers") or []]
-    assert containers, "a pod without containers"
-    for where, c in containers:
-        sc = c.get("securityContext") or {}
-        if sc.get("privileged"):
-            problems.append(f"{where}: privileged")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{where}: allowPrivilegeEscalation must be false")
-        caps = sc.get("capabilities") or {}
-        if "ALL" not in (caps.get("drop") or []):
-            problems.append(f"{where}: capabilities must drop ALL")
-        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
-            problems.append(f"{where}: adds capabilities {caps['add']}")
-        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
-            problems.append(f"{where}: runAsNonRoot must be true (pod or container)")
-        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
-            problems.append(f"{where}: runAsUser 0")
-        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            problems.append(f"{where}: seccompProfile must be RuntimeDefault or Localhost, not {seccomp}")
-        if (psc.get("seccompProfile") or {}).get("type") == "Unconfined":
-            problems.append("pod seccompProfile Unconfined")
-        if any(p.get("hostPort") for p in c.get("ports") or []):
-            problems.append(f"{where}: hostPort")
-        if sc.get("procMount", "Default") != "Default":
-            problems.append(f"{where}: procMount")
-        if sc.get("readOnlyRootFilesystem") is not True:
-            problems.append(f"{where}: readOnlyRootFilesystem must be true")
-    return problems
 
 
 def test_every_shipped_pod_passes_pod_security_restricted():
@@ -389,26 +150,13 @@ def test_keys_come_only_from_a_secret():
     assert "LORAMUX_API_KEYS" not in compose_env
 
 
-def _shutdown_timeout(settings: dict) -> float:
-    flag = next(f for f in FLAGS if f.name == "shutdown-timeout")
-    return flag.convert(settings[flag.env]) if flag.env in settings else ServerConfig().shutdown_timeout
-
-
-def _seconds(text: str) -> float:
-    """A compose duration: '75s', '1m30s', '90'."""
-    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?|(\d+)", str(text))
-    assert parts, text
-    minutes, seconds, bare = parts.groups()
-    return float(bare) if bare else 60 * int(minutes or 0) + int(seconds or 0)
-
-
 def test_grace_period_covers_the_drain():
     """Kubernetes kills the pod terminationGracePeriodSeconds after it starts stopping it: that must
     cover the preStop sleep, --shutdown-timeout, then the abort's flush and uvicorn's close."""
     by_kind = k8s_objects()
     pod = by_kind["Deployment"]["spec"]["template"]["spec"]
     c = server_container(by_kind["Deployment"])
-    timeout = _shutdown_timeout(by_kind["ConfigMap"]["data"])
+    timeout = shutdown_timeout(by_kind["ConfigMap"]["data"])
     assert timeout > 0, "a zero timeout aborts every stream at once"
     pre_stop = c["lifecycle"]["preStop"]
     if "sleep" in pre_stop:
@@ -420,7 +168,7 @@ def test_grace_period_covers_the_drain():
     assert pause > 0
     assert pod["terminationGracePeriodSeconds"] >= pause + timeout + 2 * FLUSH_S
     svc = yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]
-    assert _seconds(svc["stop_grace_period"]) >= _shutdown_timeout(svc["environment"]) + 2 * FLUSH_S
+    assert compose_seconds(svc["stop_grace_period"]) >= shutdown_timeout(svc["environment"]) + 2 * FLUSH_S
 
 
 def test_probes_point_at_the_health_routes():
@@ -434,10 +182,6 @@ def test_probes_point_at_the_health_routes():
     assert set(paths.values()) <= UNGATED_PATHS
     health = next(r for w, r in dockerfile_instructions() if w == "HEALTHCHECK")
     assert "/health" in health
-
-
-def _under(path: str, roots: set[str]) -> bool:
-    return any(Path(path) == Path(r) or Path(r) in Path(path).parents for r in roots)
 
 
 def test_writable_paths_are_volumes():
@@ -454,25 +198,11 @@ def test_writable_paths_are_volumes():
     needed = {"/tmp", env["HOME"], env["XDG_CACHE_HOME"], env["TORCH_EXTENSIONS_DIR"], store}
     c = server_container(k8s_objects()["Deployment"])
     writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
-    assert all(_under(p, writable) for p in needed), (needed, writable)
+    assert all(is_under(p, writable) for p in needed), (needed, writable)
     svc = yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["loramux"]
     assert svc["read_only"] is True and "ALL" in svc["cap_drop"]
     compose_writable = set(svc["tmpfs"]) | {spec.split(":")[1] for spec in svc["volumes"] if not spec.endswith(":ro")}
-    assert all(_under(p, compose_writable) for p in needed - {store}), (needed, compose_writable)
-
-
-# --- settings passed as LORAMUX_* are real flags -------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+    assert all(is_under(p, compose_writable) for p in needed - {store}), (needed, compose_writable)
 
 
 def test_every_loramux_setting_is_a_server_flag():
@@ -518,128 +248,3 @@ def test_dockerfile_invariants():
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
         assert src.rstrip("/") in allowed, f"{src} is excluded from the build context by .dockerignore"
-
-
-# --- the GPU variant: Dockerfile target `gpu`, deploy/k8s/gpu/ ------------------------------------
-
-GPU_K8S = DEPLOY / "k8s" / "gpu"
-
-
-def gpu_objects() -> dict[str, dict]:
-    by_kind = {d["kind"]: d for f in sorted(GPU_K8S.glob("*.yaml")) for d in yaml_docs(f)}
-    assert set(by_kind) == {"Deployment", "ConfigMap", "PersistentVolumeClaim"}
-    return by_kind
-
-
-def stage_instructions(name: str) -> list[tuple[str, str]]:
-    """The instructions of Dockerfile stage `name` (FROM line first)."""
-    out, inside = [], False
-    for word, rest in dockerfile_instructions():
-        if word == "FROM":
-            inside = rest.split()[-1] == name
-        if inside:
-            out.append((word, rest))
-    return out
-
-
-def stage_env(name: str) -> dict[str, str]:
-    """ENV in effect in stage `name`: its parents' (by FROM chain) then its own."""
-    ins = stage_instructions(name)
-    parent = ins[0][1].split()[0]
-    env = stage_env(parent) if any(r.split()[-1] == parent for w, r in dockerfile_instructions() if w == "FROM") \
-        else {}
-    for word, rest in ins:
-        if word == "ENV":
-            env.update(dict(kv.split("=", 1) for kv in shlex.split(rest)))
-    return env
-
-
-def test_gpu_image_target_checks_for_cuda_torch_and_triton():
-    ins = stage_instructions("gpu")
-    assert ins and ins[0] == ("FROM", "base AS gpu")
-    check = " ".join(r for w, r in ins if w == "RUN")
-    assert "torch.version.cuda" in check and "import torch, triton" in check
-    env = stage_env("gpu")
-    assert env["LORAMUX_DEVICE"] == "cuda"
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
-    # The image the GPU manifests run is that target's, named so.
-    assert server_container(gpu_objects()["Deployment"])["image"].endswith("-gpu")
-
-
-def test_gpu_deployment_requests_one_gpu():
-    objs = gpu_objects()
-    dep, cm = objs["Deployment"], objs["ConfigMap"]
-    pod = dep["spec"]["template"]["spec"]
-    c = server_container(dep)
-    res = c["resources"]
-    # An extended resource: the limit is what the scheduler reads; a request must equal it.
-    assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"].get("nvidia.com/gpu", 1) == 1
-    assert res["requests"]["cpu"] == res["limits"]["cpu"] == cm["data"]["LORAMUX_NUM_THREADS"]
-    assert cm["data"]["LORAMUX_DEVICE"] == "cuda"
-    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
-    assert dep["spec"]["strategy"]["type"] == "Recreate"  # two RWO volumes and one GPU change hands
-
-
-def test_gpu_model_comes_from_a_read_only_volume():
-    objs = gpu_objects()
-    dep, cm, pvc = objs["Deployment"], objs["ConfigMap"], objs["PersistentVolumeClaim"]
-    pod = dep["spec"]["template"]["spec"]
-    c = server_container(dep)
-    model = Path(cm["data"]["LORAMUX_MODEL"])
-    mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) in model.parents)
-    assert mount["readOnly"] is True
-    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    # The loader pod (not applied with the directory) mounts that claim writable, at the same path.
-    (loader,) = [d for f in sorted((GPU_K8S / "loader").glob("*.yaml")) for d in yaml_docs(f)]
-    lpod = dict(pod_templates([loader]))[loader["metadata"]["name"]]
-    claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in lpod["volumes"] if "persistentVolumeClaim" in v}
-    lmount = next(m for m in lpod["containers"][0]["volumeMounts"] if claim.get(m["name"]) == pvc["metadata"]["name"])
-    assert lmount["mountPath"] == mount["mountPath"] and not lmount.get("readOnly")
-    assert loader["metadata"]["labels"]["app.kubernetes.io/name"] != "loramux", "the Service must not select it"
-    assert not restricted_violations(lpod)
-
-
-def test_gpu_variant_keeps_the_cpu_security_probes_keys_and_shutdown():
-    cpu, gpu = k8s_objects(), gpu_objects()
-    cpu_dep, gpu_dep = cpu["Deployment"], gpu["Deployment"]
-    assert not restricted_violations(gpu_dep["spec"]["template"]["spec"])
-    for key in ("name", "namespace", "labels"):
-        assert gpu_dep["metadata"][key] == cpu_dep["metadata"][key], key  # replaces the CPU one
-    assert gpu["ConfigMap"]["metadata"] == cpu["ConfigMap"]["metadata"]
-    assert all(d["metadata"]["namespace"] == cpu["Namespace"]["metadata"]["name"] for d in gpu.values())
-    assert cpu["Service"]["spec"]["selector"].items() <= gpu_dep["spec"]["template"]["metadata"]["labels"].items()
-    cpu_pod, gpu_pod = cpu_dep["spec"]["template"]["spec"], gpu_dep["spec"]["template"]["spec"]
-    assert gpu_pod["securityContext"] == cpu_pod["securityContext"]
-    assert gpu_pod["automountServiceAccountToken"] is False
-    assert gpu_pod["terminationGracePeriodSeconds"] == cpu_pod["terminationGracePeriodSeconds"]
-    c_cpu, c_gpu = server_container(cpu_dep), server_container(gpu_dep)
-    for key in ("securityContext", "readinessProbe", "livenessProbe", "lifecycle", "env", "envFrom", "ports"):
-        assert c_gpu[key] == c_cpu[key], key
-    # The startup probe asks the same route; it may wait longer (16 GB of weights).
-    assert c_gpu["startupProbe"]["httpGet"] == c_cpu["startupProbe"]["httpGet"]
-    assert c_gpu["startupProbe"]["failureThreshold"] >= c_cpu["startupProbe"]["failureThreshold"]
-    # The same Secret and adapter store.
-    volumes = lambda pod: {v["name"]: v for v in pod["volumes"]}  # noqa: E731
-    for name in ("keys", "adapters"):
-        assert volumes(gpu_pod)[name] == volumes(cpu_pod)[name], name
-    assert _shutdown_timeout(gpu["ConfigMap"]["data"]) == _shutdown_timeout(cpu["ConfigMap"]["data"])
-
-
-def test_gpu_writable_paths_are_volumes():
-    env = stage_env("gpu")
-    store = str(Path("/app") / LoraConfig().adapters_dir)
-    needed = {"/tmp", env["HOME"], env["XDG_CACHE_HOME"], env["TRITON_CACHE_DIR"], store}
-    c = server_container(gpu_objects()["Deployment"])
-    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
-    assert all(_under(p, writable) for p in needed), (needed, writable)
-
-
-def test_gpu_settings_are_server_flags():
-    flags = {f.env: f for f in FLAGS}
-    settings = {**{k: v for k, v in stage_env("gpu").items() if k.startswith("LORAMUX_")},
-                **gpu_objects()["ConfigMap"]["data"]}
-    for key, value in settings.items():
-        assert key in flags or key in NON_FLAG_ENV, f"{key} is not the env var of any `loramux serve` flag"
-        if key in flags and not flags[key].switch and flags[key].nargs is None:
-            flags[key].convert(value)

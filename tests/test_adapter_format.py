@@ -101,7 +101,8 @@ def assert_matches_peft(base: Base, adapter_dir: Path, max_rank: int = 64):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{key}")
     assert ours.rank == max(w.rank for w in ours.modules.values())
     assert ours.num_params == sum(w.a.numel() + w.b.numel() for w in ours.modules.values())
-    assert ours.nbytes == 4 * ours.num_params
+    assert ours.nbytes == 4 * (ours.num_params + sum(w.prototype.numel() for w in ours.modules.values()))
+    assert not ours.use_dora and all(w.magnitude is None and w.dora_scale is None for w in ours.modules.values())
     assert ours.target_modules == tuple(m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj") if any(k[1] == m for k in ref))
     return ours
@@ -428,7 +429,8 @@ def test_weights_for_modules_the_config_does_not_target(adapter):
     ({"bias": "all"}, "adapter_unsupported", 'bias="all"'),
     ({"bias": "lora_only"}, "adapter_unsupported", 'bias="lora_only"'),
     ({"modules_to_save": ["lm_head"]}, "adapter_unsupported", "modules_to_save"),
-    ({"use_dora": True}, "adapter_unsupported", "DoRA"),
+    ({"use_dora": True}, "adapter_invalid", "sets use_dora but"),  # no lora_magnitude_vector tensors
+    ({"use_dora": "true"}, "adapter_invalid", "use_dora must be true or false"),
     ({"lora_bias": True}, "adapter_unsupported", "lora_bias"),
     ({"peft_type": "ADALORA"}, "adapter_unsupported", "ADALORA"),
     ({"peft_type": "IA3"}, "adapter_unsupported", "IA3"),
@@ -450,9 +452,17 @@ def test_config_refusals(adapter, changes, code, needle):
     assert "adapter_config.json" in str(err)
 
 
-def test_real_peft_dora_adapter(tmp_path):
-    path = make_adapter(LLAMA, tmp_path / "dora", r=4, target_modules=["q_proj"], use_dora=True)
-    refused(path, "adapter_unsupported", "DoRA")
+def test_real_peft_dora_adapter_is_accepted(tmp_path):
+    """DoRA was refused before issue 12; PEFT's own DoRA adapter now parses, magnitudes included
+    (their rescale against the base weights: tests/test_adapter_dora.py)."""
+    path = make_adapter(LLAMA, tmp_path / "dora", r=4, target_modules=["q_proj", "down_proj"], use_dora=True)
+    summary, ours = parse_peft_adapter(path, LLAMA.arch, name="t", max_rank=64)
+    assert summary.use_dora and ours.use_dora and not ours.dora_ready  # dora_scale needs the base weights
+    ref = peft_lora_layers(LLAMA, path)
+    assert set(ours.modules) == set(ref)
+    for key, layer in ref.items():
+        assert torch.equal(ours.modules[key].magnitude, layer.lora_magnitude_vector["default"].weight.detach())
+    assert ours.num_params == sum(w.a.numel() + w.b.numel() + w.magnitude.numel() for w in ours.modules.values())
 
 
 def test_real_peft_modules_to_save_adapter(tmp_path):

@@ -6,7 +6,8 @@ resident at the engine's next `poll()`. The LRU itself is touched only by the en
 thread. Loads start only when the scheduler asks (`prefetch`, for the requests about to be
 admitted), never for a whole queue. Adapters the scheduler keeps (running or in its prefetch
 window) and pinned ones are never evicted; if everything is kept the budget is exceeded
-rather than failing requests.
+rather than failing requests. Each load also computes what is derived from the weights
+(`prepare`: the manager's DoRA rescale against the base weights) on the loader thread.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class _Done:
 
 class HostAdapterCache:
     def __init__(self, registry: AdapterRegistry, max_adapters: int, max_bytes: int, metrics: Metrics,
-                 on_loaded: Callable[[], None] | None = None):
+                 on_loaded: Callable[[], None] | None = None,
+                 prepare: Callable[[LoraAdapter], LoraAdapter] | None = None):
+        """`prepare`: run on each parsed adapter before it becomes resident (may raise AdapterError)."""
         self.registry = registry
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
+        self.prepare = prepare
         self._resident: OrderedDict[AdapterRef, LoraAdapter] = OrderedDict()
         self._loading: set[AdapterRef] = set()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
@@ -136,7 +140,8 @@ class HostAdapterCache:
         self._resident.pop(ref, None)
 
     def offer(self, ref: AdapterRef, adapter: LoraAdapter, seconds: float = 0.0) -> None:
-        """Any thread: hand over an adapter loaded elsewhere (admin loads); resident at the next poll."""
+        """Any thread: hand over an adapter loaded (and prepared) elsewhere (admin loads); resident at
+        the next poll."""
         self._done.put(_Done(ref, adapter, None, seconds))
 
     @property
@@ -174,6 +179,8 @@ class HostAdapterCache:
             summary, adapter = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
                                                   max_bytes=r.max_bytes)
             r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
+            if self.prepare is not None:
+                adapter = self.prepare(adapter)
         except AdapterError as exc:
             log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc

@@ -30,8 +30,10 @@ from server.engine.residency import AdapterState
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
+from .dora import BaseWeight, with_dora_scales
 from .errors import EXISTS, NO_STORE, NOT_FOUND, QUOTA, AdapterError
 from .host_cache import HostAdapterCache
+from .lora_weights import LoraAdapter
 from .peft_format import parse_peft_adapter
 from .registry import AdapterEntry, AdapterRef, AdapterRegistry
 from .slots import LoraSlots
@@ -54,8 +56,11 @@ class StepLora:
 class AdapterManager:
     def __init__(self, cfg: LoraConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
                  metrics: Metrics, on_loaded: Callable[[], None] | None = None, *,
-                 reserved_names: Iterable[str] = ()):
-        """`reserved_names`: ids no adapter may take (the base model's served name)."""
+                 reserved_names: Iterable[str] = (), base_weight: BaseWeight | None = None):
+        """`reserved_names`: ids no adapter may take (the base model's served name). `base_weight`:
+        (layer, PEFT module) -> the base model's W [out, in] (server.model.loading.base_linear_weight);
+        without it DoRA adapters fail to load."""
+        self._base_weight = base_weight
         roots = [Path(cfg.adapters_dir)] if cfg.adapters_dir else []
         roots += [Path(p) for p in cfg.allowed_adapter_roots]
         self._registry = AdapterRegistry(arch, cfg.max_lora_rank, roots, reserved_names=reserved_names)
@@ -70,7 +75,7 @@ class AdapterManager:
                 raise
         self._metrics = metrics
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
-                                       on_loaded)
+                                       on_loaded, prepare=self._prepare)
         lora_dtype = dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
         # The pool is filled from the host cache, so it never needs more slots than that holds.
         self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
@@ -119,6 +124,7 @@ class AdapterManager:
         r.check_name(owner, name)  # before any file is touched
         where = r.check_allowed(path)
         summary, weights = parse_peft_adapter(where, r.arch, name=name, max_rank=r.max_rank, max_bytes=r.max_bytes)
+        weights = self._prepare(weights)
         entry = r.add(owner, name, where, "admin", summary=summary, pinned=pinned)
         self._cache.offer(entry.ref, weights)
         return entry
@@ -139,6 +145,7 @@ class AdapterManager:
             try:
                 summary, weights = parse_peft_adapter(staged, r.arch, name=name, max_rank=r.max_rank,
                                                       max_bytes=r.max_bytes)
+                weights = self._prepare(weights)
             except BaseException:
                 self._store.discard(staged)
                 raise
@@ -150,6 +157,11 @@ class AdapterManager:
                 raise
         self._cache.offer(entry.ref, weights)
         return entry
+
+    def _prepare(self, adapter: LoraAdapter) -> LoraAdapter:
+        """What every load computes once from the weights beyond the parse (which computes the routing
+        prototypes): a DoRA adapter's rescale against the base weights. Any thread."""
+        return with_dora_scales(adapter, self._base_weight)
 
     def _check_quota(self, owner: str | None, name: str, nbytes: int, max_adapters: int | None,
                      max_bytes: int | None) -> None:

@@ -19,6 +19,7 @@ minus the `base_model.model.` prefix and the `.lora_A.weight` suffix).
   most specific one. Note PEFT writes adapter_config.json with `sort_keys=True`, so
   the file order is alphabetical, which can differ from the order used in training.
 * scale = alpha / r, or alpha / sqrt(r) with `use_rslora`.
+* `use_dora`: DoRA (a magnitude vector per module besides A and B; see dora.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # Config fields that change the forward pass or add non-LoRA weights: refused when truthy.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": "DoRA adds a magnitude vector; only plain LoRA is served",
     "lora_bias": "a bias on lora_B is not served; only bias-free LoRA",
     "modules_to_save": "whole replacement modules are not served; only LoRA deltas",
     "fan_in_fan_out": "transposed (Conv1D, GPT-2 style) weights do not fit Llama-family Linear layers",
@@ -68,7 +68,7 @@ _UNSUPPORTED_WHEN_SET = {
 # Fields we read, or know to be irrelevant at inference time.
 _KNOWN_FIELDS = set(_UNSUPPORTED_WHEN_SET) | {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "bias",
+    "inference_mode", "r", "use_dora", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "bias",
     "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
@@ -90,6 +90,7 @@ class LoraSpec:
     r: int
     lora_alpha: float
     use_rslora: bool
+    use_dora: bool  # DoRA: every module has a lora_magnitude_vector
     target_list: tuple[str, ...] | None  # list form of target_modules (None when regex)
     target_regex: re.Pattern[str] | None  # string form, already fullmatch-ready
     exclude_list: tuple[str, ...] | None
@@ -173,6 +174,10 @@ def parse_lora_config(cfg: Mapping[str, Any], *, path: Path, model_type: str) ->
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise AdapterError(INVALID, f"use_rslora must be true or false, got {_show(use_rslora)}", path=path)
+    use_dora = cfg.get("use_dora")
+    use_dora = False if use_dora is None else use_dora  # null: PEFT's default
+    if not isinstance(use_dora, bool):
+        raise AdapterError(INVALID, f"use_dora must be true or false, got {_show(use_dora)}", path=path)
 
     target_list, target_regex = _parse_targets(cfg.get("target_modules"), path, model_type)
     exclude_list, exclude_regex = _parse_excludes(cfg.get("exclude_modules"), path)
@@ -185,6 +190,7 @@ def parse_lora_config(cfg: Mapping[str, Any], *, path: Path, model_type: str) ->
         r=int(r),
         lora_alpha=float(alpha),
         use_rslora=use_rslora,
+        use_dora=use_dora,
         target_list=target_list,
         target_regex=target_regex,
         exclude_list=exclude_list,

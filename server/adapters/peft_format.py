@@ -1,11 +1,12 @@
-"""Load a Hugging Face PEFT LoRA adapter directory, validated against the base model.
+"""Load a Hugging Face PEFT LoRA (or DoRA) adapter directory, validated against the base model.
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`.
 `load_peft_adapter` checks everything before returning (config flags, every tensor
 name, dtype and shape, ranks against the config, layer indices, finiteness), so a
 returned `LoraAdapter` is safe to copy into device slots as is; a refusal raises
 `AdapterError` and leaves nothing behind. Pickle weights (`adapter_model.bin`) are
-refused without being opened.
+refused without being opened. A DoRA adapter (use_dora) is returned with its magnitudes; its
+rescale needs the base weights and is computed by the caller (dora.with_dora_scales).
 
 The LoRA delta of module m for input x [tokens, in] is `scale * (x @ a.T) @ b.T`,
 [tokens, out], exactly PEFT's `lora_B(lora_A(x)) * scaling` (dropout off).
@@ -26,10 +27,11 @@ import torch
 
 from server.model.arch import ModelArch
 
-from .checkpoint_keys import PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
+from .checkpoint_keys import MAGNITUDE, PEFT_WRAPPER_PREFIX, LoraKey, module_key, parse_lora_key
 from .errors import INCOMPATIBLE, INVALID, UNSUPPORTED, AdapterError
 from .lora_weights import LoraAdapter, LoraModuleWeights
 from .peft_config import LoraSpec, parse_lora_config
+from .prototypes import top_right_singular_vector
 from .safe_files import AdapterDir, OpenAdapterDir, read_limited
 from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
@@ -105,6 +107,7 @@ class AdapterSummary:
     file_bytes: int  # size of adapter_model.safetensors on disk
     base_model_name_or_path: str | None
     inspected: bool = True
+    use_dora: bool | None = None  # DoRA (PEFT use_dora); None: listed, not read yet
 
 
 def listed_summary(where: AdapterDir, name: str) -> AdapterSummary:
@@ -120,12 +123,24 @@ def listed_summary(where: AdapterDir, name: str) -> AdapterSummary:
 
 
 @dataclass(frozen=True)
+class _ModuleKeys:
+    """The checkpoint tensors of one adapted module."""
+
+    a: LoraKey
+    b: LoraKey
+    magnitude: LoraKey | None  # DoRA only
+
+    def all(self) -> tuple[LoraKey, ...]:
+        return (self.a, self.b) if self.magnitude is None else (self.a, self.b, self.magnitude)
+
+
+@dataclass(frozen=True)
 class _Plan:
     summary: AdapterSummary
     spec: LoraSpec
     weights_file: Path  # for messages
     weights_fd: int  # open while the plan's OpenAdapterDir is
-    pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]]
+    pairs: Mapping[tuple[int, str], _ModuleKeys]
 
 
 def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_bytes: int) -> _Plan:
@@ -139,18 +154,20 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
     pairs = _pair_up(keys, weights_file)
     base = cfg.get("base_model_name_or_path")
     # Shapes first, for all modules: "made for another base model" is the most useful diagnosis.
-    for (layer, module), (key_a, key_b) in pairs.items():
-        _check_shapes(layer, module, header[key_a.tensor], header[key_b.tensor], arch, base, weights_file)
-    for key_a, _ in pairs.values():
-        _check_rank(key_a, header[key_a.tensor].shape[0], spec, max_rank, weights_file)
+    for (layer, module), k in pairs.items():
+        _check_shapes(layer, module, header[k.a.tensor], header[k.b.tensor], arch, base, weights_file)
+    for k in pairs.values():
+        _check_rank(k.a, header[k.a.tensor].shape[0], spec, max_rank, weights_file)
     _check_against_config(pairs, spec, arch, weights_file)
+    _check_dora(pairs, header, spec, arch, weights_file)
 
     present = {module for _, module in pairs}
-    num_params = sum(_numel(header[k.tensor].shape) for pair in pairs.values() for k in pair)
+    num_params = sum(_numel(header[key.tensor].shape) for k in pairs.values() for key in k.all())
     summary = AdapterSummary(
-        name=name, where=files.where, rank=max(header[a.tensor].shape[0] for a, _ in pairs.values()),
+        name=name, where=files.where, rank=max(header[k.a.tensor].shape[0] for k in pairs.values()),
         target_modules=tuple(m for m in arch.lora_targets if m in present), num_params=num_params,
         file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
+        use_dora=spec.use_dora,
     )
     return _Plan(summary, spec, weights_file, weights_fd, pairs)
 
@@ -181,7 +198,9 @@ def load_peft_adapter(
 
     `max_rank` is the server's slot rank; `max_bytes` caps the weights file size.
     Raises AdapterError (see errors.py for the codes); on success every module's
-    `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module).
+    `a` is [r, in] and `b` is [out, r] with (in, out) == arch.linear_shape(module), its
+    routing `prototype` [in] is computed, and a DoRA adapter's `magnitude` is [out] (its
+    `dora_scale` is not computed here: dora.with_dora_scales, with the base weights).
     """
     return parse_peft_adapter(path, arch, name=name, max_rank=max_rank, max_bytes=max_bytes)[1]
 
@@ -195,7 +214,7 @@ def parse_peft_adapter(
     with OpenAdapterDir(_where(path)) as files:
         plan = _plan(files, arch, name, max_rank, max_bytes)
         # Everything checkable from the header passed: only now read tensor data, from the same file.
-        names = [k.tensor for pair in plan.pairs.values() for k in pair]
+        names = [key.tensor for k in plan.pairs.values() for key in k.all()]
         tensors = load_tensors_fp32(plan.weights_fd, names, plan.weights_file)
     for tensor_name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -205,13 +224,16 @@ def parse_peft_adapter(
 
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for layer, module in sorted(plan.pairs, key=lambda lm: (lm[0], arch.lora_targets.index(lm[1]))):
-        key_a, key_b = plan.pairs[(layer, module)]
+        k = plan.pairs[(layer, module)]
+        a, b = tensors[k.a.tensor], tensors[k.b.tensor]
         modules[(layer, module)] = LoraModuleWeights(
-            a=tensors[key_a.tensor], b=tensors[key_b.tensor], scale=plan.spec.scale_for(key_a.module_key)
+            a=a, b=b, scale=plan.spec.scale_for(k.a.module_key), prototype=top_right_singular_vector(a, b),
+            magnitude=tensors[k.magnitude.tensor] if k.magnitude is not None else None,
         )
     s = plan.summary
     return s, LoraAdapter(modules=MappingProxyType(modules), target_modules=s.target_modules, rank=s.rank,
-                          num_params=s.num_params, nbytes=s.num_params * 4)
+                          num_params=s.num_params, nbytes=sum(w.nbytes for w in modules.values()),
+                          use_dora=plan.spec.use_dora)
 
 
 def _weights_fd(files: OpenAdapterDir) -> int:
@@ -257,7 +279,7 @@ def _naming_template(naming: tuple[bool, str, str | None]) -> str:
     return f"'{head}{prefix}layers.N.*.lora_A{tail}.weight'"
 
 
-def _pair_up(keys: list[LoraKey], path: Path) -> dict[tuple[int, str], tuple[LoraKey, LoraKey]]:
+def _pair_up(keys: list[LoraKey], path: Path) -> dict[tuple[int, str], _ModuleKeys]:
     by_slot: dict[tuple[int, str], dict[str, LoraKey]] = {}
     for key in keys:
         slot = by_slot.setdefault((key.layer, key.module), {})
@@ -267,11 +289,11 @@ def _pair_up(keys: list[LoraKey], path: Path) -> dict[tuple[int, str], tuple[Lor
         slot[key.kind] = key
     pairs = {}
     for (layer, module), slot in by_slot.items():
-        if set(slot) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(slot):
             have = next(iter(slot.values()))
-            missing = "lora_B" if "lora_A" in slot else "lora_A"
+            missing = " and ".join(k for k in ("lora_A", "lora_B") if k not in slot)
             raise AdapterError(INVALID, f"{have.tensor!r} has no matching {missing} tensor", path=path)
-        pairs[(layer, module)] = (slot["lora_A"], slot["lora_B"])
+        pairs[(layer, module)] = _ModuleKeys(slot["lora_A"], slot["lora_B"], slot.get(MAGNITUDE))
     return pairs
 
 
@@ -316,19 +338,19 @@ def _check_rank(key: LoraKey, rank: int, spec: LoraSpec, max_rank: int, path: Pa
 
 
 def _check_against_config(
-    pairs: Mapping[tuple[int, str], tuple[LoraKey, LoraKey]], spec: LoraSpec, arch: ModelArch, path: Path
+    pairs: Mapping[tuple[int, str], _ModuleKeys], spec: LoraSpec, arch: ModelArch, path: Path
 ) -> None:
     """The weights must cover exactly the modules PEFT would wrap under this config.
 
     PEFT silently ignores unexpected tensors and leaves missing ones at their init
     (a zero delta); either means the files do not belong together, so refuse.
     """
-    for key_a, _ in pairs.values():
-        if not spec.targets(key_a.module_key):
-            raise AdapterError(INVALID, f"has weights for {key_a.module_key}, which adapter_config.json "
+    for k in pairs.values():
+        if not spec.targets(k.a.module_key):
+            raise AdapterError(INVALID, f"has weights for {k.a.module_key}, which adapter_config.json "
                                "(target_modules / layers_to_transform / exclude_modules) does not target",
                                path=path)
-    prefix = next(iter(pairs.values()))[0].naming[1]
+    prefix = next(iter(pairs.values())).a.naming[1]
     missing = [
         (layer, module)
         for layer in range(arch.num_layers)
@@ -347,3 +369,22 @@ def _check_against_config(
                            path=path)
     raise AdapterError(INVALID, f"adapter_config.json targets {shown}{more}, which have no weights", path=path)
 
+
+
+def _check_dora(pairs: Mapping[tuple[int, str], _ModuleKeys], header: Mapping[str, TensorInfo], spec: LoraSpec,
+                arch: ModelArch, path: Path) -> None:
+    """A DoRA adapter (use_dora) has a magnitude [out] for every module it adapts, a plain one none."""
+    for (layer, module), k in sorted(pairs.items()):
+        if k.magnitude is None:
+            if spec.use_dora:
+                raise AdapterError(INVALID, f"adapter_config.json sets use_dora but {k.a.module_key} has no "
+                                   f"{MAGNITUDE} tensor (DoRA needs one per adapted module)", path=path)
+            continue
+        if not spec.use_dora:
+            raise AdapterError(INVALID, f"tensor {k.magnitude.tensor!r} is a DoRA magnitude vector but "
+                               "adapter_config.json does not set use_dora", path=path)
+        shape = list(header[k.magnitude.tensor].shape)
+        want = arch.linear_shape(module)[1]
+        if shape != [want]:
+            raise AdapterError(INVALID, f"layer {layer} {module}: DoRA {MAGNITUDE} has shape {shape}; this "
+                               f"module's magnitude is [{want}] (one per output feature)", path=path)

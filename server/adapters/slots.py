@@ -3,6 +3,9 @@
 Per layer and per fused projection group the pool holds
     a [num_layers, N, n_slices * R, in]   (each slice's lora_A, zero-padded to rank R)
     b [num_layers, N, out_total, R]       (slices' lora_B * scale, concatenated along out)
+    proto [num_layers, N, n_slices, in]   (each slice's Arrow routing prototype; zero if not adapted)
+    proto_valid [num_layers, N, n_slices] (bool: the slot's adapter adapts that slice)
+    dora [num_layers, N, out_total]       (float32 DoRA rescale g; 1.0 where not DoRA / not adapted)
 so one LoRA kernel call serves every token of every adapter in one call per projection,
 and the fused qkv / gate_up GEMMs keep their LoRA as one shrink + one expand launch.
 Which PEFT modules stack into which group is the model's (`ModelArch.lora_groups`, from the
@@ -42,10 +45,12 @@ def _group_shapes(arch: ModelArch) -> dict[str, tuple[int, int, int]]:
 class LoraSlots:
     @staticmethod
     def slot_nbytes(arch: ModelArch, max_rank: int, dtype: torch.dtype) -> int:
-        """Bytes of one slot: every layer's A and B of every group at rank `max_rank`."""
+        """Bytes of one slot: every layer's A and B of every group at rank `max_rank`, its routing
+        prototypes (in `dtype`) and flags, and its DoRA rescale (float32)."""
         esz = torch.empty((), dtype=dtype).element_size()
-        per_layer = sum(n * max_rank * i + o * max_rank for n, i, o in _group_shapes(arch).values())
-        return arch.num_layers * per_layer * esz
+        per_layer = sum((n * max_rank * i + o * max_rank + n * i) * esz + n + o * 4
+                        for n, i, o in _group_shapes(arch).values())
+        return arch.num_layers * per_layer
 
     @classmethod
     def sized(cls, arch: ModelArch, pool_bytes: int, max_rank: int, dtype: torch.dtype, device: torch.device,
@@ -67,12 +72,18 @@ class LoraSlots:
         self._slice_of = {m: (g, i) for g, modules in self.groups.items() for i, m in enumerate(modules)}
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
+        self.proto: dict[str, torch.Tensor] = {}
+        self.proto_valid: dict[str, torch.Tensor] = {}
+        self.dora: dict[str, torch.Tensor] = {}
         self.offsets: dict[str, tuple[int, ...]] = {}
         for group, modules in self.groups.items():
             in_features = arch.linear_shape(modules[0])[0]
             outs = [arch.linear_shape(m)[1] for m in modules]
             self.a[group] = torch.empty(L, N, len(modules) * R, in_features, dtype=dtype, device=device)
             self.b[group] = torch.empty(L, N, sum(outs), R, dtype=dtype, device=device)
+            self.proto[group] = torch.empty(L, N, len(modules), in_features, dtype=dtype, device=device)
+            self.proto_valid[group] = torch.empty(L, N, len(modules), dtype=torch.bool, device=device)
+            self.dora[group] = torch.empty(L, N, sum(outs), dtype=torch.float32, device=device)
             offsets = [0]
             for o in outs:
                 offsets.append(offsets[-1] + o)
@@ -80,14 +91,20 @@ class LoraSlots:
         # Per-layer views, made once: the hot path indexes lists, it builds no tensors.
         self.layer_a = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.layer_b = {g: list(t.unbind(0)) for g, t in self.b.items()}
+        self.layer_proto = {g: list(t.unbind(0)) for g, t in self.proto.items()}  # [N, n_slices, in]
+        self.layer_proto_valid = {g: list(t.unbind(0)) for g, t in self.proto_valid.items()}  # [N, n_slices]
+        self.layer_dora = {g: list(t.unbind(0)) for g, t in self.dora.items()}  # [N, out_total]
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
         self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
         self.slot_rank = [0] * N
+        self.slot_dora = [False] * N  # host: the slot's adapter is DoRA (its tokens need the rescale)
         self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        tensors = (*self.a.values(), *self.b.values(), *self.proto.values(), *self.proto_valid.values(),
+                   *self.dora.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def num_resident(self) -> int:
@@ -127,6 +144,7 @@ class LoraSlots:
         if slot is not None:
             self._free.append(slot)
             self.slot_rank[slot] = 0
+            self.slot_dora[slot] = False
             self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
@@ -134,12 +152,23 @@ class LoraSlots:
         slot is zeroed first unless the adapter fills all of it (every module of every layer at
         rank R). ~8-11 ms for a rank-16 SmolLM2-135M adapter on every projection, on CPU
         (docs/benchmarks_kernels.md)."""
+        if not adapter.dora_ready:
+            raise ValueError("a DoRA adapter needs its dora_scale (dora.with_dora_scales) before a slot write")
         R = self.max_rank
-        if len(adapter.modules) < self._num_linears or any(w.rank < R for w in adapter.modules.values()):
+        missing = len(adapter.modules) < self._num_linears
+        if missing or any(w.rank < R for w in adapter.modules.values()):
             for group in self.groups:
                 self.a[group][:, slot].zero_()
                 self.b[group][:, slot].zero_()
-        a_dst, a_src, b_dst, b_src, scales = [], [], [], [], []
+        if missing:
+            for group in self.groups:
+                self.proto[group][:, slot].zero_()
+        if missing or not adapter.use_dora:
+            for group in self.groups:
+                self.dora[group][:, slot].fill_(1.0)
+        # Which slices the adapter adapts: built on the host, one copy per group.
+        valid = {g: torch.zeros(len(self.layer_a[g]), len(m), dtype=torch.bool) for g, m in self.groups.items()}
+        a_dst, a_src, b_dst, b_src, scales, p_dst, p_src, g_dst, g_src = [], [], [], [], [], [], [], [], []
         for (layer, module), w in adapter.modules.items():
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
@@ -148,9 +177,21 @@ class LoraSlots:
             b_dst.append(self.layer_b[group][layer][slot, lo:hi, : w.rank])
             b_src.append(w.b)
             scales.append(w.scale)
+            p_dst.append(self.layer_proto[group][layer][slot, i])
+            p_src.append(w.prototype)
+            valid[group][layer, i] = True
+            if w.dora_scale is not None:
+                g_dst.append(self.layer_dora[group][layer][slot, lo:hi])
+                g_src.append(w.dora_scale)
         if a_dst:
             torch._foreach_copy_(a_dst, a_src)
             # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it.
             torch._foreach_copy_(b_dst, torch._foreach_mul(b_src, scales))
+            torch._foreach_copy_(p_dst, p_src)
+        if g_dst:
+            torch._foreach_copy_(g_dst, g_src)
+        for group, flags in valid.items():
+            self.proto_valid[group][:, slot].copy_(flags)
         self.slot_rank[slot] = adapter.rank
+        self.slot_dora[slot] = adapter.use_dora
         self.metrics.adapter_slot_writes.inc()

@@ -112,3 +112,16 @@ def load_weights(path: str | Path, arch: ModelArch, dtype: torch.dtype, device: 
     embed = get("model.embed_tokens.weight", (arch.vocab_size, h))
     lm_head = embed if arch.tie_word_embeddings else get("lm_head.weight", (arch.vocab_size, h))
     return ModelWeights(embed=embed, layers=layers, norm=norm("model.norm", h), lm_head=lm_head)
+
+
+def base_linear_weight(weights: ModelWeights, arch: ModelArch, layer: int, module: str) -> torch.Tensor:
+    """The base weight W [out, in] of PEFT module `module` (e.g. "k_proj") of decoder layer `layer`:
+    a view of its rows of the fused linear (for DoRA's weight norms). KeyError if `module` is not
+    one of arch.lora_targets."""
+    for group, modules in arch.lora_groups.items():
+        if module in modules:
+            fused = getattr(weights.layers[layer], group)  # LayerWeights names its fields after the groups
+            i = modules.index(module)
+            lo = sum(arch.linear_shape(m)[1] for m in modules[:i])
+            return fused[lo: lo + arch.linear_shape(module)[1]]
+    raise KeyError(f"{module!r} is not a projection of {arch.model_type}: {', '.join(arch.lora_targets)}")

@@ -176,11 +176,10 @@ class HostAdapterCache:
                 raise AdapterError(NOT_FOUND, f"no adapter named {ref.name!r}")
             r = self.registry
             # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
-            summary, adapter = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
-                                                  max_bytes=r.max_bytes)
+            summary, parsed = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
+                                                 max_bytes=r.max_bytes)
             r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
-            if self.prepare is not None:
-                adapter = self.prepare(adapter)
+            adapter = self.prepare(parsed) if self.prepare is not None else parsed
         except AdapterError as exc:
             log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc

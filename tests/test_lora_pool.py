@@ -84,9 +84,10 @@ def spy_step_sizes(engine: LLMEngine) -> list[int]:
 def test_pool_slots_come_from_the_byte_budget(tiny_llama_dir):
     arch = ModelArch.from_dir(tiny_llama_dir)
     one = LoraSlots.slot_nbytes(arch, 16, torch.float32)
-    # independently: per layer, A is [slices * 16, in] and B [out, 16] of every adapted linear
-    per_layer = sum(16 * arch.linear_shape(m)[0] + arch.linear_shape(m)[1] * 16 for m in arch.lora_targets)
-    assert one == arch.num_layers * per_layer * 4
+    # independently: per layer and adapted linear, A is [16, in] and B [out, 16], its Arrow prototype
+    # [in] (the LoRA dtype) and flag (1 byte), its DoRA rescale [out] (float32)
+    per_layer = sum((16 * i + o * 16 + i) * 4 + 1 + o * 4 for i, o in map(arch.linear_shape, arch.lora_targets))
+    assert one == arch.num_layers * per_layer
     sized = LoraSlots.sized(arch, int(3.5 * one), 16, torch.float32, torch.device("cpu"), Metrics(), max_slots=64)
     assert sized.num_slots == 3 and sized.nbytes == 3 * one
     capped = LoraSlots.sized(arch, 100 * one, 16, torch.float32, torch.device("cpu"), Metrics(), max_slots=5)

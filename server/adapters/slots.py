@@ -150,8 +150,9 @@ class LoraSlots:
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the
         slot is zeroed first unless the adapter fills all of it (every module of every layer at
-        rank R). ~8-11 ms for a rank-16 SmolLM2-135M adapter on every projection, on CPU
-        (docs/benchmarks_kernels.md)."""
+        rank R); prototypes and their flags are built on the host and copied once per group.
+        ~9-11 ms thread CPU time for a rank-16 SmolLM2-135M adapter on every projection, on CPU
+        (docs/benchmarks_kernels.md; ~1.5 ms of it for the prototypes since issue 12)."""
         if not adapter.dora_ready:
             raise ValueError("a DoRA adapter needs its dora_scale (dora.with_dora_scales) before a slot write")
         R = self.max_rank
@@ -160,15 +161,12 @@ class LoraSlots:
             for group in self.groups:
                 self.a[group][:, slot].zero_()
                 self.b[group][:, slot].zero_()
-        if missing:
-            for group in self.groups:
-                self.proto[group][:, slot].zero_()
         if missing or not adapter.use_dora:
             for group in self.groups:
                 self.dora[group][:, slot].fill_(1.0)
-        # Which slices the adapter adapts: built on the host, one copy per group.
-        valid = {g: torch.zeros(len(self.layer_a[g]), len(m), dtype=torch.bool) for g, m in self.groups.items()}
-        a_dst, a_src, b_dst, b_src, scales, p_dst, p_src, g_dst, g_src = [], [], [], [], [], [], [], [], []
+        adapted: dict[str, list[int]] = {g: [] for g in self.groups}  # flat (layer, slice) indices per group
+        protos: dict[str, list[torch.Tensor]] = {g: [] for g in self.groups}  # their prototypes, same order
+        a_dst, a_src, b_dst, b_src, scales, g_dst, g_src = [], [], [], [], [], [], []
         for (layer, module), w in adapter.modules.items():
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
@@ -177,9 +175,8 @@ class LoraSlots:
             b_dst.append(self.layer_b[group][layer][slot, lo:hi, : w.rank])
             b_src.append(w.b)
             scales.append(w.scale)
-            p_dst.append(self.layer_proto[group][layer][slot, i])
-            p_src.append(w.prototype)
-            valid[group][layer, i] = True
+            adapted[group].append(layer * len(self.groups[group]) + i)
+            protos[group].append(w.prototype)
             if w.dora_scale is not None:
                 g_dst.append(self.layer_dora[group][layer][slot, lo:hi])
                 g_src.append(w.dora_scale)
@@ -187,10 +184,18 @@ class LoraSlots:
             torch._foreach_copy_(a_dst, a_src)
             # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it.
             torch._foreach_copy_(b_dst, torch._foreach_mul(b_src, scales))
-            torch._foreach_copy_(p_dst, p_src)
         if g_dst:
             torch._foreach_copy_(g_dst, g_src)
-        for group, flags in valid.items():
+        for group, flat in adapted.items():
+            # Prototypes and flags of the whole slot, built on the host (zero / False where not adapted):
+            # one copy each per group instead of one view per module.
+            dst = self.proto[group][:, slot]  # [L, n_slices, in]
+            proto = torch.zeros(dst.shape, dtype=torch.float32)
+            flags = torch.zeros(dst.shape[:2], dtype=torch.bool)
+            if flat:
+                proto.view(-1, dst.shape[-1])[flat] = torch.stack(protos[group])
+                flags.view(-1)[flat] = True
+            dst.copy_(proto)
             self.proto_valid[group][:, slot].copy_(flags)
         self.slot_rank[slot] = adapter.rank
         self.slot_dora[slot] = adapter.use_dora

@@ -9,6 +9,7 @@ m = ||W||, so g = 1 and the rescale would be invisible), then saved and reloaded
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import time
 from pathlib import Path
@@ -137,9 +138,10 @@ def test_base_linear_weight_views_the_fused_rows(tiny_qwen2_dir):
             w = base_linear_weight(weights, arch, layer, module)
             block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             assert torch.equal(w, hf[f"model.layers.{layer}.{block}.{module}.weight"])
-            assert w.untyped_storage().data_ptr() == weights.layers[layer].__dict__[
-                {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
-                 "up_proj": "gate_up", "down_proj": "down"}[module]].untyped_storage().data_ptr()  # a view
+            group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
+                     "up_proj": "gate_up", "down_proj": "down"}[module]
+            fused = getattr(weights.layers[layer], group)
+            assert w.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # a view, no copy
     with pytest.raises(KeyError):
         base_linear_weight(weights, arch, 0, "lm_head")
 
@@ -191,7 +193,6 @@ def test_dora_module_without_magnitude(broken, tiny_llama_dir):
 
 
 def test_magnitude_without_use_dora(broken, tiny_llama_dir):
-    import json
     cfg = json.loads((broken / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
     refused(broken, ModelArch.from_dir(tiny_llama_dir), "adapter_invalid", "DoRA magnitude vector",
@@ -290,6 +291,17 @@ def test_every_load_path_computes_the_rescale(dora_adapter, tiny_llama_dir):
             torch.testing.assert_close(slots.layer_dora[group][layer][slot, lo:hi], want, rtol=1e-5, atol=1e-6)
         untouched = slots.layer_dora["gate_up"][0][slot]  # not adapted: no rescale
         assert torch.equal(untouched, torch.ones_like(untouched))
+
+
+def test_store_adapter_says_dora_once_read(dora_adapter, tiny_llama_dir, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(dora_adapter, store / "s")
+    arch, base_weight = base_weights_of(tiny_llama_dir)
+    manager = manager_for(arch, base_weight, adapters_dir=str(store))
+    ref = manager.lookup(None, "s")
+    assert manager.get(None, "s").summary.use_dora is None  # listed at startup, nothing read
+    assert wait_loaded(manager, ref) == {}
+    assert manager.get(None, "s").summary.use_dora is True
 
 
 def test_dora_load_fails_without_base_weights(dora_adapter, tiny_llama_dir):

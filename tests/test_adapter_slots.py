@@ -8,7 +8,6 @@ test_adapter_prototypes.py / test_adapter_dora.py); here the pool's copy of them
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch

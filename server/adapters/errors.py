@@ -15,7 +15,7 @@ NOT_FOUND = "adapter_not_found"
 # The files are broken or self-inconsistent (bad JSON, corrupt safetensors, NaNs,
 # tensors that disagree with adapter_config.json, a bad adapter id, ...).
 INVALID = "adapter_invalid"
-# Well-formed, but uses something this server does not serve (DoRA, pickle
+# Well-formed, but uses something this server does not serve (LoRA bias, pickle
 # weights, embedding/lm_head targets, rank above the server's max_rank, ...).
 UNSUPPORTED = "adapter_unsupported"
 # Well-formed LoRA, but made for a different base model (shapes, layer count).

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_experts import (Arrow, ArrowRef, Mix, arrow_model, lora_twin, make_expert, module_factors,
-                          reference_greedy, singular_values, top_right_singular_vector)
+from peft_experts import (Arrow, ArrowRef, Mix, _gapped, arrow_model, lora_twin, make_expert, mixture_model,
+                          module_factors, reference_greedy, reference_model, singular_values,
+                          top_right_singular_vector)
 
 NEW = 8
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [200, 17, 3, 99, 41, 250, 8, 8, 31, 77, 2]]
@@ -23,6 +24,7 @@ SPECS = {  # name -> make_expert kwargs: ranks and target sets differ
     "r4-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], std=0.15),  # attention only: stronger
     "r16-mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
     "r8-rslora": dict(r=8, lora_alpha=8, use_rslora=True),
+    "r64-kv": dict(r=64, lora_alpha=64, target_modules=["k_proj", "v_proj"]),  # rank above k/v's 32 outputs
 }
 
 
@@ -88,6 +90,65 @@ def test_power_iteration_prototypes_equal_the_exact_ones(experts, tiny_llama_dir
             assert abs(float(protos[e] @ exact)) == pytest.approx(1.0, abs=1e-6), (key, e)
             checked += 1
     assert checked == 3 * 3 * 7
+
+
+@pytest.mark.parametrize("r,out,inp", [(8, 32, 64), (16, 1536, 576), (64, 192, 576)])  # tiny, SmolLM2 MLP/k
+def test_power_iteration_converges_at_real_shapes(r, out, inp):
+    """PEFT's own power iteration (15 steps, fp32) on gapped factors of SmolLM2's shapes."""
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    gen = torch.Generator().manual_seed(r)
+    a, b = _gapped(torch.randn(r, inp, generator=gen) * 0.02, torch.randn(out, r, generator=gen) * 0.02, 4.0, gen)
+    layer = ArrowLoraLinearLayer(inp, type("Cfg", (), dict(top_k=1, router_temperature=1.0, rng_seed=0,
+                                                           task_adapter_names=[], gks_adapter_names=[],
+                                                           use_gks=False))())
+    proto = layer.top_right_singular_vec_from_BA(a, b)
+    # PEFT divides by |w| + 1e-8 (|w| ~ sigma_1^2): its prototype is short by ~1e-8 / sigma_1^2
+    assert float(proto.norm()) == pytest.approx(1.0, abs=1e-8 / float(singular_values(a, b)[0]) ** 2 + 1e-6)
+    assert abs(float(proto @ top_right_singular_vector(a, b) / proto.norm())) == pytest.approx(1.0, abs=1e-6)
+
+
+def _module(model, suffix: str):
+    return next(m for n, m in model.named_modules() if n.endswith(suffix))
+
+
+def test_mixture_module_is_the_weighted_sum_of_deltas(experts, tiny_llama_dir):
+    """The design's mixture semantics at one module, against PEFT's cat mixture: ranks, scalings
+    and target sets differ (r4-qv does not target o_proj: it adds nothing there)."""
+    names, weights = ("r8-all-c", "r4-qv", "r8-rslora"), (0.7, -0.4, 1.3)
+    model = mixture_model(tiny_llama_dir, [experts[n] for n in names], weights)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    for suffix in ("layers.1.self_attn.q_proj", "layers.1.self_attn.o_proj"):
+        m = _module(model, suffix)
+        want = m.base_layer(x)
+        for n, w in zip(names, weights):
+            single = _module(reference_model(tiny_llama_dir, experts[n]), suffix)
+            if hasattr(single, "lora_A") and "default" in single.lora_A:
+                s = single.scaling["default"]
+                want = want + w * s * (x @ single.lora_A["default"].weight.T @ single.lora_B["default"].weight.T)
+        with torch.no_grad():
+            assert torch.allclose(m(x), want, atol=1e-5), suffix
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dora_module_is_the_designs_rescale(family, tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    """y = b + g * (x W^T + s B A x), g = m / ||W + s B A||_row, at a biased (qwen2 q_proj) and an
+    unbiased module: what the server computes as y = g * y_lora + (1 - g) * b."""
+    base = tiny_llama_dir if family == "llama" else tiny_qwen2_dir
+    model = reference_model(base, make_expert(base, tmp_path / "d", seed=5, use_dora=True))
+    gen = torch.Generator().manual_seed(1)
+    for suffix in ("layers.0.self_attn.q_proj", "layers.2.mlp.down_proj"):
+        m = _module(model, suffix)
+        w, bias = m.base_layer.weight, m.base_layer.bias
+        x = torch.randn(5, w.shape[1], generator=gen)
+        s, a, b = m.scaling["default"], m.lora_A["default"].weight, m.lora_B["default"].weight
+        g = m.lora_magnitude_vector["default"].weight / torch.linalg.norm(w + s * b @ a, dim=1)
+        assert (g - 1).abs().max() > 0.05  # the rescale is not the identity
+        y_lora = x @ w.T + (0 if bias is None else bias) + s * (x @ a.T @ b.T)
+        want = g * y_lora + (1 - g) * (0 if bias is None else bias)
+        assert (bias is not None) == (family == "qwen2" and "q_proj" in suffix)
+        with torch.no_grad():
+            assert torch.allclose(m(x), want, atol=1e-5), suffix
 
 
 def test_mixture_of_one_adapter_is_that_adapter(experts, tiny_llama_dir):

@@ -8,7 +8,10 @@ loramux: one server (`--dtype float32`, every adapter registered with --lora-mod
 Every request must return exactly its tokens, and each case's texts must differ from base-only's
 (a field the server ignored would otherwise pass as a fast mixture).
 PEFT: the same case as PEFT runs it (PeftModel / add_weighted_adapter "cat" / create_arrow_model /
-a DoRA adapter), one batched greedy `generate` of the same prompts, left-padded, fp32.
+a DoRA adapter), one batched greedy `generate` of the same prompts, left-padded, fp32. PEFT's Arrow
+runs every expert on every token and then weights them; its DoRA recomputes ||W + s B A|| in every
+forward (PEFT's default, `peft.tuners.lora.dora.ENABLE_DORA_CACHING = False`): that is PEFT's own
+implementation, which the issue's ">= 3x PEFT" target is measured against.
 Both sides: tok/s = streams x max_tokens / wall seconds of the whole batch (prompts included),
 median of --repeats. Adapters: rank --rank on all seven projections, random with a spectral gap
 (tests/peft_experts.py make_expert), one of them DoRA.

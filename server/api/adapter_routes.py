@@ -78,8 +78,8 @@ async def list_adapters(request: Request, caller: Caller = Depends(caller_of)) -
     out = []
     for e in manager.entries():
         host, device = manager.residency(e.ref)
-        out.append(AdapterStatus(**adapter_card(e, svc.base_model, manager).model_dump(), location=e.summary.where.label,
-                                 resident_host=host, resident_device=device))
+        card = adapter_card(e, svc.base_model, manager).model_dump()
+        out.append(AdapterStatus(**card, location=e.summary.where.label, resident_host=host, resident_device=device))
     return out
 
 

@@ -21,19 +21,12 @@ from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config
 from server.engine.backends import select_attention, select_lora
-from server.engine.kv_cache import BlockAllocator
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
+from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
 from server.engine.policies import make_policy
-from server.engine.request import (
-    FinishReason,
-    GenerationRequest,
-    InvalidRequestError,
-    Mixture,
-    Sequence,
-    SeqStatus,
-)
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import EngineState, Metrics
@@ -214,8 +207,9 @@ class LLMEngine:
         """Hand the metrics our state; after every change of it (no tensor work: O(requests))."""
         running, waiting = set(), set()
         for seq in self._seqs.values():
-            if seq.adapter is not None:
-                (running if seq.status is SeqStatus.RUNNING else waiting).add(str(seq.adapter))
+            # A mixture's or route's experts count as its adapters here (which adapters this pod
+            # runs or will load); its per-request metric labels use the base's "" (_label).
+            (running if seq.status is SeqStatus.RUNNING else waiting).update(str(a) for a in seq.adapters)
         self.metrics.publish(EngineState(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
                                          kv_blocks_used=self.allocator.num_used,
                                          running_adapters=tuple(sorted(running)),

@@ -55,6 +55,12 @@ def run(eng: LLMEngine) -> dict[str, object]:
     return final
 
 
+def lora_info(eng: LLMEngine) -> dict[str, str]:
+    """The labels of the one vllm:lora_requests_info series."""
+    (sample,) = [s for m in eng.metrics.vllm.lora_requests_info.collect() for s in m.samples]
+    return sample.labels
+
+
 def users(eng: LLMEngine, *names: str) -> list[int]:
     return [eng.adapters.num_users(eng.adapters.lookup(None, n)) for n in names]
 
@@ -69,6 +75,7 @@ def test_experts_are_held_while_the_request_lives_and_released_however_it_ends(t
     assert users(eng, "a", "b", "c") == [3, 2, 2]
     held = eng._seqs["mix"].adapters
     assert held == (eng.adapters.lookup(None, "a"), eng.adapters.lookup(None, "b"))  # versions, not names
+    assert lora_info(eng)["waiting_lora_adapters"] == "a,b,c"  # experts are the adapters a pod will load
     eng.abort("gone")
     assert users(eng, "a", "b", "c") == [2, 2, 1]
     final = run(eng)

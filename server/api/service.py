@@ -92,8 +92,11 @@ class Service:
         return tuple(refs)
 
     def _library(self, tenant: str) -> tuple[AdapterRef, ...]:
-        """A route naming no experts: every adapter `tenant` may use, within --max-route-experts."""
-        refs = tuple(e.ref for e in self.adapters.visible(tenant)) if self.adapters is not None else ()
+        """A route naming no experts: every adapter `tenant` may use, within --max-route-experts,
+        but those known to be DoRA (they run alone; one not read yet fails the request if its load
+        shows it is DoRA)."""
+        entries = self.adapters.visible(tenant) if self.adapters is not None else []
+        refs = tuple(e.ref for e in entries if not getattr(e.summary, "use_dora", None))
         if not refs:
             raise bad_request("route.experts omitted, and there is no adapter to route among", "route.experts")
         limit = self.engine.engine.config.lora.max_route_experts

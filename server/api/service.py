@@ -79,10 +79,11 @@ class Service:
 
     def _experts(self, names: list[str], tenant: str, param) -> tuple[AdapterRef, ...]:
         """Each named adapter's version as `tenant` sees it; a duplicate is a 400, an unknown one a 404."""
-        refs = []
+        refs, seen = [], set()
         for i, name in enumerate(names):
-            if name in names[:i]:
+            if name in seen:
                 raise bad_request(f"adapter `{name}` is named twice", param(i), "duplicate_adapter")
+            seen.add(name)
             ref = self.adapters.lookup(tenant, name) if self.adapters is not None else None
             if ref is None:
                 err = model_not_found(name)

@@ -118,6 +118,8 @@ BAD = [  # (extra fields, expected param, expected code or None)
     ({"adapters": [{"id": "a", "scale": 2}]}, "adapters.0.scale", "unsupported"),
     ({"adapters": {"a": 1.0}}, "adapters", None),
     ({"route": {"experts": []}}, "route.experts", None),
+    ({"route": {"experts": [f"x{i}" for i in range(257)]}}, "route.experts", None),
+    ({"adapters": [{"id": f"x{i}"} for i in range(257)]}, "adapters", None),
     ({"route": {"experts": ["a", "b"], "top_k": 0}}, "route.top_k", None),
     ({"route": {"experts": ["a", "b"], "top_k": 3}}, "route.top_k", "invalid_value"),
     ({"route": {"experts": ["a", "b"], "top_k": 1.5}}, "route.top_k", None),

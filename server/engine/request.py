@@ -16,6 +16,7 @@ from server.adapters.registry import AdapterRef
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20  # top alternatives per token
 MAX_STOP = 16  # stop strings per request
+MAX_EXPERTS = 256  # names in one `adapters` / `route.experts` list (a wire bound; the flags limit further)
 
 
 class InvalidRequestError(ValueError):

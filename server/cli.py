@@ -132,6 +132,12 @@ FLAGS = [
     Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
     Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
     Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
+    Flag("max-mixture-experts", "lora.max_mixture_experts", int, "most adapters in one request's `adapters` "
+         "mixture"),
+    Flag("max-mixture-rank", "lora.max_mixture_rank", int, "largest total rank of one mixture (an adapter whose "
+         "rank is not known yet counts --max-lora-rank)"),
+    Flag("max-route-experts", "lora.max_route_experts", int, "most experts one `route` request chooses among "
+         "(a route naming no experts uses every adapter the caller may use, within this limit)"),
     Flag("lora-dtype", "lora.lora_dtype", str, "auto (the model dtype) | float32 | bfloat16"),
     Flag("lora-backend", "lora.lora_backend", _backend("lora"),
          "auto | torch | triton (auto: triton on CUDA, torch on CPU; chosen at start)"),

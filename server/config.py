@@ -66,6 +66,10 @@ class LoraConfig:
     max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
     cpu_lora_cache_memory: int = 4 * GiB  # bytes budget of that host cache
     max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
+    # Expert libraries (a request's `adapters` mixture or `route`): per-request limits.
+    max_mixture_experts: int = 8  # adapters in one mixture
+    max_mixture_rank: int = 128  # total rank of one mixture (an adapter not read yet counts max_lora_rank)
+    max_route_experts: int = 16  # experts one route chooses among
     lora_dtype: str = "auto"  # auto (= the model dtype) | float32 | bfloat16
     lora_backend: str = "auto"  # auto | torch | triton (server/engine/backends/)
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, as vLLM

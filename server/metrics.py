@@ -157,6 +157,17 @@ class Metrics:
         self.tenant_queue_time = Histogram(p + "tenant_queue_time_seconds",
                                            "Arrival to first scheduled (queueing), by tenant", ["tenant"],
                                            buckets=_LATENCY_BUCKETS, registry=r)
+        # Expert libraries (issue 12): requests running a weighted mixture of adapters or routed
+        # per token among them, and how many experts each LoRA token of a step uses.
+        self.tenant_mixture_requests = Counter(p + "tenant_mixture_requests",
+                                               "Requests (generations) with an adapter mixture, by tenant",
+                                               ["tenant"], registry=r)
+        self.tenant_routed_requests = Counter(p + "tenant_routed_requests",
+                                              "Requests (generations) routed among adapters (Arrow), by tenant",
+                                              ["tenant"], registry=r)
+        self.experts_per_token = Histogram(p + "experts_per_lora_token", "Adapters whose delta one LoRA token "
+                                           "computes: 1 (one adapter), k (a mixture of k), top_k (routed)",
+                                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.vllm = VllmMetrics(r)
 
         self._state = EngineState()
@@ -238,6 +249,16 @@ class Metrics:
         self.generation_tokens.inc(total)
         self.vllm.generation_tokens.labels(*self._engine_labels).inc(total)
 
+    def on_experts_request(self, tenant: str, mixture: bool) -> None:
+        """A mixture (else a routed) request was queued."""
+        (self.tenant_mixture_requests if mixture else self.tenant_routed_requests).labels(tenant).inc()
+
+    def on_lora_tokens(self, tokens_by_experts: dict[int, int]) -> None:
+        """One step's LoRA tokens: experts per token -> how many tokens (one observation per token)."""
+        for experts, n in tokens_by_experts.items():
+            for _ in range(n):
+                self.experts_per_token.observe(experts)
+
     def on_preempted(self, n: int) -> None:
         self.preemptions.inc(n)
         self.vllm.num_preemptions.labels(*self._engine_labels).inc(n)
@@ -266,7 +287,7 @@ class Metrics:
             for status in REQUEST_STATUSES:
                 self.tenant_requests.labels(tenant, status)
             for m in (self.tenant_prompt_tokens, self.tenant_generation_tokens, self.tenant_ttft,
-                      self.tenant_queue_time):
+                      self.tenant_queue_time, self.tenant_mixture_requests, self.tenant_routed_requests):
                 m.labels(tenant)
             self.tenant_vtc.labels(tenant).set(0)
         self._tenants = names

@@ -74,12 +74,12 @@ async def list_adapters(request: Request, caller: Caller = Depends(caller_of)) -
     manager = manager_of(request)
     svc: Service = request.app.state.service
     if caller.tenant is not None:
-        return [adapter_card(e, svc.base_model) for e in manager.visible(caller.tenant.name)]
+        return [adapter_card(e, svc.base_model, manager) for e in manager.visible(caller.tenant.name)]
     out = []
     for e in manager.entries():
         host, device = manager.residency(e.ref)
-        out.append(AdapterStatus(**adapter_card(e, svc.base_model).model_dump(), location=e.summary.where.label,
-                                 resident_host=host, resident_device=device))
+        card = adapter_card(e, svc.base_model, manager).model_dump()
+        out.append(AdapterStatus(**card, location=e.summary.where.label, resident_host=host, resident_device=device))
     return out
 
 
@@ -105,7 +105,7 @@ async def upload_adapter(
             max_bytes=limits.max_adapter_bytes if limits else None)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
-    return adapter_card(entry, request.app.state.service.base_model)
+    return adapter_card(entry, request.app.state.service.base_model, manager)
 
 
 @router.delete("/v1/adapters/{name}", responses=error_responses(400, 401, 403, 404, 503))

@@ -147,8 +147,9 @@ async def unpin_adapter(name: str, request: Request, tenant: str | None = None) 
 
 
 def _set_pinned(request: Request, name: str, tenant: str | None, pinned: bool) -> ModelCard:
+    manager = manager_of(request)
     try:
-        entry = manager_of(request).set_pinned(check_tenant(request, tenant), name, pinned)
+        entry = manager.set_pinned(check_tenant(request, tenant), name, pinned)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
-    return adapter_card(entry, request.app.state.service.base_model)
+    return adapter_card(entry, request.app.state.service.base_model, manager)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.adapters.registry import AdapterRef
 from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers
 from server.api.auth import tenant_of
 from server.api.errors import APIError, bad_request
@@ -45,7 +46,7 @@ from server.api.schemas import (
 )
 from server.api.service import Service
 from server.engine.async_engine import RequestFailedError
-from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
+from server.engine.request import GenerationRequest, InvalidRequestError, Mixture, Route, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 from server.tenants import Tenant
 
@@ -65,11 +66,11 @@ async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(
 async def create_completion(body: CompletionRequest, raw: Request, response: Response,
                             svc: Service = Depends(service),
                             tenant: Tenant = Depends(tenant_of)):
-    adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
+    choice = svc.resolve_choice(body, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
-    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, adapter, tenant.name)
+    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant.name)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("cmpl")
@@ -116,12 +117,12 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request, response: Response,
                                  svc: Service = Depends(service),
                                  tenant: Tenant = Depends(tenant_of)):
-    adapter = svc.resolve_model(body.model, body.adapter_id, tenant.name)
+    choice = svc.resolve_choice(body, tenant.name)
     messages = [_message(m) for m in body.messages]
     prompt = await run_in_threadpool(_chat_prompt, svc, messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    requests = _requests(svc, body, [prompt], max_tokens, top, adapter, tenant.name)
+    requests = _requests(svc, body, [prompt], max_tokens, top, choice, tenant.name)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("chatcmpl")
@@ -203,7 +204,9 @@ def _message(m) -> dict:
 
 
 def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-              adapter: str | None, tenant: str) -> list[GenerationRequest]:
+              choice: AdapterRef | Mixture | Route | None, tenant: str) -> list[GenerationRequest]:
+    adapter = choice if isinstance(choice, AdapterRef) else None
+    experts = choice if isinstance(choice, (Mixture, Route)) else None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     rid = new_id("req")
     requests = []
@@ -228,7 +231,7 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
         for i in range(body.n):
             choice_params = replace(params, seed=params.seed + i) if params.seed is not None and i else params
             requests.append(GenerationRequest(f"{rid}-{p_idx * body.n + i}", prompt, choice_params,
-                                              adapter=adapter, tenant=tenant))
+                                              adapter=adapter, tenant=tenant, experts=experts))
     try:
         for r in requests:
             svc.engine.validate(r)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from server.engine.request import MAX_LOGPROBS, MAX_STOP
+from server.engine.request import MAX_EXPERTS, MAX_LOGPROBS, MAX_STOP
 
 # --- requests: edge checks shared by every request body ----------------------------------
 
@@ -130,9 +130,33 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
+class AdapterWeight(BaseModel):
+    """One expert of a mixture (`adapters`): its delta counts `weight` times (any finite sign)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    id: NonEmptyStr
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+class RouteRequest(BaseModel):
+    """Arrow routing per token among `experts` (omitted: every adapter the caller may use),
+    keeping the `top_k` best and mixing them by softmax(logits / `temperature`), as PEFT's ArrowConfig."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    experts: Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_EXPERTS)] | None = None
+    top_k: int = Field(3, ge=1)
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    use_gks: Annotated[bool, _only("use_gks false: GenKnowSub is not implemented", False)] = False
+
+
 class _SamplingFields(RequestBody):
     model: str
     adapter_id: str | None = None  # names the adapter when `model` is the base
+    # Expert libraries (`model` = the base; at most one of adapter_id, adapters, route): see Service.resolve_choice.
+    adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_EXPERTS)] | None = None
+    route: RouteRequest | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=16)

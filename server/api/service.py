@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from server.adapters.errors import EXISTS, FORBIDDEN, NOT_FOUND, QUOTA, AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterEntry, AdapterRef
-from server.api.errors import APIError, model_not_found
+from server.api.errors import APIError, bad_request, model_not_found
 from server.api.schemas import ModelCard
 from server.engine.async_engine import AsyncEngine
+from server.engine.request import Mixture, Route
 from server.model.tokenizer import Tokenizer
 
 _ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, QUOTA: 403, EXISTS: 409}
@@ -49,12 +50,69 @@ class Service:
             raise err
         return ref
 
+    def resolve_choice(self, body, tenant: str) -> AdapterRef | Mixture | Route | None:
+        """What a completions / chat body runs with: the base (None), one adapter version, or a
+        mixture / route over adapter versions `tenant` may use. Unknown (or another tenant's)
+        names are 404s naming the field; limits, ranks and DoRA are the engine's checks
+        (LLMEngine.validate), made when the request is validated."""
+        given = [name for name in ("adapter_id", "adapters", "route") if getattr(body, name) is not None]
+        if len(given) > 1:
+            raise bad_request(f"{' and '.join(given)} exclude each other: give at most one", given[1])
+        if body.adapters is None and body.route is None:
+            return self.resolve_model(body.model, body.adapter_id, tenant)
+        field = given[0]
+        if body.model != self.base_model:
+            raise bad_request(f"with `{field}`, `model` must be the base model `{self.base_model}`", "model")
+        if body.adapters is not None:
+            names = [a.id for a in body.adapters]
+            refs = self._experts(names, tenant, lambda i: f"adapters.{i}.id")
+            return Mixture(refs, tuple(a.weight for a in body.adapters))
+        route = body.route
+        if route.experts is not None:
+            refs = self._experts(route.experts, tenant, lambda i: f"route.experts.{i}")
+        else:
+            refs = self._library(tenant)
+        if route.top_k > len(refs):
+            raise bad_request(f"route.top_k must be at most the number of experts ({len(refs)}), got {route.top_k}",
+                              "route.top_k")
+        return Route(refs, route.top_k, route.temperature)
+
+    def _experts(self, names: list[str], tenant: str, param) -> tuple[AdapterRef, ...]:
+        """Each named adapter's version as `tenant` sees it; a duplicate is a 400, an unknown one a 404."""
+        refs, seen = [], set()
+        for i, name in enumerate(names):
+            if name in seen:
+                raise bad_request(f"adapter `{name}` is named twice", param(i), "duplicate_adapter")
+            seen.add(name)
+            ref = self.adapters.lookup(tenant, name) if self.adapters is not None else None
+            if ref is None:
+                err = model_not_found(name)
+                err.param = param(i)
+                raise err
+            refs.append(ref)
+        return tuple(refs)
+
+    def _library(self, tenant: str) -> tuple[AdapterRef, ...]:
+        """A route naming no experts: every adapter `tenant` may use, within --max-route-experts,
+        but those known to be DoRA (they run alone; one not read yet fails the request if its load
+        shows it is DoRA)."""
+        entries = self.adapters.visible(tenant) if self.adapters is not None else []
+        refs = tuple(e.ref for e in entries if not getattr(e.summary, "use_dora", None))
+        if not refs:
+            raise bad_request("route.experts omitted, and there is no adapter to route among", "route.experts")
+        limit = self.engine.engine.config.lora.max_route_experts
+        if len(refs) > limit:
+            raise bad_request(f"route.experts omitted means every adapter you may use ({len(refs)}), more than "
+                              f"this server routes among (--max-route-experts {limit}); name the experts in "
+                              "route.experts", "route.experts", "too_many_experts")
+        return refs
+
     def model_cards(self, tenant: str) -> list[ModelCard]:
         """The base and every adapter `tenant` may use (never a filesystem path)."""
         cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len,
                            family=self.engine.engine.info.arch.family.name)]
         if self.adapters is not None:
-            cards += [adapter_card(e, self.base_model) for e in self.adapters.visible(tenant)]
+            cards += [adapter_card(e, self.base_model, self.adapters) for e in self.adapters.visible(tenant)]
         return cards
 
     def check_capacity(self, num_requests: int) -> None:
@@ -77,11 +135,15 @@ def overloaded(message: str) -> APIError:
     return APIError(503, message, code="overloaded", headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_S)})
 
 
-def adapter_card(entry: AdapterEntry, base_model: str) -> ModelCard:
+def adapter_card(entry: AdapterEntry, base_model: str, manager: AdapterManager) -> ModelCard:
     """An adapter's card; `root` is its id (never a server filesystem path); `owned_by` its
-    tenant, or "loramux" for a shared adapter."""
+    tenant, or "loramux" for a shared adapter. `dora`: a DoRA adapter (null: not read yet);
+    `routing_ready`: its routing prototypes are computed (it is in the host cache), so a route
+    over it starts without a load."""
     s = entry.summary
     return ModelCard(id=entry.name, root=entry.name, parent=base_model, owned_by=entry.owner or "loramux",
                      shared=entry.owner is None, rank=s.rank,
                      target_modules=list(s.target_modules) if s.target_modules is not None else None,
-                     size_bytes=s.file_bytes, num_params=s.num_params, source=entry.source, pinned=entry.pinned)
+                     size_bytes=s.file_bytes, num_params=s.num_params, source=entry.source, pinned=entry.pinned,
+                     dora=getattr(s, "use_dora", None),  # AdapterSummary.use_dora (issue 12, adapters side)
+                     routing_ready=manager.residency(entry.ref)[0])

@@ -21,11 +21,12 @@ from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config
 from server.engine.backends import select_attention, select_lora
+from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
 from server.engine.output_processor import OutputProcessor, RequestOutput
 from server.engine.policies import make_policy
-from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Sequence, SeqStatus
+from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import EngineState, Metrics
@@ -144,7 +145,9 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if request.adapter is not None and (self.adapters is None or not self.adapters.exists(request.adapter)):
-            raise _adapter_not_found(request.adapter)
+            raise not_found(request.adapter)
+        if request.experts is not None:
+            validate_experts(request, self.config.lora, self.adapters)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
@@ -156,12 +159,27 @@ class LLMEngine:
             try:
                 request = replace(request, adapter=self.adapters.acquire(request.adapter))
             except AdapterError:
-                raise _adapter_not_found(request.adapter) from None
+                raise not_found(request.adapter) from None
+        if request.experts is not None:
+            request = replace(request, experts=replace(request.experts, adapters=self._acquire_all(request)))
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
         self.outputs.add(seq)
         self.scheduler.add(seq)
         self.publish_gauges()
+
+    def _acquire_all(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
+        """Hold every expert's version for the request (all or none)."""
+        held: list[AdapterRef] = []
+        for ref in request.experts.adapters:
+            try:
+                held.append(self.adapters.acquire(ref))
+            except AdapterError:
+                for got in held:
+                    self.adapters.release(got)
+                raise not_found(ref, experts_param(request)) from None
+        self.metrics.on_experts_request(request.tenant, isinstance(request.experts, Mixture))
+        return tuple(held)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -189,8 +207,9 @@ class LLMEngine:
         """Hand the metrics our state; after every change of it (no tensor work: O(requests))."""
         running, waiting = set(), set()
         for seq in self._seqs.values():
-            if seq.adapter is not None:
-                (running if seq.status is SeqStatus.RUNNING else waiting).add(str(seq.adapter))
+            # A mixture's or route's experts count as its adapters here (which adapters this pod
+            # runs or will load); its per-request metric labels use the base's "" (_label).
+            (running if seq.status is SeqStatus.RUNNING else waiting).update(str(a) for a in seq.adapters)
         self.metrics.publish(EngineState(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
                                          kv_blocks_used=self.allocator.num_used,
                                          running_adapters=tuple(sorted(running)),
@@ -231,7 +250,7 @@ class LLMEngine:
         """Execute `chunks` and apply the results. If that raises, run each half on its own, so
         a failure (a bug a request's data triggers) fails only the sequences that cause it and
         the rest of the step still gets its tokens; the failing path costs O(k log B) passes."""
-        names = {c.seq.adapter for c in chunks if c.seq.adapter is not None}
+        names = {a for c in chunks for a in c.seq.adapters}
         try:
             lora = self.adapters.activate(names) if names else None
             result = self.runner.execute(chunks, lora)
@@ -242,6 +261,7 @@ class LLMEngine:
             log.exception("request %s failed inside an engine step", chunks[0].seq.request_id)
             return [self._fail(chunks[0].seq, exc)]
         self.metrics.step_adapters.observe(len(names))
+        self.metrics.on_lora_tokens(experts_per_token(chunks))
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
 
@@ -274,16 +294,33 @@ class LLMEngine:
                              error_code="internal_error")
 
     def _poll_adapters(self) -> list[RequestOutput]:
-        """Take in finished adapter loads; fail the requests whose adapter could not load."""
+        """Take in finished adapter loads; fail the requests whose adapter could not load, and the
+        waiting mixtures and routes a load showed to have a DoRA expert."""
         failed = self.adapters.poll(self.scheduler.adapters_in_use)
         outputs = []
-        for seq in [s for s in self._seqs.values() if s.adapter in failed]:
-            error = failed[seq.adapter]
-            self._finish(seq, FinishReason.ERROR)
-            outputs.append(RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
-                                         num_prompt_tokens=seq.num_prompt_tokens, error=str(error),
-                                         error_code=error.code))
+        for seq in list(self._seqs.values()):
+            bad = next((a for a in seq.adapters if a in failed), None)
+            if bad is not None:
+                error = failed[bad]
+                outputs.append(self._refuse(seq, str(error), error.code))
+            elif seq.experts is not None and seq.status is SeqStatus.WAITING:
+                dora = next((a for a in seq.adapters if self._is_dora(a)), None)
+                if dora is not None:
+                    outputs.append(self._refuse(seq, str(dora_in_mixture(dora, None)), "adapter_unsupported"))
         return outputs
+
+    def _refuse(self, seq: Sequence, error: str, code: str) -> RequestOutput:
+        self._finish(seq, FinishReason.ERROR)
+        return RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
+                             num_prompt_tokens=seq.num_prompt_tokens, error=error, error_code=code)
+
+    def _is_dora(self, ref: AdapterRef) -> bool:
+        """Whether `ref` is known to be a DoRA adapter (its summary, once read)."""
+        probe = getattr(self.adapters, "is_dora", None)  # AdapterManager.is_dora (issue 12, adapters side)
+        if probe is not None:
+            return bool(probe(ref))
+        entry = self.adapters.get(ref.owner, ref.name)
+        return entry is not None and entry.ref == ref and bool(getattr(entry.summary, "use_dora", None))
 
     def _on_adapter_loaded(self) -> None:
         if self.wake is not None:
@@ -293,8 +330,8 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.outputs.remove(seq.request_id)
         del self._seqs[seq.request_id]
-        if seq.adapter is not None:
-            self.adapters.release(seq.adapter)
+        for ref in seq.adapters:
+            self.adapters.release(ref)
         now = time.monotonic()
         tpot = None
         if seq.first_token_time is not None and seq.num_output_tokens > 1:
@@ -306,11 +343,6 @@ class LLMEngine:
 def _label(adapter: AdapterRef | None) -> str:
     """An adapter's metric label: its name, `tenant/name` for a tenant's own, "" for the base."""
     return "" if adapter is None else str(adapter)
-
-
-def _adapter_not_found(adapter: AdapterRef | str) -> InvalidRequestError:
-    name = adapter.name if isinstance(adapter, AdapterRef) else adapter
-    return InvalidRequestError(f"The model `{name}` does not exist.", "model", "model_not_found")
 
 
 def default_threads() -> int:

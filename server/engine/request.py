@@ -16,6 +16,7 @@ from server.adapters.registry import AdapterRef
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20  # top alternatives per token
 MAX_STOP = 16  # stop strings per request
+MAX_EXPERTS = 256  # names in one `adapters` / `route.experts` list (a wire bound; the flags limit further)
 
 
 class InvalidRequestError(ValueError):
@@ -83,6 +84,28 @@ class SamplingParams:
             raise bad("stop", f"must be at most {MAX_STOP} non-empty strings")
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Weighted sum of adapters' deltas (PEFT `add_weighted_adapter(..., combination_type="cat")`):
+    delta(x) = sum_i weights[i] * scaling_i * B_i A_i x. Weights are finite, any sign."""
+
+    adapters: tuple[AdapterRef | str, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Arrow routing per token, layer and projection among `adapters` (PEFT `ArrowConfig`):
+    softmax(top_k |prototype . x| / temperature) weights the experts kept."""
+
+    adapters: tuple[AdapterRef | str, ...]
+    top_k: int
+    temperature: float
+
+
+Experts = Mixture | Route
+
+
 @dataclass
 class GenerationRequest:
     """One generation as submitted to the engine (already tokenized)."""
@@ -94,6 +117,9 @@ class GenerationRequest:
     # held until the request finishes); None = the base model.
     adapter: AdapterRef | str | None = None
     tenant: str = "default"
+    # A mixture or a route over adapters (with `adapter` None); the engine swaps in the
+    # versions it acquired, as for `adapter`.
+    experts: Experts | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -142,6 +168,18 @@ class Sequence:
     @property
     def adapter(self) -> str | None:
         return self.request.adapter
+
+    @property
+    def experts(self) -> Experts | None:
+        return self.request.experts
+
+    @property
+    def adapters(self) -> tuple:
+        """Every adapter this sequence needs resident and in the step's pool (distinct): its
+        adapter, its experts', or none (the base)."""
+        if self.request.experts is not None:
+            return self.request.experts.adapters
+        return () if self.request.adapter is None else (self.request.adapter,)
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,10 @@ Which sequence is admitted next and which is preempted is the policy's choice
 (server/engine/policies: fcfs or vtc); the policy is also told every chunk scheduled.
 The runner lays out the step's tokens and executes; the engine applies the results.
 
+A sequence's adapters (`Sequence.adapters`) are its one adapter, or every expert of its mixture
+or route: it can run when all of them are resident and all fit the step's distinct-adapter budget
+(the engine refuses a mixture larger than that budget, so each one fits once the step is empty).
+
 Adapter residency and fairness are one rule (docs/operator.md, "Fair scheduling"):
   a. overdue first: a waiting sequence passed over for `max_wait_steps` steps because of its
      adapter (not loaded, or the step's distinct-adapter budget spent) is served before any
@@ -144,7 +148,7 @@ class Scheduler:
         """Adapters that must stay resident: those of running sequences and of the prefetch window
         (about to run). Other waiting sequences' adapters may be evicted and loaded again when their
         turn nears: holding every queued adapter would let a long queue outgrow any memory budget."""
-        return {s.adapter for s in self.running if s.adapter is not None} | set(self._window)
+        return {a for s in self.running for a in s.adapters} | set(self._window)
 
     def is_overdue(self, seq: Sequence) -> bool:
         return self._passed_over.get(id(seq), 0) >= self.max_wait_steps
@@ -174,15 +178,20 @@ class Scheduler:
         return out
 
     def _adapter_fits(self, seq: Sequence, adapters: set[Hashable]) -> bool:
-        return seq.adapter is None or seq.adapter in adapters or len(adapters) < self.max_loras
+        """Whether the step's distinct adapters, with all of `seq`'s (a mixture or route needs
+        every expert in the pool), stay within `max_loras`."""
+        new = sum(1 for a in seq.adapters if a not in adapters)
+        return not new or len(adapters) + new <= self.max_loras
+
+    def _ready(self, seq: Sequence) -> bool:
+        return all(self.adapter_ready(a) for a in seq.adapters)
 
     def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, adapters: set[Hashable]) -> None:
         self.allocator.grow(seq, n)
         chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
         out.chunks.append(chunk)
         self.policy.on_scheduled(seq, chunk.start, n, chunk.samples)
-        if seq.adapter is not None:
-            adapters.add(seq.adapter)
+        adapters.update(seq.adapters)
 
     def _make_room(self, i: int, n: int, out: SchedulerOutput) -> bool:
         """Preempt running sequences until `running[i]` fits `n` more tokens.
@@ -228,11 +237,11 @@ class Scheduler:
                     break
             if len(skip) > self.prefetch_window + self.max_num_seqs:
                 break  # a long queue of cold adapters: bound the step's cost (they are not in the window)
-            if seq.adapter is not None and not self.adapter_ready(seq.adapter):
+            if not self._ready(seq):
                 skip.add(id(seq))
                 passed.append(seq)
                 continue  # loading: first in the prefetch line; others run meanwhile
-            if seq.adapter is not None and not self._adapter_fits(seq, adapters):
+            if not self._adapter_fits(seq, adapters):
                 skip.add(id(seq))
                 passed.append(seq)
                 if from_policy:
@@ -257,12 +266,17 @@ class Scheduler:
 
     def _prefetch(self) -> None:
         """Name the adapters of the next `prefetch_window` waiting sequences to the residency:
-        overdue ones first, then the policy's predicted order."""
+        overdue ones first, then the policy's predicted order. At most `prefetch_window` adapters,
+        except that a sequence's adapters are never split (a mixture runs only with all of them)."""
         if self.residency is None:
             return
         order = [*self._overdue(), *self.policy.prefetch_order(self.waiting, self.prefetch_window)]
-        window = dict.fromkeys(s.adapter for s in order if s.adapter is not None)  # ordered, distinct
-        self._window = list(window)[: self.prefetch_window]
+        window: dict[Hashable, None] = {}  # ordered, distinct
+        for s in order:
+            if len(window) >= self.prefetch_window:
+                break
+            window.update(dict.fromkeys(s.adapters))
+        self._window = list(window)
         if self._window:
-            keep = {s.adapter for s in self.running if s.adapter is not None} | set(self._window)
+            keep = {a for s in self.running for a in s.adapters} | set(self._window)
             self.residency.prefetch(self._window, keep)

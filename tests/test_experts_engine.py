@@ -1,0 +1,145 @@
+"""The engine's side of mixture and routed requests (issue 12), in-process on the tiny random
+Llama: every expert acquired at admission (the version held) and released however the request
+ends, limits refused before anything is held, a waiting mixture failed once a load shows a DoRA
+expert, and mixtures running beside single-adapter and base requests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, InvalidRequestError, Mixture, Route, SamplingParams
+
+from peft_adapters import make_peft_adapter
+
+QV = dict(target_modules=["q_proj", "v_proj"])
+PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_llama_dir, tmp_path_factory) -> Path:
+    made = tmp_path_factory.mktemp("made")
+    store = tmp_path_factory.mktemp("store")
+    for i, name in enumerate("abc"):
+        shutil.copytree(make_peft_adapter(tiny_llama_dir, made / name, seed=60 + i, r=4, lora_alpha=8, **QV),
+                        store / name)
+    shutil.copytree(make_peft_adapter(tiny_llama_dir, made / "dora", seed=64, r=4, lora_alpha=8, use_dora=True,
+                                      **QV), store / "dora")
+    return store
+
+
+def engine(tiny_llama_dir, store, **lora) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.model.num_threads = "float32", "cpu", 1
+    cfg.cache.kv_cache_memory = 8 << 20
+    cfg.lora.adapters_dir = str(store)
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return LLMEngine(cfg, tiny_llama_dir)
+
+
+def run(eng: LLMEngine) -> dict[str, object]:
+    """Step until idle; each request's final output."""
+    final = {}
+    for _ in range(500):
+        if not eng.has_unfinished():
+            break
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert not eng.has_unfinished()
+    return final
+
+
+def lora_info(eng: LLMEngine) -> dict[str, str]:
+    """The labels of the one vllm:lora_requests_info series."""
+    (sample,) = [s for m in eng.metrics.vllm.lora_requests_info.collect() for s in m.samples]
+    return sample.labels
+
+
+def users(eng: LLMEngine, *names: str) -> list[int]:
+    return [eng.adapters.num_users(eng.adapters.lookup(None, n)) for n in names]
+
+
+def test_experts_are_held_while_the_request_lives_and_released_however_it_ends(tiny_llama_dir, store):
+    eng = engine(tiny_llama_dir, store)
+    eng.add_request(GenerationRequest("mix", [5, 6, 7], PARAMS, experts=Mixture(("a", "b"), (0.5, 0.5))))
+    eng.add_request(GenerationRequest("route", [5, 6, 7], PARAMS, experts=Route(("b", "c"), 1, 1.0)))
+    eng.add_request(GenerationRequest("gone", [5, 6, 7], PARAMS, experts=Route(("a", "c"), 2, 1.0)))
+    eng.add_request(GenerationRequest("single", [5, 6, 7], PARAMS, adapter="a"))
+    eng.add_request(GenerationRequest("base", [5, 6, 7], PARAMS))
+    assert users(eng, "a", "b", "c") == [3, 2, 2]
+    held = eng._seqs["mix"].adapters
+    assert held == (eng.adapters.lookup(None, "a"), eng.adapters.lookup(None, "b"))  # versions, not names
+    assert lora_info(eng)["waiting_lora_adapters"] == "a,b,c"  # experts are the adapters a pod will load
+    eng.abort("gone")
+    assert users(eng, "a", "b", "c") == [2, 2, 1]
+    final = run(eng)
+    assert {rid: (o.error, o.num_output_tokens) for rid, o in final.items()} == {
+        rid: (None, 4) for rid in ("mix", "route", "single", "base")}
+    assert users(eng, "a", "b", "c") == [0, 0, 0]
+
+
+@pytest.mark.parametrize("experts,param,code", [
+    (Mixture(("a", "nope"), (1.0, 1.0)), "adapters", "model_not_found"),
+    (Route(("a", "nope"), 1, 1.0), "route.experts", "model_not_found"),
+    (Mixture(("a", "b", "c"), (1.0, 1.0, 1.0)), "adapters", "too_many_experts"),  # step capacity 2
+    (Mixture(("a", "a"), (1.0, 1.0)), "adapters", "duplicate_adapter"),
+    (Mixture(("a", "b"), (1.0, float("nan"))), "adapters", "invalid_value"),
+    (Mixture(("a", "b"), (1.0,)), "adapters", "invalid_value"),
+    (Route(("a", "b"), 3, 1.0), "route.top_k", "invalid_value"),
+    (Route(("a", "b"), 0, 1.0), "route.top_k", "invalid_value"),
+    (Route(("a", "b"), 1, 0.0), "route.temperature", "invalid_value"),
+    (Route(("a", "b"), 1, float("inf")), "route.temperature", "invalid_value"),
+    (Mixture((), ()), "adapters", "invalid_value"),
+])
+def test_refusals_hold_nothing(tiny_llama_dir, store, experts, param, code):
+    eng = engine(tiny_llama_dir, store, max_loras=2)
+    with pytest.raises(InvalidRequestError) as info:
+        eng.add_request(GenerationRequest("r", [5, 6], PARAMS, experts=experts))
+    assert (info.value.param, info.value.code) == (param, code)
+    assert users(eng, "a", "b") == [0, 0] and not eng.has_unfinished()
+
+
+def test_limits_from_the_config(tiny_llama_dir, store):
+    eng = engine(tiny_llama_dir, store, max_mixture_experts=2, max_route_experts=2, max_mixture_rank=20)
+    for experts, param in ((Mixture(("a", "b", "c"), (1.0,) * 3), "adapters"),
+                           (Route(("a", "b", "c"), 1, 1.0), "route.experts"),
+                           (Mixture(("a", "b"), (1.0, 1.0)), "adapters")):  # unread: 2 x 16 > 20
+        with pytest.raises(InvalidRequestError) as info:
+            eng.validate(GenerationRequest("r", [5], PARAMS, experts=experts))
+        assert (info.value.param, info.value.code) == (param, "too_many_experts"), info.value
+    with pytest.raises(InvalidRequestError):  # one adapter and experts: not both
+        eng.validate(GenerationRequest("r", [5], PARAMS, adapter="a", experts=Route(("b",), 1, 1.0)))
+
+
+def test_a_dora_expert_fails_the_waiting_mixture_alone(tiny_llama_dir, store):
+    """The store lists `dora` unread: the mixture is queued, and fails (400 adapter_unsupported)
+    when the load of its DoRA expert completes (or is refused, before DoRA parsing lands);
+    the requests beside it run, and every expert is released."""
+    eng = engine(tiny_llama_dir, store)
+    eng.add_request(GenerationRequest("mix", [5, 6, 7], PARAMS, experts=Mixture(("a", "dora"), (1.0, 1.0))))
+    eng.add_request(GenerationRequest("single", [5, 6, 7], PARAMS, adapter="a"))
+    eng.add_request(GenerationRequest("route", [5, 6, 7], PARAMS, experts=Route(("b", "c"), 2, 1.0)))
+    final = run(eng)
+    assert final["mix"].error_code == "adapter_unsupported" and final["mix"].num_output_tokens == 0
+    assert final["single"].error is None and final["route"].error is None
+    assert users(eng, "a", "dora") == [0, 0]
+
+
+def test_a_load_that_shows_dora_fails_the_waiting_mixture_not_the_single(tiny_llama_dir, store):
+    """The engine asks the adapter manager (`is_dora(ref)`, issue 12's adapters side) once its
+    load is in: here `b` is said to be DoRA when loaded, so a mixture over it fails while a
+    single-adapter request for it runs (DoRA runs alone)."""
+    eng = engine(tiny_llama_dir, store)
+    eng.adapters.is_dora = lambda ref: ref.name == "b" and eng.adapters.is_ready(ref)
+    eng.add_request(GenerationRequest("mix", [5, 6, 7], PARAMS, experts=Mixture(("a", "b"), (1.0, 1.0))))
+    eng.add_request(GenerationRequest("single", [5, 6, 7], PARAMS, adapter="b"))
+    final = run(eng)
+    assert final["mix"].error_code == "adapter_unsupported"
+    assert final["single"].error is None and final["single"].num_output_tokens == 4
+    assert users(eng, "a", "b") == [0, 0]

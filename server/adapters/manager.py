@@ -112,6 +112,11 @@ class AdapterManager:
         key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)
         return key in self._registry
 
+    def is_dora(self, ref: AdapterRef) -> bool:
+        """Whether version `ref` is known to be a DoRA adapter (False while only listed, unread)."""
+        entry = self._registry.version(ref)
+        return entry is not None and bool(entry.summary.use_dora)
+
     def residency(self, ref: AdapterRef) -> tuple[bool, bool]:
         """(in the host cache, in a device slot): a snapshot, for listings."""
         return self._cache.is_resident(ref), self._slots.is_resident(ref)

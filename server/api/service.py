@@ -97,7 +97,7 @@ class Service:
         but those known to be DoRA (they run alone; one not read yet fails the request if its load
         shows it is DoRA)."""
         entries = self.adapters.visible(tenant) if self.adapters is not None else []
-        refs = tuple(e.ref for e in entries if not getattr(e.summary, "use_dora", None))
+        refs = tuple(e.ref for e in entries if not e.summary.use_dora)
         if not refs:
             raise bad_request("route.experts omitted, and there is no adapter to route among", "route.experts")
         limit = self.engine.engine.config.lora.max_route_experts
@@ -145,5 +145,5 @@ def adapter_card(entry: AdapterEntry, base_model: str, manager: AdapterManager) 
                      shared=entry.owner is None, rank=s.rank,
                      target_modules=list(s.target_modules) if s.target_modules is not None else None,
                      size_bytes=s.file_bytes, num_params=s.num_params, source=entry.source, pinned=entry.pinned,
-                     dora=getattr(s, "use_dora", None),  # AdapterSummary.use_dora (issue 12, adapters side)
+                     dora=s.use_dora,
                      routing_ready=manager.residency(entry.ref)[0])

@@ -6,6 +6,7 @@ one thread (`AsyncEngine`'s loop, or a test / benchmark calling `step()` directl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,7 @@ from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import EngineState, Metrics
 from server.model.arch import ModelArch
 from server.model.decoder import DecoderModel
-from server.model.loading import load_weights
+from server.model.loading import base_linear_weight, load_weights
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class LLMEngine:
                                 dtype, device)
         lc = config.lora
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
-                                       reserved_names=[mc.served_model_name or arch.name or model_dir.name]) \
+                                       reserved_names=[mc.served_model_name or arch.name or model_dir.name],
+                                       base_weight=functools.partial(base_linear_weight, weights, arch)) \
             if lc.enabled else None
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed), attention=attention,
                                   lora=lora_backend)
@@ -304,7 +306,7 @@ class LLMEngine:
                 error = failed[bad]
                 outputs.append(self._refuse(seq, str(error), error.code))
             elif seq.experts is not None and seq.status is SeqStatus.WAITING:
-                dora = next((a for a in seq.adapters if self._is_dora(a)), None)
+                dora = next((a for a in seq.adapters if self.adapters.is_dora(a)), None)
                 if dora is not None:
                     outputs.append(self._refuse(seq, str(dora_in_mixture(dora, None)), "adapter_unsupported"))
         return outputs
@@ -313,14 +315,6 @@ class LLMEngine:
         self._finish(seq, FinishReason.ERROR)
         return RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
                              num_prompt_tokens=seq.num_prompt_tokens, error=error, error_code=code)
-
-    def _is_dora(self, ref: AdapterRef) -> bool:
-        """Whether `ref` is known to be a DoRA adapter (its summary, once read)."""
-        probe = getattr(self.adapters, "is_dora", None)  # AdapterManager.is_dora (issue 12, adapters side)
-        if probe is not None:
-            return bool(probe(ref))
-        entry = self.adapters.get(ref.owner, ref.name)
-        return entry is not None and entry.ref == ref and bool(getattr(entry.summary, "use_dora", None))
 
     def _on_adapter_loaded(self) -> None:
         if self.wake is not None:

@@ -64,7 +64,7 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
         entry = adapters.get(*key)
         if entry is None:
             raise not_found(ref, param)
-        if getattr(entry.summary, "use_dora", None):  # AdapterSummary.use_dora: None until read
+        if entry.summary.use_dora:  # None until the adapter's files are read
             raise dora_in_mixture(ref, param)
         total_rank += entry.summary.rank if entry.summary.rank is not None else lc.max_lora_rank
     if mixture and total_rank > lc.max_mixture_rank:

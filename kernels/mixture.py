@@ -1,0 +1,266 @@
+"""LoRA over rows: weighted adapter mixtures, Arrow per-token routing, and the DoRA rescale.
+
+A step whose tokens each use one adapter runs add_lora over its tokens (kernels/lora.py). Once
+some token needs several adapters, the step's LoRA work is laid out as *rows* instead: one row
+per (token, adapter) pair, sorted by pool slot, so the segment table is built over rows and the
+segmented shrink/expand kernels (every backend) run unchanged on the gathered x rows. Each row
+carries a weight: 1 for a single adapter, w_i for mixture expert i, and for a routed token's
+library pairs the Arrow weight of (token, expert, fused slice), computed per layer on device.
+
+Semantics (PEFT's, see docs of the issue-12 design):
+  mixture  delta(x) = sum_i w_i * B_i A_i x            (B pre-scaled by each expert's own s_i)
+  Arrow    per slice j: logit[t, u] = |x_t . proto[u, j]| over the token's library (experts that
+           do not target slice j: -inf); keep its top_k, softmax(kept / temperature), others 0;
+           delta_j(x_t) = sum_u weight[t, u, j] * B_u,j A_u,j x_t. No valid expert: weight 0.
+  DoRA     y = g * y + (1 - g) * bias for the DoRA tokens, g = m / ||W + s B A||_row per output.
+Every op here is a fixed sequence of tensor ops: no loop over tokens or adapters, no host sync.
+Host work (RowPlan.build) is O(rows) and uploads each table once.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .lora import lora_expand, lora_shrink
+from .segments import LoraSegments
+
+
+@dataclass(frozen=True, eq=False)  # identity semantics: fields are tensors
+class RouteTable:
+    """Arrow routing of a step's routed tokens over U = the union of their experts (ascending slots).
+
+    tokens       [T_r] int64   token row (flat batch) of each routed token
+    experts      [U] int64     pool slot of each routing expert, ascending
+    allowed      [T_r, U] bool expert u is in token t's library
+    top_k        [T_r, 1] int64   experts kept per token (1 <= top_k <= U)
+    temperature  [T_r, 1] float32 softmax temperature per token (> 0)
+    k_max        host int: max(top_k), the width of the one topk call
+    rows         [P] int64     LoRA row of each (t, u) library pair
+    pairs        [P] int64     t * U + u of that pair
+    """
+
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    allowed: torch.Tensor
+    top_k: torch.Tensor
+    temperature: torch.Tensor
+    k_max: int
+    rows: torch.Tensor
+    pairs: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class LoraRows:
+    """LoRA rows when they are not the step's tokens 1:1 (mixtures, routing).
+
+    token   [n_rows] int64      token row each LoRA row reads x from and adds its delta into
+    weight  [n_rows, 1] float32 1 (single adapter), w_i (mixture expert), 0 (routed: set per layer)
+    route   the routing of the routed rows, or None
+    Rows are in the order of the segment table built over them (ascending slot).
+    """
+
+    token: torch.Tensor
+    weight: torch.Tensor
+    route: RouteTable | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.token.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class DoraTokens:
+    """The step's tokens of DoRA adapters: token [T_d] int64 rows, slot [T_d] int64 their pool slots."""
+
+    token: torch.Tensor
+    slot: torch.Tensor
+
+    @staticmethod
+    def build(tokens: Sequence[int], slots: Sequence[int], device: torch.device | str) -> "DoraTokens":
+        buf = array("q", tokens)
+        buf.extend(slots)
+        dev = torch.frombuffer(buf, dtype=torch.int64).to(device, copy=True)
+        return DoraTokens(dev[: len(tokens)], dev[len(tokens):])
+
+
+class RowPlan:
+    """Host builder of one step's LoRA rows: runs of tokens, each on one slot (single adapter or
+    mixture expert, with a weight) or routed among a library of slots. `build` sorts the rows by
+    slot (stable: runs keep their order within a slot), giving the segment lists and LoraRows."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, list[tuple[int, int, float, int]]] = {}  # slot -> (start, n, weight, route or -1)
+        self._routes: list[tuple[int, int, tuple[int, ...], int, float]] = []  # (start, n, slots, top_k, temp)
+
+    def add(self, slot: int, start: int, n: int, weight: float = 1.0) -> None:
+        """Tokens [start, start+n) get weight * (the delta of the adapter in `slot`)."""
+        if n > 0:
+            self._runs.setdefault(slot, []).append((start, n, float(weight), -1))
+
+    def add_routed(self, slots: Sequence[int], start: int, n: int, top_k: int, temperature: float) -> None:
+        """Tokens [start, start+n) are routed (Arrow) among the adapters in `slots` (repeats collapse)."""
+        lib = tuple(sorted(set(int(s) for s in slots)))
+        if n <= 0 or not lib:
+            return
+        rid = len(self._routes)
+        self._routes.append((start, n, lib, max(1, min(int(top_k), len(lib))), float(temperature)))
+        for s in lib:
+            self._runs.setdefault(s, []).append((start, n, 0.0, rid))
+
+    @property
+    def empty(self) -> bool:
+        return not self._runs
+
+    def build(self, device: torch.device | str) -> tuple[list[int], list[int], LoraRows]:
+        """-> (seg_lens, seg_slots, rows): the segment lists over rows (ascending slots) and the
+        rows table, in two uploads (int64 and float32 buffers). Cost O(rows + library pairs)."""
+        seg_lens, seg_slots = [], []
+        ints, floats = array("q"), array("f")
+        # routed token offsets and the union of routing experts
+        r0, at = [], 0
+        for start, n, *_ in self._routes:
+            r0.append(at)
+            at += n
+        n_routed = at
+        experts = sorted({s for _, _, lib, _, _ in self._routes for s in lib})
+        u_of = {s: u for u, s in enumerate(experts)}
+        U = len(experts)
+        route_rows, pairs = array("q"), array("q")
+        for slot in sorted(self._runs):
+            total = 0
+            for start, n, w, rid in self._runs[slot]:
+                if rid >= 0:
+                    u, t0 = u_of[slot], r0[rid]
+                    route_rows.extend(range(len(ints), len(ints) + n))
+                    pairs.extend(range(t0 * U + u, (t0 + n) * U + u, U))
+                ints.extend(range(start, start + n))
+                floats.extend([w] * n)
+                total += n
+            seg_slots.append(slot)
+            seg_lens.append(total)
+        n_rows = len(ints)
+        route = None
+        if self._routes:
+            allowed = bytearray(n_routed * U)
+            tokens, top_k, temps = array("q"), array("q"), array("f")
+            for (start, n, lib, k, temp), t0 in zip(self._routes, r0):
+                tokens.extend(range(start, start + n))
+                top_k.extend([k] * n)
+                temps.extend([temp] * n)
+                us = [u_of[s] for s in lib]
+                for t in range(t0, t0 + n):
+                    for u in us:
+                        allowed[t * U + u] = 1
+            for part in (tokens, experts, allowed, top_k, route_rows, pairs):
+                ints.extend(part)
+            floats.extend(temps)
+        idev = torch.frombuffer(ints, dtype=torch.int64).to(device, copy=True) if ints else \
+            torch.zeros(0, dtype=torch.int64, device=device)
+        fdev = torch.frombuffer(floats, dtype=torch.float32).to(device, copy=True) if floats else \
+            torch.zeros(0, dtype=torch.float32, device=device)
+        if self._routes:
+            at = n_rows
+            views = []
+            for size in (n_routed, U, n_routed * U, n_routed, len(route_rows), len(pairs)):
+                views.append(idev[at: at + size])
+                at += size
+            k_max = max(k for _, _, _, k, _ in self._routes)
+            route = RouteTable(tokens=views[0], experts=views[1], allowed=views[2].view(n_routed, U).bool(),
+                               top_k=views[3].view(n_routed, 1), temperature=fdev[n_rows:].view(n_routed, 1),
+                               k_max=k_max, rows=views[4], pairs=views[5])
+        rows = LoraRows(token=idev[:n_rows], weight=fdev[:n_rows].view(n_rows, 1), route=route)
+        return seg_lens, seg_slots, rows
+
+
+def arrow_weights(x: torch.Tensor, protos: torch.Tensor, proto_valid: torch.Tensor,
+                  route: RouteTable) -> torch.Tensor:
+    """Arrow routing weights of the routed tokens at one layer/group.
+
+    x [T, in] (the layer input of the whole batch), protos [N, n_slices, in] (each slot's unit
+    prototype per fused slice), proto_valid [N, n_slices] bool (the slot's adapter targets that
+    slice) -> weight [T_r, U, n_slices] float32: per (token, slice) a softmax over the token's
+    top_k library experts by |x . proto| / temperature, 0 elsewhere; all 0 where none is valid.
+    Logits are computed in float32.
+    """
+    n_t, n_u = route.allowed.shape
+    p = protos.index_select(0, route.experts)  # [U, n_s, in]
+    n_s = p.shape[1]
+    xr = x.index_select(0, route.tokens).float()
+    logits = (xr @ p.reshape(n_u * n_s, -1).float().T).abs_().view(n_t, n_u, n_s)
+    valid = route.allowed.unsqueeze(2) & proto_valid.index_select(0, route.experts).unsqueeze(0)
+    logits.masked_fill_(~valid, float("-inf"))
+    vals, idx = logits.topk(route.k_max, dim=1)  # [T_r, k_max, n_s]
+    ranks = torch.arange(route.k_max, device=x.device).view(1, -1, 1)
+    vals.masked_fill_(ranks >= route.top_k.unsqueeze(2), float("-inf"))  # each token keeps its own top_k
+    z = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals) / route.temperature.unsqueeze(2)
+    # softmax over experts that is 0 (not NaN) where every logit is -inf: shift by the max where
+    # finite; the kept maximum contributes exp(0) = 1, so a non-empty sum is >= 1
+    m = z.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = (z - m).exp_()
+    return e / e.sum(dim=1, keepdim=True).clamp_min_(1.0)
+
+
+def row_weights(rows: LoraRows, x: torch.Tensor, n_slices: int, protos: torch.Tensor | None = None,
+                proto_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's weight per slice: [n_rows, 1] (no routing) or [n_rows, n_slices] float32."""
+    if rows.route is None:
+        return rows.weight
+    if protos is None or proto_valid is None:
+        raise ValueError("routed rows need the layer's prototypes and their validity")
+    r = rows.route
+    aw = arrow_weights(x, protos, proto_valid, r).view(-1, n_slices)  # [(T_r*U), n_s]
+    w = rows.weight.expand(rows.num_rows, n_slices).contiguous()
+    return w.index_copy_(0, r.rows, aw.index_select(0, r.pairs))
+
+
+def add_lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
+                  slice_offsets: Sequence[int], rows: LoraRows, protos: torch.Tensor | None = None,
+                  proto_valid: torch.Tensor | None = None, backend: str | None = None) -> None:
+    """y[token] += sum over its rows of weight * (B A x[token]), per fused slice. In place.
+
+    y [T, out_total] and x [T, in] (fp32/bf16), a [N, n_slices*R, in], b [N, out_total, R] (B
+    pre-scaled), seg: the segment table over rows (num_tokens == rows.num_rows), rows: LoraRows.
+    protos [N, n_slices, in] / proto_valid [N, n_slices]: this layer/group's prototypes, needed
+    only when rows.route is set. Rows' deltas are summed in float32 and added to y once.
+    """
+    if seg.num_tokens == 0:
+        return
+    if seg.num_tokens != rows.num_rows:
+        raise ValueError(f"segment table over {seg.num_tokens} rows, LoraRows has {rows.num_rows}")
+    n_slices = len(slice_offsets) - 1
+    r_pad = b.shape[2]
+    n = rows.num_rows
+    xr = x.index_select(0, rows.token)
+    h = lora_shrink(xr, a, seg, n_slices=n_slices, backend=backend)  # [n_rows, n_s*R] float32
+    w = row_weights(rows, x, n_slices, protos, proto_valid)
+    h.view(n, -1, r_pad).mul_(w.unsqueeze(2))
+    delta = torch.zeros(n, y.shape[1], dtype=torch.float32, device=y.device)
+    lora_expand(delta, h, b, seg, slice_offsets, backend=backend)
+    if y.dtype == torch.float32:
+        y.index_add_(0, rows.token, delta)
+    else:  # sum a token's rows in float32, then one rounding into y
+        acc = torch.zeros(y.shape, dtype=torch.float32, device=y.device).index_add_(0, rows.token, delta)
+        y += acc.to(y.dtype)
+
+
+def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, tokens: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    """In place, for the DoRA tokens: y[t] = g * y[t] + (1 - g) * bias, g = scale[slot of t].
+
+    tokens [T_d] int64 (distinct token rows), slots [T_d] int64 (their adapters' pool slots),
+    y [T, out_total] (after the base linear with its bias and the LoRA add), bias [out_total] or
+    None (then y[t] *= g), scale [N, out_total] float32 (1.0 where the slot is not DoRA or its
+    adapter does not target that output). Math in float32, one rounding into y.
+    """
+    if tokens.numel() == 0:
+        return
+    g = scale.index_select(0, slots)
+    yt = y.index_select(0, tokens).float().mul_(g)
+    if bias is not None:
+        yt += (1.0 - g) * bias.float()
+    y.index_copy_(0, tokens, yt.to(y.dtype))

@@ -13,24 +13,37 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from kernels import LoraSegments, add_lora
+from kernels import DoraTokens, LoraRows, LoraSegments, RowPlan, add_lora, add_lora_rows, dora_rescale
 from server.adapters.slots import LoraSlots
 
 from .availability import triton_unavailable
 
 
 class LoraStep:
-    """One step's LoRA (implements the decoder's `LoraApplier`): the segment table + the pool."""
+    """One step's LoRA (implements the decoder's `LoraApplier`): the segment table + the pool,
+    the rows when some token mixes or routes adapters (else the table is over tokens), and the
+    step's DoRA tokens (None: no DoRA work at all)."""
 
-    def __init__(self, kernel: str, slots: LoraSlots, segments: LoraSegments):
+    def __init__(self, kernel: str, slots: LoraSlots, segments: LoraSegments, rows: LoraRows | None = None,
+                 dora: DoraTokens | None = None):
         self.kernel = kernel
         self.slots = slots
         self.segments = segments
+        self.rows = rows
+        self.dora = dora
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
         s = self.slots
-        add_lora(y, x, s.layer_a[module][layer], s.layer_b[module][layer], self.segments, s.offsets[module],
-                 backend=self.kernel)
+        a, b, offsets = s.layer_a[group][layer], s.layer_b[group][layer], s.offsets[group]
+        if self.rows is None:
+            add_lora(y, x, a, b, self.segments, offsets, backend=self.kernel)
+        elif self.rows.route is None:
+            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, backend=self.kernel)
+        else:
+            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, s.layer_proto[group][layer],
+                          s.layer_proto_valid[group][layer], backend=self.kernel)
+        if self.dora is not None:
+            dora_rescale(y, bias, s.layer_dora[group][layer], self.dora.token, self.dora.slot)
 
 
 class LoraBackend(ABC):
@@ -50,9 +63,19 @@ class LoraBackend(ABC):
         ascending slots), with this backend's kernel layout only, in one upload."""
         return LoraSegments.build(seg_lens, seg_slots, seg_ranks, num_slots, self.device, layouts=(self.name,))
 
-    def applier(self, slots: LoraSlots, segments: LoraSegments) -> LoraStep:
+    def rows(self, plan: RowPlan, slot_rank: Sequence[int], num_slots: int) -> tuple[LoraSegments, LoraRows]:
+        """The step's rows (mixtures, routing) and the segment table over them, on this device."""
+        seg_lens, seg_slots, rows = plan.build(self.device)
+        return self.segments(seg_lens, seg_slots, [slot_rank[s] for s in seg_slots], num_slots), rows
+
+    def dora(self, tokens: Sequence[int], slots: Sequence[int]) -> DoraTokens:
+        """The step's DoRA tokens (token rows, their slots) on this device, in one upload."""
+        return DoraTokens.build(tokens, slots, self.device)
+
+    def applier(self, slots: LoraSlots, segments: LoraSegments, rows: LoraRows | None = None,
+                dora: DoraTokens | None = None) -> LoraStep:
         """The step's LoRA over the slot pool, on this backend's kernels."""
-        return LoraStep(self.name, slots, segments)
+        return LoraStep(self.name, slots, segments, rows, dora)
 
 
 class TorchLora(LoraBackend):

@@ -139,6 +139,24 @@ def add_lora_rows_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
         y[t] = (y[t].float() + d).to(y.dtype)
 
 
+def add_lora_routed_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        slice_offsets: Sequence[int], route: "RouteTable", protos: torch.Tensor,
+                        proto_valid: torch.Tensor) -> None:
+    """Dense-mode routing, one routed token and expert at a time: y[t] += sum_u w[t,u,j] B_u,j A_u,j x[t]
+    (every rank row: the pool is zero past each adapter's rank), float32, h rounded to b's dtype."""
+    n_slices = len(slice_offsets) - 1
+    r_pad = b.shape[2]
+    aw = arrow_weights_ref(x, protos, proto_valid, route)
+    for i, t in enumerate(route.tokens.tolist()):
+        d = torch.zeros(y.shape[1])
+        for u, slot in enumerate(route.experts.tolist()):
+            for j in range(n_slices):
+                lo, hi = slice_offsets[j], slice_offsets[j + 1]
+                h = (a[slot, j * r_pad:(j + 1) * r_pad].float() @ x[t].float()) * float(aw[i, u, j])
+                d[lo:hi] += b[slot, lo:hi].float() @ h.to(b.dtype).float()
+        y[t] = (y[t].float() + d).to(y.dtype)
+
+
 def dora_rescale_ref(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
                      tokens: torch.Tensor, slots: torch.Tensor) -> None:
     """One DoRA token at a time: y[t] = g * y[t] + (1 - g) * bias (float32), g = scale[slot]."""

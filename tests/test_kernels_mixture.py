@@ -4,7 +4,8 @@ checks: a float64 dense sum of w_i B_i A_i x for single adapters and mixtures, P
 ArrowLoraLinearLayer.forward for routed tokens, the DoRA formula with the base weight for DoRA.
 
 Batches mix single-adapter, mixture, routed and base-only tokens, experts of different ranks,
-1 to 3 fused slices, experts that do not target a slice (no routing there), fp32 and bf16.
+1 to 3 fused slices, experts that do not target a slice (no routing there), fp32 and bf16;
+routed tokens both ways (dense against every routing expert, or as LoRA rows).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch  # noqa: E402
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer  # noqa: E402
 from peft.tuners.lora.config import ArrowConfig  # noqa: E402
 
-from kernels import (LoraSegments, RowPlan, add_lora, add_lora_rows, arrow_weights,  # noqa: E402
-                     dora_rescale, reference)
+from kernels import (LoraSegments, RowPlan, add_lora, add_lora_routed, add_lora_rows,  # noqa: E402
+                     arrow_weights, dora_rescale, reference)
 
 try:
     from kernels import triton_sgmv
@@ -81,7 +82,10 @@ SCENES = {
 }
 
 
-def make(scene: Scene, dtype, seed=0):
+MODES = {"dense": float("inf"), "rows": 0.0}  # RowPlan.build's dense_slack forcing each routing mode
+
+
+def make(scene: Scene, dtype, seed=0, mode="dense", device="cpu"):
     """Random pool honouring the pool contract (zero past each adapter's rank; inactive slots
     hold large garbage), unit prototypes, the rows plan and its segment table."""
     g = torch.Generator().manual_seed(seed)
@@ -116,11 +120,30 @@ def make(scene: Scene, dtype, seed=0):
         elif kind == "route":
             plan.add_routed(spec[0], at, n, spec[1], spec[2])
         at += n
-    seg_lens, seg_slots, rows = plan.build("cpu")
-    seg = LoraSegments.build(seg_lens, seg_slots, [scene.ranks[s] for s in seg_slots], N, "cpu")
-    cv = lambda t: t.to(dtype)  # noqa: E731
-    return SimpleNamespace(seg=seg, rows=rows, x=cv(x), a=cv(a), b=cv(b), y=cv(y), protos=cv(protos),
-                           valid=valid)
+    p = plan.build(device, dense_slack=MODES[mode])
+    seg = LoraSegments.build(p.seg_lens, p.seg_slots, [scene.ranks[s] for s in p.seg_slots], N, device)
+    cv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, x=cv(x), a=cv(a), b=cv(b), y=cv(y),
+                           protos=cv(protos), valid=valid.to(device))
+
+
+def run_fast(t, y, offsets, backend):
+    """The step's LoRA as LoraStep runs it: rows (or tokens), then dense routed tokens."""
+    if t.rows is None:
+        add_lora(y, t.x, t.a, t.b, t.seg, offsets, backend=backend)
+    else:
+        add_lora_rows(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid, backend=backend)
+    if t.dense is not None:
+        add_lora_routed(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
+
+
+def run_ref(t, y, offsets):
+    if t.rows is None:
+        reference.add_lora_ref(y, t.x, t.a, t.b, t.seg, offsets)
+    else:
+        reference.add_lora_rows_ref(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid)
+    if t.dense is not None:
+        reference.add_lora_routed_ref(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
 
 
 def peft_arrow_delta(x, a_list, b_list, protos, top_k, temperature):
@@ -189,13 +212,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # ---------------------------------------------------------------- the oracles themselves
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(SCENES))
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_reference_matches_dense_and_peft(name, dt):
+def test_reference_matches_dense_and_peft(name, dt, mode):
     sc = SCENES[name]
-    t = make(sc, DTYPES[dt], seed=1)
+    t = make(sc, DTYPES[dt], seed=1, mode=mode)
+    assert (t.dense is not None) == (mode == "dense") and (t.rows.route is not None) == (mode == "rows")
     y = t.y.clone()
-    reference.add_lora_rows_ref(y, t.x, t.a, t.b, t.seg, sc.offsets, t.rows, t.protos, t.valid)
+    run_ref(t, y, sc.offsets)
     check(y, dense_expected(sc, t), t.y, sc, loose=dt == "bf16")
 
 
@@ -203,7 +228,7 @@ def test_reference_matches_dense_and_peft(name, dt):
 def test_arrow_weights_match_reference(name):
     sc = SCENES[name]
     t = make(sc, torch.float32, seed=2)
-    route = t.rows.route
+    route = t.dense
     w = arrow_weights(t.x, t.protos, t.valid, route)
     w_ref = reference.arrow_weights_ref(t.x, t.protos, t.valid, route)
     assert w.shape == w_ref.shape and w.dtype == torch.float32
@@ -218,13 +243,14 @@ def test_arrow_weights_match_reference(name):
     assert torch.equal(sums[n_valid == 0], torch.zeros_like(sums[n_valid == 0]))
 
 
-def test_no_valid_expert_gives_zero_delta():
+@pytest.mark.parametrize("mode", list(MODES))
+def test_no_valid_expert_gives_zero_delta(mode):
     # the "qkv_mixed" route over slots 6 and 7: neither targets slice 1, so nothing is added there
     sc = SCENES["qkv_mixed"]
-    t = make(sc, torch.float32, seed=3)
+    t = make(sc, torch.float32, seed=3, mode=mode)
     at = sum(c[1] for c in sc.chunks[:7])
     y = t.y.clone()
-    add_lora_rows(y, t.x, t.a, t.b, t.seg, sc.offsets, t.rows, t.protos, t.valid, backend="torch")
+    run_fast(t, y, sc.offsets, "torch")
     lo, hi = sc.offsets[1], sc.offsets[2]
     assert torch.equal(y[at:at + 2, lo:hi], t.y[at:at + 2, lo:hi])
     assert not torch.equal(y[at:at + 2, :lo], t.y[at:at + 2, :lo])
@@ -239,8 +265,9 @@ def test_rows_of_single_adapters_equal_add_lora():
     slots = [1, 1, 2, 4, 7]
     for tok, s in zip(order, slots):
         plan.add(s, tok, 1)
-    lens, sl, rows = plan.build("cpu")
-    assert sl == [1, 2, 4, 7] and lens == [2, 1, 1, 1]
+    p = plan.build("cpu")
+    lens, sl, rows = p.seg_lens, p.seg_slots, p.rows
+    assert sl == [1, 2, 4, 7] and lens == [2, 1, 1, 1] and p.dense is None
     seg_rows = LoraSegments.build(lens, sl, [sc.ranks[s] for s in sl], sc.num_slots, "cpu")
     y = t.y.clone()
     add_lora_rows(y, t.x, t.a, t.b, seg_rows, sc.offsets, rows, backend="torch")
@@ -256,8 +283,9 @@ def test_plan_tables():
     plan.add(3, 0, 2, 0.5)
     plan.add_routed([5, 3, 3], 2, 2, top_k=4, temperature=0.5)  # repeats collapse; k clamps to 2
     plan.add(1, 4, 1)
-    lens, slots, rows = plan.build("cpu")
-    assert slots == [1, 3, 5] and lens == [1, 4, 2]
+    p = plan.build("cpu", dense_slack=0.0)  # routed pairs as rows
+    lens, slots, rows = p.seg_lens, p.seg_slots, p.rows
+    assert slots == [1, 3, 5] and lens == [1, 4, 2] and p.dense is None
     assert rows.token.tolist() == [4, 0, 1, 2, 3, 2, 3]
     assert rows.weight.view(-1).tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
     r = rows.route
@@ -265,22 +293,46 @@ def test_plan_tables():
     assert r.allowed.tolist() == [[True, True], [True, True]]
     assert r.top_k.view(-1).tolist() == [2, 2] and r.temperature.view(-1).tolist() == [0.5, 0.5]
     assert r.rows.tolist() == [3, 4, 5, 6] and r.pairs.tolist() == [0, 2, 1, 3]
+    d = plan.build("cpu")  # one library: dense by default; the routed tokens are in no row
+    assert d.seg_slots == [1, 3] and d.seg_lens == [1, 2] and d.rows.route is None
+    assert d.rows.token.tolist() == [4, 0, 1] and d.dense.rows is None and d.dense.tokens.tolist() == [2, 3]
+
+
+def test_plan_routing_mode_and_identity_rows():
+    # singles first in slot order + routes over one library: no rows table at all (add_lora's path)
+    plan = RowPlan()
+    plan.add(2, 0, 3)
+    plan.add(5, 3, 1)
+    plan.add_routed([1, 2, 5], 4, 2, top_k=2, temperature=1.0)
+    plan.add_routed([5, 2, 1], 6, 1, top_k=1, temperature=1.0)
+    p = plan.build("cpu")
+    assert p.rows is None and p.seg_slots == [2, 5] and p.seg_lens == [3, 1]
+    assert p.dense.experts.tolist() == [1, 2, 5] and p.dense.tokens.tolist() == [4, 5, 6]
+    assert p.dense.k_max == 2 and p.dense.top_k.view(-1).tolist() == [2, 2, 1]
+    # disjoint libraries: 3 tokens x 6 experts > 1.5 x 9 pairs -> routed pairs as rows
+    plan = RowPlan()
+    plan.add_routed([1, 2, 3], 0, 2, top_k=2, temperature=1.0)
+    plan.add_routed([4, 5, 6], 2, 1, top_k=2, temperature=1.0)
+    p = plan.build("cpu")
+    assert p.dense is None and p.rows.route is not None and p.rows.num_rows == 9
+    assert p.rows.route.allowed.tolist() == [[True] * 3 + [False] * 3] * 2 + [[False] * 3 + [True] * 3]
 
 
 # ---------------------------------------------------------------- torch (CPU fast path)
 
-def _run(sc: Scene, dt: str, backend: str, seed: int):
-    t = make(sc, DTYPES[dt], seed=seed)
+def _run(sc: Scene, dt: str, backend: str, seed: int, mode: str):
+    t = make(sc, DTYPES[dt], seed=seed, mode=mode)
     y_ref, y = t.y.clone(), t.y.clone()
-    reference.add_lora_rows_ref(y_ref, t.x, t.a, t.b, t.seg, sc.offsets, t.rows, t.protos, t.valid)
-    add_lora_rows(y, t.x, t.a, t.b, t.seg, sc.offsets, t.rows, t.protos, t.valid, backend=backend)
+    run_ref(t, y_ref, sc.offsets)
+    run_fast(t, y, sc.offsets, backend)
     check(y, y_ref, t.y, sc, loose=dt == "bf16")
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(SCENES))
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_torch_rows_match_reference(name, dt):
-    _run(SCENES[name], dt, "torch", seed=5)
+def test_torch_rows_match_reference(name, dt, mode):
+    _run(SCENES[name], dt, "torch", seed=5, mode=mode)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -331,7 +383,7 @@ needs_interp = pytest.mark.skipif(not INTERP, reason="Triton interpreter not act
 @pytest.mark.parametrize("name", list(SCENES))
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_triton_interp_rows_match_reference(name, dt):
-    _run(SCENES[name], dt, "triton", seed=8)
+    _run(SCENES[name], dt, "triton", seed=8, mode="rows")
 
 
 @pytest.mark.skipif(INTERP or CUDA or not HAVE_TRITON or CHILD,
@@ -346,31 +398,22 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @needs_cuda
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(SCENES))
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_cuda_rows_match_reference_without_host_sync(name, dt):
+def test_cuda_matches_reference_without_host_sync(name, dt, mode):
     sc = SCENES[name]
-    t = make(sc, DTYPES[dt], seed=9)
-    y_ref = t.y.clone()
-    reference.add_lora_rows_ref(y_ref, t.x, t.a, t.b, t.seg, sc.offsets, t.rows, t.protos, t.valid)
-    cu = lambda v: v.cuda()  # noqa: E731
-    starts = t.seg.seg_starts
-    seg = LoraSegments.build([e - s for s, e in zip(starts, starts[1:])], t.seg.seg_slots, t.seg.seg_ranks,
-                             sc.num_slots, "cuda")
-    rows = _rows_to(t.rows, "cuda")
-    y = cu(t.y)
+    ref, t = make(sc, DTYPES[dt], seed=9, mode=mode), make(sc, DTYPES[dt], seed=9, mode=mode, device="cuda")
+    y_ref, y = ref.y.clone(), t.y.clone()
+    run_ref(ref, y_ref, sc.offsets)
+    scale = torch.rand(sc.num_slots, y.shape[1], device="cuda") + 0.5
+    tokens, slots = torch.tensor([0, 3], device="cuda"), torch.tensor([2, 4], device="cuda")
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync inside the ops raises
     try:
-        add_lora_rows(y, cu(t.x), cu(t.a), cu(t.b), seg, sc.offsets, rows, cu(t.protos), cu(t.valid))
-        dora_rescale(y, None, torch.ones(sc.num_slots, y.shape[1], device="cuda"), rows.token[:1], cu(torch.tensor([1])))
+        run_fast(t, y, sc.offsets, "triton")
+        dora_rescale(y, None, scale, tokens, slots)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    check(y.cpu(), y_ref, t.y, sc, loose=dt == "bf16")
-
-
-def _rows_to(rows, device):
-    from dataclasses import replace
-    r = rows.route
-    route = None if r is None else replace(r, **{f: getattr(r, f).to(device) for f in
-                                                ("tokens", "experts", "allowed", "top_k", "temperature", "rows", "pairs")})
-    return replace(rows, token=rows.token.to(device), weight=rows.weight.to(device), route=route)
+    reference.dora_rescale_ref(y_ref, None, scale.cpu(), tokens.cpu(), slots.cpu())
+    check(y.cpu(), y_ref, ref.y, sc, loose=dt == "bf16")

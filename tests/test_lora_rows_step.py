@@ -74,7 +74,8 @@ def test_mixed_step_layout_and_deltas():
     singles = [c[2] for c in laid_out.chunks if c[0] == "single"]
     assert kinds[-1] == "base" and singles == sorted(singles)
     assert all(k in ("mix", "route") for k in kinds[len(singles):-1])
-    assert step.rows is not None and step.rows.route is not None
+    assert step.rows is not None and step.rows.route is None  # mixtures as rows,
+    assert step.routed is not None  # routes dense: their libraries overlap
     assert step.dora is not None and step.dora.slot.tolist() == [4]  # the one slot-4 token
     bias = torch.randn(t.y.shape[1], generator=torch.Generator().manual_seed(5))
     y = t.y.clone()
@@ -103,3 +104,27 @@ def test_dora_without_bias_in_a_single_adapter_step():
     y = t.y.clone()
     step.apply(0, "qkv", t.x, y, None)
     check(y, expected_with_dora(laid_out, t, dora, torch.zeros(t.y.shape[1])), t.y, laid_out, loose=True)
+
+
+def test_single_adapters_with_routes_keep_tokens_and_route_dense():
+    sc = SCENES["gateup_decode"]
+    lib = [0, 3, 5, 9, 10]
+    chunks = [fake_chunk("route", 2, lib, 3, 1.0), fake_chunk("single", 1, 10), fake_chunk("base", 1),
+              fake_chunk("single", 2, 0), fake_chunk("route", 1, lib, 1, 0.5)]
+    laid_out, t, step, _ = step_for(sc, chunks)
+    assert step.rows is None and step.segments.seg_slots == (0, 10)  # singles over tokens, as before
+    assert step.routed.tokens.tolist() == [3, 4, 5]
+    y = t.y.clone()
+    step.apply(0, "qkv", t.x, y, None)
+    check(y, dense_expected(laid_out, t), t.y, laid_out, loose=False)
+
+
+def test_disjoint_libraries_route_as_rows():
+    sc = SCENES["gateup_decode"]
+    chunks = [fake_chunk("route", 1, [0, 3], 1, 1.0), fake_chunk("route", 1, [5, 9], 2, 1.0),
+              fake_chunk("route", 1, [10], 1, 1.0), fake_chunk("single", 1, 3)]
+    laid_out, t, step, _ = step_for(sc, chunks, dtype=torch.bfloat16)
+    assert step.routed is None and step.rows.route is not None and step.rows.num_rows == 6
+    y = t.y.clone()
+    step.apply(0, "qkv", t.x, y, None)
+    check(y, dense_expected(laid_out, t), t.y, laid_out, loose=True)

@@ -101,10 +101,10 @@ class ModelRunner:
     def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
                        ) -> tuple[list[ScheduledChunk], LoraStep]:
         """Order chunks by adapter slot (single-adapter chunks, then mixtures and routes, base-only
-        last); the LoRA backend builds the step's table. Steps whose tokens each use one adapter
-        get a table over tokens; once a chunk mixes or routes adapters (`request.experts`) the
-        table is over LoRA rows (kernels/mixture.py). DoRA tokens (single adapters only) are
-        listed when there are any. Host work O(chunks + rows)."""
+        last); the LoRA backend builds the step's tables. Steps whose tokens each use one adapter
+        get a table over tokens, as before mixtures existed; once a chunk mixes or routes adapters
+        (`request.experts`) the tables come from a RowPlan (kernels/row_plan.py). DoRA tokens
+        (single adapters only) are listed when there are any. Host work O(chunks + rows)."""
         slot_of = step_lora.slot_of
         base = step_lora.num_slots
 
@@ -145,11 +145,8 @@ class ModelRunner:
                 else:  # Route
                     plan.add_routed(slots, at, n, experts.top_k, experts.temperature)
             at += n
-        rows = None
-        if plan is not None:
-            table, rows = self.lora.rows(plan, step_lora.slot_rank, base)
-        else:
-            ranks = [step_lora.slot_rank[s] for s in seg_slots]
-            table = self.lora.segments(seg_lens, seg_slots, ranks, base)
         dora = self.lora.dora(dora_tokens, dora_slots) if dora_tokens else None
-        return ordered, self.lora.applier(step_lora.slots, table, rows, dora)
+        if plan is not None:
+            return ordered, self.lora.planned(step_lora.slots, plan, step_lora.slot_rank, base, dora)
+        table = self.lora.segments(seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots], base)
+        return ordered, self.lora.applier(step_lora.slots, table, dora)

@@ -44,6 +44,7 @@ class RouteTable:
     top_k        [T_r, 1] int64   experts kept per token (1 <= top_k <= U)
     temperature  [T_r, 1] float32 softmax temperature per token (> 0)
     k_max        host int: max(top_k), the width of the one topk call
+    rank_ok      [T_r, k_max, 1] bool  rank r < top_k of the token (its kept topk positions)
     rows mode only (None in dense mode):
     rows         [P] int64     LoRA row of each (t, u) library pair
     pairs        [P] int64     t * U + u of that pair
@@ -55,6 +56,7 @@ class RouteTable:
     top_k: torch.Tensor
     temperature: torch.Tensor
     k_max: int
+    rank_ok: torch.Tensor
     rows: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
 
@@ -94,17 +96,14 @@ def arrow_weights(x: torch.Tensor, protos: torch.Tensor, proto_valid: torch.Tens
     xr = x.index_select(0, route.tokens).float()
     logits = (xr @ p.reshape(n_u * n_s, -1).float().T).abs_().view(n_t, n_u, n_s)
     valid = route.allowed.unsqueeze(2) & proto_valid.index_select(0, route.experts).unsqueeze(0)
-    logits.masked_fill_(~valid, float("-inf"))
+    logits.masked_fill_(~valid, -1.0)  # |x . proto| >= 0, so -1 marks experts taking no part
     vals, idx = logits.topk(route.k_max, dim=1)  # [T_r, k_max, n_s]
-    ranks = torch.arange(route.k_max, device=x.device).view(1, -1, 1)
-    vals.masked_fill_(ranks >= route.top_k.unsqueeze(2), float("-inf"))  # each token keeps its own top_k
-    z = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals) / route.temperature.unsqueeze(2)
-    # softmax over experts that is 0 (not NaN) where every logit is -inf: shift by the max where
-    # finite; the kept maximum contributes exp(0) = 1, so a non-empty sum is >= 1
-    m = z.amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = (z - m).exp_()
-    return e / e.sum(dim=1, keepdim=True).clamp_min_(1.0)
+    keep = (vals >= 0) & route.rank_ok  # a valid expert within the token's own top_k
+    drop = ~keep
+    z = vals.div_(route.temperature.unsqueeze(2)).masked_fill_(drop, float("-inf"))
+    # a (token, slice) with nothing kept softmaxes to NaN; the last fill makes it all 0
+    soft = torch.softmax(z, dim=1).masked_fill_(drop, 0.0)
+    return torch.zeros_like(logits).scatter_(1, idx, soft)
 
 
 def row_weights(rows: LoraRows, x: torch.Tensor, n_slices: int, protos: torch.Tensor | None = None,
@@ -176,11 +175,12 @@ def add_lora_routed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     xr = xr if xr.dtype == a.dtype else xr.to(a.dtype)
     h = (xr @ a_u.view(n_u * n_s * r_pad, -1).T).float().view(n_t, n_u, n_s, r_pad)
     h = h.mul_(w.unsqueeze(3)).to(b.dtype)
-    b_t = b.transpose(1, 2).index_select(0, route.experts).view(n_u * r_pad, -1)  # [(U*R), out_total]
+    # [out_total, U*R]: gathered, then moved in R-long blocks (measured faster than transposing B)
+    b_u = b.index_select(0, route.experts).permute(1, 0, 2).reshape(b.shape[1], n_u * r_pad)
     delta = torch.empty(n_t, b.shape[1], dtype=b.dtype, device=y.device)
     for j in range(n_s):  # static: at most 3 fused slices
         lo, hi = slice_offsets[j], slice_offsets[j + 1]
-        torch.mm(h[:, :, j].reshape(n_t, n_u * r_pad), b_t[:, lo:hi], out=delta[:, lo:hi])
+        torch.mm(h[:, :, j].reshape(n_t, n_u * r_pad), b_u[lo:hi].T, out=delta[:, lo:hi])
     y.index_add_(0, route.tokens, delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
 

@@ -114,32 +114,34 @@ class RowPlan:
         if identity:
             del ints[:], floats[:]
         at_route = len(ints)
+        k_max = max((k for _, _, _, k, _ in self._routes), default=0)
         if self._routes:
             allowed = bytearray(n_routed * n_u)
-            top_k, temps = array("q"), array("f")
+            top_k, temps, rank_ok = array("q"), array("f"), array("q")
             for (start, n, lib, k, temp), t0 in zip(self._routes, t0s):
                 ints.extend(range(start, start + n))
                 top_k.extend([k] * n)
                 temps.extend([temp] * n)
+                rank_ok.extend(([1] * k + [0] * (k_max - k)) * n)
                 us = [u_of[s] for s in lib]
                 for t in range(t0, t0 + n):
                     for u in us:
                         allowed[t * n_u + u] = 1
-            for part in (experts, allowed, top_k, route_rows, pairs):
+            for part in (experts, allowed, top_k, rank_ok, route_rows, pairs):
                 ints.extend(part)
             floats.extend(temps)
         idev, fdev = _upload(ints, torch.int64, device), _upload(floats, torch.float32, device)
         route = None
         if self._routes:
             views, at = [], at_route
-            for size in (n_routed, n_u, n_routed * n_u, n_routed, len(route_rows), len(pairs)):
+            for size in (n_routed, n_u, n_routed * n_u, n_routed, n_routed * k_max, len(route_rows), len(pairs)):
                 views.append(idev[at: at + size])
                 at += size
             route = RouteTable(
                 tokens=views[0], experts=views[1], allowed=views[2].view(n_routed, n_u).bool(),
                 top_k=views[3].view(n_routed, 1), temperature=fdev[at_route:].view(n_routed, 1),
-                k_max=max(k for _, _, _, k, _ in self._routes),
-                rows=None if dense else views[4], pairs=None if dense else views[5])
+                k_max=k_max, rank_ok=views[4].view(n_routed, k_max, 1).bool(),
+                rows=None if dense else views[5], pairs=None if dense else views[6])
         rows = None if identity else LoraRows(token=idev[:n_rows], weight=fdev[:n_rows].view(n_rows, 1),
                                               route=None if dense else route)
         return StepRows(seg_lens, seg_slots, rows, route if dense else None)

@@ -180,7 +180,7 @@ def add_lora_routed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     delta = torch.empty(n_t, b.shape[1], dtype=b.dtype, device=y.device)
     for j in range(n_s):  # static: at most 3 fused slices
         lo, hi = slice_offsets[j], slice_offsets[j + 1]
-        torch.mm(h[:, :, j].reshape(n_t, n_u * r_pad), b_u[lo:hi].T, out=delta[:, lo:hi])
+        delta[:, lo:hi] = h[:, :, j].reshape(n_t, n_u * r_pad) @ b_u[lo:hi].T
     y.index_add_(0, route.tokens, delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
 

@@ -122,9 +122,11 @@ def make(scene: Scene, dtype, seed=0, mode="dense", device="cpu"):
         at += n
     p = plan.build(device, dense_slack=MODES[mode])
     seg = LoraSegments.build(p.seg_lens, p.seg_slots, [scene.ranks[s] for s in p.seg_slots], N, device)
-    cv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, x=cv(x), a=cv(a), b=cv(b), y=cv(y),
-                           protos=cv(protos), valid=valid.to(device))
+    xdt, wdt = dtype if isinstance(dtype, tuple) else (dtype, dtype)  # activations, LoRA weights
+    cx = lambda t: t.to(device=device, dtype=xdt)  # noqa: E731
+    cw = lambda t: t.to(device=device, dtype=wdt)  # noqa: E731
+    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, x=cx(x), a=cw(a), b=cw(b), y=cx(y),
+                           protos=cw(protos), valid=valid.to(device))
 
 
 def run_fast(t, y, offsets, backend):
@@ -321,16 +323,19 @@ def test_plan_routing_mode_and_identity_rows():
 # ---------------------------------------------------------------- torch (CPU fast path)
 
 def _run(sc: Scene, dt: str, backend: str, seed: int, mode: str):
-    t = make(sc, DTYPES[dt], seed=seed, mode=mode)
+    t = make(sc, DTYPES.get(dt) or MIXED_DTYPES[dt], seed=seed, mode=mode)
     y_ref, y = t.y.clone(), t.y.clone()
     run_ref(t, y_ref, sc.offsets)
     run_fast(t, y, sc.offsets, backend)
-    check(y, y_ref, t.y, sc, loose=dt == "bf16")
+    check(y, y_ref, t.y, sc, loose=dt != "fp32")
+
+
+MIXED_DTYPES = {"x_bf16_w_fp32": (torch.bfloat16, torch.float32), "x_fp32_w_bf16": (torch.float32, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(SCENES))
-@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("dt", list(DTYPES) + list(MIXED_DTYPES))
 def test_torch_rows_match_reference(name, dt, mode):
     _run(SCENES[name], dt, "torch", seed=5, mode=mode)
 

@@ -340,6 +340,17 @@ def test_torch_rows_match_reference(name, dt, mode):
     _run(SCENES[name], dt, "torch", seed=5, mode=mode)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SCENES))
+def test_torch_path_matches_dense_and_peft_directly(name, mode):
+    # not only through the oracle: the fast path itself against float64 sums and PEFT's Arrow forward
+    sc = SCENES[name]
+    t = make(sc, torch.float32, seed=10, mode=mode)
+    y = t.y.clone()
+    run_fast(t, y, sc.offsets, "torch")
+    check(y, dense_expected(sc, t), t.y, sc, loose=False)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_dora_rescale(with_bias, dt):

@@ -1,6 +1,7 @@
 """Slow, obvious per-segment torch loops: the oracle the fast paths are tested against.
 
-Semantics the fast paths must match:
+Semantics the fast paths must match (the mixture/routing/DoRA oracles at the end follow
+kernels/mixture.py's docstring, one token at a time):
   * only rows [0, num_tokens) of y are touched; h has exactly num_tokens rows;
   * segment i uses pool row seg_slots[i] and only its first seg_ranks[i] rank columns of
     every slice; h columns at padded ranks are exactly 0;
@@ -10,11 +11,14 @@ Semantics the fast paths must match:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .segments import LoraSegments
+
+if TYPE_CHECKING:
+    from .mixture import LoraRows, RouteTable
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
@@ -84,3 +88,79 @@ def add_lora_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
         lo, hi = slice_offsets[j], slice_offsets[j + 1]
         d = torch.einsum("tr,tor->to", h[:, j], bg[:, lo:hi])
         y[:nt, lo:hi] = (y[:nt, lo:hi].double() + d).to(y.dtype)
+
+
+def arrow_weights_ref(x: torch.Tensor, protos: torch.Tensor, proto_valid: torch.Tensor,
+                      route: "RouteTable") -> torch.Tensor:
+    """Per routed token and slice: sort the valid library experts by |x . proto| (float32), keep
+    the token's top_k, softmax(kept / temperature). -> [T_r, U, n_slices] float32."""
+    tokens, experts = route.tokens.tolist(), route.experts.tolist()
+    allowed, valid = route.allowed.tolist(), proto_valid.tolist()
+    top_k, temps = route.top_k.view(-1).tolist(), route.temperature.view(-1).tolist()
+    n_s = protos.shape[1]
+    w = torch.zeros(len(tokens), len(experts), n_s)
+    for t, tok in enumerate(tokens):
+        xt = x[tok].float()
+        for j in range(n_s):
+            cands = sorted(((abs(float(xt @ protos[e, j].float())), u) for u, e in enumerate(experts)
+                            if allowed[t][u] and valid[e][j]), reverse=True)[: top_k[t]]
+            if cands:
+                soft = torch.softmax(torch.tensor([v for v, _ in cands]) / temps[t], dim=0)
+                for (_, u), p in zip(cands, soft.tolist()):
+                    w[t, u, j] = p
+    return w
+
+
+def add_lora_rows_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
+                      slice_offsets: Sequence[int], rows: "LoraRows", protos: torch.Tensor | None = None,
+                      proto_valid: torch.Tensor | None = None) -> None:
+    """One row at a time: y[token] += weight_j * B_j A_j x[token] for each slice j, summed per
+    token in float32 (h rounded to b's dtype before expand, as the fast paths)."""
+    n_slices = len(slice_offsets) - 1
+    r_pad = b.shape[2]
+    tokens, weights = rows.token.tolist(), rows.weight.view(-1).tolist()
+    per_slice = [[w] * n_slices for w in weights]
+    if rows.route is not None:
+        aw = arrow_weights_ref(x, protos, proto_valid, rows.route)
+        n_u = aw.shape[1]
+        for r, p in zip(rows.route.rows.tolist(), rows.route.pairs.tolist()):
+            per_slice[r] = aw[p // n_u, p % n_u].tolist()
+    acc: dict[int, torch.Tensor] = {}
+    for i in range(seg.num_segments):
+        slot, rank = seg.seg_slots[i], seg.seg_ranks[i]
+        for r in range(seg.seg_starts[i], seg.seg_starts[i + 1]):
+            t = tokens[r]
+            d = acc.setdefault(t, torch.zeros(y.shape[1]))
+            for j in range(n_slices):
+                lo, hi = slice_offsets[j], slice_offsets[j + 1]
+                h = (a[slot, j * r_pad: j * r_pad + rank].float() @ x[t].float()) * per_slice[r][j]
+                d[lo:hi] += b[slot, lo:hi, :rank].float() @ h.to(b.dtype).float()
+    for t, d in acc.items():
+        y[t] = (y[t].float() + d).to(y.dtype)
+
+
+def add_lora_routed_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        slice_offsets: Sequence[int], route: "RouteTable", protos: torch.Tensor,
+                        proto_valid: torch.Tensor) -> None:
+    """Dense-mode routing, one routed token and expert at a time: y[t] += sum_u w[t,u,j] B_u,j A_u,j x[t]
+    (every rank row: the pool is zero past each adapter's rank), float32, h rounded to b's dtype."""
+    n_slices = len(slice_offsets) - 1
+    r_pad = b.shape[2]
+    aw = arrow_weights_ref(x, protos, proto_valid, route)
+    for i, t in enumerate(route.tokens.tolist()):
+        d = torch.zeros(y.shape[1])
+        for u, slot in enumerate(route.experts.tolist()):
+            for j in range(n_slices):
+                lo, hi = slice_offsets[j], slice_offsets[j + 1]
+                h = (a[slot, j * r_pad:(j + 1) * r_pad].float() @ x[t].float()) * float(aw[i, u, j])
+                d[lo:hi] += b[slot, lo:hi].float() @ h.to(b.dtype).float()
+        y[t] = (y[t].float() + d).to(y.dtype)
+
+
+def dora_rescale_ref(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                     tokens: torch.Tensor, slots: torch.Tensor) -> None:
+    """One DoRA token at a time: y[t] = g * y[t] + (1 - g) * bias (float32), g = scale[slot]."""
+    for t, s in zip(tokens.tolist(), slots.tolist()):
+        g = scale[s].float()
+        b = bias.float() if bias is not None else torch.zeros_like(g)
+        y[t] = (g * y[t].float() + (1 - g) * b).to(y.dtype)

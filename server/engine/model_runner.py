@@ -8,10 +8,12 @@ table (both backends chosen at engine start: server/engine/backends/).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
 
+from kernels import RowPlan
 from server.adapters.manager import StepLora
 from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, StepBatch
 from server.engine.request import Sequence
@@ -53,8 +55,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None) -> StepResult:
-        """Run one step. `step_lora`: every chunk's adapter placed in a device slot (see
-        AdapterManager.activate); their tokens are laid out grouped by slot, base-only tokens last."""
+        """Run one step. `step_lora`: every chunk's adapters placed in device slots (see
+        AdapterManager.activate); tokens are laid out single-adapter ones grouped by slot, then
+        mixtures and routes, base-only tokens last."""
         lora_step = None
         if step_lora is not None:
             chunks, lora_step = self._group_by_slot(chunks, step_lora)
@@ -97,21 +100,53 @@ class ModelRunner:
 
     def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
                        ) -> tuple[list[ScheduledChunk], LoraStep]:
-        """Order chunks by adapter slot (base-only last); the LoRA backend builds the step's table."""
+        """Order chunks by adapter slot (single-adapter chunks, then mixtures and routes, base-only
+        last); the LoRA backend builds the step's tables. Steps whose tokens each use one adapter
+        get a table over tokens, as before mixtures existed; once a chunk mixes or routes adapters
+        (`request.experts`) the tables come from a RowPlan (kernels/row_plan.py). DoRA tokens
+        (single adapters only) are listed when there are any. Host work O(chunks + rows)."""
         slot_of = step_lora.slot_of
         base = step_lora.num_slots
-        ordered = sorted(chunks, key=lambda c: slot_of[c.seq.adapter] if c.seq.adapter is not None else base)
+
+        def order(c: ScheduledChunk) -> int:
+            if c.seq.adapter is not None:
+                return slot_of[c.seq.adapter]
+            return base if c.seq.request.experts is not None else base + 1
+
+        ordered = sorted(chunks, key=order)
+        is_dora = step_lora.slots.slot_dora
+        plan = RowPlan() if any(order(c) == base for c in ordered) else None
         seg_lens: list[int] = []
         seg_slots: list[int] = []
+        dora_tokens, dora_slots = array("q"), array("q")
+        at = 0
         for c in ordered:
-            if c.seq.adapter is None:
-                break
-            slot = slot_of[c.seq.adapter]
-            if seg_slots and seg_slots[-1] == slot:
-                seg_lens[-1] += c.num_tokens
+            n = c.num_tokens
+            if c.seq.adapter is not None:
+                slot = slot_of[c.seq.adapter]
+                if plan is not None:
+                    plan.add(slot, at, n)
+                elif seg_slots and seg_slots[-1] == slot:
+                    seg_lens[-1] += n
+                else:
+                    seg_slots.append(slot)
+                    seg_lens.append(n)
+                if is_dora[slot]:
+                    dora_tokens.extend(range(at, at + n))
+                    dora_slots.extend([slot] * n)
             else:
-                seg_slots.append(slot)
-                seg_lens.append(c.num_tokens)
-        ranks = [step_lora.slot_rank[s] for s in seg_slots]
-        table = self.lora.segments(seg_lens, seg_slots, ranks, step_lora.num_slots)
-        return ordered, self.lora.applier(step_lora.slots, table)
+                experts = c.seq.request.experts
+                if experts is None:
+                    break  # base-only chunks come last
+                slots = [slot_of[ref] for ref in experts.adapters]
+                if hasattr(experts, "weights"):  # Mixture
+                    for slot, w in zip(slots, experts.weights):
+                        plan.add(slot, at, n, w)
+                else:  # Route
+                    plan.add_routed(slots, at, n, experts.top_k, experts.temperature)
+            at += n
+        dora = self.lora.dora(dora_tokens, dora_slots) if dora_tokens else None
+        if plan is not None:
+            return ordered, self.lora.planned(step_lora.slots, plan, step_lora.slot_rank, base, dora)
+        table = self.lora.segments(seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots], base)
+        return ordered, self.lora.applier(step_lora.slots, table, dora)

@@ -25,8 +25,9 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 class LoraApplier(Protocol):
     """Adds each token's adapter delta to a base projection output, in place."""
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """module in ("qkv", "o", "gate_up", "down"); x [T, in], y [T, out]."""
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """group in ("qkv", "o", "gate_up", "down"); x [T, in], y [T, out] = x W^T + bias; bias [out]
+        or None (DoRA rescales the non-bias part of y)."""
 
 
 class AttentionStep(Protocol):
@@ -114,5 +115,5 @@ class DecoderModel:
         """The base fused linear, plus this step's adapter deltas (if any) for the same group."""
         y = F.linear(x, weight, bias)
         if lora is not None:
-            lora.apply(layer, group, x, y)
+            lora.apply(layer, group, x, y, bias)
         return y

@@ -13,24 +13,42 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from kernels import LoraSegments, add_lora
+from kernels import (DoraTokens, LoraRows, LoraSegments, RouteTable, RowPlan, add_lora, add_lora_routed,
+                     add_lora_rows, dora_rescale)
 from server.adapters.slots import LoraSlots
 
 from .availability import triton_unavailable
 
 
 class LoraStep:
-    """One step's LoRA (implements the decoder's `LoraApplier`): the segment table + the pool."""
+    """One step's LoRA (implements the decoder's `LoraApplier`): the segment table + the pool;
+    `rows` when the table is over LoRA rows (mixtures, routed pairs), else it is over tokens;
+    `routed`: the routed tokens that run dense; `dora`: the DoRA tokens. None: no such work."""
 
-    def __init__(self, kernel: str, slots: LoraSlots, segments: LoraSegments):
+    def __init__(self, kernel: str, slots: LoraSlots, segments: LoraSegments, rows: LoraRows | None = None,
+                 routed: RouteTable | None = None, dora: DoraTokens | None = None):
         self.kernel = kernel
         self.slots = slots
         self.segments = segments
+        self.rows = rows
+        self.routed = routed
+        self.dora = dora
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
         s = self.slots
-        add_lora(y, x, s.layer_a[module][layer], s.layer_b[module][layer], self.segments, s.offsets[module],
-                 backend=self.kernel)
+        a, b, offsets = s.layer_a[group][layer], s.layer_b[group][layer], s.offsets[group]
+        if self.rows is None:
+            add_lora(y, x, a, b, self.segments, offsets, backend=self.kernel)
+        elif self.rows.route is None:
+            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, backend=self.kernel)
+        else:
+            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, s.layer_proto[group][layer],
+                          s.layer_proto_valid[group][layer], backend=self.kernel)
+        if self.routed is not None:
+            add_lora_routed(y, x, a, b, offsets, self.routed, s.layer_proto[group][layer],
+                            s.layer_proto_valid[group][layer])
+        if self.dora is not None:
+            dora_rescale(y, bias, s.layer_dora[group][layer], self.dora.token, self.dora.slot)
 
 
 class LoraBackend(ABC):
@@ -50,9 +68,20 @@ class LoraBackend(ABC):
         ascending slots), with this backend's kernel layout only, in one upload."""
         return LoraSegments.build(seg_lens, seg_slots, seg_ranks, num_slots, self.device, layouts=(self.name,))
 
-    def applier(self, slots: LoraSlots, segments: LoraSegments) -> LoraStep:
-        """The step's LoRA over the slot pool, on this backend's kernels."""
-        return LoraStep(self.name, slots, segments)
+    def planned(self, slots: LoraSlots, plan: RowPlan, slot_rank: Sequence[int], num_slots: int,
+                dora: DoraTokens | None = None) -> LoraStep:
+        """The step's LoRA from a row plan (mixtures, routing): its tables on this device."""
+        p = plan.build(self.device)
+        table = self.segments(p.seg_lens, p.seg_slots, [slot_rank[s] for s in p.seg_slots], num_slots)
+        return LoraStep(self.name, slots, table, p.rows, p.dense, dora)
+
+    def dora(self, tokens: Sequence[int], slots: Sequence[int]) -> DoraTokens:
+        """The step's DoRA tokens (token rows, their slots) on this device, in one upload."""
+        return DoraTokens.build(tokens, slots, self.device)
+
+    def applier(self, slots: LoraSlots, segments: LoraSegments, dora: DoraTokens | None = None) -> LoraStep:
+        """The step's LoRA over the slot pool (a table over tokens), on this backend's kernels."""
+        return LoraStep(self.name, slots, segments, dora=dora)
 
 
 class TorchLora(LoraBackend):

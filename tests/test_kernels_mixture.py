@@ -1,0 +1,435 @@
+"""LoRA over rows (mixtures, Arrow routing) and the DoRA rescale: the fast paths (torch, Triton
+under its interpreter on CPU) against kernels/reference.py, and the oracle against independent
+checks: a float64 dense sum of w_i B_i A_i x for single adapters and mixtures, PEFT's own
+ArrowLoraLinearLayer.forward for routed tokens, the DoRA formula with the base weight for DoRA.
+
+Batches mix single-adapter, mixture, routed and base-only tokens, experts of different ranks,
+1 to 3 fused slices, experts that do not target a slice (no routing there), fp32 and bf16;
+routed tokens both ways (dense against every routing expert, or as LoRA rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft.tuners.lora.arrow import ArrowLoraLinearLayer  # noqa: E402
+from peft.tuners.lora.config import ArrowConfig  # noqa: E402
+
+from kernels import (LoraSegments, RowPlan, add_lora, add_lora_routed, add_lora_rows,  # noqa: E402
+                     arrow_weights, dora_rescale, reference)
+
+try:
+    from kernels import triton_sgmv
+    INTERP = triton_sgmv.INTERPRETED
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton missing entirely
+    INTERP = HAVE_TRITON = False
+
+
+@dataclass
+class Scene:
+    """A pool (slot -> rank of its adapter; others hold garbage), the fused slices of one
+    projection, and the step's chunks in flat-batch order:
+      ("single", n, slot) | ("mix", n, [(slot, weight), ...]) | ("route", n, [slots], top_k, temp)
+      | ("base", n)
+    invalid: (slot, slice) pairs whose adapter does not target that slice."""
+
+    ranks: dict
+    num_slots: int
+    r_pad: int
+    in_dim: int
+    widths: list
+    chunks: list
+    invalid: tuple = ()
+
+    @property
+    def offsets(self):
+        offs = [0]
+        for w in self.widths:
+            offs.append(offs[-1] + w)
+        return tuple(offs)
+
+    @property
+    def num_tokens(self):
+        return sum(c[1] for c in self.chunks)
+
+
+SCENES = {
+    # fused qkv, odd sizes, mixed ranks; routes with a library where slots 6 and 7 both miss
+    # slice 1 (no expert there: delta 0), a route whose top_k exceeds its library, negative weights
+    "qkv_mixed": Scene(
+        {1: 8, 2: 3, 4: 5, 6: 1, 7: 8}, 8, 8, 37, [13, 7, 7],
+        [("single", 3, 2), ("mix", 2, [(1, 0.7), (4, 0.3)]), ("route", 4, [1, 2, 4, 6, 7], 3, 1.0),
+         ("base", 2), ("single", 1, 4), ("route", 1, [2, 6], 3, 0.5),
+         ("mix", 1, [(6, -0.5), (7, 1.5), (2, 1.0)]), ("route", 2, [6, 7], 1, 2.0), ("single", 2, 2)],
+        invalid=((6, 1), (7, 1), (4, 2))),
+    # gate_up-like decode: one token per chunk, two slices, several routes with different k/temp
+    "gateup_decode": Scene(
+        {0: 4, 3: 8, 5: 2, 9: 6, 10: 8}, 12, 8, 40, [24, 24],
+        [("route", 1, [0, 3, 5, 9, 10], 3, 1.0), ("single", 1, 3), ("mix", 1, [(0, 0.5), (10, 0.5)]),
+         ("route", 1, [0, 3, 5, 9, 10], 2, 0.3), ("base", 1), ("mix", 1, [(0, 0.25), (3, 0.25), (5, 0.25), (9, 0.25)]),
+         ("route", 1, [3, 9], 1, 1.0), ("single", 1, 10)],
+        invalid=((5, 0),)),
+    # one slice (down-like), a long routed prefill chunk next to a mixture prefill
+    "down_prefill": Scene(
+        {1: 16, 2: 7, 3: 12}, 4, 16, 48, [33],
+        [("mix", 9, [(1, 1.0), (3, -0.25)]), ("route", 17, [1, 2, 3], 2, 1.0), ("base", 3), ("single", 5, 2)]),
+}
+
+
+MODES = {"dense": float("inf"), "rows": 0.0}  # RowPlan.build's dense_slack forcing each routing mode
+
+
+def make(scene: Scene, dtype, seed=0, mode="dense", device="cpu"):
+    """Random pool honouring the pool contract (zero past each adapter's rank; inactive slots
+    hold large garbage), unit prototypes, the rows plan and its segment table."""
+    g = torch.Generator().manual_seed(seed)
+    n_s, R, N = len(scene.widths), scene.r_pad, scene.num_slots
+    out_total = sum(scene.widths)
+    a = torch.randn(N, n_s * R, scene.in_dim, generator=g) * 5
+    b = torch.randn(N, out_total, R, generator=g) * 5
+    for s, r in scene.ranks.items():
+        a[s] = torch.randn(n_s * R, scene.in_dim, generator=g) / scene.in_dim ** 0.5
+        b[s] = torch.randn(out_total, R, generator=g) / r ** 0.5
+        for j in range(n_s):
+            a[s, j * R + r:(j + 1) * R] = 0
+        b[s, :, r:] = 0
+    for s, j in scene.invalid:  # the adapter does not target slice j: zero weights there
+        a[s, j * R:(j + 1) * R] = 0
+        b[s, scene.offsets[j]:scene.offsets[j + 1]] = 0
+    protos = torch.nn.functional.normalize(torch.randn(N, n_s, scene.in_dim, generator=g), dim=-1)
+    valid = torch.ones(N, n_s, dtype=torch.bool)
+    for s, j in scene.invalid:
+        valid[s, j] = False
+        protos[s, j] = 0
+    T = scene.num_tokens
+    x = torch.randn(T, scene.in_dim, generator=g)
+    y = torch.randn(T, out_total, generator=g)
+    plan, at = RowPlan(), 0
+    for kind, n, *spec in scene.chunks:
+        if kind == "single":
+            plan.add(spec[0], at, n)
+        elif kind == "mix":
+            for slot, w in spec[0]:
+                plan.add(slot, at, n, w)
+        elif kind == "route":
+            plan.add_routed(spec[0], at, n, spec[1], spec[2])
+        at += n
+    p = plan.build(device, dense_slack=MODES[mode])
+    seg = LoraSegments.build(p.seg_lens, p.seg_slots, [scene.ranks[s] for s in p.seg_slots], N, device)
+    xdt, wdt = dtype if isinstance(dtype, tuple) else (dtype, dtype)  # activations, LoRA weights
+    cx = lambda t: t.to(device=device, dtype=xdt)  # noqa: E731
+    cw = lambda t: t.to(device=device, dtype=wdt)  # noqa: E731
+    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, x=cx(x), a=cw(a), b=cw(b), y=cx(y),
+                           protos=cw(protos), valid=valid.to(device))
+
+
+def run_fast(t, y, offsets, backend):
+    """The step's LoRA as LoraStep runs it: rows (or tokens), then dense routed tokens."""
+    if t.rows is None:
+        add_lora(y, t.x, t.a, t.b, t.seg, offsets, backend=backend)
+    else:
+        add_lora_rows(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid, backend=backend)
+    if t.dense is not None:
+        add_lora_routed(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
+
+
+def run_ref(t, y, offsets):
+    if t.rows is None:
+        reference.add_lora_ref(y, t.x, t.a, t.b, t.seg, offsets)
+    else:
+        reference.add_lora_rows_ref(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid)
+    if t.dense is not None:
+        reference.add_lora_routed_ref(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
+
+
+def peft_arrow_delta(x, a_list, b_list, protos, top_k, temperature):
+    """PEFT's own Arrow forward (ArrowLoraLinearLayer.forward) on float64 copies: x [n, in],
+    a_list[e] [R, in], b_list[e] [out, R] (already scaled), protos [E, in] -> delta [n, out]."""
+    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature)
+    names = [f"task_{i}" for i in range(len(a_list))]
+    cfg.task_adapter_names, cfg.gks_adapter_names = names, []
+    layer = ArrowLoraLinearLayer(x.shape[1], cfg)
+    layer.register_buffer("prototypes", protos.double(), persistent=False)
+    layer._protos_ready = True
+    lora_a = {n: SimpleNamespace(weight=w.double()) for n, w in zip(names, a_list)}
+    lora_b = {n: SimpleNamespace(weight=w.double()) for n, w in zip(names, b_list)}
+    out = layer.forward(x.double().unsqueeze(0), lora_a, lora_b, torch.nn.Identity(), {n: 1.0 for n in names})
+    return out.squeeze(0)
+
+
+def dense_expected(scene: Scene, t):
+    """Float64 y + delta from the scene's own description: sum_i w_i B_i A_i x per slice for
+    singles and mixtures, PEFT's Arrow forward per slice for routed chunks."""
+    R, offs = scene.r_pad, scene.offsets
+    a, b, x = t.a.double(), t.b.double(), t.x.double()
+    y = t.y.double().clone()
+    at = 0
+    for kind, n, *spec in scene.chunks:
+        xs = x[at:at + n]
+        for j in range(len(scene.widths)):
+            lo, hi = offs[j], offs[j + 1]
+            a_j = lambda s: a[s, j * R:(j + 1) * R]  # noqa: E731
+            if kind in ("single", "mix"):
+                for slot, w in ([(spec[0], 1.0)] if kind == "single" else spec[0]):
+                    y[at:at + n, lo:hi] += w * xs @ a_j(slot).T @ b[slot, lo:hi].T
+            elif kind == "route":
+                lib = [s for s in sorted(set(spec[0])) if (s, j) not in scene.invalid]
+                if lib:
+                    y[at:at + n, lo:hi] += peft_arrow_delta(
+                        xs, [a_j(s) for s in lib], [b[s, lo:hi] for s in lib],
+                        t.protos[lib, j], min(spec[1], len(lib)), spec[2])
+        at += n
+    return y
+
+
+def base_rows(scene: Scene):
+    at, rows = 0, []
+    for kind, n, *_ in scene.chunks:
+        if kind == "base":
+            rows.extend(range(at, at + n))
+        at += n
+    return rows
+
+
+def check(out, ref, y0, scene: Scene, loose: bool):
+    assert torch.isfinite(out).all()
+    base = base_rows(scene)
+    assert torch.equal(out[base], y0[base]), "base-only rows were modified"
+    lora = [i for i in range(scene.num_tokens) if i not in base]
+    delta = (ref[lora].double() - y0[lora].double()).norm()
+    assert delta > 0.1 * y0[lora].double().norm(), "test is vacuous: tiny delta"
+    err = (out[lora].double() - ref[lora].double()).norm() / ref[lora].double().norm()
+    tol = 1.5e-2 if loose else 1e-5
+    assert err < tol, f"relative error {err:.3g} >= {tol}"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- the oracles themselves
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SCENES))
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_reference_matches_dense_and_peft(name, dt, mode):
+    sc = SCENES[name]
+    t = make(sc, DTYPES[dt], seed=1, mode=mode)
+    assert (t.dense is not None) == (mode == "dense") and (t.rows.route is not None) == (mode == "rows")
+    y = t.y.clone()
+    run_ref(t, y, sc.offsets)
+    check(y, dense_expected(sc, t), t.y, sc, loose=dt == "bf16")
+
+
+@pytest.mark.parametrize("name", list(SCENES))
+def test_arrow_weights_match_reference(name):
+    sc = SCENES[name]
+    t = make(sc, torch.float32, seed=2)
+    route = t.dense
+    w = arrow_weights(t.x, t.protos, t.valid, route)
+    w_ref = reference.arrow_weights_ref(t.x, t.protos, t.valid, route)
+    assert w.shape == w_ref.shape and w.dtype == torch.float32
+    assert torch.allclose(w, w_ref, atol=1e-6, rtol=1e-5)
+    # per (token, slice): top_k weights summing to 1, or all 0 where no library expert is valid
+    nonzero = (w > 0).sum(dim=1)
+    k = route.top_k.view(-1, 1)
+    n_valid = (route.allowed.unsqueeze(2) & t.valid[route.experts].unsqueeze(0)).sum(dim=1)
+    assert torch.equal(nonzero, torch.minimum(k.expand_as(n_valid), n_valid))
+    sums = w.sum(dim=1)
+    assert torch.allclose(sums[n_valid > 0], torch.ones(()), atol=1e-6)
+    assert torch.equal(sums[n_valid == 0], torch.zeros_like(sums[n_valid == 0]))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_no_valid_expert_gives_zero_delta(mode):
+    # the "qkv_mixed" route over slots 6 and 7: neither targets slice 1, so nothing is added there
+    sc = SCENES["qkv_mixed"]
+    t = make(sc, torch.float32, seed=3, mode=mode)
+    at = sum(c[1] for c in sc.chunks[:7])
+    y = t.y.clone()
+    run_fast(t, y, sc.offsets, "torch")
+    lo, hi = sc.offsets[1], sc.offsets[2]
+    assert torch.equal(y[at:at + 2, lo:hi], t.y[at:at + 2, lo:hi])
+    assert not torch.equal(y[at:at + 2, :lo], t.y[at:at + 2, :lo])
+
+
+def test_rows_of_single_adapters_equal_add_lora():
+    # the rows path with weight-1 rows only is today's add_lora over the same tokens, in any token order
+    sc = SCENES["qkv_mixed"]
+    t = make(sc, torch.float32, seed=4)
+    plan = RowPlan()
+    order = [5, 0, 9, 1, 2]  # token rows, slots below ascending after sorting
+    slots = [1, 1, 2, 4, 7]
+    for tok, s in zip(order, slots):
+        plan.add(s, tok, 1)
+    p = plan.build("cpu")
+    lens, sl, rows = p.seg_lens, p.seg_slots, p.rows
+    assert sl == [1, 2, 4, 7] and lens == [2, 1, 1, 1] and p.dense is None
+    seg_rows = LoraSegments.build(lens, sl, [sc.ranks[s] for s in sl], sc.num_slots, "cpu")
+    y = t.y.clone()
+    add_lora_rows(y, t.x, t.a, t.b, seg_rows, sc.offsets, rows, backend="torch")
+    xs, ys = t.x[order], t.y[order].clone()
+    add_lora(ys, xs, t.a, t.b, seg_rows, sc.offsets, backend="torch")
+    assert torch.allclose(y[order], ys, atol=1e-6, rtol=1e-5)
+    rest = [i for i in range(sc.num_tokens) if i not in order]
+    assert torch.equal(y[rest], t.y[rest])
+
+
+def test_plan_tables():
+    plan = RowPlan()
+    plan.add(3, 0, 2, 0.5)
+    plan.add_routed([5, 3, 3], 2, 2, top_k=4, temperature=0.5)  # repeats collapse; k clamps to 2
+    plan.add(1, 4, 1)
+    p = plan.build("cpu", dense_slack=0.0)  # routed pairs as rows
+    lens, slots, rows = p.seg_lens, p.seg_slots, p.rows
+    assert slots == [1, 3, 5] and lens == [1, 4, 2] and p.dense is None
+    assert rows.token.tolist() == [4, 0, 1, 2, 3, 2, 3]
+    assert rows.weight.view(-1).tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    r = rows.route
+    assert r.tokens.tolist() == [2, 3] and r.experts.tolist() == [3, 5] and r.k_max == 2
+    assert r.allowed.tolist() == [[True, True], [True, True]]
+    assert r.top_k.view(-1).tolist() == [2, 2] and r.temperature.view(-1).tolist() == [0.5, 0.5]
+    assert r.rows.tolist() == [3, 4, 5, 6] and r.pairs.tolist() == [0, 2, 1, 3]
+    d = plan.build("cpu")  # one library: dense by default; the routed tokens are in no row
+    assert d.seg_slots == [1, 3] and d.seg_lens == [1, 2] and d.rows.route is None
+    assert d.rows.token.tolist() == [4, 0, 1] and d.dense.rows is None and d.dense.tokens.tolist() == [2, 3]
+
+
+def test_plan_routing_mode_and_identity_rows():
+    # singles first in slot order + routes over one library: no rows table at all (add_lora's path)
+    plan = RowPlan()
+    plan.add(2, 0, 3)
+    plan.add(5, 3, 1)
+    plan.add_routed([1, 2, 5], 4, 2, top_k=2, temperature=1.0)
+    plan.add_routed([5, 2, 1], 6, 1, top_k=1, temperature=1.0)
+    p = plan.build("cpu")
+    assert p.rows is None and p.seg_slots == [2, 5] and p.seg_lens == [3, 1]
+    assert p.dense.experts.tolist() == [1, 2, 5] and p.dense.tokens.tolist() == [4, 5, 6]
+    assert p.dense.k_max == 2 and p.dense.top_k.view(-1).tolist() == [2, 2, 1]
+    # disjoint libraries: 3 tokens x 6 experts > 1.5 x 9 pairs -> routed pairs as rows
+    plan = RowPlan()
+    plan.add_routed([1, 2, 3], 0, 2, top_k=2, temperature=1.0)
+    plan.add_routed([4, 5, 6], 2, 1, top_k=2, temperature=1.0)
+    p = plan.build("cpu")
+    assert p.dense is None and p.rows.route is not None and p.rows.num_rows == 9
+    assert p.rows.route.allowed.tolist() == [[True] * 3 + [False] * 3] * 2 + [[False] * 3 + [True] * 3]
+
+
+# ---------------------------------------------------------------- torch (CPU fast path)
+
+def _run(sc: Scene, dt: str, backend: str, seed: int, mode: str):
+    t = make(sc, DTYPES.get(dt) or MIXED_DTYPES[dt], seed=seed, mode=mode)
+    y_ref, y = t.y.clone(), t.y.clone()
+    run_ref(t, y_ref, sc.offsets)
+    run_fast(t, y, sc.offsets, backend)
+    check(y, y_ref, t.y, sc, loose=dt != "fp32")
+
+
+MIXED_DTYPES = {"x_bf16_w_fp32": (torch.bfloat16, torch.float32), "x_fp32_w_bf16": (torch.float32, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SCENES))
+@pytest.mark.parametrize("dt", list(DTYPES) + list(MIXED_DTYPES))
+def test_torch_rows_match_reference(name, dt, mode):
+    _run(SCENES[name], dt, "torch", seed=5, mode=mode)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SCENES))
+def test_torch_path_matches_dense_and_peft_directly(name, mode):
+    # not only through the oracle: the fast path itself against float64 sums and PEFT's Arrow forward
+    sc = SCENES[name]
+    t = make(sc, torch.float32, seed=10, mode=mode)
+    y = t.y.clone()
+    run_fast(t, y, sc.offsets, "torch")
+    check(y, dense_expected(sc, t), t.y, sc, loose=False)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_dora_rescale(with_bias, dt):
+    # DoRA tokens (slots 1 and 4) against PEFT's formula y = b + g * (x W^T + B A x) with the base
+    # weight; the other tokens (plain LoRA slot 2, base-only) untouched by the rescale
+    sc = SCENES["qkv_mixed"]
+    dtype = DTYPES[dt]
+    t = make(sc, dtype, seed=6)
+    g = torch.Generator().manual_seed(7)
+    out_total = sum(sc.widths)
+    w_base = (torch.randn(out_total, sc.in_dim, generator=g) / sc.in_dim ** 0.5).to(dtype)
+    bias = torch.randn(out_total, generator=g).to(dtype) if with_bias else None
+    scale = torch.ones(sc.num_slots, out_total)
+    scale[1] = 0.5 + torch.rand(out_total, generator=g)
+    scale[4] = 0.5 + torch.rand(out_total, generator=g)
+    lens, slots, tok_slots = [2, 3, 1], [1, 2, 4], [1, 1, 2, 2, 2, 4]  # 6 LoRA tokens, then 2 base-only
+    seg = LoraSegments.build(lens, slots, [sc.ranks[s] for s in slots], sc.num_slots, "cpu")
+    x = t.x[:8]
+    y = torch.nn.functional.linear(x, w_base, bias)
+    add_lora(y, x, t.a, t.b, seg, sc.offsets, backend="torch")
+    y0 = y.clone()
+    tokens, dslots = torch.tensor([0, 1, 5]), torch.tensor([1, 1, 4])
+    y_ref = y0.clone()
+    reference.dora_rescale_ref(y_ref, bias, scale, tokens, dslots)
+    dora_rescale(y, bias, scale, tokens, dslots)
+    assert torch.allclose(y.float(), y_ref.float(), atol=1e-6 if dt == "fp32" else 2e-2, rtol=1e-5)
+    assert torch.equal(y[2:5], y0[2:5]) and torch.equal(y[6:], y0[6:])
+    # independent: float64 PEFT formula per DoRA token
+    xd, R = x.double(), sc.r_pad
+    for tok in (0, 1, 5):
+        s = tok_slots[tok]
+        lora = torch.cat([xd[tok] @ t.a[s, j * R:(j + 1) * R].double().T
+                          @ t.b[s, sc.offsets[j]:sc.offsets[j + 1]].double().T for j in range(3)])
+        bb = bias.double() if bias is not None else 0.0
+        want = bb + scale[s].double() * (xd[tok] @ w_base.double().T + lora)
+        err = (y[tok].double() - want).norm() / want.norm()
+        assert err < (1e-5 if dt == "fp32" else 2e-2)
+
+
+# ---------------------------------------------------------------- Triton, interpreter on CPU
+
+needs_interp = pytest.mark.skipif(not INTERP, reason="Triton interpreter not active in-process")
+
+
+@needs_interp
+@pytest.mark.parametrize("name", list(SCENES))
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_triton_interp_rows_match_reference(name, dt):
+    _run(SCENES[name], dt, "triton", seed=8, mode="rows")
+
+
+@pytest.mark.skipif(INTERP or CUDA or not HAVE_TRITON or CHILD,
+                    reason="interpreter tests already ran in-process (or no triton)")
+def test_triton_interp_in_subprocess():
+    rerun_in_child(__file__)
+
+
+# ---------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SCENES))
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_cuda_matches_reference_without_host_sync(name, dt, mode):
+    sc = SCENES[name]
+    ref, t = make(sc, DTYPES[dt], seed=9, mode=mode), make(sc, DTYPES[dt], seed=9, mode=mode, device="cuda")
+    y_ref, y = ref.y.clone(), t.y.clone()
+    run_ref(ref, y_ref, sc.offsets)
+    scale = torch.rand(sc.num_slots, y.shape[1], device="cuda") + 0.5
+    tokens, slots = torch.tensor([0, 3], device="cuda"), torch.tensor([2, 4], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the ops raises
+    try:
+        run_fast(t, y, sc.offsets, "triton")
+        dora_rescale(y, None, scale, tokens, slots)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    reference.dora_rescale_ref(y_ref, None, scale.cpu(), tokens.cpu(), slots.cpu())
+    check(y.cpu(), y_ref, ref.y, sc, loose=dt == "bf16")

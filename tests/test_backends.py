@@ -235,7 +235,7 @@ def test_each_lora_backend_builds_only_its_layout(arch):
     assert s.tile_range(16)[1] == 2 and s.starts.tolist() == [0, 3, 5]
     x, y = torch.randn(5, arch.hidden_size), torch.zeros(5, slots.offsets["o"][-1])
     with pytest.raises(ValueError, match="built for \\('triton',\\), not for the 'torch' kernels"):
-        TorchLora(CPU).applier(slots, s).apply(0, "o", x, y)
+        TorchLora(CPU).applier(slots, s).apply(0, "o", x, y, None)
 
 
 def test_cpp_attention_plans_its_fallback_per_step(cases):

@@ -6,8 +6,7 @@ routes sharing batches with single-adapter and base requests.
 
 The numerics of mixtures and routing are checked against PEFT in tests/test_experts_parity.py;
 here only identities that hold for any correct implementation: a mixture of one adapter at
-weight 1, or a route over one expert, is that adapter alone. Those need the mixture runner
-(branch i12-k) and are marked xfail until it is merged.
+weight 1, or a route over one expert, is that adapter alone.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ KEYS = {"acme": "key-acme", "globex": "key-globex"}
 QV = dict(target_modules=["q_proj", "v_proj"])
 SHARED = ("a", "b", "c", "d")
 PROMPT = [5, 6, 7, 8, 9]  # token ids: exactly 5 prompt tokens
-NEEDS_K = pytest.mark.xfail(strict=False, reason="needs the i12-k runner")
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +220,13 @@ def test_mixture_and_route_run_from_the_openai_client(server):
     r = c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                   temperature=0, extra_body={"route": {"experts": ["a", "b", "c"], "top_k": 2,
                                                                        "temperature": 0.5}, "ignore_eos": True})
-    assert r.usage.completion_tokens == 4 and r.choices[0].message.content
+    # a random model's 4 tokens may decode to nothing printable: count them, not the text
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
     stream = c.completions.create(model=BASE, prompt="hello", max_tokens=4, temperature=0, stream=True,
                                   extra_body={"route": {"experts": ["a", "b"], "top_k": 1}, "ignore_eos": True})
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
 
 
-@NEEDS_K
 def test_one_expert_at_weight_one_is_that_adapter(server):
     single = completion(server, model="a", max_tokens=8)
     assert single != completion(server, max_tokens=8)  # the adapter changes the output: the check can fail

@@ -15,6 +15,7 @@ from test_kernels_mixture import SCENES, Scene, check, dense_expected, make
 from server.adapters.manager import StepLora
 from server.engine.backends.lora import TorchLora
 from server.engine.model_runner import ModelRunner
+from server.engine.request import Mixture, Route
 
 REFS = {s: f"ad{s}" for s in range(16)}  # adapter ref of each pool slot (any hashable works)
 
@@ -25,10 +26,10 @@ def fake_chunk(kind, n, *spec):
     if kind == "single":
         adapter = REFS[spec[0]]
     elif kind == "mix":
-        experts = SimpleNamespace(adapters=tuple(REFS[s] for s, _ in spec[0]), weights=tuple(w for _, w in spec[0]))
+        experts = Mixture(tuple(REFS[s] for s, _ in spec[0]), tuple(w for _, w in spec[0]))
     elif kind == "route":
-        experts = SimpleNamespace(adapters=tuple(REFS[s] for s in spec[0]), top_k=spec[1], temperature=spec[2])
-    seq = SimpleNamespace(adapter=adapter, request=SimpleNamespace(adapter=adapter, experts=experts))
+        experts = Route(tuple(REFS[s] for s in spec[0]), spec[1], spec[2])
+    seq = SimpleNamespace(adapter=adapter, experts=experts)
     return SimpleNamespace(seq=seq, num_tokens=n, spec=(kind, n, *spec))
 
 

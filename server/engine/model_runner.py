@@ -16,7 +16,7 @@ import torch
 from kernels import RowPlan
 from server.adapters.manager import StepLora
 from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, StepBatch
-from server.engine.request import Sequence
+from server.engine.request import Mixture, Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
 from server.model.decoder import DecoderModel
@@ -111,7 +111,7 @@ class ModelRunner:
         def order(c: ScheduledChunk) -> int:
             if c.seq.adapter is not None:
                 return slot_of[c.seq.adapter]
-            return base if c.seq.request.experts is not None else base + 1
+            return base if c.seq.experts is not None else base + 1
 
         ordered = sorted(chunks, key=order)
         is_dora = step_lora.slots.slot_dora
@@ -135,11 +135,11 @@ class ModelRunner:
                     dora_tokens.extend(range(at, at + n))
                     dora_slots.extend([slot] * n)
             else:
-                experts = c.seq.request.experts
+                experts = c.seq.experts
                 if experts is None:
                     break  # base-only chunks come last
                 slots = [slot_of[ref] for ref in experts.adapters]
-                if hasattr(experts, "weights"):  # Mixture
+                if isinstance(experts, Mixture):
                     for slot, w in zip(slots, experts.weights):
                         plan.add(slot, at, n, w)
                 else:  # Route

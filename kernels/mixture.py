@@ -13,6 +13,8 @@ Routed (Arrow) tokens run one of two ways, chosen per step on the host (kernels/
          (see the benchmark note in add_lora_routed);
   rows   (libraries mostly disjoint, so U is much larger than a token's library) one LoRA row
          per (token, library expert) pair, weighted per layer by its Arrow weight.
+Mixture tokens are chosen the same way: dense (MixTable: the step's mixtures share experts) with
+their fixed weights, or one row per (token, expert).
 
 Semantics (PEFT's; see the issue-12 design):
   mixture  delta(x) = sum_i w_i * B_i A_i x            (B pre-scaled by each expert's own s_i)
@@ -151,37 +153,68 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
         y += acc.to(y.dtype)
 
 
-def add_lora_routed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                    slice_offsets: Sequence[int], route: RouteTable, protos: torch.Tensor,
-                    proto_valid: torch.Tensor) -> None:
-    """Dense Arrow, in place: y[t] += sum_u weight[t, u, j] * B_u,j A_u,j x[t] per slice j, for the
-    routed tokens t (distinct rows) against all U experts of `route` at once.
+@dataclass(frozen=True, eq=False)
+class MixTable:
+    """Weighted mixtures run dense: every mixture token against all U experts of the step's
+    mixtures at once (the usual case: the step's mixtures share their experts).
+
+    tokens   [T_m] int64       token rows (flat batch) of the mixture tokens, distinct
+    experts  [U] int64         pool slots of the mixtures' experts, ascending
+    weight   [T_m, U, 1] float32  the token's weight of expert u (0: not in its mixture)
+    """
+
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    weight: torch.Tensor
+
+
+def add_lora_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   slice_offsets: Sequence[int], tokens: torch.Tensor, experts: torch.Tensor,
+                   weight: torch.Tensor) -> None:
+    """In place: y[t] += sum_u weight[t, u, j] * B_u,j A_u,j x[t] per slice j, for the tokens t
+    (distinct rows) against all U `experts` at once.
 
     y [T, out_total], x [T, in] (fp32/bf16), a [N, n_slices*R, in], b [N, out_total, R] (B
-    pre-scaled; zero past each adapter's rank), protos [N, n_slices, in], proto_valid
-    [N, n_slices] bool. Two GEMMs per slice group, K = U*R for the expand; U x the MACs of one
-    adapter per token, but at decode on CPU (SmolLM2-135M shapes, 32 tokens, top-3 of 8) it
-    measured ~1.7x faster than the same work as 8 LoRA rows per token.
+    pre-scaled; zero past each adapter's rank), tokens [T_d] int64, experts [U] int64 slots,
+    weight [T_d, U, n_slices or 1] float32. Two GEMMs per slice group, K = U*R for the expand:
+    U x the MACs of one adapter per token, but at decode on CPU (SmolLM2-135M shapes, 32 tokens,
+    top-3 of 8) it measured ~1.7x faster than the same work as 8 LoRA rows per token.
     """
-    n_t = route.tokens.shape[0]
+    n_t = tokens.shape[0]
     if n_t == 0:
         return
-    n_u = route.experts.shape[0]
+    n_u = experts.shape[0]
     n_s = len(slice_offsets) - 1
     r_pad = b.shape[2]
-    w = arrow_weights(x, protos, proto_valid, route)  # [T_r, U, n_s] float32
-    a_u = a.index_select(0, route.experts)  # [U, n_s*R, in]
-    xr = x.index_select(0, route.tokens)
+    a_u = a.index_select(0, experts)  # [U, n_s*R, in]
+    xr = x.index_select(0, tokens)
     xr = xr if xr.dtype == a.dtype else xr.to(a.dtype)
     h = (xr @ a_u.view(n_u * n_s * r_pad, -1).T).float().view(n_t, n_u, n_s, r_pad)
-    h = h.mul_(w.unsqueeze(3)).to(b.dtype)
+    h = h.mul_(weight.unsqueeze(3)).to(b.dtype)
     # [out_total, U*R]: gathered, then moved in R-long blocks (measured faster than transposing B)
-    b_u = b.index_select(0, route.experts).permute(1, 0, 2).reshape(b.shape[1], n_u * r_pad)
+    b_u = b.index_select(0, experts).permute(1, 0, 2).reshape(b.shape[1], n_u * r_pad)
     delta = torch.empty(n_t, b.shape[1], dtype=b.dtype, device=y.device)
     for j in range(n_s):  # static: at most 3 fused slices
         lo, hi = slice_offsets[j], slice_offsets[j + 1]
         delta[:, lo:hi] = h[:, :, j].reshape(n_t, n_u * r_pad) @ b_u[lo:hi].T
-    y.index_add_(0, route.tokens, delta if delta.dtype == y.dtype else delta.to(y.dtype))
+    y.index_add_(0, tokens, delta if delta.dtype == y.dtype else delta.to(y.dtype))
+
+
+def add_lora_routed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    slice_offsets: Sequence[int], route: RouteTable, protos: torch.Tensor,
+                    proto_valid: torch.Tensor) -> None:
+    """Dense Arrow, in place: the routed tokens of `route` against all its U experts at once,
+    weighted by arrow_weights (see add_lora_dense). protos [N, n_slices, in], proto_valid
+    [N, n_slices] bool."""
+    if route.tokens.shape[0]:
+        add_lora_dense(y, x, a, b, slice_offsets, route.tokens, route.experts,
+                       arrow_weights(x, protos, proto_valid, route))
+
+
+def add_lora_mixed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   slice_offsets: Sequence[int], mix: MixTable) -> None:
+    """Dense mixtures, in place: y[t] += sum_u w[t, u] * B_u A_u x[t] (see add_lora_dense)."""
+    add_lora_dense(y, x, a, b, slice_offsets, mix.tokens, mix.experts, mix.weight)
 
 
 def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, tokens: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 from .segments import LoraSegments
 
 if TYPE_CHECKING:
-    from .mixture import LoraRows, RouteTable
+    from .mixture import LoraRows, MixTable, RouteTable
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
@@ -153,6 +153,21 @@ def add_lora_routed_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
             for j in range(n_slices):
                 lo, hi = slice_offsets[j], slice_offsets[j + 1]
                 h = (a[slot, j * r_pad:(j + 1) * r_pad].float() @ x[t].float()) * float(aw[i, u, j])
+                d[lo:hi] += b[slot, lo:hi].float() @ h.to(b.dtype).float()
+        y[t] = (y[t].float() + d).to(y.dtype)
+
+
+def add_lora_mixed_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       slice_offsets: Sequence[int], mix: "MixTable") -> None:
+    """Dense-mode mixtures, one token and expert at a time: y[t] += sum_u w[t,u] B_u A_u x[t]
+    (every rank row: the pool is zero past each adapter's rank), float32, h rounded to b's dtype."""
+    r_pad = b.shape[2]
+    for i, t in enumerate(mix.tokens.tolist()):
+        d = torch.zeros(y.shape[1])
+        for u, slot in enumerate(mix.experts.tolist()):
+            for j in range(len(slice_offsets) - 1):
+                lo, hi = slice_offsets[j], slice_offsets[j + 1]
+                h = (a[slot, j * r_pad:(j + 1) * r_pad].float() @ x[t].float()) * float(mix.weight[i, u, 0])
                 d[lo:hi] += b[slot, lo:hi].float() @ h.to(b.dtype).float()
         y[t] = (y[t].float() + d).to(y.dtype)
 

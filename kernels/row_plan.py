@@ -14,12 +14,12 @@ from typing import Sequence
 
 import torch
 
-from .mixture import LoraRows, RouteTable
+from .mixture import LoraRows, MixTable, RouteTable
 
-# Routed tokens run dense (against every routing expert of the step, kernels/mixture.py) while
-# that is at most this many times the (token, library expert) pairs they need: the dense path
-# measured ~1.7x cheaper per pair than LoRA rows at decode (add_lora_routed), so it wins while
-# the step's routing libraries mostly overlap.
+# Routed (and mixture) tokens run dense (against every routing (mixture) expert of the step,
+# kernels/mixture.py) while that is at most this many times the (token, expert) pairs they need:
+# the dense path measured ~1.7x cheaper per pair than LoRA rows at decode (add_lora_dense), so it
+# wins while the step's libraries (mixtures) mostly share their experts.
 DENSE_SLACK = 1.5
 
 
@@ -49,6 +49,7 @@ class StepRows:
     seg_slots: list[int]
     rows: LoraRows | None
     dense: RouteTable | None
+    mixed: MixTable | None = None  # the mixture tokens when they run dense (then in no segment)
 
 
 def _upload(buf: array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -63,11 +64,18 @@ class RowPlan:
     def __init__(self) -> None:
         self._runs: dict[int, list[tuple[int, int, float]]] = {}  # slot -> (start, n, weight)
         self._routes: list[tuple[int, int, tuple[int, ...], int, float]] = []  # (start, n, lib, top_k, temp)
+        self._mixes: list[tuple[int, int, dict[int, float]]] = []  # (start, n, slot -> weight)
 
     def add(self, slot: int, start: int, n: int, weight: float = 1.0) -> None:
         """Tokens [start, start+n) get weight * (the delta of the adapter in `slot`)."""
         if n > 0:
             self._runs.setdefault(int(slot), []).append((start, n, float(weight)))
+
+    def add_mixture(self, slots: Sequence[int], weights: Sequence[float], start: int, n: int) -> None:
+        """Tokens [start, start+n) get sum_i weights[i] * (the delta of the adapter in slots[i])
+        (distinct slots): dense with the step's other mixtures, or as rows (`build` decides)."""
+        if n > 0 and slots:
+            self._mixes.append((start, n, {int(s): float(w) for s, w in zip(slots, weights)}))
 
     def add_routed(self, slots: Sequence[int], start: int, n: int, top_k: int, temperature: float) -> None:
         """Tokens [start, start+n) are routed (Arrow) among the adapters in `slots` (repeats
@@ -87,8 +95,16 @@ class RowPlan:
         n_u = len(experts)
         n_pairs = sum(n * len(lib) for _, n, lib, _, _ in self._routes)
         dense = bool(self._routes) and n_routed * n_u <= dense_slack * n_pairs
+        mix_experts = sorted({s for _, _, ws in self._mixes for s in ws})
+        n_mixed = sum(n for _, n, _ in self._mixes)
+        mix_dense = bool(self._mixes) and n_mixed * len(mix_experts) <= dense_slack * sum(
+            n * len(ws) for _, n, ws in self._mixes)
 
         runs = {s: [(start, n, w, -1) for start, n, w in r] for s, r in self._runs.items()}
+        if not mix_dense:
+            for start, n, ws in self._mixes:
+                for s, w in ws.items():
+                    runs.setdefault(s, []).append((start, n, w, -1))
         if not dense:
             for rid, (start, n, lib, _, _) in enumerate(self._routes):
                 for s in lib:
@@ -130,7 +146,25 @@ class RowPlan:
             for part in (experts, allowed, top_k, rank_ok, route_rows, pairs):
                 ints.extend(part)
             floats.extend(temps)
+        at_mix, at_mix_w = len(ints), len(floats)
+        if mix_dense:
+            u_m = {s: u for u, s in enumerate(mix_experts)}
+            weights = array("f", bytes(4 * n_mixed * len(mix_experts)))
+            t = 0
+            for start, n, ws in self._mixes:
+                ints.extend(range(start, start + n))
+                for _ in range(n):
+                    for s, w in ws.items():
+                        weights[t * len(mix_experts) + u_m[s]] = w
+                    t += 1
+            ints.extend(mix_experts)
+            floats.extend(weights)
         idev, fdev = _upload(ints, torch.int64, device), _upload(floats, torch.float32, device)
+        mixed = None
+        if mix_dense:
+            n_m = len(mix_experts)
+            mixed = MixTable(tokens=idev[at_mix:at_mix + n_mixed], experts=idev[at_mix + n_mixed:at_mix + n_mixed + n_m],
+                             weight=fdev[at_mix_w:at_mix_w + n_mixed * n_m].view(n_mixed, n_m, 1))
         route = None
         if self._routes:
             views, at = [], at_route
@@ -139,9 +173,9 @@ class RowPlan:
                 at += size
             route = RouteTable(
                 tokens=views[0], experts=views[1], allowed=views[2].view(n_routed, n_u).bool(),
-                top_k=views[3].view(n_routed, 1), temperature=fdev[at_route:].view(n_routed, 1),
+                top_k=views[3].view(n_routed, 1), temperature=fdev[at_route:at_route + n_routed].view(n_routed, 1),
                 k_max=k_max, rank_ok=views[4].view(n_routed, k_max, 1).bool(),
                 rows=None if dense else views[5], pairs=None if dense else views[6])
         rows = None if identity else LoraRows(token=idev[:n_rows], weight=fdev[:n_rows].view(n_rows, 1),
                                               route=None if dense else route)
-        return StepRows(seg_lens, seg_slots, rows, route if dense else None)
+        return StepRows(seg_lens, seg_slots, rows, route if dense else None, mixed)

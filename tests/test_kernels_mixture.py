@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer  # noqa: E402
 from peft.tuners.lora.config import ArrowConfig  # noqa: E402
 
-from kernels import (LoraSegments, RowPlan, add_lora, add_lora_routed, add_lora_rows,  # noqa: E402
-                     arrow_weights, dora_rescale, reference)
+from kernels import (LoraSegments, RowPlan, add_lora, add_lora_mixed, add_lora_routed,  # noqa: E402
+                     add_lora_rows, arrow_weights, dora_rescale, reference)
 
 try:
     from kernels import triton_sgmv
@@ -115,8 +115,7 @@ def make(scene: Scene, dtype, seed=0, mode="dense", device="cpu"):
         if kind == "single":
             plan.add(spec[0], at, n)
         elif kind == "mix":
-            for slot, w in spec[0]:
-                plan.add(slot, at, n, w)
+            plan.add_mixture([s for s, _ in spec[0]], [w for _, w in spec[0]], at, n)
         elif kind == "route":
             plan.add_routed(spec[0], at, n, spec[1], spec[2])
         at += n
@@ -125,16 +124,18 @@ def make(scene: Scene, dtype, seed=0, mode="dense", device="cpu"):
     xdt, wdt = dtype if isinstance(dtype, tuple) else (dtype, dtype)  # activations, LoRA weights
     cx = lambda t: t.to(device=device, dtype=xdt)  # noqa: E731
     cw = lambda t: t.to(device=device, dtype=wdt)  # noqa: E731
-    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, x=cx(x), a=cw(a), b=cw(b), y=cx(y),
+    return SimpleNamespace(seg=seg, rows=p.rows, dense=p.dense, mixed=p.mixed, x=cx(x), a=cw(a), b=cw(b), y=cx(y),
                            protos=cw(protos), valid=valid.to(device))
 
 
 def run_fast(t, y, offsets, backend):
-    """The step's LoRA as LoraStep runs it: rows (or tokens), then dense routed tokens."""
+    """The step's LoRA as LoraStep runs it: rows (or tokens), then dense mixtures and routed tokens."""
     if t.rows is None:
         add_lora(y, t.x, t.a, t.b, t.seg, offsets, backend=backend)
     else:
         add_lora_rows(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid, backend=backend)
+    if t.mixed is not None:
+        add_lora_mixed(y, t.x, t.a, t.b, offsets, t.mixed)
     if t.dense is not None:
         add_lora_routed(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
 
@@ -144,6 +145,8 @@ def run_ref(t, y, offsets):
         reference.add_lora_ref(y, t.x, t.a, t.b, t.seg, offsets)
     else:
         reference.add_lora_rows_ref(y, t.x, t.a, t.b, t.seg, offsets, t.rows, t.protos, t.valid)
+    if t.mixed is not None:
+        reference.add_lora_mixed_ref(y, t.x, t.a, t.b, offsets, t.mixed)
     if t.dense is not None:
         reference.add_lora_routed_ref(y, t.x, t.a, t.b, offsets, t.dense, t.protos, t.valid)
 
@@ -221,6 +224,7 @@ def test_reference_matches_dense_and_peft(name, dt, mode):
     sc = SCENES[name]
     t = make(sc, DTYPES[dt], seed=1, mode=mode)
     assert (t.dense is not None) == (mode == "dense") and (t.rows.route is not None) == (mode == "rows")
+    assert (t.mixed is not None) == (mode == "dense")
     y = t.y.clone()
     run_ref(t, y, sc.offsets)
     check(y, dense_expected(sc, t), t.y, sc, loose=dt == "bf16")
@@ -433,3 +437,19 @@ def test_cuda_matches_reference_without_host_sync(name, dt, mode):
         torch.cuda.set_sync_debug_mode(0)
     reference.dora_rescale_ref(y_ref, None, scale.cpu(), tokens.cpu(), slots.cpu())
     check(y.cpu(), y_ref, ref.y, sc, loose=dt == "bf16")
+
+
+def test_plan_tables_of_mixtures():
+    plan = RowPlan()
+    plan.add(2, 0, 1)
+    plan.add_mixture([4, 1], [0.75, -0.5], 1, 2)  # tokens 1, 2
+    plan.add_mixture([1], [2.0], 3, 1)  # token 3: shares expert 1
+    d = plan.build("cpu")  # 3 tokens x 2 experts <= 1.5 x 5 pairs: dense
+    assert d.seg_slots == [2] and d.rows is None and d.dense is None
+    m = d.mixed
+    assert m.tokens.tolist() == [1, 2, 3] and m.experts.tolist() == [1, 4]
+    assert m.weight.view(3, 2).tolist() == [[-0.5, 0.75], [-0.5, 0.75], [2.0, 0.0]]
+    r = plan.build("cpu", dense_slack=0.0)  # as rows: one per (token, expert)
+    assert r.mixed is None and r.seg_slots == [1, 2, 4] and r.seg_lens == [3, 1, 2]
+    assert r.rows.token.tolist() == [1, 2, 3, 0, 1, 2]
+    assert r.rows.weight.view(-1).tolist() == [-0.5, -0.5, 2.0, 1.0, 0.75, 0.75]

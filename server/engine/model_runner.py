@@ -140,8 +140,7 @@ class ModelRunner:
                     break  # base-only chunks come last
                 slots = [slot_of[ref] for ref in experts.adapters]
                 if isinstance(experts, Mixture):
-                    for slot, w in zip(slots, experts.weights):
-                        plan.add(slot, at, n, w)
+                    plan.add_mixture(slots, experts.weights, at, n)
                 else:  # Route
                     plan.add_routed(slots, at, n, experts.top_k, experts.temperature)
             at += n

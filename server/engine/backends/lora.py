@@ -13,8 +13,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from kernels import (DoraTokens, LoraRows, LoraSegments, RouteTable, RowPlan, add_lora, add_lora_routed,
-                     add_lora_rows, dora_rescale)
+from kernels import (DoraTokens, LoraRows, LoraSegments, MixTable, RouteTable, RowPlan, add_lora, add_lora_mixed,
+                     add_lora_routed, add_lora_rows, dora_rescale)
 from server.adapters.slots import LoraSlots
 
 from .availability import triton_unavailable
@@ -23,16 +23,18 @@ from .availability import triton_unavailable
 class LoraStep:
     """One step's LoRA (implements the decoder's `LoraApplier`): the segment table + the pool;
     `rows` when the table is over LoRA rows (mixtures, routed pairs), else it is over tokens;
-    `routed`: the routed tokens that run dense; `dora`: the DoRA tokens. None: no such work."""
+    `mixed` / `routed`: the mixture / routed tokens that run dense; `dora`: the DoRA tokens.
+    None: no such work."""
 
     def __init__(self, kernel: str, slots: LoraSlots, segments: LoraSegments, rows: LoraRows | None = None,
-                 routed: RouteTable | None = None, dora: DoraTokens | None = None):
+                 routed: RouteTable | None = None, dora: DoraTokens | None = None, mixed: MixTable | None = None):
         self.kernel = kernel
         self.slots = slots
         self.segments = segments
         self.rows = rows
         self.routed = routed
         self.dora = dora
+        self.mixed = mixed
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
         s = self.slots
@@ -44,6 +46,8 @@ class LoraStep:
         else:
             add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, s.layer_proto[group][layer],
                           s.layer_proto_valid[group][layer], backend=self.kernel)
+        if self.mixed is not None:
+            add_lora_mixed(y, x, a, b, offsets, self.mixed)
         if self.routed is not None:
             add_lora_routed(y, x, a, b, offsets, self.routed, s.layer_proto[group][layer],
                             s.layer_proto_valid[group][layer])
@@ -73,7 +77,7 @@ class LoraBackend(ABC):
         """The step's LoRA from a row plan (mixtures, routing): its tables on this device."""
         p = plan.build(self.device)
         table = self.segments(p.seg_lens, p.seg_slots, [slot_rank[s] for s in p.seg_slots], num_slots)
-        return LoraStep(self.name, slots, table, p.rows, p.dense, dora)
+        return LoraStep(self.name, slots, table, p.rows, p.dense, dora, p.mixed)
 
     def dora(self, tokens: Sequence[int], slots: Sequence[int]) -> DoraTokens:
         """The step's DoRA tokens (token rows, their slots) on this device, in one upload."""

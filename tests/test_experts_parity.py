@@ -1,0 +1,117 @@
+"""Expert libraries (issue 12) against PEFT: every kind of request in ONE concurrent batch (base,
+one adapter, weighted mixtures of adapters of different ranks and target sets, Arrow routes, DoRA)
+gives, for each request, the greedy tokens and logprobs PEFT gives running that request alone:
+`add_weighted_adapter(..., "cat")` for mixtures, `create_arrow_model` for routes over experts of
+one rank and target set (by-hand Arrow, tests/peft_experts.ArrowRef, for the others), `use_dora`
+for DoRA. Tiny random Llama and Qwen2 (qkv biases: DoRA's rescale must spare the bias), the
+default model, and a real server. fp32 throughout; tolerances as tests/test_lora_engine.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.request import Mixture, Route
+
+from experts_runs import experts_engine, run_batch, warm
+from peft_experts import ALL_LINEAR, Arrow, ArrowRef, Mix, make_expert, reference_greedy
+
+NEW = 12
+TINY_ABS = 2e-4
+DEFAULT_ABS = 1e-3
+
+# name -> make_expert kwargs. m-*: mixture / by-hand route experts (ranks and targets differ);
+# x*: PEFT-Arrow experts (one rank, one target set); d-*: DoRA.
+SPECS = {
+    "single": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]),
+    "m-r4-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], std=0.15),
+    "m-r16-mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "m-r8-all": dict(r=8, lora_alpha=16),
+    "x1": dict(r=8, lora_alpha=16),
+    "x2": dict(r=8, lora_alpha=8),
+    "x3": dict(r=8, lora_alpha=32),
+    "d-all": dict(r=8, lora_alpha=16, use_dora=True),
+    "d-some": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "v_proj", "down_proj"]),
+}
+MIXED = ("m-r4-qv", "m-r16-mlp", "m-r8-all")
+SAME = ("x1", "x2", "x3")
+
+
+def cases(dirs: dict[str, Path]) -> list[tuple[str, object, object]]:
+    """(label, our choice, PEFT reference job) of every request of the batch."""
+    p = dirs.__getitem__
+    return [
+        ("base", None, None),
+        ("single", "single", p("single")),
+        ("mix-2", Mixture(MIXED[:2], (0.7, 1.3)), Mix((p("m-r4-qv"), p("m-r16-mlp")), (0.7, 1.3))),
+        ("mix-3-negative", Mixture(MIXED, (1.0, -0.8, 0.5)),
+         Mix(tuple(map(p, MIXED)), (1.0, -0.8, 0.5))),
+        ("arrow-top2", Route(SAME, 2, 1.0), Arrow(tuple(map(p, SAME)), top_k=2)),
+        ("arrow-top1-cold", Route(SAME, 1, 0.3), Arrow(tuple(map(p, SAME)), top_k=1, temperature=0.3)),
+        ("arrow-hot", Route(SAME, 3, 2.5), Arrow(tuple(map(p, SAME)), top_k=3, temperature=2.5)),
+        ("arrow-mixed-targets", Route(MIXED, 2, 1.0), ArrowRef(tuple(map(p, MIXED)), top_k=2)),
+        ("arrow-mixed-targets-top1", Route(MIXED, 1, 0.5), ArrowRef(tuple(map(p, MIXED)), top_k=1, temperature=0.5)),
+        ("dora-all", "d-all", p("d-all")),
+        ("dora-some", "d-some", p("d-some")),
+    ]
+
+
+def prompts_for(n: int, seed: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (int(k),), generator=g).tolist()
+            for k in torch.randint(4, 24, (n,), generator=g)]
+
+
+def references(base_dir: Path, jobs: list[tuple[object, list[int]]], new: int):
+    """PEFT's (tokens, logprobs) for each (reference job, prompt), each alone."""
+    return [reference_greedy(base_dir, job, [prompt], new)[0] for job, prompt in jobs]
+
+
+def differs(got, want, tol: float) -> bool:
+    return got[0] != want[0] or max(abs(a - b) for a, b in zip(got[1], want[1])) > 10 * tol
+
+
+def assert_parity(labels, tokens, logprobs, expected, tol: float) -> None:
+    for label, got_t, got_l, (want_t, want_l) in zip(labels, tokens, logprobs, expected, strict=True):
+        assert got_t == want_t, label
+        assert got_l == pytest.approx(want_l, abs=tol), label
+
+
+def assert_one_batch(steps: list[frozenset[str]], n: int, new: int) -> None:
+    """Every request got each of its tokens in the same steps as every other: one batch."""
+    assert steps == [frozenset(f"r{i}" for i in range(n))] * new
+
+
+# ------------------------------------------------------------------------------ tiny random models
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    """(model dir, adapter dirs, prompts, PEFT references) of one tiny family."""
+    base_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
+    root = tmp_path_factory.mktemp(f"experts-{request.param}")
+    dirs = {n: make_expert(base_dir, root / n, seed=10 + i, **kw) for i, (n, kw) in enumerate(SPECS.items())}
+    batch = cases(dirs)
+    prompts = prompts_for(len(batch), seed=3, vocab=320)
+    expected = references(base_dir, [(job, pr) for (_, _, job), pr in zip(batch, prompts)], NEW)
+    return base_dir, dirs, batch, prompts, expected
+
+
+def test_one_batch_of_every_kind_equals_peft_each_alone(tiny):
+    base_dir, dirs, batch, prompts, expected = tiny
+    engine = experts_engine(base_dir, dirs)
+    warm(engine, list(dirs))
+    tokens, logprobs, steps = run_batch(engine, [(choice, pr) for (_, choice, _), pr in zip(batch, prompts)], NEW)
+    assert_one_batch(steps, len(batch), NEW)
+    assert_parity([label for label, _, _ in batch], tokens, logprobs, expected, TINY_ABS)
+
+
+def test_every_request_of_the_batch_changes_the_base_output(tiny):
+    """The parity has teeth: on its prompt each non-base reference differs from the base model."""
+    base_dir, _, batch, prompts, expected = tiny
+    base = reference_greedy(base_dir, None, prompts, NEW)
+    for (label, choice, _), want, plain in zip(batch, expected, base):
+        if choice is not None:
+            assert differs(want, plain, TINY_ABS), label

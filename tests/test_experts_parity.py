@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.row_plan import RowPlan
 from server.engine.request import Mixture, Route
 
 from experts_runs import experts_engine, run_batch, warm
@@ -50,10 +51,11 @@ def cases(dirs: dict[str, Path]) -> list[tuple[str, object, object]]:
         ("mix-3-negative", Mixture(MIXED, (1.0, -0.8, 0.5)),
          Mix(tuple(map(p, MIXED)), (1.0, -0.8, 0.5))),
         ("arrow-top2", Route(SAME, 2, 1.0), Arrow(tuple(map(p, SAME)), top_k=2)),
-        ("arrow-top1-cold", Route(SAME, 1, 0.3), Arrow(tuple(map(p, SAME)), top_k=1, temperature=0.3)),
-        ("arrow-hot", Route(SAME, 3, 2.5), Arrow(tuple(map(p, SAME)), top_k=3, temperature=2.5)),
+        ("arrow-top1", Route(SAME, 1, 1.0), Arrow(tuple(map(p, SAME)), top_k=1)),
+        ("arrow-top3-cold", Route(SAME, 3, 0.2), Arrow(tuple(map(p, SAME)), top_k=3, temperature=0.2)),
+        ("arrow-top2-hot", Route(SAME, 2, 3.0), Arrow(tuple(map(p, SAME)), top_k=2, temperature=3.0)),
         ("arrow-mixed-targets", Route(MIXED, 2, 1.0), ArrowRef(tuple(map(p, MIXED)), top_k=2)),
-        ("arrow-mixed-targets-top1", Route(MIXED, 1, 0.5), ArrowRef(tuple(map(p, MIXED)), top_k=1, temperature=0.5)),
+        ("arrow-mixed-targets-cold", Route(MIXED, 3, 0.25), ArrowRef(tuple(map(p, MIXED)), top_k=3, temperature=0.25)),
         ("dora-all", "d-all", p("d-all")),
         ("dora-some", "d-some", p("d-some")),
     ]
@@ -99,12 +101,31 @@ def tiny(request, tmp_path_factory):
     return base_dir, dirs, batch, prompts, expected
 
 
-def test_one_batch_of_every_kind_equals_peft_each_alone(tiny):
+@pytest.fixture(params=["rows", "dense"])
+def routing_path(request, monkeypatch) -> tuple[bool, list[bool]]:
+    """Force how the step's routed tokens run (kernels/row_plan.py: as LoRA rows, or dense over the
+    step's routing experts; the engine picks by library overlap): (dense forced, each step's path)."""
+    taken: list[bool] = []
+    build = RowPlan.build
+
+    def forced(self, device, dense_slack=None):
+        rows = build(self, device, dense_slack=0.0 if request.param == "rows" else float("inf"))
+        if self._routes:
+            taken.append(rows.dense is not None)
+        return rows
+
+    monkeypatch.setattr(RowPlan, "build", forced)
+    return request.param == "dense", taken
+
+
+def test_one_batch_of_every_kind_equals_peft_each_alone(tiny, routing_path):
     base_dir, dirs, batch, prompts, expected = tiny
     engine = experts_engine(base_dir, dirs)
     warm(engine, list(dirs))
     tokens, logprobs, steps = run_batch(engine, [(choice, pr) for (_, choice, _), pr in zip(batch, prompts)], NEW)
     assert_one_batch(steps, len(batch), NEW)
+    dense, taken = routing_path
+    assert len(taken) == NEW and set(taken) == {dense}  # every step took the forced path
     assert_parity([label for label, _, _ in batch], tokens, logprobs, expected, TINY_ABS)
 
 

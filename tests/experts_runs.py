@@ -17,7 +17,7 @@ def experts_engine(model_dir: Path, adapters: dict[str, Path], kv_cache_memory: 
                    max_lora_rank: int = 16) -> LLMEngine:
     """fp32 CPU engine serving exactly `adapters` (no store)."""
     cfg = Config()
-    cfg.model.dtype, cfg.model.device = "float32", "cpu"
+    cfg.model.dtype, cfg.model.device, cfg.model.num_threads = "float32", "cpu", 1
     cfg.cache.kv_cache_memory = kv_cache_memory
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}

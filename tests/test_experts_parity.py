@@ -87,6 +87,16 @@ def assert_one_batch(steps: list[frozenset[str]], n: int, new: int) -> None:
     assert steps == [frozenset(f"r{i}" for i in range(n))] * new
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """PEFT's references (DoRA above all) burn several times the CPU with two threads on a shared
+    machine; one thread here, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------ tiny random models
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -136,3 +146,43 @@ def test_every_request_of_the_batch_changes_the_base_output(tiny):
     for (label, choice, _), want, plain in zip(batch, expected, base):
         if choice is not None:
             assert differs(want, plain, TINY_ABS), label
+
+
+# ------------------------------------------------------------------------------ the default model
+
+DEFAULT_SPECS = {
+    "m-qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "m-mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "x1": dict(r=8, lora_alpha=16),
+    "x2": dict(r=8, lora_alpha=8),
+    "x3": dict(r=8, lora_alpha=32),
+    "d-all": dict(r=8, lora_alpha=16, use_dora=True),
+}
+
+
+@pytest.mark.slow
+def test_default_model_mixture_route_and_dora_in_one_batch_equal_peft(default_model_dir, tmp_path):
+    dirs = {n: make_expert(default_model_dir, tmp_path / n, seed=30 + i, std=0.02, **kw)
+            for i, (n, kw) in enumerate(DEFAULT_SPECS.items())}
+    p = dirs.__getitem__
+    batch = [
+        ("base", None, None),
+        ("mix-2-negative", Mixture(("m-qv", "m-mlp"), (0.8, -0.6)), Mix((p("m-qv"), p("m-mlp")), (0.8, -0.6))),
+        ("arrow-top2", Route(SAME, 2, 0.5), Arrow(tuple(map(p, SAME)), top_k=2, temperature=0.5)),
+        ("dora-all", "d-all", p("d-all")),
+    ]
+    engine = experts_engine(default_model_dir, dirs, kv_cache_memory=256 << 20)
+    tok = engine.tokenizer
+    questions = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?",
+                 "Write a haiku about tea."]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)
+               for q in questions]
+    new = 10
+    expected = references(default_model_dir, [(job, pr) for (_, _, job), pr in zip(batch, prompts)], new)
+    warm(engine, list(dirs))
+    tokens, logprobs, steps = run_batch(engine, [(choice, pr) for (_, choice, _), pr in zip(batch, prompts)], new)
+    assert_one_batch(steps, len(batch), new)
+    assert_parity([label for label, _, _ in batch], tokens, logprobs, expected, DEFAULT_ABS)
+    base = references(default_model_dir, [(None, pr) for pr in prompts[1:]], new)
+    for (label, _, _), want, plain in zip(batch[1:], expected[1:], base):
+        assert differs(want, plain, DEFAULT_ABS), label

@@ -9,16 +9,21 @@ default model, and a real server. fp32 throughout; tolerances as tests/test_lora
 
 from __future__ import annotations
 
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from kernels.row_plan import RowPlan
 from server.engine.request import Mixture, Route
 
 from experts_runs import experts_engine, run_batch, warm
-from peft_experts import ALL_LINEAR, Arrow, ArrowRef, Mix, make_expert, reference_greedy
+from peft_experts import Arrow, ArrowRef, Mix, make_expert, reference_greedy
+from server_process import ServerProcess
 
 NEW = 12
 TINY_ABS = 2e-4
@@ -99,16 +104,24 @@ def one_thread():
 
 # ------------------------------------------------------------------------------ tiny random models
 
+_tiny_cases: dict[str, tuple] = {}  # family -> tiny's value: the server test reuses Llama's
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request, tmp_path_factory):
-    """(model dir, adapter dirs, prompts, PEFT references) of one tiny family."""
-    base_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
-    root = tmp_path_factory.mktemp(f"experts-{request.param}")
-    dirs = {n: make_expert(base_dir, root / n, seed=10 + i, **kw) for i, (n, kw) in enumerate(SPECS.items())}
-    batch = cases(dirs)
-    prompts = prompts_for(len(batch), seed=3, vocab=320)
-    expected = references(base_dir, [(job, pr) for (_, _, job), pr in zip(batch, prompts)], NEW)
-    return base_dir, dirs, batch, prompts, expected
+    """(model dir, adapter dirs, batch cases, prompts, PEFT references) of one tiny family."""
+    return tiny_case(request.param, request.getfixturevalue(f"tiny_{request.param}_dir"), tmp_path_factory)
+
+
+def tiny_case(family: str, base_dir: Path, tmp_path_factory):
+    if family not in _tiny_cases:
+        root = tmp_path_factory.mktemp(f"experts-{family}")
+        dirs = {n: make_expert(base_dir, root / n, seed=10 + i, **kw) for i, (n, kw) in enumerate(SPECS.items())}
+        batch = cases(dirs)
+        prompts = prompts_for(len(batch), seed=3, vocab=320)
+        expected = references(base_dir, [(job, pr) for (_, _, job), pr in zip(batch, prompts)], NEW)
+        _tiny_cases[family] = base_dir, dirs, batch, prompts, expected
+    return _tiny_cases[family]
 
 
 @pytest.fixture(params=["rows", "dense"])
@@ -186,3 +199,59 @@ def test_default_model_mixture_route_and_dora_in_one_batch_equal_peft(default_mo
     base = references(default_model_dir, [(None, pr) for pr in prompts[1:]], new)
     for (label, _, _), want, plain in zip(batch[1:], expected[1:], base):
         assert differs(want, plain, DEFAULT_ABS), label
+
+
+# ------------------------------------------------------------------------------ a real server
+
+SERVED = "tiny"
+
+
+def wire(choice) -> dict:
+    """The request fields that ask for `choice` (model = the base unless one adapter)."""
+    if choice is None:
+        return {"model": SERVED}
+    if isinstance(choice, str):
+        return {"model": choice}
+    if isinstance(choice, Mixture):
+        return {"model": SERVED, "adapters": [{"id": a, "weight": w} for a, w in zip(choice.adapters, choice.weights)]}
+    route = {"top_k": choice.top_k, "temperature": choice.temperature}
+    return {"model": SERVED, "route": route if not choice.adapters else {**route, "experts": list(choice.adapters)}}
+
+
+def test_real_server_concurrent_requests_of_every_kind_equal_peft(tiny_llama_dir, tmp_path_factory):
+    """Over HTTP, sent at once from threads: base, one adapter, mixtures, routes (named experts,
+    and experts omitted = every adapter the caller may use: here exactly the served non-DoRA
+    ones) and DoRA; each completion's tokens and logprobs are PEFT's for it alone."""
+    base_dir, dirs, batch, prompts, expected = tiny_case("llama", tiny_llama_dir, tmp_path_factory)
+    library = [n for n, kw in SPECS.items() if not kw.get("use_dora")]
+    omitted = Route((), 3, 0.5)
+    omitted_prompt = prompts_for(len(batch) + 1, seed=4, vocab=320)[-1]
+    batch = [*batch, ("route-experts-omitted", omitted, None)]
+    prompts = [*prompts, omitted_prompt]
+    expected = [*expected, *references(base_dir, [(ArrowRef(tuple(dirs[n] for n in library), 3, 0.5),
+                                                   omitted_prompt)], NEW)]
+    work = tmp_path_factory.mktemp("server")
+    (work / "empty-store").mkdir()
+    srv = ServerProcess(["--model", str(base_dir), "--served-model-name", SERVED, "--dtype", "float32",
+                         "--kv-cache-memory", "16MiB", "--num-threads", "1", "--max-lora-rank", "16",
+                         "--adapters-dir", str(work / "empty-store"),
+                         "--lora-modules", *(f"{n}={p}" for n, p in dirs.items())], work / "server.log")
+    try:
+        listed = httpx.get(srv.base_url + "/v1/models", timeout=30).json()["data"]
+        assert {m["id"] for m in listed} == {SERVED, *dirs}
+
+        def ask(i: int) -> dict:
+            body = {**wire(batch[i][1]), "prompt": prompts[i], "max_tokens": NEW, "temperature": 0,
+                    "logprobs": 0, "ignore_eos": True}
+            r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, (batch[i][0], r.text)
+            return r.json()["choices"][0]
+
+        with ThreadPoolExecutor(len(batch)) as pool:
+            choices = list(pool.map(ask, range(len(batch))))
+    finally:
+        srv.stop()
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    for (label, _, _), choice, (want_t, want_l) in zip(batch, choices, expected, strict=True):
+        assert choice["logprobs"]["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in want_t], label
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(want_l, abs=TINY_ABS), label

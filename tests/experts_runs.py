@@ -3,6 +3,8 @@ adapters, run to completion on one batch of base / single-adapter / mixture / ro
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ Choice = str | Mixture | Route | None  # what a request runs with: base, one ada
 
 
 def experts_engine(model_dir: Path, adapters: dict[str, Path], kv_cache_memory: int = 16 << 20,
-                   max_lora_rank: int = 16) -> LLMEngine:
+                   max_lora_rank: int = 16, lora_backend: str = "torch") -> LLMEngine:
     """fp32 CPU engine serving exactly `adapters` (no store)."""
     cfg = Config()
     cfg.model.dtype, cfg.model.device, cfg.model.num_threads = "float32", "cpu", 1
@@ -22,6 +24,7 @@ def experts_engine(model_dir: Path, adapters: dict[str, Path], kv_cache_memory: 
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
     cfg.lora.max_lora_rank = max_lora_rank
+    cfg.lora.lora_backend = lora_backend
     return LLMEngine(cfg, model_dir)
 
 
@@ -61,3 +64,30 @@ def warm(engine: LLMEngine, names: list[str]) -> None:
     """Make every adapter resident in the host cache (parsed, prototypes and DoRA scales
     computed), so a later batch is admitted whole in its first step."""
     run_batch(engine, [(n, [2, 3]) for n in names], 1)
+
+
+def to_json(choice: Choice) -> object:
+    if isinstance(choice, Mixture):
+        return {"mix": list(choice.adapters), "weights": list(choice.weights)}
+    if isinstance(choice, Route):
+        return {"route": list(choice.adapters), "top_k": choice.top_k, "temperature": choice.temperature}
+    return choice
+
+
+def from_json(value: object) -> Choice:
+    if isinstance(value, dict) and "mix" in value:
+        return Mixture(tuple(value["mix"]), tuple(value["weights"]))
+    if isinstance(value, dict):
+        return Route(tuple(value["route"]), value["top_k"], value["temperature"])
+    return value
+
+
+def triton_child() -> None:
+    """Entry of a child run under TRITON_INTERPRET: {model, adapters, jobs, new} as JSON on stdin,
+    the batch's tokens, logprobs and LoRA backend as one `RESULT {json}` line on stdout."""
+    case = json.load(sys.stdin)
+    engine = experts_engine(Path(case["model"]), {n: Path(p) for n, p in case["adapters"].items()},
+                            lora_backend="triton")
+    warm(engine, list(case["adapters"]))
+    tokens, logprobs, _ = run_batch(engine, [(from_json(c), p) for c, p in case["jobs"]], case["new"])
+    print("RESULT " + json.dumps({"tokens": tokens, "logprobs": logprobs, "lora": engine.runner.lora.name}))

@@ -9,7 +9,10 @@ default model, and a real server. fp32 throughout; tolerances as tests/test_lora
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from tokenizers import Tokenizer
 from kernels.row_plan import RowPlan
 from server.engine.request import Mixture, Route
 
-from experts_runs import experts_engine, run_batch, warm
+from experts_runs import experts_engine, run_batch, to_json, warm
 from peft_experts import Arrow, ArrowRef, Mix, make_expert, reference_greedy
 from server_process import ServerProcess
 
@@ -159,6 +162,32 @@ def test_every_request_of_the_batch_changes_the_base_output(tiny):
     for (label, choice, _), want, plain in zip(batch, expected, base):
         if choice is not None:
             assert differs(want, plain, TINY_ABS), label
+
+
+def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_factory):
+    """The Triton shrink/expand kernels on a mixture's, routes' (LoRA rows) and DoRA's rows,
+    through the whole engine, in a child under TRITON_INTERPRET (it must be set before triton is
+    first imported, and must not leak into other tests); first tokens only: the interpreter is slow."""
+    pytest.importorskip("triton")
+    base_dir, dirs, batch, prompts, expected = tiny_case("llama", tiny_llama_dir, tmp_path_factory)
+    # two routes over different libraries: the step routes them as LoRA rows (Triton's kernels)
+    keep = ("base", "single", "mix-3-negative", "arrow-top2", "arrow-mixed-targets", "dora-some")
+    picked = [i for i, (label, _, _) in enumerate(batch) if label in keep]
+    new = 3
+    names = {"single", *MIXED, *SAME, "d-some"}
+    payload = {"model": str(base_dir), "adapters": {n: str(p) for n, p in dirs.items() if n in names},
+               "jobs": [(to_json(batch[i][1]), prompts[i]) for i in picked], "new": new}
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", "import experts_runs; experts_runs.triton_child()"],
+                       input=json.dumps(payload), env=env, cwd=tests.parent, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert got["lora"] == "triton"
+    assert_parity([batch[i][0] for i in picked], got["tokens"], got["logprobs"],
+                  [(expected[i][0][:new], expected[i][1][:new]) for i in picked], TINY_ABS)
 
 
 # ------------------------------------------------------------------------------ the default model

@@ -105,8 +105,13 @@ class Tokenizer:
 
     def stream(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> DecodeStream:
         """A fresh incremental decoder primed with the prompt's last tokens (so the first
-        output token's leading space / merged bytes decode as they would in context)."""
-        return DecodeStream(ids=prompt_ids[-8:], skip_special_tokens=skip_special_tokens)
+        output token's leading space / merged bytes decode as they would in context). A tail that
+        ends inside a multi-byte character is cut before it: primed with an incomplete character,
+        DecodeStream keeps no prefix and would emit the whole primed text as the first output."""
+        tail = list(prompt_ids[-8:])
+        while tail and self._tok.decode(tail, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            tail.pop()
+        return DecodeStream(ids=tail, skip_special_tokens=skip_special_tokens)
 
 
 def _token_text(value: Any) -> str | None:

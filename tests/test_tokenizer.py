@@ -1,19 +1,15 @@
-"""Incremental detokenization primed with a prompt that ends inside a character (a token-id
-prompt can: byte-level BPE has tokens for lone UTF-8 lead bytes): the completion's text must not
-repeat the prompt. tokenizers' DecodeStream keeps no prefix when the primed text ends in U+FFFD,
-so its first step returns the whole primed tail (found by tests/test_experts_parity.py's server
-test with random token-id prompts)."""
+"""server/model/tokenizer.py: incremental detokenization primed with a prompt that ends inside a
+character (a token-id prompt can: byte-level BPE has tokens for lone UTF-8 lead bytes): the
+completion's text must not repeat the prompt. tokenizers' DecodeStream keeps no prefix when the
+primed text ends in U+FFFD, so its first step returned the whole primed tail (found by
+tests/test_experts_parity.py's server test with random token-id prompts)."""
 
 from __future__ import annotations
-
-import pytest
 
 from conftest import byte_level_tokenizer
 from server.model.tokenizer import Tokenizer
 
 
-@pytest.mark.xfail(strict=True, reason="server/model/tokenizer.py Tokenizer.stream primes DecodeStream with a "
-                                       "tail ending mid-character; fix: drop such trailing tokens from the prime")
 def test_a_prompt_ending_mid_character_does_not_leak_into_the_completion(tmp_path):
     byte_level_tokenizer(320).save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import tempfile
@@ -66,10 +67,34 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 dt = time.perf_counter() - t0
+                where = label if threading.current_thread() is threading.main_thread() else f"{label}[loader]"
                 with lock:
-                    self.seconds[label] += dt
-                    self.calls[label] += 1
+                    self.seconds[where] += dt
+                    self.calls[where] += 1
         return timed
+
+
+@contextlib.contextmanager
+def skip_unadapted_groups():
+    """What-if, for measurement only: a step's LoRA skips a projection group that none of the
+    step's slots adapts (exact: those slots hold zeros there). Patched over LoraStep.apply for plain
+    steps (no mixtures, routes or DoRA tokens)."""
+    from server.engine.backends.lora import LoraStep
+
+    apply = LoraStep.apply
+
+    def skipping(self, layer, group, x, y, bias):
+        if self.rows is None and self.routed is None and self.dora is None:
+            groups = self.slots.slot_groups
+            if not any(group in groups[s] for s in self.segments.seg_slots):
+                return
+        apply(self, layer, group, x, y, bias)
+
+    LoraStep.apply = skipping
+    try:
+        yield
+    finally:
+        LoraStep.apply = apply
 
 
 def make_engine(model: Path, store: Path, rank: int, lora_args: dict):
@@ -207,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="time slot writes, loads and the LoRA kernels")
     p.add_argument("--lora-dtype", nargs="+", default=["auto"],
                    help="--lora-dtype of the engine; several: one engine each, cells interleaved")
+    p.add_argument("--what-if-skip", action="store_true",
+                   help="also run each cell with unadapted projection groups skipped (a what-if, see skip_unadapted_groups)")
     p.add_argument("--out", type=Path, help="write the rows (JSON) here")
     args = p.parse_args(argv)
     from server.model.default_model import default_model_dir
@@ -231,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "lora_dtype": dt})
                 warm(engines[dt], everything)
         for rep in range(args.repeats):
-            for dt in args.lora_dtype:
-                label = f"{'warm' if args.warm else 'cold'}:{dt}"
+            for dt, skip in itertools.product(args.lora_dtype, (False, True) if args.what_if_skip else (False,)):
+                label = f"{'warm' if args.warm else 'cold'}:{dt}{'+skip' if skip else ''}"
                 for n in args.counts:
                     engine = engines[dt] if args.warm else make_engine(model, store, args.rank, {"lora_dtype": dt})
                     timers = Timers()
-                    with timers.patched(timers_for()) if args.profile else contextlib.nullcontext():
+                    with contextlib.ExitStack() as patches:
+                        if args.profile:
+                            patches.enter_context(timers.patched(timers_for()))
+                        if skip:
+                            patches.enter_context(skip_unadapted_groups())
                         row = run_cell(engine, cells[n], args.streams, f"{label}{rep}-{n}")
                     row.update(label=label, adapters=n, zipf=args.zipf, repeat=rep, seconds=dict(timers.seconds),
                                calls=dict(timers.calls))

@@ -112,3 +112,21 @@ def test_auto_pool_dtype_is_float32_on_cpu_and_the_model_dtype_elsewhere():
     assert pool_dtype("auto", torch.bfloat16, cpu) == torch.float32
     assert pool_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
     assert pool_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+
+
+def test_slot_groups_name_the_groups_each_slot_adapts(tiny_llama_dir, four):
+    """What a step may skip: a group no slot of it adapts (all zeros there). Set on every write,
+    cleared on eviction, replaced on a rewrite."""
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    w = _weights(tiny_llama_dir, four)
+    slots = LoraSlots(arch, 1, 16, torch.float32, torch.device("cpu"), Metrics())
+    # independently of the pool: each PEFT module's fused group, from the model's lora_groups
+    group_of = {m: g for g, modules in arch.lora_groups.items() for m in modules}
+    for name in ("p2", "p0", "p1", "p3"):  # o/down, then q/v, then all-linear, then gate/up
+        slots.activate({name: w[name]})
+        want = {group_of[module] for _, module in w[name].modules}
+        assert slots.slot_groups[0] == want, name
+        for group in set(arch.lora_groups) - want:  # the claim a skip relies on: zeros there
+            assert not slots.a[group][:, 0].any() and not slots.b[group][:, 0].any(), (name, group)
+    slots.evict("p3")
+    assert slots.slot_groups[0] == frozenset()

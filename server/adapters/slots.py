@@ -106,6 +106,9 @@ class LoraSlots:
         self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
         self.slot_rank = [0] * N
         self.slot_dora = [False] * N  # host: the slot's adapter is DoRA (its tokens need the rescale)
+        # host: the groups the slot's adapter adapts; a step none of whose slots adapts a group
+        # may skip that group's LoRA (its weights are zero in every slot of the step)
+        self.slot_groups: list[frozenset[str]] = [frozenset()] * N
         self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
         self._lock = threading.Condition()  # slot bookkeeping: the engine thread and a loader thread
         self._writing = 0  # slots a loader is writing now (neither free nor resident)
@@ -193,6 +196,7 @@ class LoraSlots:
         self._free.append(slot)
         self.slot_rank[slot] = 0
         self.slot_dora[slot] = False
+        self.slot_groups[slot] = frozenset()
 
     def is_resident(self, name: Hashable) -> bool:
         return name in self._slot_of
@@ -257,4 +261,5 @@ class LoraSlots:
             self.proto_valid[group][:, slot].copy_(flags)
         self.slot_rank[slot] = adapter.rank
         self.slot_dora[slot] = adapter.use_dora
+        self.slot_groups[slot] = frozenset(g for g, flat in adapted.items() if flat)
         self.metrics.adapter_slot_writes.inc()

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-dtype", nargs="+", default=["auto"],
                    help="--lora-dtype of the engine; several: one engine each, cells interleaved")
     p.add_argument("--what-if-skip", action="store_true",
-                   help="also run each cell with unadapted projection groups skipped (a what-if, see skip_unadapted_groups)")
+                   help="also run each cell with unadapted projection groups skipped (skip_unadapted_groups)")
     p.add_argument("--out", type=Path, help="write the rows (JSON) here")
     args = p.parse_args(argv)
     from server.model.default_model import default_model_dir

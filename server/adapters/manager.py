@@ -56,8 +56,8 @@ class StepLora:
 def pool_dtype(lora_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The adapter pool's dtype for --lora-dtype. `auto`: float32 on CPU, the model dtype elsewhere.
     On CPU the LoRA kernels are many small GEMMs, and torch's bf16 ones run slower than fp32 even
-    with AMX (bf16 slots: 0.81x the fp32 ones' throughput at 8 adapters, 0.60x at 1,000 under Zipf;
-    docs/benchmarks.md section 5); the host cache holds fp32 weights anyway."""
+    with AMX (bf16 slots: 0.44-0.80x the fp32 ones' throughput at 8 adapters, 0.29-0.60x at 1,000
+    under Zipf; docs/benchmarks.md section 5); the host cache holds fp32 weights anyway."""
     if lora_dtype != "auto":
         return getattr(torch, lora_dtype)
     return torch.float32 if device.type == "cpu" else model_dtype

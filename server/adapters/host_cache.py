@@ -8,6 +8,10 @@ admitted), never for a whole queue. Adapters the scheduler keeps (running or in 
 window) and pinned ones are never evicted; if everything is kept the budget is exceeded
 rather than failing requests. Each load also computes what is derived from the weights
 (`prepare`: the manager's DoRA rescale against the base weights) on the loader thread.
+
+`in_place` (on CPU, where the device pool is host memory too): the loader thread also writes each
+adapter it loads into the pool (LoraSlots.write_in_place), so a step activates it without a
+copy; an adapter this cache evicts or drops leaves the pool with it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .errors import INVALID, NOT_FOUND, AdapterError
 from .lora_weights import LoraAdapter
 from .peft_format import parse_peft_adapter
 from .registry import AdapterRef, AdapterRegistry
+from .slots import LoraSlots
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +46,16 @@ class _Done:
 class HostAdapterCache:
     def __init__(self, registry: AdapterRegistry, max_adapters: int, max_bytes: int, metrics: Metrics,
                  on_loaded: Callable[[], None] | None = None,
-                 prepare: Callable[[LoraAdapter], LoraAdapter] | None = None):
-        """`prepare`: run on each parsed adapter before it becomes resident (may raise AdapterError)."""
+                 prepare: Callable[[LoraAdapter], LoraAdapter] | None = None, in_place: LoraSlots | None = None):
+        """`prepare`: run on each parsed adapter before it becomes resident (may raise AdapterError).
+        `in_place`: the device pool that loads are written into as they finish (CPU)."""
         self.registry = registry
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
         self.prepare = prepare
+        self.in_place = in_place
         self._resident: OrderedDict[AdapterRef, LoraAdapter] = OrderedDict()
         self._loading: set[AdapterRef] = set()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
@@ -72,6 +79,8 @@ class HostAdapterCache:
         loads started."""
         started = []
         held = [r for r in self._resident if r in keep or self._pinned(r)]  # not evictable
+        if self.in_place is not None:
+            self.in_place.protect(keep)
         room = self.max_adapters - len(self._loading) - len(held)
         room_bytes = (self.max_bytes - sum(self._resident[r].nbytes for r in held)
                       - sum(self._estimate(r) for r in self._loading))
@@ -126,6 +135,8 @@ class HostAdapterCache:
                 failed[done.ref] = done.error
                 continue
             if self.registry.version(done.ref) is None:  # retired while it loaded
+                if self.in_place is not None:
+                    self.in_place.evict(done.ref)
                 continue
             self._resident[done.ref] = done.adapter
             self._resident.move_to_end(done.ref)
@@ -138,10 +149,14 @@ class HostAdapterCache:
     def drop(self, ref: AdapterRef) -> None:
         """Forget `ref` (retired: nothing uses it any more)."""
         self._resident.pop(ref, None)
+        if self.in_place is not None:
+            self.in_place.evict(ref)
 
     def offer(self, ref: AdapterRef, adapter: LoraAdapter, seconds: float = 0.0) -> None:
         """Any thread: hand over an adapter loaded (and prepared) elsewhere (admin loads); resident at
         the next poll."""
+        if self.in_place is not None:
+            self.in_place.write_in_place(ref, adapter)
         self._done.put(_Done(ref, adapter, None, seconds))
 
     @property
@@ -161,6 +176,8 @@ class HostAdapterCache:
             if ref in in_use or self._pinned(ref):
                 continue
             del self._resident[ref]
+            if self.in_place is not None:
+                self.in_place.evict(ref)
             self.metrics.adapter_evictions.labels("host").inc()
         if over():
             log.warning("host adapter cache over budget: %d adapters / %d bytes are all in use or pinned",
@@ -180,6 +197,8 @@ class HostAdapterCache:
                                                  max_bytes=r.max_bytes)
             r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
             adapter = self.prepare(parsed) if self.prepare is not None else parsed
+            if self.in_place is not None:
+                self.in_place.write_in_place(ref, adapter)  # no room: activation copies it later
         except AdapterError as exc:
             log.warning("loading adapter %s failed: %s", ref, exc.detail)
             error = exc

@@ -53,6 +53,16 @@ class StepLora:
     slots: LoraSlots  # the pool the step's LoRA backend reads
 
 
+def pool_dtype(lora_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The adapter pool's dtype for --lora-dtype. `auto`: float32 on CPU, the model dtype elsewhere.
+    On CPU the LoRA kernels are many small GEMMs, and torch's bf16 ones run slower than fp32 even
+    with AMX (bf16 slots: 0.44-0.80x the fp32 ones' throughput at 8 adapters, 0.29-0.60x at 1,000
+    under Zipf; docs/benchmarks.md section 5); the host cache holds fp32 weights anyway."""
+    if lora_dtype != "auto":
+        return getattr(torch, lora_dtype)
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 class AdapterManager:
     def __init__(self, cfg: LoraConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
                  metrics: Metrics, on_loaded: Callable[[], None] | None = None, *,
@@ -74,12 +84,15 @@ class AdapterManager:
                 log.error("--lora-modules %s: %s", name, exc.detail)
                 raise
         self._metrics = metrics
-        self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
-                                       on_loaded, prepare=self._prepare)
-        lora_dtype = dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
+        lora_dtype = pool_dtype(cfg.lora_dtype, dtype, device)
         # The pool is filled from the host cache, so it never needs more slots than that holds.
         self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
                                       max_slots=max(1, cfg.max_cpu_loras))
+        # On CPU the pool is host memory: loads are written into it on the loader thread (used in
+        # place by the steps); elsewhere a step copies its adapters host -> device on activation.
+        self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
+                                       on_loaded, prepare=self._prepare,
+                                       in_place=self._slots if device.type == "cpu" else None)
         self._step_limit = cfg.max_loras
         self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
         self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time

@@ -17,12 +17,20 @@ rank-R slot: rank-unit pages are the next step). A slot is (re)written only when
 that is not resident is needed by a step; the victim is the least recently used adapter the
 step does not use. The tensors are allocated empty: a slot is zeroed when first written, so
 on CPU the pool's untouched slots take no memory.
+
+On CPU, where the pool and the host cache are the same memory, the host cache's loader thread
+writes each adapter it loads straight into a slot (`write_in_place`: a free one, else the least
+recently used adapter that no step and no kept request uses), so activating it is a lookup, not
+a copy. The engine thread's `activate` and a loader's `write_in_place` share the bookkeeping
+under one lock; a slot being written is neither free nor resident, and a step that needs every
+slot while one is being written waits for that write (one adapter, ~10 ms).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 import torch
 
@@ -98,7 +106,14 @@ class LoraSlots:
         self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
         self.slot_rank = [0] * N
         self.slot_dora = [False] * N  # host: the slot's adapter is DoRA (its tokens need the rescale)
+        # host: the groups the slot's adapter adapts; a step none of whose slots adapts a group
+        # may skip that group's LoRA (its weights are zero in every slot of the step)
+        self.slot_groups: list[frozenset[str]] = [frozenset()] * N
         self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
+        self._lock = threading.Condition()  # slot bookkeeping: the engine thread and a loader thread
+        self._writing = 0  # slots a loader is writing now (neither free nor resident)
+        self._step: frozenset[Hashable] = frozenset()  # the adapters of the last activated step
+        self._kept: frozenset[Hashable] = frozenset()  # adapters a loader must not write over (`protect`)
 
     @property
     def nbytes(self) -> int:
@@ -115,37 +130,84 @@ class LoraSlots:
         Cost: O(adapters of the step) plus one slot write per adapter not yet resident."""
         if len(adapters) > self.num_slots:
             raise ValueError(f"{len(adapters)} adapters in one step but only {self.num_slots} slots")
-        for name in adapters:
+        with self._lock:
+            self._step = frozenset(adapters)  # from now on no loader writes over them
+            for name in adapters:
+                if name in self._slot_of:
+                    self._slot_of.move_to_end(name)
+            for name, adapter in adapters.items():
+                if name in self._slot_of:
+                    continue
+                slot = self._take(self._step)
+                while slot is None:  # every other slot is being written by a loader: wait for it
+                    assert self._writing, "no slot for an adapter of the step"
+                    self._lock.wait()
+                    slot = self._take(self._step)
+                self._write(slot, adapter)
+                self._slot_of[name] = slot
+            self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+            return {name: self._slot_of[name] for name in adapters}
+
+    def protect(self, names: Iterable[Hashable]) -> None:
+        """Engine thread: the adapters a loader's `write_in_place` must not write over (those of
+        running and about-to-run requests), besides the last step's."""
+        with self._lock:
+            self._kept = frozenset(names)
+
+    def write_in_place(self, name: Hashable, adapter: LoraAdapter) -> bool:
+        """Any thread (the host cache's loader, on CPU): make `adapter` resident as `name` now, in a
+        free slot or over the least recently used adapter that is neither in the last step nor
+        protected. False (nothing written) when every slot is in use: `activate` copies it later."""
+        with self._lock:
             if name in self._slot_of:
-                self._slot_of.move_to_end(name)
-        for name, adapter in adapters.items():
-            if name in self._slot_of:
-                continue
-            if self._free:
-                slot = self._free.pop()
-            else:
-                # The step's resident adapters were just moved to the LRU end, and the ones it
-                # places now go there too, so the LRU head is never one this step uses.
-                victim = next(iter(self._slot_of))
-                assert victim not in adapters
-                slot = self._slot_of.pop(victim)
-                self.metrics.adapter_evictions.labels("device").inc()
-            self._write(slot, adapter)
-            self._slot_of[name] = slot
-        self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
-        return {name: self._slot_of[name] for name in adapters}
+                return True
+            slot = self._take(self._step | self._kept)
+            if slot is None:
+                return False
+            self._writing += 1
+        try:
+            self._write(slot, adapter)  # outside the lock: steps run on, they never read this slot
+        except BaseException:
+            with self._lock:
+                self._release(slot)
+                raise
+        else:
+            with self._lock:
+                self._slot_of[name] = slot
+                self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+            return True
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._lock.notify_all()
+
+    def _take(self, busy: frozenset[Hashable]) -> int | None:
+        """Under the lock: a free slot, else the slot of the least recently used adapter not in
+        `busy` (evicted); None if there is neither."""
+        if self._free:
+            return self._free.pop()
+        victim = next((n for n in self._slot_of if n not in busy), None)
+        if victim is None:
+            return None
+        self.metrics.adapter_evictions.labels("device").inc()
+        return self._slot_of.pop(victim)
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self.slot_rank[slot] = 0
+        self.slot_dora[slot] = False
+        self.slot_groups[slot] = frozenset()
 
     def is_resident(self, name: Hashable) -> bool:
         return name in self._slot_of
 
     def evict(self, name: Hashable) -> None:
         """Forget `name` (unregistered or replaced); its slot is free, rewritten before any reuse."""
-        slot = self._slot_of.pop(name, None)
-        if slot is not None:
-            self._free.append(slot)
-            self.slot_rank[slot] = 0
-            self.slot_dora[slot] = False
-            self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+        with self._lock:
+            slot = self._slot_of.pop(name, None)
+            if slot is not None:
+                self._release(slot)
+                self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the
@@ -199,4 +261,5 @@ class LoraSlots:
             self.proto_valid[group][:, slot].copy_(flags)
         self.slot_rank[slot] = adapter.rank
         self.slot_dora[slot] = adapter.use_dora
+        self.slot_groups[slot] = frozenset(g for g, flat in adapted.items() if flat)
         self.metrics.adapter_slot_writes.inc()

@@ -138,7 +138,7 @@ FLAGS = [
          "rank is not known yet counts --max-lora-rank)"),
     Flag("max-route-experts", "lora.max_route_experts", int, "most experts one `route` request chooses among "
          "(a route naming no experts uses every adapter the caller may use, within this limit)"),
-    Flag("lora-dtype", "lora.lora_dtype", str, "auto (the model dtype) | float32 | bfloat16"),
+    Flag("lora-dtype", "lora.lora_dtype", str, "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
     Flag("lora-backend", "lora.lora_backend", _backend("lora"),
          "auto | torch | triton (auto: triton on CUDA, torch on CPU; chosen at start)"),
     Flag("allowed-adapter-roots", "lora.allowed_adapter_roots", _paths,

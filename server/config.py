@@ -70,7 +70,7 @@ class LoraConfig:
     max_mixture_experts: int = 8  # adapters in one mixture
     max_mixture_rank: int = 128  # total rank of one mixture (an adapter not read yet counts max_lora_rank)
     max_route_experts: int = 16  # experts one route chooses among
-    lora_dtype: str = "auto"  # auto (= the model dtype) | float32 | bfloat16
+    lora_dtype: str = "auto"  # auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16
     lora_backend: str = "auto"  # auto | torch | triton (server/engine/backends/)
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, as vLLM
     allowed_adapter_roots: list[str] = field(default_factory=list)  # where admin loads may read from

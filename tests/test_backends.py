@@ -234,6 +234,7 @@ def test_each_lora_backend_builds_only_its_layout(arch):
     assert s.slot_offsets is None and s.token_slots is None and s.pad_rows is None
     assert s.tile_range(16)[1] == 2 and s.starts.tolist() == [0, 3, 5]
     x, y = torch.randn(5, arch.hidden_size), torch.zeros(5, slots.offsets["o"][-1])
+    slots.slot_groups[1] = slots.slot_groups[3] = frozenset(slots.groups)  # as if adapters were written there
     with pytest.raises(ValueError, match="built for \\('triton',\\), not for the 'torch' kernels"):
         TorchLora(CPU).applier(slots, s).apply(0, "o", x, y, None)
 

@@ -92,6 +92,31 @@ def test_fewer_slots_than_adapters_is_scheduled_not_failed(tiny_llama_dir, adapt
     assert engine.metrics.adapter_evictions.labels("device")._value.get() > 0
 
 
+def test_steps_skip_the_projections_their_adapters_leave_alone(tiny_llama_dir, adapter_dirs, mixed_case):
+    """A step whose adapters adapt only some projection groups runs no LoRA kernel for the others
+    (their slots hold zeros there), and each token still equals PEFT."""
+    jobs, expected = mixed_case
+    pick = [i for i, (name, _) in enumerate(jobs) if name in ("r4-qv", "r6-layers", None)]
+    engine = make_engine(tiny_llama_dir, adapter_dirs)
+    skipped: list[frozenset[str]] = []
+    runner_lora = engine.runner.lora
+    applier = runner_lora.applier
+
+    def recording(*args, **kw):
+        step = applier(*args, **kw)
+        skipped.append(step.idle)
+        return step
+
+    runner_lora.applier = recording
+    tokens, logprobs = greedy_with_logprobs(engine, [jobs[i] for i in pick], NEW)
+    assert tokens == [expected[i][0] for i in pick]
+    for got, i in zip(logprobs, pick):
+        assert got == pytest.approx(expected[i][1], abs=2e-4)
+    # q/v and o/down adapters: gate_up is always idle; o and down too while only the q/v one runs
+    assert skipped and all("gate_up" in s for s in skipped)
+    assert any(s == {"gate_up", "o", "down"} for s in skipped)
+
+
 def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_case):
     """bf16 slots round A and B: the first token's logprob moves a little, never far."""
     jobs, expected = mixed_case

@@ -35,8 +35,16 @@ class LoraStep:
         self.routed = routed
         self.dora = dora
         self.mixed = mixed
+        # Projection groups none of the step's adapters adapts are skipped: their slots hold zeros
+        # there (LoraSlots._write), so the kernels would only read zeros. Adapters of q/v alone
+        # make most groups idle (measured 0.66x -> 0.96x of 8 adapters' throughput at 1,000).
+        # (Steps with mixtures or routes use slots beyond the table's: nothing is skipped there.)
+        self.idle = frozenset() if rows is not None or mixed is not None or routed is not None else frozenset(
+            g for g in slots.groups if not any(g in slots.slot_groups[s] for s in segments.seg_slots))
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if group in self.idle:
+            return
         s = self.slots
         a, b, offsets = s.layer_a[group][layer], s.layer_b[group][layer], s.offsets[group]
         if self.rows is None:

@@ -46,6 +46,7 @@ from server.api.schemas import (
 )
 from server.api.service import Service
 from server.engine.async_engine import RequestFailedError
+from server.engine.client import ENGINE_GONE
 from server.engine.request import GenerationRequest, InvalidRequestError, Mixture, Route, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 from server.tenants import Tenant
@@ -317,6 +318,8 @@ async def _until_disconnect(raw: Request, work):
     except RequestFailedError as exc:
         if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
             raise APIError(400, str(exc), code=exc.code) from exc
+        if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
+            raise APIError(503, str(exc), code=exc.code) from exc
         raise APIError(500, str(exc), code=exc.code or "internal_error") from exc
 
 

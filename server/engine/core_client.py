@@ -49,7 +49,7 @@ class ProcessEngine:
         self.max_pending = max_pending
         self.metrics = Metrics()  # the HTTP side's series; the core's arrive by engine_metrics()
         self.tokenizer = Tokenizer(model_dir)
-        self._dir = tempfile.mkdtemp(prefix="loramux-ipc-")
+        self._dir = tempfile.mkdtemp(prefix=f"loramux-ipc-{os.getpid()}-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PUSH)

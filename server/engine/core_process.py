@@ -199,7 +199,9 @@ class EngineCore:
         return self._manager().unregister(owner, name, delete_files=delete_files)
 
     def call_set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """The tenants file's weights; its tenant set also bounds this process's tenant series."""
         self.engine.set_tenant_weights(weights)
+        self.engine.metrics.set_tenants(weights)
 
     def call_load_path(self, *args, **kwargs) -> AdapterEntry:
         return self._manager().load_path(*args, **kwargs)

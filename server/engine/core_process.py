@@ -89,7 +89,12 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
     core = EngineCore(engine, ctx, in_addr, out_addr, out, parent_pid)
     out.send_multipart([wire.READY, wire.dumps(CoreReady(engine.info, engine.adapters.step_capacity
                                                          if engine.adapters else 0, snapshot_of(engine)))])
-    core.run()
+    # The loop runs on a thread of its own, as in-process: torch's CPU kernels called from a
+    # process's main thread ran 5-10x slower than from another thread on a loaded 2-core machine
+    # (OpenMP thread teams), and the main thread has nothing else to do.
+    loop = threading.Thread(target=core.run, name="loramux-engine-core")
+    loop.start()
+    loop.join()
 
 
 class EngineCore:

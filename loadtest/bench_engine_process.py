@@ -62,6 +62,17 @@ def _engine_round(engine: LLMEngine, n: int, new: int, adapters: list[str]) -> f
     return produced / (time.perf_counter() - t0)
 
 
+def step_stats(url: str) -> tuple[float, float]:
+    """(engine steps, seconds spent in them) so far, from the server's /metrics."""
+    count = total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("loramux_step_seconds_count "):
+            count = float(line.split()[1])
+        elif line.startswith("loramux_step_seconds_sum "):
+            total = float(line.split()[1])
+    return count, total
+
+
 async def http_round(url: str, model: str, n: int, new: int, adapters: list[str]) -> float:
     async def one(client: httpx.AsyncClient, i: int) -> int:
         body = {"model": adapters[i % len(adapters)] if adapters else model, "messages": messages(i),
@@ -120,12 +131,21 @@ def main() -> None:
             row = {}
             for mode in ("off", "on"):
                 row[f"engine/{mode}"] = engine_round(engine, args.streams, args.max_tokens, args.adapters)
+                before = step_stats(servers[mode].base_url)
+                t0 = time.perf_counter()
                 row[mode] = asyncio.run(http_round(servers[mode].base_url, model, args.streams, args.max_tokens,
                                                    args.adapters))
+                wall = time.perf_counter() - t0
+                after = step_stats(servers[mode].base_url)
+                # How much of the round the engine spent inside steps, and the mean step.
+                row[f"busy/{mode}"] = (after[1] - before[1]) / wall
+                row[f"step/{mode}"] = (after[1] - before[1]) / max(1.0, after[0] - before[0])
             rows.append(row)
             print(f"round {r + 1}: engine {row['engine/off']:.1f} / {row['engine/on']:.1f} tok/s, "
                   f"off {row['off']:.1f} ({row['off'] / row['engine/off']:.2f}x), "
-                  f"on {row['on']:.1f} ({row['on'] / row['engine/on']:.2f}x)", flush=True)
+                  f"on {row['on']:.1f} ({row['on'] / row['engine/on']:.2f}x); in steps: off {row['busy/off']:.0%} "
+                  f"(mean {row['step/off'] * 1e3:.0f} ms), on {row['busy/on']:.0%} (mean {row['step/on'] * 1e3:.0f} ms)",
+                  flush=True)
     finally:
         for srv in servers.values():
             srv.stop()

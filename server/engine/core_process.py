@@ -26,7 +26,7 @@ import zmq
 from server.adapters.registry import AdapterEntry, AdapterRef
 from server.config import Config
 from server.engine import wire
-from server.engine.engine import EngineInfo, LLMEngine
+from server.engine.engine import EngineInfo, LLMEngine, resolve_device
 from server.engine.output_processor import RequestOutput
 from server.engine.request import FinishReason
 from server.metrics import Metrics
@@ -66,6 +66,19 @@ def snapshot_of(engine: LLMEngine) -> RegistrySnapshot:
     return RegistrySnapshot(entries, {e.ref: m.residency(e.ref) for e in entries})
 
 
+def reserve_a_core(config: Config) -> None:
+    """Without --num-threads, the core's torch threads on a CPU leave one core to the server
+    process (as vLLM's CPU backend reserves one for its API server): its HTTP, JSON and SSE
+    work then never preempts a thread that the others wait for at a barrier."""
+    if config.model.num_threads or resolve_device(config.model.device).type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores > 1:
+        config.model.num_threads = cores - 1
+        log.info("engine core: %d torch threads, one core left to the server process (--num-threads to change)",
+                 cores - 1)
+
+
 def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent_pid: int) -> None:
     """The entry point of the core process (multiprocessing, spawn)."""
     # The server process decides when the core stops (a STOP message after its drain): a
@@ -78,6 +91,7 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, 0)
     out.connect(out_addr)
+    reserve_a_core(config)
     try:
         engine = LLMEngine(config, Path(model_dir), Metrics())
     except BaseException as exc:

@@ -60,6 +60,7 @@ def service(request: Request) -> Service:
 
 @router.get("/v1/models", responses=error_responses(401))
 async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(tenant_of)) -> ModelList:
+    await svc.engine.refresh_adapters()  # a listing shows what the engine knows now (ranks, residency)
     return ModelList(data=svc.model_cards(tenant.name))
 
 

@@ -197,6 +197,9 @@ class AsyncEngine:
         """AdapterManager.unregister between two steps (it never waits for requests to finish)."""
         return await self.call(lambda e: e.adapters.unregister(owner, name, delete_files=delete_files))
 
+    async def refresh_adapters(self) -> None:
+        pass  # `adapters` is the engine's own manager
+
     async def engine_metrics(self) -> list:
         return []  # the engine's series are in this process's registry already
 

@@ -60,5 +60,8 @@ class EngineClient(Protocol):
     async def set_tenant_weights(self, weights: dict[str, float]) -> None: ...
     async def unregister_adapter(self, owner: str | None, name: str, *, delete_files: bool) -> Any: ...
 
+    async def refresh_adapters(self) -> None:
+        """Before a listing: make `adapters` current (a no-op where it is the engine's own manager)."""
+
     async def engine_metrics(self) -> list[Metric]:
         """The engine's metric families when they live in another process (else [])."""

@@ -194,6 +194,10 @@ class ProcessEngine:
             if self.adapters is not None and self.is_running:
                 await self.adapters.refresh_async()
 
+    async def refresh_adapters(self) -> None:
+        if self.adapters is not None and self.is_running:
+            await self.adapters.refresh_async()
+
     async def engine_metrics(self) -> list:
         try:
             return await self.call("metrics")

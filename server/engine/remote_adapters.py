@@ -5,9 +5,9 @@ requests acquire versions and steps activate them. The server process keeps a re
 the registry (the live entries and their residency) so that what every request needs, a
 name -> version lookup and the checks of validation, costs no round trip. Registration
 (admin load, upload, pin, unregister) is a named call to the core, after which the replica is
-refreshed before the call returns, so the next request sees it. Between registrations the
-replica is refreshed once a second (a first load learns an adapter's rank and DoRA flag,
-residency changes); a request checked against a stale replica is checked again by the core at
+refreshed before the call returns, so the next request sees it. Listings refresh it first
+(one round trip, not on the generation path), and it is refreshed once a second otherwise (a
+first load learns an adapter's rank and DoRA flag, residency changes); a request checked against a stale replica is checked again by the core at
 admission, where a refusal is still an HTTP status.
 """
 

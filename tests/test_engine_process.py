@@ -234,3 +234,34 @@ def test_graceful_shutdown_stops_the_core(tiny_llama_dir, tmp_path, tenants, roo
     import tempfile
 
     assert not list(Path(tempfile.gettempdir()).glob(f"loramux-ipc-{srv.proc.pid}-*"))  # its sockets' directory
+
+
+def test_metrics_of_two_processes_merge_into_one_exposition():
+    """/metrics with the engine in its own process: each family once, a series written in either
+    process keeps its value, one written in both (tenant outcomes) is their sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics, exposition
+
+    server_side, core = Metrics(), Metrics()
+    server_side.set_tenants(["alpha"])
+    core.set_tenants(["alpha"])
+    server_side.tenant_requests.labels("alpha", "rate_limited").inc(2)  # a refusal: counted by the server
+    core.on_finish("alpha", "", "stop", 5, 0.4, 0.1)  # a finish: counted by the core
+    core.on_generated({"alpha": 7})
+    core.configure_engine("m", 16, 100, 4)
+    text = exposition(server_side.registry, core.registry.collect()).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    assert len(helps) == len(set(helps))
+
+    def sample(family: str, name: str, **labels) -> float:
+        return sum(s.value for s in fams[family].samples if s.name == name and s.labels == labels)
+
+    outcomes = "loramux_tenant_requests"
+    assert sample(outcomes, outcomes + "_total", tenant="alpha", status="rate_limited") == 2
+    assert sample(outcomes, outcomes + "_total", tenant="alpha", status="stop") == 1
+    assert sample("loramux_generation_tokens", "loramux_generation_tokens_total") == 7
+    assert sample("loramux_kv_blocks_total", "loramux_kv_blocks_total") == 100
+    assert sample("loramux_e2e_request_latency_seconds", "loramux_e2e_request_latency_seconds_count",
+                  adapter="") == 1

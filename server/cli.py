@@ -29,6 +29,13 @@ def _bool(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _on_off(value: Any) -> bool:
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        return _bool(value)
+    raise ValueError(f"expected on or off, got {value!r}")
+
+
 def _pairs(value: Any) -> dict[str, str]:
     """'a=x b=y', ['a=x', 'b=y'] or {'a': 'x'} -> {'a': 'x', 'b': 'y'}."""
     if isinstance(value, dict):
@@ -154,6 +161,9 @@ FLAGS = [
     Flag("log-level", "server.log_level", str, "debug | info | warning"),
     Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
          "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
+    Flag("engine-process", "server.engine_process", _on_off,
+         "on | off: run the engine core in its own process, requests and outputs over ZeroMQ (off: an engine "
+         "thread in the server's process, for tests and debugging)"),
     Flag("shutdown-timeout", "server.shutdown_timeout", _seconds,
          "seconds in-flight requests get to finish after SIGTERM (new ones get 503); then they are aborted"),
 ]

@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
@@ -306,3 +308,42 @@ class Metrics:
                         if s.labels.get(label) == value and all(n in s.labels for n in metric._labelnames)}
             for labels in children:
                 metric.remove(*labels)
+
+
+def exposition(registry: CollectorRegistry, others: Iterable[Metric] = ()) -> bytes:
+    """The text exposition of `registry`, with `others` (metric families of the same names
+    collected in another process: the engine core's) merged in. Both processes define every
+    metric, and each updates only its own series (the other's stay at 0), so a series present in
+    both is the sum; a `_created` timestamp is the earlier one."""
+    others = list(others)
+    if not others:
+        return generate_latest(registry)
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, Sample]] = {}
+    for family in [*registry.collect(), *others]:
+        if family.name not in merged:
+            merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            values[family.name] = {}
+        seen = values[family.name]
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            old = seen.get(key)
+            if old is None:
+                seen[key] = s
+            elif s.name.endswith("_created"):
+                seen[key] = old._replace(value=min(old.value, s.value))
+            else:
+                seen[key] = old._replace(value=old.value + s.value)
+    for name, family in merged.items():
+        family.samples = list(values[name].values())
+    return generate_latest(_Families(list(merged.values())))
+
+
+class _Families:
+    """A collected set of families, in the shape `generate_latest` reads (a registry's `collect`)."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families

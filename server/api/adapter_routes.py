@@ -73,6 +73,7 @@ async def list_adapters(request: Request, caller: Caller = Depends(caller_of)) -
     its place relative to its root and whether it is resident."""
     manager = manager_of(request)
     svc: Service = request.app.state.service
+    await svc.engine.refresh_adapters()  # a listing shows what the engine knows now (ranks, residency)
     if caller.tenant is not None:
         return [adapter_card(e, svc.base_model, manager) for e in manager.visible(caller.tenant.name)]
     out = []

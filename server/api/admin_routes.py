@@ -86,7 +86,7 @@ async def unregister(request: Request, owner: str | None, name: str, *, delete_f
     """Unregister on the engine thread (between steps; it never waits for requests to finish)."""
     svc: Service = request.app.state.service
     try:
-        await svc.engine.call(lambda engine: engine.adapters.unregister(owner, name, delete_files=delete_files))
+        await svc.engine.unregister_adapter(owner, name, delete_files=delete_files)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
     except EngineDeadError as exc:
@@ -137,19 +137,19 @@ async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> PlainT
 @router.post("/v1/adapters/{name}/pin", dependencies=[Depends(require_admin)],
              responses=error_responses(400, 401, 403, 404))
 async def pin_adapter(name: str, request: Request, tenant: str | None = None) -> ModelCard:
-    return _set_pinned(request, name, tenant, True)
+    return await _set_pinned(request, name, tenant, True)
 
 
 @router.post("/v1/adapters/{name}/unpin", dependencies=[Depends(require_admin)],
              responses=error_responses(400, 401, 403, 404))
 async def unpin_adapter(name: str, request: Request, tenant: str | None = None) -> ModelCard:
-    return _set_pinned(request, name, tenant, False)
+    return await _set_pinned(request, name, tenant, False)
 
 
-def _set_pinned(request: Request, name: str, tenant: str | None, pinned: bool) -> ModelCard:
+async def _set_pinned(request: Request, name: str, tenant: str | None, pinned: bool) -> ModelCard:
     manager = manager_of(request)
-    try:
-        entry = manager.set_pinned(check_tenant(request, tenant), name, pinned)
+    try:  # on a worker thread: with the engine in its own process this is a call to it
+        entry = await run_in_threadpool(manager.set_pinned, check_tenant(request, tenant), name, pinned)
     except AdapterError as exc:
         raise adapter_error(exc) from exc
     return adapter_card(entry, request.app.state.service.base_model, manager)

@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -25,8 +25,9 @@ from server.api.service import Service
 from server.api.shutdown import Drain, DrainGate
 from server.config import Config
 from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 from server.engine.engine import LLMEngine
-from server.metrics import Metrics
+from server.metrics import Metrics, exposition
 from server.tenants import TenantFileError, TenantTable, load_tenants
 from server.tenants.quotas import Quotas
 
@@ -67,26 +68,35 @@ def build_engine(config: Config) -> LLMEngine:
     return LLMEngine(config, resolve_model_dir(config), Metrics())
 
 
+def build_client(config: Config, engine: LLMEngine | None = None) -> EngineClient:
+    """The engine on a thread here (given one, or `--engine-process off`), or in its own process."""
+    if engine is None and config.server.engine_process:
+        from server.engine.core_client import ProcessEngine
+
+        return ProcessEngine(config, resolve_model_dir(config), max_pending=config.scheduler.pending_limit)
+    return AsyncEngine(engine or build_engine(config), max_pending=config.scheduler.pending_limit)
+
+
 def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
-    engine = engine or build_engine(config)
-    async_engine = AsyncEngine(engine, max_pending=config.scheduler.pending_limit)
-    metrics = engine.metrics
+    tenants = tenant_table(config)  # a bad tenants file fails before an engine process is started
+    client = build_client(config, engine)
+    metrics = client.metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        async_engine.start()
-        await tenant_admin.start(_app)
-        yield
-        tenant_admin.stop()
-        async_engine.shutdown()
+        client.start()
+        try:
+            await client.set_tenant_weights({t.name: t.weight for t in _app.state.tenants})
+            await tenant_admin.start(_app)
+            yield
+        finally:
+            tenant_admin.stop()
+            client.shutdown()
 
     app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
-    app.state.service = Service(engine=async_engine, tokenizer=engine.tokenizer, base_model=engine.info.model_name,
-                                max_model_len=engine.info.max_model_len,
-                                adapters=engine.adapters)
-    app.state.tenants = tenant_table(config)
-    # The engine thread starts in `lifespan`, so this direct call is still single-threaded.
-    engine.set_tenant_weights({t.name: t.weight for t in app.state.tenants})
+    app.state.service = Service(engine=client, tokenizer=client.tokenizer, base_model=client.info.model_name,
+                                max_model_len=client.info.max_model_len, adapters=client.adapters)
+    app.state.tenants = tenants
     app.state.tenants_file = config.server.tenants  # reloadable (SIGHUP, admin call); --api-keys is not
     app.state.tenants_reload_lock = asyncio.Lock()
     app.state.quotas = Quotas(app.state.tenants)
@@ -144,18 +154,18 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         """Liveness: 503 only once the engine loop has died (restart the server then); stays
         200 while draining, so a shutting-down server is not killed before its streams end."""
-        ok = async_engine.is_running
+        ok = client.is_running
         return JSONResponse({"status": "ok" if ok else "engine_down"}, status_code=200 if ok else 503)
 
     @app.get("/ready", responses=_READY_RESPONSES)
     async def ready() -> JSONResponse:
         """Readiness: 200 while new requests are welcome; 503 while draining (shutdown) or while
         the queue is at its bound (`--max-waiting`), so a load balancer sends them elsewhere."""
-        if not async_engine.is_running:
+        if not client.is_running:
             status = "engine_down"
         elif drain.draining:
             status = "draining"
-        elif async_engine.num_pending >= async_engine.max_pending:
+        elif client.num_pending >= client.max_pending:
             status = "full"
         else:
             status = "ready"
@@ -163,6 +173,6 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(metrics.registry, await client.engine_metrics()), media_type=CONTENT_TYPE_LATEST)
 
     return app

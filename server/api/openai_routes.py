@@ -46,6 +46,7 @@ from server.api.schemas import (
 )
 from server.api.service import Service
 from server.engine.async_engine import RequestFailedError
+from server.engine.client import ENGINE_GONE
 from server.engine.request import GenerationRequest, InvalidRequestError, Mixture, Route, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 from server.tenants import Tenant
@@ -59,6 +60,7 @@ def service(request: Request) -> Service:
 
 @router.get("/v1/models", responses=error_responses(401))
 async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(tenant_of)) -> ModelList:
+    await svc.engine.refresh_adapters()  # a listing shows what the engine knows now (ranks, residency)
     return ModelList(data=svc.model_cards(tenant.name))
 
 
@@ -317,6 +319,8 @@ async def _until_disconnect(raw: Request, work):
     except RequestFailedError as exc:
         if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
             raise APIError(400, str(exc), code=exc.code) from exc
+        if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
+            raise APIError(503, str(exc), code=exc.code) from exc
         raise APIError(500, str(exc), code=exc.code or "internal_error") from exc
 
 

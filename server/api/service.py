@@ -9,7 +9,7 @@ from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterEntry, AdapterRef
 from server.api.errors import APIError, bad_request, model_not_found
 from server.api.schemas import ModelCard
-from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 from server.engine.request import Mixture, Route
 from server.model.tokenizer import Tokenizer
 
@@ -23,7 +23,7 @@ def adapter_error(exc: AdapterError) -> APIError:
 
 @dataclass
 class Service:
-    engine: AsyncEngine
+    engine: EngineClient
     tokenizer: Tokenizer
     base_model: str
     max_model_len: int
@@ -100,7 +100,7 @@ class Service:
         refs = tuple(e.ref for e in entries if not e.summary.use_dora)
         if not refs:
             raise bad_request("route.experts omitted, and there is no adapter to route among", "route.experts")
-        limit = self.engine.engine.config.lora.max_route_experts
+        limit = self.engine.config.lora.max_route_experts
         if len(refs) > limit:
             raise bad_request(f"route.experts omitted means every adapter you may use ({len(refs)}), more than "
                               f"this server routes among (--max-route-experts {limit}); name the experts in "
@@ -110,7 +110,7 @@ class Service:
     def model_cards(self, tenant: str) -> list[ModelCard]:
         """The base and every adapter `tenant` may use (never a filesystem path)."""
         cards = [ModelCard(id=self.base_model, root=self.base_model, max_model_len=self.max_model_len,
-                           family=self.engine.engine.info.arch.family.name)]
+                           family=self.engine.info.arch.family.name)]
         if self.adapters is not None:
             cards += [adapter_card(e, self.base_model, self.adapters) for e in self.adapters.visible(tenant)]
         return cards

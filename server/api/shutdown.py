@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
 from server.api.middleware import ErrorResponder
-from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Drain:
         """Stop waiting for the requests in flight: abort them now."""
         self._cut = True
 
-    async def run(self, engine: AsyncEngine) -> None:
+    async def run(self, engine: EngineClient) -> None:
         """Refuse new requests, wait for the ones in flight (at most `timeout` s), abort the rest."""
         self.draining = True
         log.info("draining: %d requests in flight, waiting up to %.0f s", self.in_flight, self.timeout)
@@ -95,7 +95,7 @@ class DrainingServer(uvicorn.Server):
     (which closes the listener at once). The signal is not re-raised at exit, so a drained
     server exits 0."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, engine: AsyncEngine):
+    def __init__(self, config: uvicorn.Config, drain: Drain, engine: EngineClient):
         super().__init__(config)
         self.drain = drain
         self.engine = engine

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api.admin_routes import require_admin
 from server.api.errors import APIError
 from server.api.openapi import error_responses
-from server.engine.async_engine import AsyncEngine, EngineDeadError
+from server.engine.async_engine import EngineDeadError
+from server.engine.client import EngineClient
 from server.tenants import TenantFileError, TenantTable, load_tenants
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,10 @@ def tenants_file(app: FastAPI) -> str | None:
 
 async def push_weights(app: FastAPI, table: TenantTable) -> None:
     """Tell the engine's scheduler the fair-share weights (on the engine thread, between steps)."""
-    engine: AsyncEngine = app.state.service.engine
+    engine: EngineClient = app.state.service.engine
     weights = {t.name: t.weight for t in table}
     try:
-        await engine.call(lambda e: e.set_tenant_weights(weights))
+        await engine.set_tenant_weights(weights)
     except EngineDeadError:
         log.warning("tenant weights not applied: the engine is not running")
 

@@ -99,8 +99,15 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """The in-process `EngineClient` (server/engine/client.py): the engine on a thread here."""
+
     def __init__(self, engine: LLMEngine, max_pending: int = 1024):
         self.engine = engine
+        self.config = engine.config
+        self.info = engine.info
+        self.tokenizer = engine.tokenizer
+        self.metrics = engine.metrics
+        self.adapters = engine.adapters
         self.max_pending = max_pending
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -181,6 +188,20 @@ class AsyncEngine:
         future = loop.create_future()
         self._send(_Call(fn, future, loop))
         return await future
+
+    async def set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """The scheduler's fair-share weights, by tenant."""
+        await self.call(lambda e: e.set_tenant_weights(weights))
+
+    async def unregister_adapter(self, owner: str | None, name: str, *, delete_files: bool) -> Any:
+        """AdapterManager.unregister between two steps (it never waits for requests to finish)."""
+        return await self.call(lambda e: e.adapters.unregister(owner, name, delete_files=delete_files))
+
+    async def refresh_adapters(self) -> None:
+        pass  # `adapters` is the engine's own manager
+
+    async def engine_metrics(self) -> list:
+        return []  # the engine's series are in this process's registry already
 
     def _send(self, command: _Add | _Abort | _AbortAll | _Call) -> None:
         self._commands.put(command)

@@ -20,7 +20,7 @@ import torch
 from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
-from server.config import Config
+from server.config import Config, LoraConfig
 from server.engine.backends import select_attention, select_lora
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
@@ -134,22 +134,7 @@ class LLMEngine:
     def validate(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError for what can never run. Reads only immutable state, so
         the HTTP thread may call it to answer 400 before queueing."""
-        request.params.validate()
-        n = len(request.prompt_token_ids)
-        max_len = self.info.max_model_len
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if n + request.params.max_tokens > max_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {max_len} tokens; the request has {n} prompt "
-                f"tokens and max_tokens {request.params.max_tokens}", "max_tokens" if n < max_len else "prompt")
-        vocab = self.info.arch.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if request.adapter is not None and (self.adapters is None or not self.adapters.exists(request.adapter)):
-            raise not_found(request.adapter)
-        if request.experts is not None:
-            validate_experts(request, self.config.lora, self.adapters)
+        validate_request(request, self.info, self.config.lora, self.adapters)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request (engine thread only)."""
@@ -341,3 +326,25 @@ def _label(adapter: AdapterRef | None) -> str:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def validate_request(request: GenerationRequest, info: EngineInfo, lora: LoraConfig, adapters) -> None:
+    """Raise InvalidRequestError for what can never run, from the engine's fixed facts (`info`),
+    the LoRA limits and the adapters (the manager, or its replica in the server process when the
+    engine runs in its own: server/engine/remote_adapters.py)."""
+    request.params.validate()
+    n = len(request.prompt_token_ids)
+    max_len = info.max_model_len
+    if n == 0:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    if n + request.params.max_tokens > max_len:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {max_len} tokens; the request has {n} prompt "
+            f"tokens and max_tokens {request.params.max_tokens}", "max_tokens" if n < max_len else "prompt")
+    vocab = info.arch.vocab_size
+    if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+    if request.adapter is not None and (adapters is None or not adapters.exists(request.adapter)):
+        raise not_found(request.adapter)
+    if request.experts is not None:
+        validate_experts(request, lora, adapters)

@@ -1,0 +1,281 @@
+"""`ProcessEngine`: the `EngineClient` (server/engine/client.py) of an engine core running in its
+own process (server/engine/core_process.py), so the HTTP server never holds its interpreter.
+
+The server binds two ZeroMQ IPC sockets in a private temp directory and spawns the core, which
+connects. Requests go down one channel as they are submitted; outputs come up the other, one
+message per engine step, and an asyncio task of the server's event loop hands each to its
+request's queue. Named calls carry a call id and are answered on the same channel. When the
+core dies, every waiting request and call fails at once (in-flight streams end with an error,
+new requests get 503), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from server.config import Config
+from server.engine import wire
+from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
+from server.engine.client import ENGINE_GONE
+from server.engine.core_process import CoreReady, run_core
+from server.engine.engine import validate_request
+from server.engine.output_processor import RequestOutput
+from server.engine.remote_adapters import RemoteAdapters
+from server.engine.request import FinishReason, GenerationRequest
+from server.metrics import Metrics
+from server.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 900.0  # model load, plus the C++ kernel build on a first start
+_WATCH_MS = 500  # no message for this long: check that the core is still alive
+REPLICA_REFRESH_S = 1.0
+
+
+class ProcessEngine:
+    def __init__(self, config: Config, model_dir: Path, max_pending: int = 1024):
+        self.config = config
+        self.max_pending = max_pending
+        self.metrics = Metrics()  # the HTTP side's series; the core's arrive by engine_metrics()
+        self.tokenizer = Tokenizer(model_dir)
+        self._dir = tempfile.mkdtemp(prefix=f"loramux-ipc-{os.getpid()}-")
+        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.setsockopt(zmq.SNDHWM, 0)
+        self._in.bind(in_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.RCVHWM, 0)
+        self._out.bind(out_addr)
+        # spawn, not fork: this process may already run threads (and torch's pools).
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=run_core, args=(config, str(model_dir), in_addr, out_addr, os.getpid()),
+            name="loramux-engine-core", daemon=True)
+        self._proc.start()
+        ready = self._wait_ready()
+        self.info = ready.info
+        self.adapters = RemoteAdapters(self, ready.snapshot, ready.step_capacity) if config.lora.enabled else None
+        self._sinks: dict[str, asyncio.Queue] = {}
+        self._admissions: dict[str, asyncio.Future] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._pending = 0
+        self._closed = False
+        self._dead = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def _wait_ready(self) -> CoreReady:
+        waited = 0.0
+        while not self._out.poll(int(_WATCH_MS)):
+            waited += _WATCH_MS / 1000
+            if not self._proc.is_alive() or waited > START_TIMEOUT_S:
+                self._release()
+                raise RuntimeError(f"the engine core process did not start (exit code {self._proc.exitcode})")
+        kind, payload = self._out.recv_multipart()
+        ready: CoreReady = wire.loads(payload)
+        if kind != wire.READY or ready.error is not None:
+            self._proc.join(10)
+            self._release()
+            raise wire.rebuild_error(ready.error) if ready.error else RuntimeError(f"unexpected {kind!r} from the core")
+        log.info("engine core process %d ready", self._proc.pid)
+        return ready
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """In the server's event loop (the app's lifespan): start reading the core's messages."""
+        self._loop = asyncio.get_running_loop()
+        self._aout = zmq.asyncio.Socket.from_socket(self._out)
+        self._tasks = [self._loop.create_task(self._read(), name="loramux-core-reader")]
+        if self.adapters is not None:
+            self._tasks.append(self._loop.create_task(self._refresh_replica(), name="loramux-replica"))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._proc.is_alive():
+            self._send(wire.STOP, b"")
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            log.warning("the engine core did not stop in %.0f s: terminating it", timeout)
+            self._proc.kill()
+            self._proc.join(5)
+        for task in self._tasks:
+            task.cancel()
+        self._fail_everything("the server is shutting down")
+        self._release()
+
+    def _release(self) -> None:
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def close(self) -> None:
+        self._closed = True
+        self._send(wire.ABORT_ALL, b"")
+
+    @property
+    def is_running(self) -> bool:
+        return not self._dead and self._proc.is_alive()
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    # --- requests ------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        validate_request(request, self.info, self.config.lora, self.adapters)
+
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        if not self.is_running or self._closed:
+            raise EngineDeadError("the server is shutting down" if self._closed else "the engine is not running")
+        if self._pending >= self.max_pending:
+            raise EngineOverloadedError(f"server overloaded: {self._pending} requests pending, try again later")
+        rid = request.request_id
+        sink: asyncio.Queue = asyncio.Queue()
+        admitted = self._loop.create_future()
+        self._sinks[rid] = sink
+        self._admissions[rid] = admitted
+        self._pending += 1
+        self._send(wire.ADD, wire.dumps(request))
+        try:
+            await admitted
+        except BaseException:  # refused, or cancelled while waiting (the abort undoes a late admission)
+            self._pending -= 1
+            self._admissions.pop(rid, None)
+            self.abort(rid)
+            raise
+        return RequestStream(self, rid, sink)
+
+    def abort(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        if not self._dead:
+            self._send(wire.ABORT, request_id.encode())
+
+    # --- named calls ---------------------------------------------------------------------------
+    async def call(self, method: str, *args, **kwargs) -> Any:
+        """Run `EngineCore.call_<method>` in the core; its result, or its exception raised here."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        call_id = next(self._call_ids)
+        future = self._loop.create_future()
+        self._calls[call_id] = future
+        self._send(wire.CALL, wire.dumps((call_id, method, args, kwargs)))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    def call_sync(self, method: str, *args, **kwargs) -> Any:
+        """`call` from a worker thread (never the event loop's: it would wait on itself)."""
+        if self._loop is None:
+            raise EngineDeadError("the engine is not running")
+        return asyncio.run_coroutine_threadsafe(self.call(method, *args, **kwargs), self._loop).result()
+
+    async def set_tenant_weights(self, weights: dict[str, float]) -> None:
+        await self.call("set_tenant_weights", weights)
+
+    async def unregister_adapter(self, owner: str | None, name: str, *, delete_files: bool) -> Any:
+        try:
+            return await self.call("unregister_adapter", owner, name, delete_files=delete_files)
+        finally:
+            if self.adapters is not None and self.is_running:
+                await self.adapters.refresh_async()
+
+    async def refresh_adapters(self) -> None:
+        if self.adapters is not None and self.is_running:
+            await self.adapters.refresh_async()
+
+    async def engine_metrics(self) -> list:
+        try:
+            return await self.call("metrics")
+        except EngineDeadError:
+            return []
+
+    # --- the event loop's side of the channels ---------------------------------------------------
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        # Only from the event loop's thread (zmq sockets belong to one thread); never blocks: no HWM.
+        try:
+            self._in.send_multipart([kind, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the context is gone (shutdown): nobody to tell
+            pass
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                if not await self._aout.poll(_WATCH_MS):
+                    if not self._proc.is_alive():
+                        self._on_death()
+                        return
+                    continue
+                kind, payload = await self._aout.recv_multipart()
+                if kind == wire.OUTPUTS:
+                    self._deliver(wire.decode_outputs(payload))
+                elif kind == wire.ADMITTED:
+                    rid, error = wire.loads(payload)
+                    _settle(self._admissions.pop(rid, None), None, error)
+                elif kind == wire.REPLY:
+                    call_id, result, error = wire.loads(payload)
+                    _settle(self._calls.get(call_id), result, error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # pragma: no cover - a bug here must not leave requests hanging
+            log.exception("reading the engine core's messages failed")
+            self._on_death()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue  # aborted meanwhile
+            if out.finished:
+                del self._sinks[out.request_id]
+            sink.put_nowait(out)
+
+    async def _refresh_replica(self) -> None:
+        while self.is_running:
+            await asyncio.sleep(REPLICA_REFRESH_S)
+            try:
+                await self.adapters.refresh_async()
+            except EngineDeadError:
+                return
+            except Exception:  # pragma: no cover - keep the last replica
+                log.exception("adapter registry refresh failed")
+
+    def _on_death(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        log.error("the engine core process exited (code %s): failing the requests in flight",
+                  self._proc.exitcode)
+        self._fail_everything("the engine process exited")
+
+    def _fail_everything(self, message: str) -> None:
+        for rid, sink in list(self._sinks.items()):
+            sink.put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ERROR, error=message,
+                                          error_code=ENGINE_GONE))
+        self._sinks.clear()
+        for future in [*self._admissions.values(), *self._calls.values()]:
+            _settle(future, None, EngineDeadError(message))
+        self._admissions.clear()
+
+
+def _settle(future: asyncio.Future | None, result: Any, error: Any) -> None:
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error if isinstance(error, BaseException) else wire.rebuild_error(error))

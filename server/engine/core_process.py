@@ -1,0 +1,273 @@
+"""The engine core process (`--engine-process on`): `LLMEngine` and nothing of HTTP.
+
+Its main thread owns the engine and loops: take every message waiting on the input channel,
+run one step while there is work, send that step's outputs as one message. It sleeps in a
+ZeroMQ poll when there is nothing to run, and is woken by the next message (or by an adapter
+load finishing: the loader sends a wake message on an in-process socket of the same poll).
+Named calls that change what a step sees (an adapter unregister, tenant weights) run on the
+main thread between steps; registration I/O (admin loads, uploads), registry snapshots and
+metric scrapes run on a worker thread, which answers on its own socket, so a step never waits
+for a disk read. Detokenisation and stop strings stay here, in the engine's output processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from server.adapters.registry import AdapterEntry, AdapterRef
+from server.config import Config
+from server.engine import wire
+from server.engine.engine import EngineInfo, LLMEngine, resolve_device
+from server.engine.output_processor import RequestOutput
+from server.engine.request import FinishReason
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_WAKE_ADDR = "inproc://loramux-wake"
+_IDLE_POLL_MS = 500  # nothing to run: also how often a core whose server died notices it
+_LOADS_POLL_MS = 50  # everything waits on adapter loads (a finished load wakes us sooner)
+_ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")
+
+
+@dataclass
+class RegistrySnapshot:
+    """The live adapters and where each is resident: what the server process answers lookups
+    and listings from (server/engine/remote_adapters.py)."""
+
+    entries: list[AdapterEntry] = field(default_factory=list)
+    resident: dict[AdapterRef, tuple[bool, bool]] = field(default_factory=dict)
+
+
+@dataclass
+class CoreReady:
+    """The core's first message: what the server needs to know of the engine it started."""
+
+    info: EngineInfo | None = None
+    step_capacity: int = 0
+    snapshot: RegistrySnapshot | None = None
+    error: tuple | None = None  # wire.error_state of a failed start (the server re-raises it)
+
+
+def snapshot_of(engine: LLMEngine) -> RegistrySnapshot:
+    m = engine.adapters
+    if m is None:
+        return RegistrySnapshot()
+    entries = m.entries()
+    return RegistrySnapshot(entries, {e.ref: m.residency(e.ref) for e in entries})
+
+
+def reserve_a_core(config: Config) -> None:
+    """Without --num-threads, the core's torch threads on a CPU leave one core to the server
+    process (as vLLM's CPU backend reserves one for its API server): its HTTP, JSON and SSE
+    work then never preempts a thread that the others wait for at a barrier."""
+    if config.model.num_threads or resolve_device(config.model.device).type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores > 1:
+        config.model.num_threads = cores - 1
+        log.info("engine core: %d torch threads, one core left to the server process (--num-threads to change)",
+                 cores - 1)
+
+
+def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    """The entry point of the core process (multiprocessing, spawn)."""
+    # The server process decides when the core stops (a STOP message after its drain): a
+    # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.connect(out_addr)
+    reserve_a_core(config)
+    try:
+        engine = LLMEngine(config, Path(model_dir), Metrics())
+    except BaseException as exc:
+        log.exception("the engine failed to start")
+        out.send_multipart([wire.READY, wire.dumps(CoreReady(error=wire.error_state(exc)))])
+        out.close(linger=2000)
+        ctx.term()
+        return
+    core = EngineCore(engine, ctx, in_addr, out_addr, out, parent_pid)
+    out.send_multipart([wire.READY, wire.dumps(CoreReady(engine.info, engine.adapters.step_capacity
+                                                         if engine.adapters else 0, snapshot_of(engine)))])
+    # The loop runs on a thread of its own, as in-process: torch's CPU kernels called from a
+    # process's main thread ran 5-10x slower than from another thread on a loaded 2-core machine
+    # (OpenMP thread teams), and the main thread has nothing else to do.
+    loop = threading.Thread(target=core.run, name="loramux-engine-core")
+    loop.start()
+    loop.join()
+
+
+class EngineCore:
+    def __init__(self, engine: LLMEngine, ctx: zmq.Context, in_addr: str, out_addr: str, out: zmq.Socket,
+                 parent_pid: int):
+        self.engine = engine
+        self._ctx = ctx
+        self._out = out
+        self._out_addr = out_addr
+        self._parent_pid = parent_pid
+        self._in = ctx.socket(zmq.PULL)
+        self._in.setsockopt(zmq.RCVHWM, 0)
+        self._in.bind(_WAKE_ADDR)
+        self._in.connect(in_addr)
+        self._live: set[str] = set()  # admitted, not finished, not aborted
+        self._stop = False
+        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-core-io")
+        self._local = threading.local()  # each worker thread's own output socket
+        engine.wake = self._wake
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stop:
+                busy = self.engine.has_unfinished()
+                self._receive(0 if busy and not self.engine.idle else _LOADS_POLL_MS if busy else _IDLE_POLL_MS)
+                if self._stop or not self.engine.has_unfinished():
+                    if os.getppid() != self._parent_pid:  # the server is gone: nobody to serve
+                        log.error("the server process exited; the engine core stops")
+                        return
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # outside any request's execution: fail all, keep serving
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(f"internal engine error ({type(exc).__name__})")
+                    continue
+                self._send_outputs(outputs)
+        finally:
+            self._fail_all("the server is shutting down")
+            self._workers.submit(self._close_worker_socket)  # the context ends only once every socket is closed
+            self._workers.shutdown(wait=True)
+            self._in.close(linger=0)
+            self._out.close(linger=2000)
+            self._ctx.term()
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Handle every waiting message, after waiting up to `timeout_ms` for the first."""
+        if not self._in.poll(timeout_ms):
+            return
+        while True:
+            try:
+                kind, payload = self._in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(kind, payload)
+
+    def _handle(self, kind: bytes, payload: bytes) -> None:
+        if kind == wire.ADD:
+            request = wire.loads(payload)
+            try:
+                self.engine.add_request(request)
+                error = None
+                self._live.add(request.request_id)
+            except Exception as exc:  # refused at admission (e.g. its adapter is gone): still an HTTP status
+                error = wire.error_state(exc)
+            self._out.send_multipart([wire.ADMITTED, wire.dumps((request.request_id, error))])
+        elif kind == wire.ABORT:
+            request_id = payload.decode()
+            self._live.discard(request_id)
+            self.engine.abort(request_id)
+        elif kind == wire.ABORT_ALL:
+            self._send_outputs([self.engine.abort(rid) or RequestOutput(rid, finished=True,
+                                                                        finish_reason=FinishReason.ABORT)
+                                for rid in list(self._live)])
+            self._live.clear()
+        elif kind == wire.CALL:
+            call_id, method, args, kwargs = wire.loads(payload)
+            if method in _ENGINE_THREAD_CALLS:
+                self._out.send_multipart([wire.REPLY, wire.dumps(self._call(call_id, method, args, kwargs))])
+            else:
+                self._workers.submit(self._call_on_worker, call_id, method, args, kwargs)
+        elif kind == wire.STOP:
+            self._stop = True
+        # anything else (a loader's wake) only ended the poll
+
+    # --- named calls ----------------------------------------------------------------------------
+    def _call(self, call_id: int, method: str, args: tuple, kwargs: dict) -> tuple[int, Any, tuple | None]:
+        try:
+            return call_id, getattr(self, "call_" + method)(*args, **kwargs), None
+        except Exception as exc:  # handed back to the caller, raised there
+            return call_id, None, wire.error_state(exc)
+
+    def _call_on_worker(self, call_id: int, method: str, args: tuple, kwargs: dict) -> None:
+        sock = getattr(self._local, "out", None)
+        if sock is None:
+            sock = self._local.out = self._ctx.socket(zmq.PUSH)
+            sock.connect(self._out_addr)
+        sock.send_multipart([wire.REPLY, wire.dumps(self._call(call_id, method, args, kwargs))])
+
+    def _close_worker_socket(self) -> None:
+        sock = getattr(self._local, "out", None)
+        if sock is not None:
+            sock.close(linger=1000)
+
+    def call_unregister_adapter(self, owner: str | None, name: str, *, delete_files: bool) -> AdapterEntry:
+        return self._manager().unregister(owner, name, delete_files=delete_files)
+
+    def call_set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """The tenants file's weights; its tenant set also bounds this process's tenant series."""
+        self.engine.set_tenant_weights(weights)
+        self.engine.metrics.set_tenants(weights)
+
+    def call_load_path(self, *args, **kwargs) -> AdapterEntry:
+        return self._manager().load_path(*args, **kwargs)
+
+    def call_upload(self, *args, **kwargs) -> AdapterEntry:
+        return self._manager().upload(*args, **kwargs)
+
+    def call_set_pinned(self, *args, **kwargs) -> AdapterEntry:
+        return self._manager().set_pinned(*args, **kwargs)
+
+    def call_snapshot(self) -> RegistrySnapshot:
+        return snapshot_of(self.engine)
+
+    def call_metrics(self) -> list:
+        return list(self.engine.metrics.registry.collect())
+
+    def _manager(self):
+        if self.engine.adapters is None:
+            raise RuntimeError("LoRA serving is off (--no-lora)")
+        return self.engine.adapters
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def _send_outputs(self, outputs: list[RequestOutput]) -> None:
+        live = [o for o in outputs if o.request_id in self._live]  # else aborted meanwhile
+        for o in live:
+            if o.finished:
+                self._live.discard(o.request_id)
+        if live:
+            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(live)])
+
+    def _fail_all(self, message: str) -> None:
+        failed = []
+        for request_id in list(self._live):
+            self.engine.abort(request_id)
+            failed.append(RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR,
+                                        error=message, error_code="internal_error"))
+        self._live.clear()
+        if failed:
+            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(failed)])
+
+    def _wake(self) -> None:
+        """From an adapter loader thread: end the main loop's poll (a socket of its own: zmq
+        sockets belong to one thread)."""
+        try:
+            sock = self._ctx.socket(zmq.PUSH)
+        except zmq.ZMQError:  # the core is stopping
+            return
+        sock.connect(_WAKE_ADDR)
+        sock.send_multipart([b"wake", b""])
+        sock.close(linger=1000)

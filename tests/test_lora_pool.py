@@ -119,6 +119,7 @@ def test_max_loras_is_an_optional_per_step_limit(tiny_llama_dir, many_adapters):
     few = dict(list(many_adapters.items())[:6])
     engine = engine_for(tiny_llama_dir, few, max_loras=2)
     assert engine.adapters.step_capacity == 2 and engine.scheduler.max_loras == 2
+    warm(engine, few)  # else the loads pace admissions and two adapters may never share a step
     sizes = spy_step_sizes(engine)
     jobs = [(name, [3, 4, 5, 6]) for name in few]
     tokens, _ = greedy_with_logprobs(engine, jobs, NEW)

@@ -55,6 +55,16 @@ def save_tiny_model(path: Path, model_type: str, seed: int = 0, **overrides) -> 
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: thread fan-out only costs time on the shared 2-core machine. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

@@ -35,12 +35,7 @@ WEIGHTS = "adapter_model.safetensors"
 MAG0 = "base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from server.model.arch import ModelArch
 SIGMA = (8.0, 2.0, 1.0, 0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from test_kernels_mixture import SCENES, Scene, check, dense_expected, make
+from mixture_scenes import SCENES, Scene, check, dense_expected, make
 
 from server.adapters.manager import StepLora
 from server.engine.backends.lora import TorchLora

@@ -39,9 +39,9 @@ def many_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
             for i in range(MANY)}
 
 
-def engine_for(model_dir: Path, adapters: dict[str, Path], **lora) -> LLMEngine:
+def engine_for(model_dir: Path, adapters: dict[str, Path], device: str = "cpu", **lora) -> LLMEngine:
     cfg = Config()
-    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", "cpu", 16 << 20
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", device, 16 << 20
     cfg.scheduler.max_num_seqs = 64
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}

@@ -1,5 +1,5 @@
-"""On CPU the host cache's adapters are used in place: a load is written into the pool by the
-loader thread, and a step that uses it copies nothing (issue 11, item 1). The writes never touch
+"""A load is written into the pool by the loader thread (on CPU in place; on a GPU on a copy
+stream of its own, overlapped with the steps), and a step that uses it copies nothing (issue 11, item 1). The writes never touch
 a slot of the running step or of a kept adapter, and a step that needs every slot while a loader
 writes one waits for it. References: PEFT for the tokens; the parsed adapters for slot contents.
 """
@@ -37,8 +37,10 @@ def _writes(metrics: Metrics) -> float:
     return metrics.adapter_slot_writes._value.get()
 
 
-def test_loads_land_in_the_pool_and_steps_copy_nothing(tiny_llama_dir, four):
-    engine = engine_for(tiny_llama_dir, four)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_loads_land_in_the_pool_and_steps_copy_nothing(tiny_llama_dir, four, device):
+    engine = engine_for(tiny_llama_dir, four, device=device)
     manager = engine.adapters
     warm(engine, four)
     refs = {n: manager.lookup(None, n) for n in four}

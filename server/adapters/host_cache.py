@@ -9,9 +9,9 @@ window) and pinned ones are never evicted; if everything is kept the budget is e
 rather than failing requests. Each load also computes what is derived from the weights
 (`prepare`: the manager's DoRA rescale against the base weights) on the loader thread.
 
-`in_place` (on CPU, where the device pool is host memory too): the loader thread also writes each
-adapter it loads into the pool (LoraSlots.write_in_place), so a step activates it without a
-copy; an adapter this cache evicts or drops leaves the pool with it.
+`in_place`: the loader thread also writes each adapter it loads into the device pool
+(LoraSlots.write_in_place: in place on CPU, an overlapped host -> device copy on a GPU), so a
+step activates it without a copy; an adapter this cache evicts or drops leaves the pool with it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class HostAdapterCache:
                  on_loaded: Callable[[], None] | None = None,
                  prepare: Callable[[LoraAdapter], LoraAdapter] | None = None, in_place: LoraSlots | None = None):
         """`prepare`: run on each parsed adapter before it becomes resident (may raise AdapterError).
-        `in_place`: the device pool that loads are written into as they finish (CPU)."""
+        `in_place`: the device pool that loads are written into as they finish."""
         self.registry = registry
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes

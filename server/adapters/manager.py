@@ -88,11 +88,10 @@ class AdapterManager:
         # The pool is filled from the host cache, so it never needs more slots than that holds.
         self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
                                       max_slots=max(1, cfg.max_cpu_loras))
-        # On CPU the pool is host memory: loads are written into it on the loader thread (used in
-        # place by the steps); elsewhere a step copies its adapters host -> device on activation.
+        # Loads are written into the pool by the loader thread (on CPU in place; on a GPU copied on a
+        # stream of their own, overlapped with the steps): a step activates them without a copy.
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
-                                       on_loaded, prepare=self._prepare,
-                                       in_place=self._slots if device.type == "cpu" else None)
+                                       on_loaded, prepare=self._prepare, in_place=self._slots)
         self._step_limit = cfg.max_loras
         self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
         self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time

@@ -18,10 +18,13 @@ that is not resident is needed by a step; the victim is the least recently used 
 step does not use. The tensors are allocated empty: a slot is zeroed when first written, so
 on CPU the pool's untouched slots take no memory.
 
-On CPU, where the pool and the host cache are the same memory, the host cache's loader thread
-writes each adapter it loads straight into a slot (`write_in_place`: a free one, else the least
-recently used adapter that no step and no kept request uses), so activating it is a lookup, not
-a copy. The engine thread's `activate` and a loader's `write_in_place` share the bookkeeping
+The host cache's loader thread writes each adapter it loads straight into a slot
+(`write_in_place`: a free one, else the least recently used adapter that no step and no kept
+request uses), so activating it is a lookup, not a copy. On CPU, where the pool and the host
+cache are the same memory, that is the whole story. On a GPU the write is the host -> device
+copy: it runs on a CUDA stream of its own, overlapped with the steps on the compute stream, and
+the loader thread waits for it (the engine never does) before the slot counts as resident, so a
+step launched afterwards reads finished weights. The engine thread's `activate` and a loader's `write_in_place` share the bookkeeping
 under one lock; a slot being written is neither free nor resident, and a step that needs every
 slot while one is being written waits for that write (one adapter, ~10 ms).
 """
@@ -114,6 +117,8 @@ class LoraSlots:
         self._writing = 0  # slots a loader is writing now (neither free nor resident)
         self._step: frozenset[Hashable] = frozenset()  # the adapters of the last activated step
         self._kept: frozenset[Hashable] = frozenset()  # adapters a loader must not write over (`protect`)
+        # GPU: loaders copy on their own stream, so their copies overlap the steps' kernels
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
     def nbytes(self) -> int:
@@ -155,7 +160,7 @@ class LoraSlots:
             self._kept = frozenset(names)
 
     def write_in_place(self, name: Hashable, adapter: LoraAdapter) -> bool:
-        """Any thread (the host cache's loader, on CPU): make `adapter` resident as `name` now, in a
+        """Any thread (the host cache's loader, or an admin load): make `adapter` resident as `name` now, in a
         free slot or over the least recently used adapter that is neither in the last step nor
         protected. False (nothing written) when every slot is in use: `activate` copies it later."""
         with self._lock:
@@ -166,7 +171,7 @@ class LoraSlots:
                 return False
             self._writing += 1
         try:
-            self._write(slot, adapter)  # outside the lock: steps run on, they never read this slot
+            self._write_async(slot, adapter)  # outside the lock: steps run on, they never read this slot
         except BaseException:
             with self._lock:
                 self._release(slot)
@@ -208,6 +213,15 @@ class LoraSlots:
             if slot is not None:
                 self._release(slot)
                 self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+
+    def _write_async(self, slot: int, adapter: LoraAdapter) -> None:
+        """A loader's write: on a GPU on the copy stream, waited for on this (the loader's) thread."""
+        if self._copy_stream is None:
+            self._write(slot, adapter)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self._write(slot, adapter)
+        self._copy_stream.synchronize()
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the

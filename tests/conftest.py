@@ -4,6 +4,7 @@ the real default model. Every model directory is what a user would point `--mode
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -80,3 +81,18 @@ def default_model_dir() -> Path:
     from server.model.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tmp_path_factory) -> Path:
+    """A PEFT-made rank-8 adapter (q, v, down) on adapter_files.LLAMA, shared by a module's tests."""
+    from adapter_files import LLAMA, make_adapter
+
+    return make_adapter(LLAMA, tmp_path_factory.mktemp("good") / "good", r=8, lora_alpha=16,
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture
+def adapter(good_adapter, tmp_path) -> Path:
+    """A private copy of `good_adapter`, to break."""
+    return Path(shutil.copytree(good_adapter, tmp_path / "adapter"))

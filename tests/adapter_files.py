@@ -61,14 +61,17 @@ def make_adapter(base: Base, out: Path, seed: int = 0, **lora_kwargs) -> Path:
 
 def peft_lora_layers(base: Base, adapter_dir: Path) -> dict[tuple[int, str], LoraLayer]:
     """(layer, projection) -> PEFT's LoRA layer, as PEFT itself loads `adapter_dir`."""
-    model = PeftModel.from_pretrained(base.model(), str(adapter_dir)).eval()
+    return lora_layers(PeftModel.from_pretrained(base.model(), str(adapter_dir)).eval())
+
+
+def lora_layers(peft_model: torch.nn.Module) -> dict[tuple[int, str], LoraLayer]:
+    """(layer, projection) -> each LoRA layer of a loaded PEFT model (its "default" adapter)."""
     layers = {}
-    for name, module in model.named_modules():
+    for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             parts = name.split(".")
             layers[(int(parts[parts.index("layers") + 1]), parts[-1])] = module
     return layers
-
 
 
 def load(path: Path, base: Base = LLAMA, **kwargs):

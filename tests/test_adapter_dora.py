@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.model.arch import ModelArch
 from server.model.loading import base_linear_weight, load_weights
 
+from adapter_files import lora_layers
 from conftest import save_tiny_model
 
 WEIGHTS = "adapter_model.safetensors"
@@ -60,13 +61,7 @@ def make_dora_adapter(base_dir: Path, out: Path, seed: int = 0, **lora_kwargs) -
 
 def peft_layers(base_dir: Path, adapter_dir: Path) -> dict[tuple[int, str], LoraLayer]:
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            parts = name.split(".")
-            layers[(int(parts[parts.index("layers") + 1]), parts[-1])] = module
-    return layers
+    return lora_layers(PeftModel.from_pretrained(model, str(adapter_dir)).eval())
 
 
 def peft_dora_scale(layer: LoraLayer) -> torch.Tensor:

@@ -237,9 +237,13 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
                          else "skipped: deadline passed")
         return True
 
-    if all(skip(row) for row in rows):  # nothing would run: no weights, no files
+    def finish() -> dict:
+        res["ratios"] = ratios(rows)
         res["elapsed_s"] = round(time.monotonic() - t_start, 1)
         return res
+
+    if all(skip(row) for row in rows):  # nothing would run: no weights, no files
+        return finish()
     weights = None
     try:
         from server.model.arch import ModelArch
@@ -280,9 +284,7 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()
-    res["ratios"] = ratios(rows)
-    res["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    return res
+    return finish()
 
 
 def _plan_dict(plan: Plan) -> dict:

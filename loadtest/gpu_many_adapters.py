@@ -14,7 +14,7 @@ adapter no cell uses. The store: N names hard-linked to a few distinct random ad
 The whole run has a deadline (75 s on an H200, weights included): a cell that would not fit is
 skipped, and one still running at the deadline is cut; the rows say which.
 
-    python -m loadtest.gpu_many_adapters --out DIR           # CUDA
+    python -m loadtest.gpu_many_adapters --out DIR           # CUDA; --out defaults to $OUT, else ./gpu_check_out
     python -m loadtest.gpu_many_adapters --smoke --out DIR   # CPU, tiny model: the same code path
 
 Writes DIR/gpu_many_adapters.md and DIR/gpu_many_adapters.json; exit 1 if a request returned other
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -339,7 +340,8 @@ def tokens_bad(res: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="directory for gpu_many_adapters.md / .json")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"),
+                    help="directory for gpu_many_adapters.md / .json (default: $OUT, else ./gpu_check_out)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and counts: the control flow only")
     ap.add_argument("--budget-s", type=float, help="override the run's time budget (seconds)")
     args = ap.parse_args(argv)

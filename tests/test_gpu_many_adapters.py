@@ -10,8 +10,11 @@ import re
 import time
 
 import pytest
+import torch
 
-from loadtest import closed_loop, gpu_many_adapters as gma, workload
+from loadtest import closed_loop, gpu_bench as gb, gpu_many_adapters as gma, workload
+from server.model.arch import ModelArch
+from server.model.random_weights import random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,12 +62,7 @@ def test_a_spent_budget_skips_every_cell_and_still_writes_the_tables(tmp_path):
 def test_the_closed_loop_aborts_what_is_in_flight_at_its_deadline(tmp_path):
     """A row cut at the deadline says so and frees the engine (nothing left unfinished)."""
     plan = gma.SMOKE
-    model_dir = gma.gb.write_model_dir(tmp_path / "model", plan.hf_config)
-    from server.model.arch import ModelArch
-    from server.model.random_weights import random_weights
-
-    import torch
-
+    model_dir = gb.write_model_dir(tmp_path / "model", plan.hf_config)
     weights = random_weights(ModelArch.from_dir(model_dir), torch.float32, torch.device("cpu"))
     stores = gma.make_stores(plan, model_dir, tmp_path)
     engine = gma.make_engine(plan, model_dir, weights, stores[plan.cells[0].adapters])

@@ -8,11 +8,13 @@ loads/s (the engine's Metrics counters over the timed window), distinct adapters
 max), and every request checked to return its tokens; then the ratios 1,000 vs 8 against the
 issue's targets (throughput >= 0.8x, TTFT p50 <= 2x). Each cell gets a fresh engine (a fresh
 server, as loadtest/many_adapters.py) over the same weights, warmed up by a few requests on an
-adapter no cell uses. The store: N names hard-linked to a few distinct random adapter files
-(loadtest/random_adapters.py; the issue's CPU scenario's q/v adapters, ~14 MB each at 8B).
+adapter no cell uses (so N + 1 are registered). The store: N names hard-linked to a few distinct
+random adapter files (loadtest/random_adapters.py; the issue's CPU scenario's q/v adapters, 13.6 MB
+each at 8B); the default host cache holds 64 of them, the default 2 GiB pool 23 (87.6 MiB a slot).
 
-The whole run has a deadline (75 s on an H200, weights included): a cell that would not fit is
-skipped, and one still running at the deadline is cut; the rows say which.
+The whole run has a deadline (75 s on an H200, weights included): a cell is not started with less
+than `min_cell_s` left, and one still running at the deadline is cut (its requests in flight
+aborted); the rows say which.
 
     python -m loadtest.gpu_many_adapters --out DIR           # CUDA; --out defaults to $OUT, else ./gpu_check_out
     python -m loadtest.gpu_many_adapters --smoke --out DIR   # CPU, tiny model: the same code path
@@ -105,7 +107,7 @@ def counter_total(counter) -> float:
 def adapter_counters(metrics) -> dict[str, float]:
     return {"hits": counter_total(metrics.adapter_cache_hits), "misses": counter_total(metrics.adapter_cache_misses),
             "loads": counter_total(metrics.adapter_loads), "slot_writes": counter_total(metrics.adapter_slot_writes),
-            "evictions": counter_total(metrics.adapter_evictions)}
+            "evictions": counter_total(metrics.adapter_evictions)}  # host and device tiers
 
 
 def make_stores(plan: Plan, model_dir: Path, work: Path) -> dict[int, Path]:

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import statistics
 import tempfile
 import threading
 import time
@@ -33,9 +32,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest import workload
+from loadtest import closed_loop, workload
 from loadtest.many_adapters import Scenario, make_store
-
 
 
 @dataclass
@@ -137,59 +135,8 @@ def warm(engine, adapters: set[str]) -> None:
 
 def run_cell(engine, specs: list[workload.RequestSpec], streams: int, tag: str) -> dict:
     """Closed loop: `streams` requests in flight, the next submitted when one finishes."""
-    from server.engine.request import GenerationRequest, SamplingParams
-
     tok = engine.tokenizer
-    todo = [(sp, tok.encode(sp.prompt)) for sp in specs]
-    todo.reverse()
-    start: dict[str, float] = {}
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
-    wake = threading.Event()
-    engine.wake = wake.set
-    t0 = time.perf_counter()
-
-    def submit():
-        sp, ids = todo.pop()
-        rid = f"{tag}-{sp.index}"
-        params = SamplingParams(max_tokens=sp.max_tokens, temperature=0.0, ignore_eos=True)
-        start[rid] = time.perf_counter()
-        engine.add_request(GenerationRequest(rid, ids, params, adapter=sp.adapter))
-
-    while todo and len(start) < streams:
-        submit()
-    steps = idle_s = 0.0
-    while engine.has_unfinished():
-        outs = engine.step()
-        steps += 1
-        now = time.perf_counter()
-        for out in outs:
-            if out.token_ids and out.request_id not in first:
-                first[out.request_id] = now
-            if out.finished:
-                if out.error:
-                    raise RuntimeError(f"{out.request_id}: {out.error}")
-                done[out.request_id] = (now, out.num_output_tokens)
-                if todo:
-                    submit()
-        if engine.idle:  # everything waits on adapter loads: sleep until the loader wakes us, as the server does
-            t = time.perf_counter()
-            wake.wait(0.05)
-            wake.clear()
-            idle_s += time.perf_counter() - t
-    wall = time.perf_counter() - t0
-    engine.wake = None
-    tokens = sum(n for _, n in done.values())
-    ttft = sorted(first[r] - start[r] for r in done)
-    tpot = sorted((done[r][0] - first[r]) / (done[r][1] - 1) for r in done if done[r][1] > 1)
-
-    def pct(xs, q):
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
-
-    return {"requests": len(done), "tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
-            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": pct(tpot, 0.99),
-            "steps": int(steps), "idle_s": idle_s, "distinct_used": len({sp.adapter for sp in specs})}
+    return closed_loop.run(engine, [closed_loop.Job(sp, tok.encode(sp.prompt)) for sp in specs], streams, tag)
 
 
 def timers_for():

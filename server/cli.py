@@ -138,6 +138,8 @@ FLAGS = [
          "many as the adapter pool holds)"),
     Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
     Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
+    Flag("adapter-loaders", "lora.adapter_loaders", int, "threads loading adapters (read, check, place in the "
+         "pool) in parallel; default 1 on CPU, 4 on a GPU"),
     Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
     Flag("max-mixture-experts", "lora.max_mixture_experts", int, "most adapters in one request's `adapters` "
          "mixture"),

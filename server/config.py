@@ -65,6 +65,9 @@ class LoraConfig:
     max_loras: int | None = None  # optional extra limit on distinct adapters in one step (None: the pool's)
     max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
     cpu_lora_cache_memory: int = 4 * GiB  # bytes budget of that host cache
+    # Threads that read, check and place loads (None: 1 on CPU, where the steps need the cores; 4 on
+    # a GPU, whose host cores idle while it steps, so a wave of cold adapters loads in parallel).
+    adapter_loaders: int | None = None
     max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
     # Expert libraries (a request's `adapters` mixture or `route`): per-request limits.
     max_mixture_experts: int = 8  # adapters in one mixture

@@ -37,10 +37,11 @@ def _writes(metrics: Metrics) -> float:
     return metrics.adapter_slot_writes._value.get()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("device, loaders", [("cpu", None), ("cpu", 4), pytest.param("cuda", None, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_loads_land_in_the_pool_and_steps_copy_nothing(tiny_llama_dir, four, device):
-    engine = engine_for(tiny_llama_dir, four, device=device)
+def test_loads_land_in_the_pool_and_steps_copy_nothing(tiny_llama_dir, four, device, loaders):
+    """Also with four loaders writing at once (distinct slots, exact contents)."""
+    engine = engine_for(tiny_llama_dir, four, device=device, adapter_loaders=loaders)
     manager = engine.adapters
     warm(engine, four)
     refs = {n: manager.lookup(None, n) for n in four}

@@ -1,7 +1,7 @@
 """The host tier: parsed adapters in memory, an LRU under a count and a bytes budget.
 
-Loads (read + parse + validate, milliseconds to seconds) run on a worker thread so the
-engine keeps stepping; a finished load is handed back through a queue and becomes
+Loads (read + parse + validate, milliseconds to seconds) run on worker threads (`loaders`
+of them) so the engine keeps stepping; a finished load is handed back through a queue and becomes
 resident at the engine's next `poll()`. The LRU itself is touched only by the engine
 thread. Loads start only when the scheduler asks (`prefetch`, for the requests about to be
 admitted), never for a whole queue. Adapters the scheduler keeps (running or in its prefetch
@@ -46,9 +46,11 @@ class _Done:
 class HostAdapterCache:
     def __init__(self, registry: AdapterRegistry, max_adapters: int, max_bytes: int, metrics: Metrics,
                  on_loaded: Callable[[], None] | None = None,
-                 prepare: Callable[[LoraAdapter], LoraAdapter] | None = None, in_place: LoraSlots | None = None):
+                 prepare: Callable[[LoraAdapter], LoraAdapter] | None = None, in_place: LoraSlots | None = None,
+                 loaders: int = 1):
         """`prepare`: run on each parsed adapter before it becomes resident (may raise AdapterError).
-        `in_place`: the device pool that loads are written into as they finish."""
+        `in_place`: the device pool that loads are written into as they finish. `loaders`: loads
+        that run at once (worker threads)."""
         self.registry = registry
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
@@ -59,7 +61,7 @@ class HostAdapterCache:
         self._resident: OrderedDict[AdapterRef, LoraAdapter] = OrderedDict()
         self._loading: set[AdapterRef] = set()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
 
     # --- engine thread ---------------------------------------------------------------------
     def touch(self, ref: AdapterRef) -> bool:

@@ -91,7 +91,8 @@ class AdapterManager:
         # Loads are written into the pool by the loader thread (on CPU in place; on a GPU copied on a
         # stream of their own, overlapped with the steps): a step activates them without a copy.
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
-                                       on_loaded, prepare=self._prepare, in_place=self._slots)
+                                       on_loaded, prepare=self._prepare, in_place=self._slots,
+                                       loaders=cfg.adapter_loaders or (1 if device.type == "cpu" else 4))
         self._step_limit = cfg.max_loras
         self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
         self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time

@@ -132,7 +132,12 @@ def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, **lora):
     from server.engine.engine import LLMEngine
 
     if graphs:  # what a CUDA device with these backends gets; here capture=False (device cpu)
+        from kernels import triton_paged_attention
+
         monkeypatch.setattr(cuda_graphs, "unavailable", lambda *args: None)
+        # as on a GPU, the graphs' attention splits keys for the longest context (512 positions):
+        # 4 splits of 128, so the short contexts here leave splits without keys
+        monkeypatch.setattr(triton_paged_attention, "launch_config", lambda *args: dict(BLOCK_N=16, NUM_SPLITS=4))
     cfg = Config()
     cfg.model.dtype = "float32"
     cfg.model.device = "cpu"
@@ -187,6 +192,7 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
     engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.ladder == (1, 2, 4, 8)
+    assert {g.config["NUM_SPLITS"] for g in runner.graphs.attention_steps} == {4}
     # the scratch block: one past the allocator's, never handed out
     assert engine.kv_cache.num_blocks == engine.allocator.num_blocks + 1
     scratch = engine.allocator.num_blocks
@@ -241,3 +247,13 @@ def test_triton_interp_mixtures_and_dora_run_eager(tiny_llama_dir, adapter_dirs,
                     reason="interpreter tests already ran in-process (or no triton)")
 def test_triton_interp_in_subprocess():
     rerun_in_child(__file__)  # triton was imported before this module could switch the interpreter on
+
+
+def test_enforce_eager_flag_reaches_the_config(monkeypatch):
+    from server.cli import build_config, make_parser
+
+    parser = make_parser()
+    assert build_config(parser.parse_args(["serve"])).model.enforce_eager is False
+    assert build_config(parser.parse_args(["serve", "--enforce-eager"])).model.enforce_eager is True
+    monkeypatch.setenv("LORAMUX_ENFORCE_EAGER", "1")
+    assert build_config(parser.parse_args(["serve"])).model.enforce_eager is True

@@ -138,6 +138,7 @@ class DecodeGraphs:
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.attention_steps = []  # each graph's attention step (its launch config: tests)
         with torch.inference_mode():
             for size in reversed(self.ladder):  # largest first: smaller ones reuse its pool memory
                 for with_lora in ((True, False) if self.lora is not None else (False,)):
@@ -154,6 +155,7 @@ class DecodeGraphs:
                                token_seq=self._rows[:size], token_ctx=dev[lay.ctx: lay.ctx + size],
                                block_size=self.block_size)
         attn = self.attention.graph_step(tensors, self.max_model_len, self.num_splits)
+        self.attention_steps.append(attn)
         lora = self.lora.static_step(self.slots, dev[lay.lora: lay.tables], size) if with_lora else None
         ints, longs = dev[:3 * size].view(3, size), self._i64[:, :size]
         model, cache = self.model, self.kv.tensor

@@ -167,6 +167,7 @@ class DecodeGraphs:
         if not self.capture:
             return _Graph(step)
         self._fill(lay, [], [], [], None)  # every row padding: capture writes only the scratch block
+        self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
         step()  # warm-up: compiles the kernels, creates library handles, outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

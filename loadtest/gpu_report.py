@@ -87,7 +87,8 @@ def render_markdown(res: dict) -> str:
                      f"{_num(own, '.2f')} | {tokens} | {_num(r['seconds'])} | {r['status']} |")
     lines += ["", "## CUDA graphs", "", "Decode tok/s of loramux (CUDA graphs for decode steps, the default) over "
               "`loramux --enforce-eager` (every step eager), same adapters and streams.", "",
-              "| adapters | streams | graphs tok/s | eager tok/s | graphs / eager |", "| --- | --- | --- | --- | --- |"]
+              "| adapters | streams | graphs tok/s | eager tok/s | graphs / eager |",
+              "| --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["system"] == "loramux --enforce-eager":
             graphs = _tps(rows, "loramux", r["adapters"], r["streams"])

@@ -111,7 +111,8 @@ class Bench:
         names = list(self.adapter_dirs())[:unit.adapters] if unit.adapters else []
         rows = [names[i % len(names)] for i in range(unit.streams)] if names else [None] * unit.streams
         if unit.system.startswith("loramux"):
-            engine = self.engine(lora=unit.system != "loramux --no-lora", eager=unit.system.endswith("--enforce-eager"))
+            engine = self.engine(lora=unit.system != "loramux --no-lora",
+                                 eager=unit.system.endswith("--enforce-eager"))
             run = lambda n: gb.engine_time(engine, prompts, rows, n)  # noqa: E731
         elif unit.system == "transformers":
             model = self.hf()

@@ -91,7 +91,8 @@ def test_bf16_on_gpu_stays_close_to_fp32_peft(tiny_llama_dir, tmp_path):
 @pytest.fixture(scope="module")
 def gpu_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gpu-adapters")
-    return {n: make_peft_adapter(tiny_llama_dir, root / n, seed=i, **kw) for i, (n, kw) in enumerate(ADAPTERS.items())}
+    return {n: make_peft_adapter(tiny_llama_dir, root / n, seed=i, **kw)
+            for i, (n, kw) in enumerate(ADAPTERS.items())}
 
 
 # Mixed adapters and base-only rows; new tokens chosen so the decode batch shrinks through sizes off

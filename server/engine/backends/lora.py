@@ -114,13 +114,21 @@ class StaticLoraStep:
 
         self.kernels = triton_sgmv
         self.slots = slots
-        self.segments = segments  # launch configs read only its fixed host values (num_tokens, num_segments)
+        self.segments = segments
+        # launch configs fixed once per group (from the table's fixed host values and the pool's shapes)
+        self.configs = {}
+        for g, offsets in slots.offsets.items():
+            a, b = slots.a[g], slots.b[g]
+            widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+            self.configs[g] = (triton_sgmv.shrink_config(segments, a.shape[-1], a.shape[-2], a.element_size()),
+                               triton_sgmv.expand_config(segments, b.shape[-1], widths))
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
         s, k = self.slots, self.kernels
         offsets = s.offsets[group]
-        h = k.sgmv_shrink(x, s.layer_a[group][layer], self.segments, n_slices=len(offsets) - 1)
-        k.sgmv_expand(y, h, s.layer_b[group][layer], self.segments, offsets)
+        shrink, expand = self.configs[group]
+        h = k.sgmv_shrink(x, s.layer_a[group][layer], self.segments, n_slices=len(offsets) - 1, config=shrink)
+        k.sgmv_expand(y, h, s.layer_b[group][layer], self.segments, offsets, config=expand)
 
 
 class TritonLora(LoraBackend):

@@ -110,9 +110,8 @@ class DecodeGraphs:
 
     def __init__(self, model: DecoderModel, kv_cache, attention: AttentionBackend, lora: LoraBackend | None,
                  lora_slots: LoraSlots | None, *, max_num_seqs: int, max_model_len: int, scratch_block: int,
-                 capture: bool, num_splits: int | None = None):
-        """kv_cache: the runner's KVCache, holding `scratch_block` beyond the allocator's blocks.
-        num_splits: override the attention's split count (tests)."""
+                 capture: bool):
+        """kv_cache: the runner's KVCache, holding `scratch_block` beyond the allocator's blocks."""
         self.model = model
         self.kv = kv_cache
         self.attention = attention
@@ -124,7 +123,6 @@ class DecodeGraphs:
         self.width = -(-max_model_len // self.block_size)
         self.max_model_len = max_model_len
         self.scratch_slot = scratch_block * self.block_size
-        self.num_splits = num_splits
         if (scratch_block + 1) * self.block_size > 2 ** 31 - 1:
             raise ValueError("the KV cache has more slots than int32 indexes")
         dev = model.device
@@ -154,7 +152,7 @@ class DecodeGraphs:
                                block_tables=dev[lay.tables: lay.length].view(size, self.width),
                                token_seq=self._rows[:size], token_ctx=dev[lay.ctx: lay.ctx + size],
                                block_size=self.block_size)
-        attn = self.attention.graph_step(tensors, self.max_model_len, self.num_splits)
+        attn = self.attention.graph_step(tensors, self.max_model_len)
         self.attention_steps.append(attn)
         lora = self.lora.static_step(self.slots, dev[lay.lora: lay.tables], size) if with_lora else None
         ints, longs = dev[:3 * size].view(3, size), self._i64[:, :size]

@@ -223,17 +223,14 @@ class TritonAttention(AttentionBackend):
     def prepare(self, batch: StepBatch) -> TritonStep:
         return TritonStep(batch, self.device, self.arch, self.kernel)
 
-    def graph_step(self, tensors: GraphTensors, max_context_len: int,
-                   num_splits: int | None = None) -> TritonGraphStep:
+    def graph_step(self, tensors: GraphTensors, max_context_len: int) -> TritonGraphStep:
         """The decode step of a CUDA graph over static device tensors (one token per row): launch
         sizes fixed for any context up to `max_context_len` (BLOCK_T 1, no tile table, the split
-        count launch_config gives that length; `num_splits` overrides it, tests)."""
+        count launch_config gives that length)."""
         a = self.arch
         size = tensors.token_ctx.shape[0]
         cfg = self.kernel.launch_config(self.device, size, a.num_kv_heads, a.head_dim,
                                         torch.empty((), dtype=self.dtype).element_size(), max_context_len)
-        if num_splits is not None:
-            cfg["NUM_SPLITS"] = num_splits
         return TritonGraphStep(tensors, a, self.kernel, dict(cfg, BLOCK_T=1), max_context_len)
 
 

@@ -213,3 +213,59 @@ class LoraSegments:
     def empty(num_slots: int, device: torch.device | str, layouts: Sequence[str] = LAYOUTS) -> "LoraSegments":
         """The table of a step with no LoRA tokens."""
         return LoraSegments.build([], [], [], num_slots, device, layouts=layouts)
+
+
+# --- the static table of a CUDA-graph decode step (server/engine/cuda_graphs.py) ----------------------
+# A captured graph launches the Triton kernels with sizes fixed at capture, so its table has a
+# fixed shape for its batch size: `size` segments over `size` token rows, one tile table of this
+# BLOCK_M with `size` tiles. shrink_config / expand_config pick BLOCK_M 16 for it (one token per
+# segment on average), and their other choices depend only on num_tokens / num_segments (= size)
+# and the weights' shapes: fixed at capture too.
+STATIC_BLOCK_M = 16
+
+
+def static_len(size: int) -> int:
+    """int32 entries of a static table of `size` rows: starts [size+1], slots, ranks, tiles [2*size]."""
+    return 5 * size + 1
+
+
+def fill_static(host, at: int, size: int, seg_lens: Sequence[int], seg_slots: Sequence[int],
+                seg_ranks: Sequence[int]) -> None:
+    """Write a static table into `host[at: at + static_len(size)]` (any mutable int sequence, e.g.
+    a ctypes view of pinned memory): the step's segments (tokens, slot, rank; any slot order) first,
+    then padded segments starting and ending at the step's LoRA token count with rank 0, and tiles
+    of STATIC_BLOCK_M tokens followed by padded tiles that start at that count in the last (padded)
+    segment, so they touch nothing. Host work O(size)."""
+    n_seg = len(seg_lens)
+    starts = [0]
+    for n in seg_lens:
+        starts.append(starts[-1] + n)
+    end = starts[-1]
+    if n_seg > size or end > size:
+        raise ValueError(f"{n_seg} segments of {end} tokens do not fit a static table of {size}")
+    pad = size - n_seg
+    tiles = []
+    for i in range(n_seg):
+        for m0 in range(starts[i], starts[i + 1], STATIC_BLOCK_M):
+            tiles += (i, m0)
+    # more tiles than segments only if some segment is longer than one tile, hence n_seg < size
+    tiles += (size - 1, end) * (size - len(tiles) // 2)
+    host[at: at + static_len(size)] = starts + [end] * pad + list(seg_slots) + [0] * pad + list(seg_ranks) \
+        + [0] * pad + tiles
+
+
+def static_segments(table: torch.Tensor, size: int, num_slots: int) -> LoraSegments:
+    """The triton-layout LoraSegments over a device int32 table [static_len(size)] that
+    fill_static's layout is copied into each step (CUDA-graph decode). Its host values are not
+    the step's: num_tokens = num_segments = size, min_rank 0 (the kernels read each segment's
+    rank on the device and skip what is past it), max_rank 0 and no host tuples (nothing on the
+    host may depend on the step's adapters: the graph is captured once)."""
+    if table.dtype != torch.int32 or table.shape != (static_len(size),):
+        raise ValueError(f"a static table of {size} rows is int32 [{static_len(size)}], got "
+                         f"{table.dtype} {tuple(table.shape)}")
+    tiles = table[3 * size + 1:]
+    return LoraSegments(
+        starts=table[:size + 1], slots=table[size + 1: 2 * size + 1], ranks=table[2 * size + 1: 3 * size + 1],
+        num_tokens=size, max_seg_len=size, max_rank=0, min_rank=0, num_segments=size, num_slots=num_slots,
+        seg_starts=(), seg_slots=(), seg_ranks=(), layouts=("triton",), tiles=tiles,
+        tile_index=((STATIC_BLOCK_M, 0, size),), tile_views=((STATIC_BLOCK_M, tiles, size),))

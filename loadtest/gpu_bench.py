@@ -100,9 +100,10 @@ def engine_weights(weights: ModelWeights):
 
 
 def make_engine(model_dir: Path, weights: ModelWeights, *, lora: bool, adapters: dict[str, Path],
-                max_seqs: int, max_len: int, device: str, dtype: str) -> LLMEngine:
+                max_seqs: int, max_len: int, device: str, dtype: str, enforce_eager: bool = False) -> LLMEngine:
     cfg = Config()
     cfg.model.device, cfg.model.dtype, cfg.model.max_model_len = device, dtype, max_len
+    cfg.model.enforce_eager = enforce_eager  # off: decode steps replay CUDA graphs (on CUDA)
     cfg.scheduler.max_num_seqs = max_seqs
     cfg.scheduler.max_num_batched_tokens = max(2048, max_len)
     cfg.lora.enabled = lora

@@ -1,6 +1,7 @@
 """The GPU check of issue 10, in one call: the GPU tests, then the decode benchmark on a random
 Llama-3.1-8B-shaped bf16 model (weights made on the device, no download) against transformers,
-PEFT mixed-adapter generate and the HBM floor, then the Triton micro-benchmarks. Under 8 minutes
+PEFT mixed-adapter generate and the HBM floor (loramux with CUDA graphs for decode, and with
+--enforce-eager at 1 and 64 streams), then the Triton micro-benchmarks. Under 8 minutes
 on one H100/H200: every section has a time cap and the whole run a budget (~7.5 min); what does
 not fit is skipped and the tables say so. Tables are rewritten after every section, so a killed
 run still leaves what it measured.
@@ -92,7 +93,10 @@ def units(plan: Plan) -> list[Unit]:
     few, B = plan.adapter_counts[0], plan.target_streams
     first = [Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", 0, B),
              Unit("loramux", few, B), Unit("loramux --no-lora", 0, B), Unit("peft", few, B),
-             Unit("transformers", 0, B), Unit("transformers", 0, 1)]
+             Unit("transformers", 0, B), Unit("transformers", 0, 1),
+             # what the CUDA graphs bring: the same engine, every step eager
+             Unit("loramux --enforce-eager", 0, 1), Unit("loramux --enforce-eager", few, B),
+             Unit("loramux --enforce-eager", 0, B)]
     rest = [Unit("loramux", a, s) for a in (0, *plan.adapter_counts) for s in plan.streams]
     rest += [Unit("loramux --no-lora", 0, s) for s in plan.streams]
     rest += [Unit("transformers", 0, s) for s in plan.streams]

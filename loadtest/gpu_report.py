@@ -77,7 +77,7 @@ def render_markdown(res: dict) -> str:
     lines += ["| system | adapters | streams | tok/s | floor tok/s | vs floor | vs own base-only | tokens | row s | status |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = res["rows"]
-    order = {"loramux": 0, "loramux --no-lora": 1, "transformers": 2, "peft": 3}
+    order = {"loramux": 0, "loramux --no-lora": 1, "loramux --enforce-eager": 2, "transformers": 3, "peft": 4}
     for r in sorted(rows, key=lambda r: (order.get(r["system"], 9), r["adapters"], r["streams"])):
         base_system = "transformers" if r["system"] == "peft" else r["system"]
         own = _ratio(r["tok_s"], _tps(rows, base_system, 0, r["streams"])) if r["adapters"] else None
@@ -85,6 +85,15 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {r['system']} | {r['adapters'] or 'base'} | {r['streams']} | {_num(r['tok_s'])} | "
                      f"{_num(r['floor_tok_s'])} | {_num(_ratio(r['tok_s'], r['floor_tok_s']), '.2f')} | "
                      f"{_num(own, '.2f')} | {tokens} | {_num(r['seconds'])} | {r['status']} |")
+    lines += ["", "## CUDA graphs", "", "Decode tok/s of loramux (CUDA graphs for decode steps, the default) over "
+              "`loramux --enforce-eager` (every step eager), same adapters and streams.", "",
+              "| adapters | streams | graphs tok/s | eager tok/s | graphs / eager |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["system"] == "loramux --enforce-eager":
+            graphs = _tps(rows, "loramux", r["adapters"], r["streams"])
+            lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(graphs)} | {_num(r['tok_s'])} | "
+                         f"{_num(_ratio(graphs, r['tok_s']), '.2f')} |")
     lines += ["", "## Targets (issue 10)", "", "| target | read as | goal | value | met |",
               "| --- | --- | --- | --- | --- |"]
     for g in res["targets"]:

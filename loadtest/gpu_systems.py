@@ -23,7 +23,7 @@ class Unit:
     """One benchmark row: `system` decoding `streams` sequences over `adapters` distinct adapters
     (0: base model only)."""
 
-    system: str  # loramux | loramux --no-lora | transformers | peft
+    system: str  # loramux | loramux --no-lora | loramux --enforce-eager | transformers | peft
     adapters: int
     streams: int
 
@@ -71,12 +71,15 @@ class Bench:
                           lambda: gb.write_adapters(self.work / "adapters", self.arch(),
                                                     max(self.plan.adapter_counts), dtype, self.device))
 
-    def engine(self, lora: bool):
+    def engine(self, lora: bool, eager: bool = False):
+        """loramux over the shared weights; CUDA graphs for decode unless `eager` (--enforce-eager)."""
         def make():
             return gb.make_engine(self.model_dir(), self.weights(), lora=lora,
                                   adapters=self.adapter_dirs() if lora else {}, max_seqs=max(self.plan.streams),
-                                  max_len=self.max_len, device=self.plan.device, dtype=self.plan.dtype)
-        return self.timed("engine, LoRA enabled" if lora else "engine, --no-lora", make)
+                                  max_len=self.max_len, device=self.plan.device, dtype=self.plan.dtype,
+                                  enforce_eager=eager)
+        name = "engine, LoRA enabled" if lora else "engine, --no-lora"
+        return self.timed(name + (", --enforce-eager" if eager else ""), make)
 
     def hf(self):
         return self.timed("transformers model (views of the same weights)",
@@ -108,7 +111,8 @@ class Bench:
         names = list(self.adapter_dirs())[:unit.adapters] if unit.adapters else []
         rows = [names[i % len(names)] for i in range(unit.streams)] if names else [None] * unit.streams
         if unit.system.startswith("loramux"):
-            engine = self.engine(lora=unit.system == "loramux")
+            engine = self.engine(lora=unit.system != "loramux --no-lora",
+                                 eager=unit.system.endswith("--enforce-eager"))
             run = lambda n: gb.engine_time(engine, prompts, rows, n)  # noqa: E731
         elif unit.system == "transformers":
             model = self.hf()

@@ -115,6 +115,8 @@ FLAGS = [
     Flag("num-threads", "model.num_threads", int, "torch CPU threads (default: all cores)"),
     Flag("attention-backend", "model.attention_backend", _backend("attention"),
          "auto | cpp | torch | triton (auto: cpp on CPU, triton on CUDA, else torch; chosen at start)"),
+    Flag("enforce-eager", "model.enforce_eager", _bool, "run every step eagerly: no CUDA graphs for decode "
+         "steps (as vLLM; graphs are used on CUDA with the triton attention and LoRA backends)", switch=True),
     Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
     Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
     Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),

@@ -23,6 +23,7 @@ class ModelConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     attention_backend: str = "auto"  # auto | cpp | torch | triton (server/engine/backends/)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (server/engine/cuda_graphs.py)
 
 
 @dataclass

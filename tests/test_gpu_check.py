@@ -34,6 +34,8 @@ def expected_rows() -> set[tuple[str, int, int]]:
     rows = {("loramux", a, s) for a in (0, *p.adapter_counts) for s in p.streams}
     rows |= {(system, 0, s) for system in ("loramux --no-lora", "transformers") for s in p.streams}
     rows |= {("peft", a, s) for a in p.adapter_counts for s in p.streams}
+    B, A = p.target_streams, p.adapter_counts[0]
+    rows |= {("loramux --enforce-eager", 0, 1), ("loramux --enforce-eager", 0, B), ("loramux --enforce-eager", A, B)}
     return rows
 
 
@@ -43,10 +45,11 @@ def test_smoke_run_writes_every_table(tmp_path):
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     md = (tmp_path / "gpu_check.md").read_text()
 
+    B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
     tests = res["tests"]
     assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
-    # tests/test_gpu_engine.py: 2 tests, skipped without CUDA (passed with it)
-    assert tests["passed"] + tests["skipped"] == 2, tests
+    # tests/test_gpu_engine.py: 5 tests, skipped without CUDA (passed with it)
+    assert tests["passed"] + tests["skipped"] == 5, tests
     assert (tmp_path / tests["log"]).is_file()
 
     rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}
@@ -60,7 +63,11 @@ def test_smoke_run_writes_every_table(tmp_path):
         assert re.search(rf"^\| {re.escape(key[0])} \| {key[1] or 'base'} \| {key[2]} \| [0-9.]+ \| [0-9.]+ \|",
                          md, re.M), key
     assert res["floor"]["copy_bytes_per_s"] > 0
-    assert {"random weights on the device", "engine, LoRA enabled", "engine, --no-lora"} <= set(res["setup"])
+    assert {"random weights on the device", "engine, LoRA enabled", "engine, --no-lora",
+            "engine, LoRA enabled, --enforce-eager"} <= set(res["setup"])
+    # the graphs-vs-eager table: one line per eager row, with both rates
+    for a, s in [(0, 1), (A, B), (0, B)]:
+        assert re.search(rf"^\| {a or 'base'} \| {s} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", md, re.M), (a, s)
 
     assert len(res["targets"]) == 5
     for t in res["targets"]:

@@ -1,5 +1,6 @@
 """The whole engine on a GPU (Triton SGMV kernels, paged attention on CUDA tensors) gives the
-same greedy tokens as transformers / PEFT. Skipped on machines without CUDA."""
+same greedy tokens as transformers / PEFT, with CUDA graphs for decode (the default) and with
+--enforce-eager. Skipped on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ ADAPTERS = {
 }
 
 
-def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str) -> LLMEngine:
+def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str, enforce_eager: bool = False,
+               max_num_seqs: int = 128) -> LLMEngine:
     cfg = Config()
     cfg.model.device = "cuda"
     cfg.model.dtype = dtype
+    cfg.model.enforce_eager = enforce_eager
+    cfg.scheduler.max_num_seqs = max_num_seqs
     cfg.cache.kv_cache_memory = 64 << 20
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
@@ -35,9 +39,10 @@ def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str) -> LLMEng
     return LLMEngine(cfg, model_dir)
 
 
-def run(engine: LLMEngine, jobs, new: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    for i, (adapter, prompt) in enumerate(jobs):
+def run(engine: LLMEngine, jobs, new: int | list[int]) -> list[list[int]]:
+    news = new if isinstance(new, list) else [new] * len(jobs)
+    for i, ((adapter, prompt), n) in enumerate(zip(jobs, news)):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         engine.add_request(GenerationRequest(f"g{i}", prompt, params, adapter=adapter))
     out: dict[str, list[int]] = {}
     while engine.has_unfinished():
@@ -81,3 +86,55 @@ def test_bf16_on_gpu_stays_close_to_fp32_peft(tiny_llama_dir, tmp_path):
         lp = got[f"b-{n}"]
         assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=0.1)
         assert ref[lp.token_id] >= ref.max() - 0.2  # bf16 picked the top token or a near-tie
+
+
+@pytest.fixture(scope="module")
+def gpu_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpu-adapters")
+    return {n: make_peft_adapter(tiny_llama_dir, root / n, seed=i, **kw)
+            for i, (n, kw) in enumerate(ADAPTERS.items())}
+
+
+# Mixed adapters and base-only rows; new tokens chosen so the decode batch shrinks through sizes off
+# the ladder (max_num_seqs 12: ladder 1, 2, 4, 8, 12): 7, 6, 5 and 3 rows are padded; the last two
+# rows are base-only.
+GRAPH_JOBS = [*ADAPTERS, None, "r16-all", None, "r4-qv"]
+GRAPH_NEW = [12, 9, 14, 6, 18, 10, 16, 7]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_decode_graphs_and_eager_equal_peft(tiny_llama_dir, gpu_adapters, enforce_eager):
+    g = torch.Generator().manual_seed(4)
+    jobs = [(n, torch.randint(2, 320, (4 + 5 * i,), generator=g).tolist()) for i, n in enumerate(GRAPH_JOBS)]
+    expected = [peft_greedy(tiny_llama_dir, gpu_adapters[a] if a else None, p, n)[0]
+                for (a, p), n in zip(jobs, GRAPH_NEW)]
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "float32", enforce_eager=enforce_eager, max_num_seqs=12)
+    runner = engine.runner
+    assert (runner.graphs is None) == enforce_eager
+    assert run(engine, jobs, GRAPH_NEW) == expected
+    if enforce_eager:
+        assert not runner.graph_steps
+    else:
+        assert runner.graphs.ladder == (1, 2, 4, 8, 12)
+        sizes = {size for size, _ in runner.graph_steps}
+        assert {8, 4} <= sizes and {(2, False), (1, False)} <= set(runner.graph_steps), runner.graph_steps
+
+
+def test_decode_graph_replay_does_not_synchronise(tiny_llama_dir, gpu_adapters):
+    """The replay and its one input copy (from pinned memory) never wait for the device; the
+    sampling after it may (it reads the tokens)."""
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8)
+    jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
+    run(engine, jobs, 3)  # adapters resident, kernels warm
+    graphs, slots = engine.runner.graphs, engine.adapters.activate([]).slots
+    lora = ([1, 1], [0, 1], [slots.slot_rank[0], slots.slot_rank[1]])
+    tables = [[engine.allocator.num_blocks - 1]] * 3  # a block of the cache; any will do
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for lo in (lora, None):
+            logits, size = graphs.replay([3, 4, 5], [0, 1, 2], tables, lo)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert size == 4 and logits.shape == (3, engine.info.arch.vocab_size)
+    assert torch.isfinite(logits).all()

@@ -198,6 +198,16 @@ def test_triton_interp_window_softcap():
 
 
 @needs_interp
+def test_triton_interp_fixed_splits_with_short_contexts():
+    """A CUDA graph's decode step fixes NUM_SPLITS for the longest context the engine allows
+    (server/engine/cuda_graphs.py): short contexts leave splits with no keys (log-sum-exp -inf),
+    which the combine must weigh zero. Contexts 1 and 3 use one split of 8, 40 uses three."""
+    case = Case([(3, 1), (1, 1), (40, 1), (9, 1), (17, 1)], 4, 2)
+    run_case(case, torch.float32, "cpu", config=dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=8))
+    run_case(case, torch.bfloat16, "cpu", config=dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=8), seed=1)
+
+
+@needs_interp
 def test_triton_interp_rejects_bad_shapes():
     q, kv, bt, seq, ctx = make(CASES["decode"], torch.float32)
     with pytest.raises(AssertionError, match="power of two"):

@@ -21,6 +21,7 @@ from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config, LoraConfig
+from server.engine import cuda_graphs
 from server.engine.backends import select_attention, select_lora
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
@@ -101,15 +102,28 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)
         self.model = DecoderModel(arch, weights, max_positions=max_len)
-        self.kv_cache = KVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                                dtype, device)
+        graphs_off = cuda_graphs.unavailable(device, attention, lora_backend, mc.enforce_eager)
+        # with graphs, one block past the allocator's: the scratch block graph padding rows write to
+        self.kv_cache = KVCache(arch.num_layers, num_blocks + (graphs_off is None), cc.block_size,
+                                arch.num_kv_heads, arch.head_dim, dtype, device)
         lc = config.lora
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name],
                                        base_weight=functools.partial(base_linear_weight, weights, arch)) \
             if lc.enabled else None
+        graphs = None
+        if graphs_off is None:
+            tg = time.perf_counter()
+            graphs = cuda_graphs.DecodeGraphs(
+                self.model, self.kv_cache, attention, lora_backend,
+                self.adapters.activate(()).slots if self.adapters else None, max_num_seqs=sc.max_num_seqs,
+                max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda")
+            log.info("CUDA graphs: decode batch sizes %s, %s, captured in %.1fs", list(graphs.ladder),
+                     "with and without LoRA" if graphs.lora else "no LoRA", time.perf_counter() - tg)
+        else:
+            log.info("CUDA graphs off: %s", graphs_off)
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed), attention=attention,
-                                  lora=lora_backend)
+                                  lora=lora_backend, graphs=graphs)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=self.adapters.step_capacity if self.adapters else 0,

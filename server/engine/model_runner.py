@@ -3,13 +3,16 @@
 Tensor code only; it decides nothing. Everything per step is built once here and shared by
 every layer: positions and the host layout of the batch (StepBatch), from which the attention
 backend builds its metadata, and the adapter segments, from which the LoRA backend builds its
-table (both backends chosen at engine start: server/engine/backends/).
+table (both backends chosen at engine start: server/engine/backends/). Decode steps that a
+captured CUDA graph can run replay one instead (`graphs`: server/engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +24,9 @@ from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
 from server.model.decoder import DecoderModel
 
+if TYPE_CHECKING:
+    from server.engine.cuda_graphs import DecodeGraphs
+
 
 @dataclass
 class StepResult:
@@ -29,7 +35,9 @@ class StepResult:
 
 
 class KVCache:
-    """The paged KV cache tensors: [num_layers, num_blocks * block_size, 2, kv_heads, head_dim]."""
+    """The paged KV cache tensors: [num_layers, num_blocks * block_size, 2, kv_heads, head_dim].
+    With CUDA graphs the engine makes it one block larger than the allocator's: the last block is
+    the scratch block graph padding rows write to."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -45,19 +53,29 @@ class KVCache:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler, *,
-                 attention: AttentionBackend, lora: LoraBackend | None = None):
+                 attention: AttentionBackend, lora: LoraBackend | None = None,
+                 graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv = kv_cache
         self.sampler = sampler
         self.attention = attention
         self.lora = lora
+        self.graphs = graphs
         self.device = model.device
+        # (graph size, with LoRA) -> steps that replayed that graph: what tests and debugging read
+        self.graph_steps: Counter[tuple[int, bool]] = Counter()
+        self.eager_steps = 0
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None) -> StepResult:
         """Run one step. `step_lora`: every chunk's adapters placed in device slots (see
         AdapterManager.activate); tokens are laid out single-adapter ones grouped by slot, then
         mixtures and routes, base-only tokens last."""
+        if self.graphs is not None:
+            result = self._replay(chunks, step_lora)
+            if result is not None:
+                return result
+        self.eager_steps += 1
         lora_step = None
         if step_lora is not None:
             chunks, lora_step = self._group_by_slot(chunks, step_lora)
@@ -97,6 +115,46 @@ class ModelRunner:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
+
+    def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None) -> StepResult | None:
+        """Run the step as a captured decode graph if it is one a graph can run: every chunk a
+        one-token decode that samples, at most the largest graph's rows, every LoRA row a single
+        adapter that is not DoRA (mixtures, routes, DoRA, prefill and mixed steps run eagerly).
+        None if it is not. LoRA rows first, grouped by slot; base-only rows last. Host work O(B)."""
+        graphs = self.graphs
+        if len(chunks) > graphs.max_size or not all(c.is_decode for c in chunks):
+            return None
+        lora = None
+        if step_lora is not None:
+            slot_of, is_dora, base = step_lora.slot_of, step_lora.slots.slot_dora, step_lora.num_slots
+            keys = []
+            for c in chunks:
+                if c.seq.experts is not None:
+                    return None
+                slot = base if c.seq.adapter is None else slot_of[c.seq.adapter]
+                if slot < base and is_dora[slot]:
+                    return None
+                keys.append(slot)
+            order = sorted(range(len(chunks)), key=keys.__getitem__)
+            chunks = [chunks[i] for i in order]
+            seg_lens: list[int] = []
+            seg_slots: list[int] = []
+            for i in order:
+                slot = keys[i]
+                if slot == base:
+                    break
+                if seg_slots and seg_slots[-1] == slot:
+                    seg_lens[-1] += 1
+                else:
+                    seg_slots.append(slot)
+                    seg_lens.append(1)
+            if seg_slots:
+                lora = (seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots])
+        seqs = [c.seq for c in chunks]
+        logits, size = graphs.replay([s.token_ids[c.start] for s, c in zip(seqs, chunks)],
+                                     [c.start for c in chunks], [s.block_table for s in seqs], lora)
+        self.graph_steps[(size, lora is not None)] += 1
+        return StepResult(seqs, self.sampler.sample(logits, seqs))
 
     def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
                        ) -> tuple[list[ScheduledChunk], LoraStep]:

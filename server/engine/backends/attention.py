@@ -7,7 +7,8 @@
           the host inside each layer: a fallback and a debugging aid, not a GPU path.
   triton  CUDA: kernels/triton_paged_attention.py, windows and soft-capping included, launch
           sizes and query tiles from the runner's host lists (no host synchronisation).
-          On CPU only under Triton's interpreter (tests).
+          On CPU only under Triton's interpreter (tests). Graph-safe: `graph_step` gives the
+          fixed-launch decode step a CUDA graph captures (server/engine/cuda_graphs.py).
 
 Every step object writes the step's new K/V into the layer's cache, then attends.
 """
@@ -57,6 +58,7 @@ class AttentionBackend(ABC):
     def __init__(self, arch: ModelArch, device: torch.device, dtype: torch.dtype):
         self.arch = arch
         self.device = device
+        self.dtype = dtype
         self.scale = arch.attn_scale
         self.softcap = arch.attn_softcap
         self.windows = arch.layer_windows
@@ -167,6 +169,38 @@ class TritonStep(_StepTensors):
             sliding_window=a.layer_windows[layer], softcap=a.attn_softcap)
 
 
+@dataclass(frozen=True)
+class GraphTensors:
+    """Static device tensors of a graph decode step of `size` rows (one token each); the graph's
+    copy of the step's inputs writes them before every replay."""
+
+    slot_mapping: torch.Tensor  # [size] int64: cache slot of each row's new K/V (padding: a scratch slot)
+    block_tables: torch.Tensor  # [size, max_blocks] int32; row r is read only up to its context
+    token_seq: torch.Tensor  # [size] int32: 0 .. size-1 (row r is sequence r)
+    token_ctx: torch.Tensor  # [size] int32: positions each row attends to (padding: 1)
+    block_size: int
+
+
+class TritonGraphStep:
+    """The Triton decode step a CUDA graph captures: nothing on the host depends on the step."""
+
+    def __init__(self, t: GraphTensors, arch: ModelArch, kernel, config: dict, max_context_len: int):
+        self.t = t
+        self.arch = arch
+        self.kernel = kernel
+        self.config = config
+        self.max_context_len = max_context_len
+
+    def forward(self, layer: int, q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, out: torch.Tensor) -> None:
+        """Same contract as PagedStep.forward."""
+        t, a = self.t, self.arch
+        cache.index_copy_(0, t.slot_mapping, kv)
+        self.kernel.paged_attention_triton(
+            q, cache, t.block_tables, t.token_seq, t.token_ctx, t.block_size, a.attn_scale, out,
+            max_context_len=self.max_context_len, max_query_len=1, sliding_window=a.layer_windows[layer],
+            softcap=a.attn_softcap, config=self.config)
+
+
 class TritonAttention(AttentionBackend):
     name = "triton"
     _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -188,6 +222,16 @@ class TritonAttention(AttentionBackend):
 
     def prepare(self, batch: StepBatch) -> TritonStep:
         return TritonStep(batch, self.device, self.arch, self.kernel)
+
+    def graph_step(self, tensors: GraphTensors, max_context_len: int) -> TritonGraphStep:
+        """The decode step of a CUDA graph over static device tensors (one token per row): launch
+        sizes fixed for any context up to `max_context_len` (BLOCK_T 1, no tile table, the split
+        count launch_config gives that length)."""
+        a = self.arch
+        size = tensors.token_ctx.shape[0]
+        cfg = self.kernel.launch_config(self.device, size, a.num_kv_heads, a.head_dim,
+                                        torch.empty((), dtype=self.dtype).element_size(), max_context_len)
+        return TritonGraphStep(tensors, a, self.kernel, dict(cfg, BLOCK_T=1), max_context_len)
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {

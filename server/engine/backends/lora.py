@@ -3,7 +3,8 @@
   torch   any device: kernels/torch_ops.py (padded bmm at decode-like steps, grouped_mm over
           the slot pool otherwise): the CPU path.
   triton  CUDA: the Triton SGMV kernels (kernels/triton_sgmv.py) over BLOCK_M tile tables.
-          On CPU only under Triton's interpreter (tests).
+          On CPU only under Triton's interpreter (tests). Graph-safe: `static_step` gives the
+          LoRA a CUDA graph captures (server/engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from kernels import (DoraTokens, LoraRows, LoraSegments, MixTable, RouteTable, RowPlan, add_lora, add_lora_mixed,
                      add_lora_routed, add_lora_rows, dora_rescale)
+from kernels.segments import static_segments
 from server.adapters.slots import LoraSlots
 
 from .availability import triton_unavailable
@@ -100,12 +102,45 @@ class TorchLora(LoraBackend):
     name = "torch"
 
 
+class StaticLoraStep:
+    """The LoRA of a CUDA-graph decode step (implements the decoder's `LoraApplier`): the Triton
+    SGMV kernels over a static segment table (kernels/segments.py `static_segments`) whose
+    starts, slots, ranks and tiles are read on the device, so one captured graph serves any mix of
+    single (non-DoRA) adapters. Every group runs: which groups the step's adapters adapt is a
+    host fact the graph cannot see (slots hold zeros in groups their adapter leaves alone)."""
+
+    def __init__(self, slots: LoraSlots, segments: LoraSegments):
+        from kernels import triton_sgmv  # only here: a CPU server never imports triton
+
+        self.kernels = triton_sgmv
+        self.slots = slots
+        self.segments = segments
+        # launch configs fixed once per group (from the table's fixed host values and the pool's shapes)
+        self.configs = {}
+        for g, offsets in slots.offsets.items():
+            a, b = slots.a[g], slots.b[g]
+            widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+            self.configs[g] = (triton_sgmv.shrink_config(segments, a.shape[-1], a.shape[-2], a.element_size()),
+                               triton_sgmv.expand_config(segments, b.shape[-1], widths))
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
+        s, k = self.slots, self.kernels
+        offsets = s.offsets[group]
+        shrink, expand = self.configs[group]
+        h = k.sgmv_shrink(x, s.layer_a[group][layer], self.segments, n_slices=len(offsets) - 1, config=shrink)
+        k.sgmv_expand(y, h, s.layer_b[group][layer], self.segments, offsets, config=expand)
+
+
 class TritonLora(LoraBackend):
     name = "triton"
 
     @classmethod
     def unavailable(cls, device):
         return triton_unavailable(device, "triton_sgmv")
+
+    def static_step(self, slots: LoraSlots, table: torch.Tensor, size: int) -> StaticLoraStep:
+        """The graph-safe LoRA of a decode step of `size` rows over the device table [static_len(size)]."""
+        return StaticLoraStep(slots, static_segments(table, size, slots.num_slots))
 
 
 LORA_BACKENDS: dict[str, type[LoraBackend]] = {b.name: b for b in (TorchLora, TritonLora)}

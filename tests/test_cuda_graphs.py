@@ -1,0 +1,259 @@
+"""CUDA graphs for decode (server/engine/cuda_graphs.py), on CPU: the ladder and the padding
+choice; the static LoRA table against the dynamic one; and the whole engine with DecodeGraphs in
+its capture=False mode (the recorded step replayed over the same static buffers) on the Triton
+backends under the interpreter, against PEFT / transformers and the eager engine. Only the capture
+itself needs CUDA: tests/test_gpu_engine.py.
+
+The interpreter tests run in-process when this module is first to import triton, else in a child.
+"""
+
+from __future__ import annotations
+
+from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.segments import STATIC_BLOCK_M, LoraSegments, fill_static, static_len, static_segments  # noqa: E402
+from server.engine import cuda_graphs  # noqa: E402
+from server.engine.cuda_graphs import batch_ladder, graph_size  # noqa: E402
+
+try:
+    from kernels import triton_sgmv
+    INTERP = triton_sgmv.INTERPRETED
+except ImportError:  # pragma: no cover
+    triton_sgmv, INTERP = None, False
+needs_interp = pytest.mark.skipif(not INTERP, reason="Triton interpreter not active in-process")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --- no model -------------------------------------------------------------------------------------
+def test_ladder_is_powers_to_eight_then_multiples_of_eight_capped():
+    assert batch_ladder(1) == (1,)
+    assert batch_ladder(3) == (1, 2, 3)
+    assert batch_ladder(8) == (1, 2, 4, 8)
+    assert batch_ladder(30) == (1, 2, 4, 8, 16, 24, 30)
+    assert batch_ladder(128)[-3:] == (112, 120, 128) and len(batch_ladder(128)) == 4 + 15
+    with pytest.raises(ValueError):
+        batch_ladder(0)
+
+
+def test_a_batch_replays_the_smallest_size_that_holds_it():
+    ladder = batch_ladder(30)
+    assert [graph_size(ladder, b) for b in (1, 2, 3, 5, 8, 9, 17, 24, 25, 30)] == [1, 2, 4, 8, 8, 16, 24, 24, 30, 30]
+    assert graph_size(ladder, 31) is None
+
+
+def test_graphs_are_off_unless_cuda_with_graph_safe_backends():
+    class B:
+        def __init__(self, name):
+            self.name = name
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cuda_graphs.unavailable(cuda, B("triton"), B("triton"), False) is None
+    assert cuda_graphs.unavailable(cuda, B("triton"), None, False) is None  # --no-lora
+    assert cuda_graphs.unavailable(cuda, B("triton"), B("triton"), True) == "--enforce-eager"
+    assert "not CUDA" in cuda_graphs.unavailable(cpu, B("triton"), B("triton"), False)
+    assert "torch attention backend is not graph-safe" in cuda_graphs.unavailable(cuda, B("torch"), None, False)
+    assert "torch LoRA backend is not graph-safe" in cuda_graphs.unavailable(cuda, B("triton"), B("torch"), False)
+
+
+def test_static_table_layout_pads_segments_and_tiles():
+    size = 8
+    host = [-7] * (static_len(size) + 2)
+    fill_static(host, 1, size, [2, 1], [5, 3], [4, 8])  # slots in any order
+    t = host[1:1 + static_len(size)]
+    assert host[0] == host[-1] == -7  # wrote only its range
+    assert t[:size + 1] == [0, 2, 3, 3, 3, 3, 3, 3, 3]  # padded segments: start == end == 3 LoRA tokens
+    assert t[size + 1:2 * size + 1] == [5, 3, 0, 0, 0, 0, 0, 0]
+    assert t[2 * size + 1:3 * size + 1] == [4, 8, 0, 0, 0, 0, 0, 0]  # padded rank 0
+    tiles = t[3 * size + 1:]
+    assert tiles[:4] == [0, 0, 1, 2] and tiles[4:] == [size - 1, 3] * (size - 2)
+    # a segment longer than one tile, in the largest table
+    host = [0] * static_len(40)
+    fill_static(host, 0, 40, [STATIC_BLOCK_M + 3], [1], [2])
+    tiles = host[3 * 40 + 1:]
+    assert tiles[:4] == [0, 0, 0, STATIC_BLOCK_M] and tiles[4:6] == [39, STATIC_BLOCK_M + 3]
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_static([0] * static_len(2), 0, 2, [2, 1], [0, 1], [1, 1])
+
+
+# --- kernels: static table == dynamic table -------------------------------------------------------
+@needs_interp
+def test_triton_interp_static_table_equals_the_dynamic_one():
+    """Add LoRA through a padded static table (size 8: 5 LoRA rows in 3 segments, 2 base rows,
+    1 padding row): the LoRA rows get what the dynamic table gives, the other rows nothing."""
+    g = torch.Generator().manual_seed(0)
+    size, num_slots, r_pad, k, outs = 8, 6, 8, 32, (24, 16, 16)
+    seg_lens, seg_slots, seg_ranks = [2, 1, 2], [4, 1, 2], [8, 3, 5]
+    a = torch.zeros(num_slots, 3 * r_pad, k)
+    b = torch.zeros(num_slots, sum(outs), r_pad)
+    for s, r in zip(seg_slots, seg_ranks):  # rank padding zero, as the pool holds it
+        for i in range(3):
+            a[s, i * r_pad: i * r_pad + r] = torch.randn(r, k, generator=g)
+        b[s, :, :r] = torch.randn(sum(outs), r, generator=g)
+    x = torch.randn(size, k, generator=g)
+    y0 = torch.randn(size, sum(outs), generator=g)
+    offsets = (0, 24, 40, 56)
+
+    order = sorted(range(3), key=seg_slots.__getitem__)  # the dynamic table wants ascending slots
+    starts = [0, 2, 3, 5]
+    rows = [r for i in order for r in range(starts[i], starts[i + 1])]
+    dyn = LoraSegments.build([seg_lens[i] for i in order], [seg_slots[i] for i in order],
+                             [seg_ranks[i] for i in order], num_slots, "cpu", layouts=("triton",))
+    y_dyn = y0[rows].clone()
+    h = triton_sgmv.sgmv_shrink(x[rows], a, dyn, n_slices=3)
+    triton_sgmv.sgmv_expand(y_dyn, h, b, dyn, offsets)
+
+    host = [0] * static_len(size)
+    fill_static(host, 0, size, seg_lens, seg_slots, seg_ranks)
+    seg = static_segments(torch.tensor(host, dtype=torch.int32), size, num_slots)
+    y = y0.clone()
+    h = triton_sgmv.sgmv_shrink(x, a, seg, n_slices=3)
+    triton_sgmv.sgmv_expand(y, h, b, seg, offsets)
+    assert (y_dyn - y0[rows]).abs().max() > 0.1  # the check has teeth
+    torch.testing.assert_close(y[rows], y_dyn, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[5:], y0[5:])  # base and padding rows untouched
+
+
+# --- the whole engine with DecodeGraphs(capture=False) --------------------------------------------
+ADAPTERS = {  # different ranks; "b" on every projection
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+}
+# (adapter, prompt length, new tokens): decode batches of 6, 5, 4, 3 rows (ladder 1, 2, 4, 8: 6, 5
+# and 3 are padded), LoRA and base-only rows together, then one base-only row alone
+JOBS = [("a", 5, 7), ("b", 9, 6), (None, 4, 9), ("c", 7, 4), ("a", 11, 7), (None, 6, 5)]
+
+
+def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, **lora):
+    from server.config import Config
+    from server.engine.engine import LLMEngine
+
+    if graphs:  # what a CUDA device with these backends gets; here capture=False (device cpu)
+        from kernels import triton_paged_attention
+
+        monkeypatch.setattr(cuda_graphs, "unavailable", lambda *args: None)
+        # as on a GPU, the graphs' attention splits keys for the longest context (512 positions):
+        # 4 splits of 128, so the short contexts here leave splits without keys
+        monkeypatch.setattr(triton_paged_attention, "launch_config", lambda *args: dict(BLOCK_N=16, NUM_SPLITS=4))
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.model.attention_backend = "triton"
+    cfg.model.enforce_eager = not graphs
+    cfg.cache.kv_cache_memory = 1 << 20
+    cfg.scheduler.max_num_seqs = 8
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
+    cfg.lora.max_lora_rank = 8
+    cfg.lora.lora_backend = "triton"
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    engine = LLMEngine(cfg, model_dir)
+    monkeypatch.undo()
+    return engine
+
+
+def _run(engine, jobs, prompts, experts=None) -> tuple[list, list]:
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    for i, ((adapter, _, new), prompt) in enumerate(zip(jobs, prompts)):
+        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=None if adapter == "mix" else adapter,
+                                             experts=experts if adapter == "mix" else None))
+    tokens, logprobs = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
+    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    from peft_adapters import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("graph-adapters")
+    return {n: make_peft_adapter(tiny_llama_dir, root / n, seed=10 + i, std=0.2, **kw)
+            for i, (n, kw) in enumerate(ADAPTERS.items())}
+
+
+@needs_interp
+def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapter_dirs, monkeypatch):
+    from peft_adapters import peft_greedy
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for _, n, _ in JOBS]
+    expected = [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
+                for (a, _, new), p in zip(JOBS, prompts)]
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    runner = engine.runner
+    assert runner.graphs is not None and runner.graphs.ladder == (1, 2, 4, 8)
+    assert {g.config["NUM_SPLITS"] for g in runner.graphs.attention_steps} == {4}
+    # the scratch block: one past the allocator's, never handed out
+    assert engine.kv_cache.num_blocks == engine.allocator.num_blocks + 1
+    scratch = engine.allocator.num_blocks
+    tokens, logprobs = _run(engine, JOBS, prompts)
+
+    assert tokens == [e[0] for e in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=2e-4)
+    # which graphs ran: padded sizes with LoRA, then the base-only row alone on the no-LoRA graph
+    # (how many steps each got depends on when the adapters' loads land: prefills may be staggered)
+    assert set(runner.graph_steps) == {(8, True), (4, True), (1, False)}, runner.graph_steps
+    assert runner.eager_steps >= 1  # prefill steps
+    bs = engine.kv_cache.block_size
+    cache = engine.kv_cache.tensor
+    assert cache[:, scratch * bs:].abs().sum() > 0, "padding rows wrote somewhere else"
+    assert engine.allocator.num_free == engine.allocator.num_blocks  # all freed; scratch never was a block
+
+    eager = _engine(tiny_llama_dir, adapter_dirs, False, monkeypatch)
+    assert eager.runner.graphs is None and eager.kv_cache.num_blocks == eager.allocator.num_blocks
+    e_tokens, e_logprobs = _run(eager, JOBS, prompts)
+    assert e_tokens == tokens and not eager.runner.graph_steps
+    for got, want in zip(logprobs, e_logprobs):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+@needs_interp
+def test_triton_interp_mixtures_and_dora_run_eager(tiny_llama_dir, adapter_dirs, tmp_path, monkeypatch):
+    from peft_adapters import make_peft_adapter
+    from server.engine.request import Mixture
+
+    dora = make_peft_adapter(tiny_llama_dir, tmp_path / "d", seed=3, std=0.2, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj"], use_dora=True)
+    engine = _engine(tiny_llama_dir, {"a": adapter_dirs["a"], "d": dora}, True, monkeypatch)
+    runner = engine.runner
+    prompt = list(range(3, 9))
+
+    def decode_steps(jobs, experts=None) -> tuple[int, int]:
+        graph0, eager0 = sum(runner.graph_steps.values()), runner.eager_steps
+        _run(engine, jobs, [prompt] * len(jobs), experts)
+        return sum(runner.graph_steps.values()) - graph0, runner.eager_steps - eager0
+
+    # (the first step of a run may prefill only the rows whose adapter is loaded: >= 4 eager steps)
+    graph, eager = decode_steps([("d", 6, 4), (None, 6, 4)])
+    assert graph == 0 and eager >= 4  # a DoRA row: every step eager
+    mix = Mixture(adapters=("a",), weights=(0.5,))
+    graph, eager = decode_steps([("mix", 6, 4), ("a", 6, 4)], mix)
+    assert graph == 0 and eager >= 4  # a mixture row: eager
+    assert decode_steps([("a", 6, 4), (None, 6, 4)]) == (3, 1)  # "a" resident: prefill eager, then graphs
+
+
+@pytest.mark.skipif(INTERP or CUDA or CHILD or triton_sgmv is None,
+                    reason="interpreter tests already ran in-process (or no triton)")
+def test_triton_interp_in_subprocess():
+    rerun_in_child(__file__)  # triton was imported before this module could switch the interpreter on
+
+
+def test_enforce_eager_flag_reaches_the_config(monkeypatch):
+    from server.cli import build_config, make_parser
+
+    parser = make_parser()
+    assert build_config(parser.parse_args(["serve"])).model.enforce_eager is False
+    assert build_config(parser.parse_args(["serve", "--enforce-eager"])).model.enforce_eager is True
+    monkeypatch.setenv("LORAMUX_ENFORCE_EAGER", "1")
+    assert build_config(parser.parse_args(["serve"])).model.enforce_eager is True

@@ -1,13 +1,11 @@
 """loadtest/bench_experts.py (issue 12's benchmark) runs end to end in its --smoke shape: the PEFT
-side now; the loramux side once the server takes `adapters` / `route` and serves DoRA."""
+side alone, and both sides (a real loramux server serving mixtures, routes and DoRA)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # loadtest/ is a directory of scripts, not an installed package

@@ -266,6 +266,11 @@ class AdapterManager:
         return n if self._step_limit is None else max(1, min(n, self._step_limit))
 
     @property
+    def pool(self) -> LoraSlots:
+        """The device pool the LoRA backend reads (CUDA graphs capture their LoRA over it)."""
+        return self._slots
+
+    @property
     def pool_resident(self) -> int:
         """Adapters in the device pool now (all of them free again once none is registered)."""
         return self._slots.num_resident

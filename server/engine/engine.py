@@ -116,7 +116,7 @@ class LLMEngine:
             tg = time.perf_counter()
             graphs = cuda_graphs.DecodeGraphs(
                 self.model, self.kv_cache, attention, lora_backend,
-                self.adapters.activate(()).slots if self.adapters else None, max_num_seqs=sc.max_num_seqs,
+                self.adapters.pool if self.adapters else None, max_num_seqs=sc.max_num_seqs,
                 max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda")
             log.info("CUDA graphs: decode batch sizes %s, %s, captured in %.1fs", list(graphs.ladder),
                      "with and without LoRA" if graphs.lora else "no LoRA", time.perf_counter() - tg)

@@ -1,7 +1,9 @@
 """The GPU check of issue 10, in one call: the GPU tests, then the decode benchmark on a random
 Llama-3.1-8B-shaped bf16 model (weights made on the device, no download) against transformers,
 PEFT mixed-adapter generate and the HBM floor (loramux with CUDA graphs for decode, and with
---enforce-eager at 1 and 64 streams), then the Triton micro-benchmarks. Under 8 minutes
+--enforce-eager at 1 and 64 streams), then issue 11's many-adapters scenario
+(loadtest/gpu_many_adapters.py: 1,000 adapters at Zipf 1.0 against 8), then the Triton
+micro-benchmarks. Under 8 minutes
 on one H100/H200: every section has a time cap and the whole run a budget (~7.5 min); what does
 not fit is skipped and the tables say so. Tables are rewritten after every section, so a killed
 run still leaves what it measured.
@@ -35,10 +37,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from loadtest import gpu_bench as gb  # noqa: E402
+from loadtest import gpu_many_adapters  # noqa: E402
 from loadtest.gpu_systems import Bench, SkipUnit, Unit  # noqa: E402
 from loadtest.gpu_report import render_markdown, targets  # noqa: E402
 
-GPU_TESTS = ("tests/test_gpu_engine.py", "tests/test_kernels.py", "tests/test_triton_paged_attention.py")
+GPU_TESTS = ("tests/test_gpu_engine.py", "tests/test_kernels.py", "tests/test_triton_paged_attention.py",
+             "tests/test_lora_pool_in_place.py::test_loads_land_in_the_pool_and_steps_copy_nothing")
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,11 @@ class Plan:
 GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=(1, 8, 64, 256),
                 adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
-                caps=dict(tests=110, bench=250, attention=35, kernels=35), min_unit_s=12)
+                caps=dict(tests=100, bench=205, many=75, attention=30, kernels=30), min_unit_s=12)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
                   target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
-                  test_files=("tests/test_gpu_engine.py",), total_s=150,
-                  caps=dict(tests=60, bench=90, attention=10, kernels=10), min_unit_s=0)
+                  test_files=("tests/test_gpu_engine.py",), total_s=210,
+                  caps=dict(tests=60, bench=90, many=60, attention=10, kernels=10), min_unit_s=0)
 MICRO = {
     "attention": ["loadtest/bench_attention.py", "--backend", "triton", "--repeats", "10"],
     "kernels": ["loadtest/bench_kernels.py", "--device", "cuda", "--models", "big", "--reps", "10"],
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = dict(environment=environment(plan, args.smoke), tests=None, setup={}, floor=None, rows=[],
-                         targets=[], micro=[], notes=[])
+                         targets=[], many_adapters=None, micro=[], notes=[])
 
     def flush() -> None:
         results["targets"] = targets(results["rows"], plan.adapter_counts[0], plan.target_streams)
@@ -294,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("decode benchmark ...", flush=True)
         run_bench(plan, budget, work, results, flush)
+        print("many adapters ...", flush=True)
+        many_plan = gpu_many_adapters.SMOKE if args.smoke else gpu_many_adapters.GPU
+        results["many_adapters"] = gpu_many_adapters.run(many_plan, budget.section(plan.caps["many"]), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     flush()
@@ -307,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "gpu_check.md").read_text())
     tokens_bad = any(r["tokens_ok"] is False for r in results["rows"])
     tests_bad = results["tests"] is not None and not results["tests"]["ok"]
-    return 1 if tokens_bad or tests_bad else 0
+    many_bad = results["many_adapters"] is not None and gpu_many_adapters.tokens_bad(results["many_adapters"])
+    return 1 if tokens_bad or tests_bad or many_bad else 0
 
 
 if __name__ == "__main__":

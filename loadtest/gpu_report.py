@@ -3,6 +3,8 @@ markdown report. Pure functions of the results dict (also what gpu_check.json ho
 
 from __future__ import annotations
 
+from loadtest.gpu_many_adapters import markdown as many_adapters_markdown
+
 TARGETS = (
     # (name, how it is read, target, True if higher is better)
     ("single-stream decode vs HBM floor", "loramux base-only, 1 stream: tok/s / floor tok/s", 0.70, True),
@@ -99,7 +101,10 @@ def render_markdown(res: dict) -> str:
     for g in res["targets"]:
         met = {True: "yes", False: "NO", None: "not measured"}[g["met"]]
         lines.append(f"| {g['name']} | {g['how']} | {g['target']} | {_num(g['value'], '.2f')} | {met} |")
-    lines += ["", "## Micro-benchmarks", ""]
+    lines.append("")
+    if res.get("many_adapters"):
+        lines += many_adapters_markdown(res["many_adapters"])
+    lines += ["## Micro-benchmarks", ""]
     for m in res["micro"]:
         lines += [f"### {m['name']}: {m['status']}" + (f", {m['seconds']} s" if "seconds" in m else ""), ""]
         if m.get("command"):

@@ -75,6 +75,9 @@ def test_smoke_run_writes_every_table(tmp_path):
         assert f"| {t['name']} |" in md
     assert [m["name"] for m in res["micro"]] == ["attention", "kernels"]
     assert all(m["status"].startswith("skipped") for m in res["micro"]) != torch.cuda.is_available()
+    many = res["many_adapters"]["rows"]  # tests/test_gpu_many_adapters.py checks the section itself
+    assert [r["status"] for r in many] == ["ok", "ok"] and all(r["tokens_ok"] for r in many)
+    assert "## Many adapters (issue 11)" in md
 
 
 def test_a_spent_budget_skips_the_rows_and_still_writes_the_tables(tmp_path):
@@ -86,6 +89,7 @@ def test_a_spent_budget_skips_the_rows_and_still_writes_the_tables(tmp_path):
     assert all(t["value"] is None and t["met"] is None for t in res["targets"])
     md = (tmp_path / "gpu_check.md").read_text()
     assert md.count("skipped: run budget spent") == len(expected_rows())
+    assert [r["status"] for r in res["many_adapters"]["rows"]] == ["skipped: deadline passed"] * 2
     assert "not measured" in md and "tests skipped (--skip-tests)" in md
 
 

@@ -18,7 +18,7 @@ from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from peft.tuners.lora.config import ArrowConfig
 
 from server.adapters import parse_peft_adapter
-from server.adapters.prototypes import top_right_singular_vector
+from server.adapters.prototypes import top_right_singular_vectors
 from server.model.arch import ModelArch
 
 SIGMA = (8.0, 2.0, 1.0, 0.5)
@@ -83,11 +83,11 @@ def test_parsed_prototypes_equal_peft_and_dense_svd(tiny_llama_dir, tmp_path, se
 
 def test_prototype_of_a_tall_and_a_wide_delta():
     gen = torch.Generator().manual_seed(3)
-    for out, in_, r in ((200, 30, 6), (30, 200, 6), (50, 50, 1)):
-        a, b = torch.randn(r, in_, generator=gen), torch.randn(out, r, generator=gen)
-        p = top_right_singular_vector(a, b)
+    shapes = ((200, 30, 6), (30, 200, 6), (50, 50, 1), (200, 30, 6), (4, 40, 8))  # one batch of two
+    pairs = [(torch.randn(r, in_, generator=gen), torch.randn(out, r, generator=gen)) for out, in_, r in shapes]
+    for (a, b), p in zip(pairs, top_right_singular_vectors(pairs)):
         v = torch.linalg.svd((b.double() @ a.double()))[2][0]
-        assert abs_cosine(p, v) > 1 - 1e-9
+        assert p.shape == (a.shape[1],) and abs_cosine(p, v) > 1 - 1e-9
 
 
 def test_zero_delta_has_a_zero_prototype_like_peft():
@@ -95,5 +95,6 @@ def test_zero_delta_has_a_zero_prototype_like_peft():
     every token); an SVD would give an arbitrary unit vector."""
     a = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     b = torch.zeros(32, 4)
-    assert torch.equal(top_right_singular_vector(a, b), torch.zeros(64))
+    zero, other = top_right_singular_vectors([(a, b), (a, torch.ones(32, 4))])  # one batch
+    assert torch.equal(zero, torch.zeros(64)) and abs(float(other.norm()) - 1) < 1e-6
     assert float(peft_prototype(a, b, seed=0).norm()) < 1e-6

@@ -31,7 +31,7 @@ from .checkpoint_keys import MAGNITUDE, PEFT_WRAPPER_PREFIX, LoraKey, module_key
 from .errors import INCOMPATIBLE, INVALID, UNSUPPORTED, AdapterError
 from .lora_weights import LoraAdapter, LoraModuleWeights
 from .peft_config import LoraSpec, parse_lora_config
-from .prototypes import top_right_singular_vector
+from .prototypes import top_right_singular_vectors
 from .safe_files import AdapterDir, OpenAdapterDir, read_limited
 from .safetensors_file import TensorInfo, load_tensors_fp32, read_header
 from .store_layout import CONFIG_NAME, WEIGHTS_NAME, scan_adapter_store, validate_adapter_name
@@ -222,12 +222,13 @@ def parse_peft_adapter(
             raise AdapterError(INVALID, f"tensor {tensor_name!r} has {bad} NaN/Inf values (after float32 "
                                "conversion)", path=plan.weights_file)
 
+    keys = sorted(plan.pairs, key=lambda lm: (lm[0], arch.lora_targets.index(lm[1])))
+    ab = [(tensors[plan.pairs[key].a.tensor], tensors[plan.pairs[key].b.tensor]) for key in keys]
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for layer, module in sorted(plan.pairs, key=lambda lm: (lm[0], arch.lora_targets.index(lm[1]))):
-        k = plan.pairs[(layer, module)]
-        a, b = tensors[k.a.tensor], tensors[k.b.tensor]
-        modules[(layer, module)] = LoraModuleWeights(
-            a=a, b=b, scale=plan.spec.scale_for(k.a.module_key), prototype=top_right_singular_vector(a, b),
+    for key, (a, b), prototype in zip(keys, ab, top_right_singular_vectors(ab)):
+        k = plan.pairs[key]
+        modules[key] = LoraModuleWeights(
+            a=a, b=b, scale=plan.spec.scale_for(k.a.module_key), prototype=prototype,
             magnitude=tensors[k.magnitude.tensor] if k.magnitude is not None else None,
         )
     s = plan.summary

@@ -50,19 +50,26 @@ class Sampler:
         else:
             tokens = self._sample_random(logits, seqs, greedy)
         token_list = tokens.tolist()
-
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if raw_logprobs is not None:
-            for row, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                tok = token_list[row]
-                top = []
-                if p.logprobs > 0:
-                    vals, ids = raw_logprobs[row].topk(p.logprobs)
-                    top = list(zip(ids.tolist(), vals.tolist()))
-                logprobs[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
+            self._logprobs(raw_logprobs, tokens, params, token_list, logprobs)
         return SamplerOutput(token_list, logprobs)
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, params: list, token_list: list[int],
+                  out: list[TokenLogprobs | None]) -> None:
+        """Fill `out` for the rows that asked for logprobs: the chosen token's and the top-k, for
+        all those rows at once (one topk, three small reads back, not three per row).
+        raw [B, V] log-softmax, tokens [B] (device)."""
+        rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        idx = torch.tensor(rows, device=self.device)
+        sub = raw.index_select(0, idx)
+        chosen = sub.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
+        k = max(params[r].logprobs for r in rows)
+        vals, ids = sub.topk(k, dim=-1) if k > 0 else (sub[:, :0], sub[:, :0])
+        vals, ids = vals.tolist(), ids.tolist()
+        for i, r in enumerate(rows):
+            n = params[r].logprobs
+            out[r] = TokenLogprobs(token_list[r], chosen[i], list(zip(ids[i][:n], vals[i][:n])))
 
     # --- penalties ---------------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:

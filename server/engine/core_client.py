@@ -3,8 +3,10 @@ own process (server/engine/core_process.py), so the HTTP server never holds its 
 
 The server binds two ZeroMQ IPC sockets in a private temp directory and spawns the core, which
 connects. Requests go down one channel as they are submitted; outputs come up the other, one
-message per engine step, and an asyncio task of the server's event loop hands each to its
-request's queue. Named calls carry a call id and are answered on the same channel. When the
+message per engine step, of token ids; an asyncio task of the server's event loop turns each
+into text (server/engine/detokenizer.py: deltas, stop strings) and hands it to its request's
+queue. A stop string found here ends the request for its client at once, and a FINISH message
+retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls carry a call id and are answered on the same channel. When the
 core dies, every waiting request and call fails at once (in-flight streams end with an error,
 new requests get 503), never a hang.
 """
@@ -29,8 +31,9 @@ from server.engine import wire
 from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
 from server.engine.client import ENGINE_GONE
 from server.engine.core_process import CoreReady, run_core
+from server.engine.detokenizer import TextProcessor
 from server.engine.engine import validate_request
-from server.engine.output_processor import RequestOutput
+from server.engine.output_processor import RequestOutput, failed_output
 from server.engine.remote_adapters import RemoteAdapters
 from server.engine.request import FinishReason, GenerationRequest
 from server.metrics import Metrics
@@ -49,6 +52,7 @@ class ProcessEngine:
         self.max_pending = max_pending
         self.metrics = Metrics()  # the HTTP side's series; the core's arrive by engine_metrics()
         self.tokenizer = Tokenizer(model_dir)
+        self._text = TextProcessor(self.tokenizer)  # the event loop's thread only
         self._dir = tempfile.mkdtemp(prefix=f"loramux-ipc-{os.getpid()}-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context()
@@ -149,6 +153,7 @@ class ProcessEngine:
         self._sinks[rid] = sink
         self._admissions[rid] = admitted
         self._pending += 1
+        self._text.add(rid, request.prompt_token_ids, request.params)  # before any output can arrive
         self._send(wire.ADD, wire.dumps(request))
         try:
             await admitted
@@ -161,6 +166,7 @@ class ProcessEngine:
 
     def abort(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
+        self._text.remove(request_id)
         if not self._dead:
             self._send(wire.ABORT, request_id.encode())
 
@@ -237,11 +243,20 @@ class ProcessEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
+            rid = out.request_id
+            sink = self._sinks.get(rid)
             if sink is None:
-                continue  # aborted meanwhile
+                continue  # aborted meanwhile, or ended here by a stop string
+            try:
+                if self._text.process(out):
+                    self._send(wire.FINISH, wire.dumps((rid, FinishReason.STOP)))
+            except Exception as exc:  # detokenizing / stop matching: this request alone, as in-process
+                log.exception("request %s failed while processing its output", rid)
+                self._send(wire.FINISH, wire.dumps((rid, FinishReason.ERROR)))
+                out = failed_output(rid, exc, out.num_prompt_tokens, out.num_output_tokens)
             if out.finished:
-                del self._sinks[out.request_id]
+                del self._sinks[rid]
+                self._text.remove(rid)
             sink.put_nowait(out)
 
     async def _refresh_replica(self) -> None:
@@ -267,6 +282,7 @@ class ProcessEngine:
             sink.put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ERROR, error=message,
                                           error_code=ENGINE_GONE))
         self._sinks.clear()
+        self._text.clear()
         for future in [*self._admissions.values(), *self._calls.values()]:
             _settle(future, None, EngineDeadError(message))
         self._admissions.clear()

@@ -6,9 +6,10 @@ connects. Requests go down one channel as they are submitted; outputs come up th
 message per engine step, of token ids; an asyncio task of the server's event loop turns each
 into text (server/engine/detokenizer.py: deltas, stop strings) and hands it to its request's
 queue. A stop string found here ends the request for its client at once, and a FINISH message
-retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls carry a call id and are answered on the same channel. When the
-core dies, every waiting request and call fails at once (in-flight streams end with an error,
-new requests get 503), never a hang.
+retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls
+carry a call id and are answered on the same channel. When the core dies, every waiting
+request and call fails at once (in-flight streams end with an error, new requests get 503),
+never a hang.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config, LoraConfig
 from server.engine.backends import select_attention, select_lora
+from server.engine.detokenizer import TextProcessor
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
-from server.engine.detokenizer import TextProcessor
 from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
 from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus

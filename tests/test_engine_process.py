@@ -201,6 +201,17 @@ def test_metrics_show_the_engine_series_once(server, client):
     assert server.metric("loramux_http_errors_total", 'code="model_not_found"') >= 1
 
 
+def test_a_sighup_reloads_tenants_in_the_server_and_leaves_the_core_running(server, client):
+    """SIGHUP is the server's (a tenants reload); sent to the core too (a process group's hangup),
+    it must not kill it, as its default action would."""
+    pid = core_pid(server)
+    os.kill(pid, signal.SIGHUP)
+    os.kill(server.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert alive(pid)
+    assert client.completions.create(model=BASE, prompt="still here", max_tokens=2).choices[0].text is not None
+
+
 def test_core_death_gives_503_not_a_hang_and_shutdown_leaves_no_process(tiny_llama_dir, tmp_path, tenants, roots):
     srv = start(tiny_llama_dir, tmp_path, tenants, roots, "dying.log")
     try:

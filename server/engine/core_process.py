@@ -84,9 +84,12 @@ def reserve_a_core(config: Config) -> None:
 def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent_pid: int) -> None:
     """The entry point of the core process (multiprocessing, spawn)."""
     # The server process decides when the core stops (a STOP message after its drain): a
-    # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short.
+    # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short, and a
+    # SIGHUP (a tenants reload, or a closed terminal) is the server's to handle, not a kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     ctx = zmq.Context()

@@ -82,20 +82,28 @@ class ProcessEngine:
         self._tasks: list[asyncio.Task] = []
 
     def _wait_ready(self) -> CoreReady:
-        waited = 0.0
-        while not self._out.poll(int(_WATCH_MS)):
-            waited += _WATCH_MS / 1000
-            if not self._proc.is_alive() or waited > START_TIMEOUT_S:
-                self._release()
-                raise RuntimeError(f"the engine core process did not start (exit code {self._proc.exitcode})")
+        self._wait_for(self._out, zmq.POLLIN)
         kind, payload = self._out.recv_multipart()
         ready: CoreReady = wire.loads(payload)
         if kind != wire.READY or ready.error is not None:
             self._proc.join(10)
             self._release()
             raise wire.rebuild_error(ready.error) if ready.error else RuntimeError(f"unexpected {kind!r} from the core")
+        # The core connected its input socket before it sent READY, but a connection completes in
+        # the background: until our side has accepted it, a PUSH has no peer and a non-blocking
+        # send (_send) fails, so the first call (the tenants' weights, at start) would be lost and
+        # the server would never finish starting. Wait until the channel down is up.
+        self._wait_for(self._in, zmq.POLLOUT)
         log.info("engine core process %d ready", self._proc.pid)
         return ready
+
+    def _wait_for(self, sock: zmq.Socket, event: int) -> None:
+        waited = 0.0
+        while not sock.poll(_WATCH_MS, event):
+            waited += _WATCH_MS / 1000
+            if not self._proc.is_alive() or waited > START_TIMEOUT_S:
+                self._release()
+                raise RuntimeError(f"the engine core process did not start (exit code {self._proc.exitcode})")
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

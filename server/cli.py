@@ -166,8 +166,8 @@ FLAGS = [
     Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
          "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
     Flag("engine-process", "server.engine_process", _on_off,
-         "on | off: run the engine core in its own process, requests and outputs over ZeroMQ (off: an engine "
-         "thread in the server's process, for tests and debugging)"),
+         "on | off: run the engine core in its own process, requests and outputs over ZeroMQ; off: an engine "
+         "thread in the server's process (one process: for tests and debugging)"),
     Flag("shutdown-timeout", "server.shutdown_timeout", _seconds,
          "seconds in-flight requests get to finish after SIGTERM (new ones get 503); then they are aborted"),
 ]

@@ -90,7 +90,7 @@ class ServerConfig:
     log_level: str = "info"
     max_body_bytes: int = 8 << 20  # request bodies over this get 413 (counted as read, chunked too)
     shutdown_timeout: float = 30.0  # seconds after SIGTERM for in-flight requests to finish before they are aborted
-    engine_process: bool = False  # the engine core in its own process (server/engine/core_client.py)
+    engine_process: bool = True  # the engine core in its own process (server/engine/core_client.py); off: a thread
 
 
 @dataclass

@@ -20,14 +20,14 @@ from server.engine.request import GenerationRequest, SamplingParams
 NEW_TOKENS = 32
 
 
-def make_engine(model_dir: Path, kv_bytes: int = 8 << 20, **sched) -> LLMEngine:
+def make_engine(model_dir: Path, kv_bytes: int = 8 << 20, detokenize: bool = True, **sched) -> LLMEngine:
     cfg = Config()
     cfg.model.dtype = "float32"
     cfg.model.device = "cpu"
     cfg.cache.kv_cache_memory = kv_bytes
     for key, value in sched.items():
         setattr(cfg.scheduler, key, value)
-    return LLMEngine(cfg, model_dir)
+    return LLMEngine(cfg, model_dir, detokenize=detokenize)
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, stop_at_eos: bool) -> list[list[int]]:
@@ -166,3 +166,61 @@ def test_a_failure_inside_a_step_fails_only_the_request_that_caused_it(tiny_llam
     assert list(errors) == ["poison"] and "ValueError" in errors["poison"]
     assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
     assert engine.allocator.num_used == 0
+
+
+def test_the_text_level_outside_the_engine_gives_what_the_engine_gives(tiny_llama_dir):
+    """The engine core process's split: an engine that does not detokenise, the text level run on
+    its outputs (as the server process does), a stop string retiring the request there. Text,
+    finish reason, tokens and counts equal the in-process engine's (which detokenises itself)."""
+    from server.engine.detokenizer import TextProcessor
+    from server.engine.request import FinishReason
+
+    whole, split = make_engine(tiny_llama_dir), make_engine(tiny_llama_dir, detokenize=False)
+    text = TextProcessor(split.tokenizer)
+    prompts = random_prompts(whole.info.arch.vocab_size, (5, 9, 3, 12), seed=4)
+    base = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    plain = {f"r{i}": out for i, out in enumerate(collect(whole, prompts, [base] * len(prompts)))}
+    assert min(len(plain[r][0]) for r in ("r0", "r1")) >= 8
+    stops = [replace(base, stop=(plain["r0"][0][4:6],)),
+             replace(base, stop=(plain["r1"][0][7:8], plain["r1"][0][2:4]), include_stop_str_in_output=True),
+             replace(base, stop_token_ids=(plain["r2"][1][5],)),
+             replace(base, stop=("never-there",))]
+    expected = collect(whole, prompts, stops)
+    assert [e[2] for e in expected][:3] == ["stop"] * 3
+
+    for i, (p, params) in enumerate(zip(prompts, stops)):
+        split.add_request(GenerationRequest(f"s{i}", p, params))
+        text.add(f"s{i}", p, params)
+    got = {f"s{i}": ["", [], None, 0] for i in range(len(prompts))}
+    while split.has_unfinished():
+        for out in split.step():
+            acc = got[out.request_id]
+            if acc[2] is not None:
+                continue  # retired here by a stop string: a later output is dropped
+            assert out.text == ""  # the engine did not detokenise
+            if text.process(out):
+                split.abort(out.request_id, FinishReason.STOP)
+            acc[0] += out.text
+            acc[1] += out.token_ids
+            acc[3] = out.num_output_tokens
+            if out.finished:
+                acc[2] = out.finish_reason.value
+    assert [tuple(got[f"s{i}"]) for i in range(len(prompts))] == expected
+    assert split.num_unfinished == 0 and split.allocator.num_used == 0
+
+
+def collect(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple]:
+    """Per prompt: (text, token ids, finish reason, output tokens) as the engine gives them."""
+    ids = [f"c{id(params)}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, params):
+        engine.add_request(GenerationRequest(rid, p, sp))
+    got = {rid: ["", [], None, 0] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            acc = got[out.request_id]
+            acc[0] += out.text
+            acc[1] += out.token_ids
+            acc[3] = out.num_output_tokens
+            if out.finished:
+                acc[2] = out.finish_reason.value
+    return [tuple(got[rid]) for rid in ids]

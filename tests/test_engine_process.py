@@ -2,7 +2,9 @@
 ZeroMQ. A real server in that mode, through the openai client and httpx: generation as the
 engine computes it in-process, chat streaming, an abort on disconnect that frees the sequence,
 admin adapter load/unload, a tenants reload, engine metrics on /metrics, the core's death
-answered with 503s (never a hang), and a shutdown that leaves no process behind."""
+answered with 503s (never a hang), and a shutdown that leaves no process behind. The text level
+(detokenisation, stop strings) runs in the server process there: what clients get is compared
+with a server of the same build in the thread mode."""
 
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ def tenants_toml(gamma: bool = False) -> str:
     return text
 
 
-def start(model: Path, tmp: Path, tenants: Path, roots: Path, log: str) -> ServerProcess:
+def start(model: Path, tmp: Path, tenants: Path, roots: Path, log: str, mode: str = "on") -> ServerProcess:
     return ServerProcess(["--model", str(model), "--served-model-name", BASE, "--dtype", "float32",
                           "--kv-cache-memory", "8MiB", "--num-threads", "1", "--adapters-dir", "",
                           "--tenants", str(tenants), "--admin-key", ADMIN, "--allowed-adapter-roots", str(roots),
-                          "--engine-process", "on"], tmp / log)
+                          "--engine-process", mode], tmp / log)
 
 
 def core_pid(srv: ServerProcess) -> int:
@@ -199,6 +201,17 @@ def test_metrics_show_the_engine_series_once(server, client):
     assert server.metric("loramux_http_errors_total", 'code="model_not_found"') >= 1
 
 
+def test_a_sighup_reloads_tenants_in_the_server_and_leaves_the_core_running(server, client):
+    """SIGHUP is the server's (a tenants reload); sent to the core too (a process group's hangup),
+    it must not kill it, as its default action would."""
+    pid = core_pid(server)
+    os.kill(pid, signal.SIGHUP)
+    os.kill(server.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert alive(pid)
+    assert client.completions.create(model=BASE, prompt="still here", max_tokens=2).choices[0].text is not None
+
+
 def test_core_death_gives_503_not_a_hang_and_shutdown_leaves_no_process(tiny_llama_dir, tmp_path, tenants, roots):
     srv = start(tiny_llama_dir, tmp_path, tenants, roots, "dying.log")
     try:
@@ -265,3 +278,150 @@ def test_metrics_of_two_processes_merge_into_one_exposition():
     assert sample("loramux_kv_blocks_total", "loramux_kv_blocks_total") == 100
     assert sample("loramux_e2e_request_latency_seconds", "loramux_e2e_request_latency_seconds_count",
                   adapter="") == 1
+
+
+# --- the text level in the server process: the same answers as in-process ----------------------
+
+
+@pytest.fixture(scope="module")
+def thread_server(tiny_llama_dir, tenants, roots, tmp_path_factory):
+    srv = start(tiny_llama_dir, tmp_path_factory.mktemp("logs"), tenants, roots, "thread.log", mode="off")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def both(server, thread_server) -> dict[str, openai.OpenAI]:
+    return {mode: openai.OpenAI(base_url=srv.base_url + "/v1", api_key=ALPHA, max_retries=0, timeout=60)
+            for mode, srv in (("on", server), ("off", thread_server))}
+
+
+STOP_PROMPT = [5, 9, 13, 2, 7, 40, 41]
+
+
+@pytest.fixture(scope="module")
+def pieces(both) -> list[str]:
+    """The greedy completion of STOP_PROMPT (24 tokens, no stop), one text piece per token as the
+    thread-mode server streams it without stop strings (nothing held back)."""
+    chunks = both["off"].completions.create(model=BASE, prompt=STOP_PROMPT, max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) == 24
+    return texts
+
+
+def stop_cases(pieces: list[str]) -> dict[str, tuple[list[str], bool, int, int]]:
+    """Stop strings found in the completion: case -> (stop, include, where the text ends, tokens used)."""
+    full = "".join(pieces)
+    ends = [len("".join(pieces[: i + 1])) for i in range(len(pieces))]
+
+    def tokens_to(pos: int) -> int:  # tokens up to and including the one whose text reaches `pos`
+        return next(i + 1 for i, e in enumerate(ends) if e >= pos)
+
+    # a string spanning a token boundary: the last character of one token, the first of the next
+    b = next(ends[i] for i in range(3, 20) if pieces[i] and pieces[i + 1] and full.find(full[ends[i] - 1:ends[i] + 1])
+             == ends[i] - 1)
+    span = full[b - 1:b + 1]
+    one = full[ends[5]:ends[5] + 1]
+    i_one = full.index(one)
+    late = full[ends[12]:ends[12] + 2]
+    i_late = full.index(late)
+    return {
+        "spanning": ([span], False, b - 1, tokens_to(b + 1)),
+        "spanning, included": ([span], True, b + 1, tokens_to(b + 1)),
+        "several": ([late, one], False, min(i_one, i_late), tokens_to(min(i_one + 1, i_late + 2))),
+    }
+
+
+def completion(client: openai.OpenAI, stream: bool, stop: list[str], include: bool, n: int = 1):
+    """(texts by choice, finish reasons, prompt tokens, completion tokens)."""
+    kwargs = dict(model=BASE, prompt=STOP_PROMPT, max_tokens=24, temperature=0, stop=stop, n=n,
+                  extra_body={"ignore_eos": True, "include_stop_str_in_output": include})
+    if not stream:
+        r = client.completions.create(**kwargs)
+        return ([c.text for c in r.choices], [c.finish_reason for c in r.choices], r.usage.prompt_tokens,
+                r.usage.completion_tokens)
+    texts, reasons, usage = [""] * n, [None] * n, None
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+        usage = chunk.usage or usage
+    return texts, reasons, usage.prompt_tokens, usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", ["spanning", "spanning, included", "several"])
+def test_stop_strings_give_the_same_text_reason_and_usage_in_both_modes(both, pieces, case, stream):
+    stop, include, end, used = stop_cases(pieces)[case]
+    full = "".join(pieces)
+    expected = ([full[:end]], ["stop"], len(STOP_PROMPT), used)
+    assert completion(both["off"], stream, stop, include) == expected
+    assert completion(both["on"], stream, stop, include) == expected
+
+
+def test_n_choices_with_a_stop_string_in_both_modes(both, pieces):
+    stop, include, end, used = stop_cases(pieces)["spanning"]
+    full = "".join(pieces)
+    for mode in ("off", "on"):
+        for stream in (False, True):
+            got = completion(both[mode], stream, stop, include, n=2)
+            # The prompt counts once (streamed too), each choice's tokens count.
+            assert got == ([full[:end]] * 2, ["stop"] * 2, len(STOP_PROMPT), 2 * used), (mode, stream)
+
+
+def test_chat_with_a_stop_string_and_logprobs_is_the_same_in_both_modes(both):
+    messages = [{"role": "user", "content": "Ça va? 日本語"}]
+
+    def chat(client, stop=None):
+        return client.chat.completions.create(model=BASE, messages=messages, max_tokens=20, temperature=0,
+                                              stop=stop, logprobs=True, top_logprobs=2,
+                                              extra_body={"ignore_eos": True})
+
+    plain = chat(both["off"]).choices[0]
+    text = plain.message.content
+    assert len(text) > 6
+    stop = text[3:5]
+    answers = {mode: chat(c, [stop]) for mode, c in both.items()}
+    on, off = answers["on"], answers["off"]
+    assert off.choices[0].message.content == text[: text.index(stop)]
+    assert on.choices[0].message.content == off.choices[0].message.content
+    assert on.choices[0].finish_reason == off.choices[0].finish_reason == "stop"
+    assert on.usage == off.usage
+    assert on.choices[0].logprobs.model_dump() == off.choices[0].logprobs.model_dump()  # token strings too
+    assert len(on.choices[0].logprobs.content) == on.usage.completion_tokens
+
+
+def test_free_text_and_unicode_are_the_same_in_both_modes(both):
+    """Random tiny-model output: bytes of characters split across tokens, partial characters."""
+    for prompt in ([250, 251, 252, 253], [200, 201, 202], "日本語のテキスト"):
+        answers = [completion_text(c, prompt) for c in (both["off"], both["on"])]
+        assert answers[0] == answers[1], prompt
+
+
+def completion_text(client: openai.OpenAI, prompt) -> tuple[str, str]:
+    whole = client.completions.create(model=BASE, prompt=prompt, max_tokens=30, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=30, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if c.choices)
+    assert whole == streamed
+    return whole, streamed
+
+
+def test_a_stop_string_retires_the_request_in_the_core(server, client, pieces):
+    """The server process finds the stop string; the core must stop generating for it at once (its KV
+    blocks come back) and count it as stopped, not run on to max_tokens nor count an abort."""
+    stop = pieces[2] + pieces[3]
+    stopped = server.metric("loramux_requests_total", 'finish_reason="stop"')
+    aborted = server.metric("loramux_requests_total", 'finish_reason="abort"')
+    generated = server.metric("loramux_generation_tokens_total")
+    r = client.completions.create(model=BASE, prompt=STOP_PROMPT, max_tokens=400, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= 4
+    assert wait_for(lambda: server.metric("loramux_requests_total", 'finish_reason="stop"') == stopped + 1)
+    assert server.metric("loramux_requests_total", 'finish_reason="abort"') == aborted
+    assert wait_for(lambda: server.metric("loramux_kv_blocks_used") == 0
+                    and server.metric("vllm:num_requests_running") == 0)
+    # The core may have run a step or two more before the finish reached it, never hundreds.
+    assert server.metric("loramux_generation_tokens_total") - generated <= r.usage.completion_tokens + 4

@@ -94,7 +94,8 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                     logprobs=completion_logprobs(out.logprobs, svc.tokenizer.token_text)
                     if body.logprobs is not None else None)])
                 if out.finished:
-                    prompt_tokens += out.num_prompt_tokens
+                    if index % body.n == 0:  # a prompt counts once, whatever its number of choices
+                        prompt_tokens += out.num_prompt_tokens
                     completion_tokens += out.num_output_tokens
                 yield sse(chunk.model_dump())
             if include_usage:

@@ -1,10 +1,10 @@
 """`EngineClient`: everything the HTTP side may ask of the engine, whichever process runs it.
 
 Two implementations, chosen once by `--engine-process`:
-- `AsyncEngine` (server/engine/async_engine.py): the engine on a thread of the server's own
-  process (off: the default, and the one for tests and debugging);
 - `ProcessEngine` (server/engine/core_client.py): the engine core in its own process
-  (server/engine/core_process.py), requests and outputs over ZeroMQ.
+  (server/engine/core_process.py), requests and outputs over ZeroMQ (on: the default);
+- `AsyncEngine` (server/engine/async_engine.py): the engine on a thread of the server's own
+  process (off: one process, for tests and debugging, and where an `LLMEngine` is handed in).
 
 Anything that changes engine state crosses as a *named* call (no lambdas: a function cannot be
 sent to another interpreter). What a route needs for every request (tokenizer, limits, adapter

@@ -3,10 +3,13 @@ own process (server/engine/core_process.py), so the HTTP server never holds its 
 
 The server binds two ZeroMQ IPC sockets in a private temp directory and spawns the core, which
 connects. Requests go down one channel as they are submitted; outputs come up the other, one
-message per engine step, and an asyncio task of the server's event loop hands each to its
-request's queue. Named calls carry a call id and are answered on the same channel. When the
-core dies, every waiting request and call fails at once (in-flight streams end with an error,
-new requests get 503), never a hang.
+message per engine step, of token ids; an asyncio task of the server's event loop turns each
+into text (server/engine/detokenizer.py: deltas, stop strings) and hands it to its request's
+queue. A stop string found here ends the request for its client at once, and a FINISH message
+retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls
+carry a call id and are answered on the same channel. When the core dies, every waiting
+request and call fails at once (in-flight streams end with an error, new requests get 503),
+never a hang.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from server.engine import wire
 from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
 from server.engine.client import ENGINE_GONE
 from server.engine.core_process import CoreReady, run_core
+from server.engine.detokenizer import TextProcessor
 from server.engine.engine import validate_request
-from server.engine.output_processor import RequestOutput
+from server.engine.output_processor import RequestOutput, failed_output
 from server.engine.remote_adapters import RemoteAdapters
 from server.engine.request import FinishReason, GenerationRequest
 from server.metrics import Metrics
@@ -49,6 +53,7 @@ class ProcessEngine:
         self.max_pending = max_pending
         self.metrics = Metrics()  # the HTTP side's series; the core's arrive by engine_metrics()
         self.tokenizer = Tokenizer(model_dir)
+        self._text = TextProcessor(self.tokenizer)  # the event loop's thread only
         self._dir = tempfile.mkdtemp(prefix=f"loramux-ipc-{os.getpid()}-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context()
@@ -77,20 +82,28 @@ class ProcessEngine:
         self._tasks: list[asyncio.Task] = []
 
     def _wait_ready(self) -> CoreReady:
-        waited = 0.0
-        while not self._out.poll(int(_WATCH_MS)):
-            waited += _WATCH_MS / 1000
-            if not self._proc.is_alive() or waited > START_TIMEOUT_S:
-                self._release()
-                raise RuntimeError(f"the engine core process did not start (exit code {self._proc.exitcode})")
+        self._wait_for(self._out, zmq.POLLIN)
         kind, payload = self._out.recv_multipart()
         ready: CoreReady = wire.loads(payload)
         if kind != wire.READY or ready.error is not None:
             self._proc.join(10)
             self._release()
             raise wire.rebuild_error(ready.error) if ready.error else RuntimeError(f"unexpected {kind!r} from the core")
+        # The core connected its input socket before it sent READY, but a connection completes in
+        # the background: until our side has accepted it, a PUSH has no peer and a non-blocking
+        # send (_send) fails, so the first call (the tenants' weights, at start) would be lost and
+        # the server would never finish starting. Wait until the channel down is up.
+        self._wait_for(self._in, zmq.POLLOUT)
         log.info("engine core process %d ready", self._proc.pid)
         return ready
+
+    def _wait_for(self, sock: zmq.Socket, event: int) -> None:
+        waited = 0.0
+        while not sock.poll(_WATCH_MS, event):
+            waited += _WATCH_MS / 1000
+            if not self._proc.is_alive() or waited > START_TIMEOUT_S:
+                self._release()
+                raise RuntimeError(f"the engine core process did not start (exit code {self._proc.exitcode})")
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +162,7 @@ class ProcessEngine:
         self._sinks[rid] = sink
         self._admissions[rid] = admitted
         self._pending += 1
+        self._text.add(rid, request.prompt_token_ids, request.params)  # before any output can arrive
         self._send(wire.ADD, wire.dumps(request))
         try:
             await admitted
@@ -161,6 +175,7 @@ class ProcessEngine:
 
     def abort(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
+        self._text.remove(request_id)
         if not self._dead:
             self._send(wire.ABORT, request_id.encode())
 
@@ -237,11 +252,20 @@ class ProcessEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
+            rid = out.request_id
+            sink = self._sinks.get(rid)
             if sink is None:
-                continue  # aborted meanwhile
+                continue  # aborted meanwhile, or ended here by a stop string
+            try:
+                if self._text.process(out):
+                    self._send(wire.FINISH, wire.dumps((rid, FinishReason.STOP)))
+            except Exception as exc:  # detokenizing / stop matching: this request alone, as in-process
+                log.exception("request %s failed while processing its output", rid)
+                self._send(wire.FINISH, wire.dumps((rid, FinishReason.ERROR)))
+                out = failed_output(rid, exc, out.num_prompt_tokens, out.num_output_tokens)
             if out.finished:
-                del self._sinks[out.request_id]
+                del self._sinks[rid]
+                self._text.remove(rid)
             sink.put_nowait(out)
 
     async def _refresh_replica(self) -> None:
@@ -267,6 +291,7 @@ class ProcessEngine:
             sink.put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ERROR, error=message,
                                           error_code=ENGINE_GONE))
         self._sinks.clear()
+        self._text.clear()
         for future in [*self._admissions.values(), *self._calls.values()]:
             _settle(future, None, EngineDeadError(message))
         self._admissions.clear()

@@ -7,7 +7,9 @@ load finishing: the loader sends a wake message on an in-process socket of the s
 Named calls that change what a step sees (an adapter unregister, tenant weights) run on the
 main thread between steps; registration I/O (admin loads, uploads), registry snapshots and
 metric scrapes run on a worker thread, which answers on its own socket, so a step never waits
-for a disk read. Detokenisation and stop strings stay here, in the engine's output processor.
+for a disk read. The core never detokenises: its outputs carry token ids, and the server
+process turns them into text and finds stop strings (server/engine/detokenizer.py); a request a
+stop string ended there comes back as a FINISH message, retired as "stop".
 """
 
 from __future__ import annotations
@@ -82,9 +84,12 @@ def reserve_a_core(config: Config) -> None:
 def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent_pid: int) -> None:
     """The entry point of the core process (multiprocessing, spawn)."""
     # The server process decides when the core stops (a STOP message after its drain): a
-    # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short.
+    # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short, and a
+    # SIGHUP (a tenants reload, or a closed terminal) is the server's to handle, not a kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     ctx = zmq.Context()
@@ -93,7 +98,7 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
     out.connect(out_addr)
     reserve_a_core(config)
     try:
-        engine = LLMEngine(config, Path(model_dir), Metrics())
+        engine = LLMEngine(config, Path(model_dir), Metrics(), detokenize=False)
     except BaseException as exc:
         log.exception("the engine failed to start")
         out.send_multipart([wire.READY, wire.dumps(CoreReady(error=wire.error_state(exc)))])
@@ -180,6 +185,10 @@ class EngineCore:
             request_id = payload.decode()
             self._live.discard(request_id)
             self.engine.abort(request_id)
+        elif kind == wire.FINISH:
+            request_id, reason = wire.loads(payload)
+            self._live.discard(request_id)
+            self.engine.abort(request_id, reason)
         elif kind == wire.ABORT_ALL:
             self._send_outputs([self.engine.abort(rid) or RequestOutput(rid, finished=True,
                                                                         finish_reason=FinishReason.ABORT)

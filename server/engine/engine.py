@@ -23,10 +23,11 @@ from server.adapters.registry import AdapterRef
 from server.config import Config, LoraConfig
 from server.engine import cuda_graphs
 from server.engine.backends import select_attention, select_lora
+from server.engine.detokenizer import TextProcessor
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner
-from server.engine.output_processor import OutputProcessor, RequestOutput
+from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
 from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus
 from server.engine.sampler import Sampler
@@ -74,7 +75,10 @@ class EngineInfo:
 
 
 class LLMEngine:
-    def __init__(self, config: Config, model_dir: str | Path, metrics: Metrics | None = None):
+    def __init__(self, config: Config, model_dir: str | Path, metrics: Metrics | None = None,
+                 detokenize: bool = True):
+        """`detokenize=False`: outputs carry token ids only (no text, no stop strings); the
+        engine core process runs so, its server process running the text level."""
         self.config = config
         self.metrics = metrics or Metrics()
         mc, cc, sc = config.model, config.cache, config.scheduler
@@ -132,7 +136,8 @@ class LLMEngine:
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads
         self.idle = True  # the last step had nothing it could run (e.g. all waiting on adapter loads)
         eos = arch.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
-        self.outputs = OutputProcessor(self.tokenizer, eos, max_len)
+        self.outputs = OutputProcessor(eos, max_len)
+        self.text = TextProcessor(self.tokenizer) if detokenize else None
         self._seqs: dict[str, Sequence] = {}
         self.info = EngineInfo(
             model_name=mc.served_model_name or arch.name or model_dir.name, model_dir=model_dir, arch=arch,
@@ -165,7 +170,8 @@ class LLMEngine:
             request = replace(request, experts=replace(request.experts, adapters=self._acquire_all(request)))
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
-        self.outputs.add(seq)
+        if self.text is not None:
+            self.text.add(seq.request_id, request.prompt_token_ids, request.params)
         self.scheduler.add(seq)
         self.publish_gauges()
 
@@ -182,13 +188,15 @@ class LLMEngine:
         self.metrics.on_experts_request(request.tenant, isinstance(request.experts, Mixture))
         return tuple(held)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+        """Retire a request now, counted as `reason` (another than "abort": the server process
+        found its end, e.g. a stop string, after the core had sent the token)."""
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
-        self._finish(seq, FinishReason.ABORT)
+        self._finish(seq, reason)
         self.publish_gauges()  # no step may follow (the last client left): gauges must not go stale
-        return RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
+        return RequestOutput(request_id, finished=True, finish_reason=reason,
                              num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
 
     def set_tenant_weights(self, weights: dict[str, float]) -> None:
@@ -276,6 +284,8 @@ class LLMEngine:
                                             now - seq.request.arrival_time)
             try:
                 out = self.outputs.on_token(seq, token, logprobs)
+                if self.text is not None:
+                    self.text.process(out)
             except Exception as exc:  # detokenizing / stop matching: this sequence alone
                 log.exception("request %s failed while processing its output", seq.request_id)
                 outputs.append(self._fail(seq, exc))
@@ -287,12 +297,9 @@ class LLMEngine:
         return outputs
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
-        """Retire `seq` with an error; the client is told only the exception's type (the log has the rest)."""
+        """Retire `seq` with an error."""
         self._finish(seq, FinishReason.ERROR)
-        return RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
-                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-                             error=f"internal error while running this request ({type(exc).__name__})",
-                             error_code="internal_error")
+        return failed_output(seq.request_id, exc, seq.num_prompt_tokens, seq.num_output_tokens)
 
     def _poll_adapters(self) -> list[RequestOutput]:
         """Take in finished adapter loads; fail the requests whose adapter could not load, and the
@@ -321,7 +328,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
-        self.outputs.remove(seq.request_id)
+        if self.text is not None:
+            self.text.remove(seq.request_id)
         del self._seqs[seq.request_id]
         for ref in seq.adapters:
             self.adapters.release(ref)

@@ -18,6 +18,7 @@ from server.engine.output_processor import RequestOutput
 # server -> core
 ADD = b"add"  # pickle(GenerationRequest)
 ABORT = b"abort"  # request id (utf-8)
+FINISH = b"finish"  # pickle((request id, FinishReason)): the server ended it (a stop string, a text error)
 ABORT_ALL = b"abort_all"  # end of a graceful drain
 CALL = b"call"  # pickle((call id, method name, args, kwargs))
 STOP = b"stop"

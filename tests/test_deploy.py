@@ -81,7 +81,9 @@ def test_k8s_manifests():
     assert port_names == {"http": 8000}
     assert svc["spec"]["ports"][0]["targetPort"] in port_names
     assert c["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
-    assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"] == cm["data"]["LORAMUX_NUM_THREADS"]
+    # the engine core's torch threads, plus one core for the HTTP server process
+    assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"] \
+        == str(int(cm["data"]["LORAMUX_NUM_THREADS"]) + 1)
     assert str(pod["spec"]["securityContext"]["runAsUser"]) in (ROOT / "Dockerfile").read_text()
     # Everything lives in the namespace that enforces the restricted profile, created first.
     ns = by_kind["Namespace"]["metadata"]["name"]

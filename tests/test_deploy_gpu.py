@@ -64,7 +64,7 @@ def test_gpu_deployment_requests_one_gpu():
     res = c["resources"]
     # An extended resource: the limit is what the scheduler reads; a request must equal it.
     assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"].get("nvidia.com/gpu", 1) == 1
-    assert res["requests"]["cpu"] == res["limits"]["cpu"] == cm["data"]["LORAMUX_NUM_THREADS"]
+    assert res["requests"]["cpu"] == res["limits"]["cpu"] == str(int(cm["data"]["LORAMUX_NUM_THREADS"]) + 1)
     assert cm["data"]["LORAMUX_DEVICE"] == "cuda"
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
     assert dep["spec"]["strategy"]["type"] == "Recreate"  # two RWO volumes and one GPU change hands

@@ -69,13 +69,15 @@ def snapshot_of(engine: LLMEngine) -> RegistrySnapshot:
 
 
 def reserve_a_core(config: Config) -> None:
-    """Without --num-threads, the core's torch threads on a CPU leave one core to the server
-    process (as vLLM's CPU backend reserves one for its API server): its HTTP, JSON and SSE
-    work then never preempts a thread that the others wait for at a barrier."""
+    """Without --num-threads, the core's torch threads on a CPU of more than two cores leave one
+    core to the server process (as vLLM's CPU backend reserves one for its API server): its HTTP,
+    JSON, SSE and detokenising work then never preempts a thread that the others wait for at a
+    barrier. On two cores that would halve the engine (measured: server / in-process throughput
+    0.75 with one torch thread, 0.94 with two; docs/benchmarks.md section 6), so both are shared."""
     if config.model.num_threads or resolve_device(config.model.device).type != "cpu":
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores > 1:
+    if cores > 2:
         config.model.num_threads = cores - 1
         log.info("engine core: %d torch threads, one core left to the server process (--num-threads to change)",
                  cores - 1)

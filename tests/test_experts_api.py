@@ -58,10 +58,7 @@ tokens_per_minute = 200
     srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", BASE, "--dtype", "float32",
                          "--kv-cache-memory", "8MiB", "--num-threads", "1", "--adapters-dir", str(store),
                          "--max-lora-rank", "16", "--max-loras", "4", "--max-mixture-experts", "5",
-                         "--max-mixture-rank", "40", "--max-route-experts", "4", "--tenants", str(tenants),
-                         # Thread mode: with the core apart, the server learns a first read's rank up to 1 s
-                         # later (its registry replica), so test_total_rank's "once read, it runs" can be refused.
-                         "--engine-process", "off"],
+                         "--max-mixture-rank", "40", "--max-route-experts", "4", "--tenants", str(tenants)],
                         work / "server.log")
     try:
         r = httpx.post(srv.base_url + "/v1/adapters", headers=auth("acme"), data={"name": "mine"}, timeout=60,

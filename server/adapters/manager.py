@@ -64,6 +64,8 @@ def pool_dtype(lora_dtype: str, model_dtype: torch.dtype, device: torch.device) 
 
 
 class AdapterManager:
+    is_replica = False  # the registry itself (see server/engine/remote_adapters.py for the replica)
+
     def __init__(self, cfg: LoraConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
                  metrics: Metrics, on_loaded: Callable[[], None] | None = None, *,
                  reserved_names: Iterable[str] = (), base_weight: BaseWeight | None = None):

@@ -59,15 +59,18 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
         if not (_finite(experts.temperature) and experts.temperature > 0):
             raise InvalidRequestError(f"route.temperature must be finite and > 0, got {experts.temperature!r}",
                                       "route.temperature")
-    total_rank = 0
+    total_rank, unread = 0, False
     for ref, key in zip(refs, keys):
         entry = adapters.get(*key)
         if entry is None:
             raise not_found(ref, param)
         if entry.summary.use_dora:  # None until the adapter's files are read
             raise dora_in_mixture(ref, param)
+        unread |= entry.summary.rank is None
         total_rank += entry.summary.rank if entry.summary.rank is not None else lc.max_lora_rank
-    if mixture and total_rank > lc.max_mixture_rank:
+    # A replica of the registry (the server process's) may not know yet what the core has read:
+    # a rank it counts at the slot rank is the core's to judge, at admission (still an HTTP status).
+    if mixture and total_rank > lc.max_mixture_rank and not (unread and adapters.is_replica):
         raise InvalidRequestError(f"the mixture's total rank is {total_rank} (an adapter not read yet counts "
                                   f"--max-lora-rank {lc.max_lora_rank}); this server allows at most "
                                   f"{lc.max_mixture_rank} (--max-mixture-rank)", param, "too_many_experts")

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 class RemoteAdapters:
     """The `AdapterManager` methods the HTTP routes use, over a replica of the core's registry."""
 
+    is_replica = True  # what it says of an adapter's files may lag the core's by up to a refresh
+
     def __init__(self, client: ProcessEngine, snapshot: RegistrySnapshot, step_capacity: int):
         self._client = client
         self.step_capacity = step_capacity

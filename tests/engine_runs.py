@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 
@@ -13,6 +15,12 @@ def greedy_with_logprobs(engine: LLMEngine, jobs: list[tuple[str | None, list[in
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
     for i, (adapter, prompt) in enumerate(jobs):
         engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
+    return drain(engine, len(jobs))
+
+
+def drain(engine: LLMEngine, n: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Step `engine` until it has no work; the tokens and sampled tokens' logprobs of requests
+    r0 .. r{n-1} (each asked for logprobs=0)."""
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list[float]] = {}
     while engine.has_unfinished():
@@ -20,4 +28,16 @@ def greedy_with_logprobs(engine: LLMEngine, jobs: list[tuple[str | None, list[in
             assert out.error is None, out.error
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
             logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
-    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
+    return [tokens[f"r{i}"] for i in range(n)], [logprobs[f"r{i}"] for i in range(n)]
+
+
+def warm(engine: LLMEngine, names, timeout: float = 120.0) -> None:
+    """Load every adapter of `names` into the host cache before any request arrives, so the
+    first steps can hold them all (otherwise the scheduler's prefetch window paces the loads)."""
+    refs = [engine.adapters.lookup(None, n) for n in names]
+    deadline = time.monotonic() + timeout
+    while not all(engine.adapters.is_ready(r) for r in refs):
+        assert time.monotonic() < deadline, "adapters did not load"
+        engine.adapters.prefetch(refs, keep=set(refs))
+        engine.adapters.poll(lambda: refs)
+        time.sleep(0.01)

@@ -18,6 +18,8 @@ from kernels.segments import STATIC_BLOCK_M, LoraSegments, fill_static, static_l
 from server.engine import cuda_graphs  # noqa: E402
 from server.engine.cuda_graphs import batch_ladder, graph_size  # noqa: E402
 
+from engine_runs import drain, warm  # noqa: E402
+
 try:
     from kernels import triton_sgmv
     INTERP = triton_sgmv.INTERPRETED
@@ -163,13 +165,7 @@ def _run(engine, jobs, prompts, experts=None) -> tuple[list, list]:
         params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
         engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=None if adapter == "mix" else adapter,
                                              experts=experts if adapter == "mix" else None))
-    tokens, logprobs = {}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
-    return [tokens[f"r{i}"] for i in range(len(jobs))], [logprobs[f"r{i}"] for i in range(len(jobs))]
+    return drain(engine, len(jobs))
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +192,14 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
     # the scratch block: one past the allocator's, never handed out
     assert engine.kv_cache.num_blocks == engine.allocator.num_blocks + 1
     scratch = engine.allocator.num_blocks
+    warm(engine, adapter_dirs)  # every prefill in the first step: which graphs run is then fixed
     tokens, logprobs = _run(engine, JOBS, prompts)
 
     assert tokens == [e[0] for e in expected]
     for got, (_, want) in zip(logprobs, expected):
         assert got == pytest.approx(want, abs=2e-4)
-    # which graphs ran: padded sizes with LoRA, then the base-only row alone on the no-LoRA graph
-    # (how many steps each got depends on when the adapters' loads land: prefills may be staggered)
+    # which graphs ran: 6 rows padded to 8, then 5; 4 and 3 rows on the graph of 4; then the
+    # base-only row alone on the graph without LoRA
     assert set(runner.graph_steps) == {(8, True), (4, True), (1, False)}, runner.graph_steps
     assert runner.eager_steps >= 1  # prefill steps
     bs = engine.kv_cache.block_size
@@ -228,18 +225,18 @@ def test_triton_interp_mixtures_and_dora_run_eager(tiny_llama_dir, adapter_dirs,
     engine = _engine(tiny_llama_dir, {"a": adapter_dirs["a"], "d": dora}, True, monkeypatch)
     runner = engine.runner
     prompt = list(range(3, 9))
+    warm(engine, ["a", "d"])  # else a base-only row may decode alone (on a graph) while "d" loads
 
     def decode_steps(jobs, experts=None) -> tuple[int, int]:
         graph0, eager0 = sum(runner.graph_steps.values()), runner.eager_steps
         _run(engine, jobs, [prompt] * len(jobs), experts)
         return sum(runner.graph_steps.values()) - graph0, runner.eager_steps - eager0
 
-    # (the first step of a run may prefill only the rows whose adapter is loaded: >= 4 eager steps)
     graph, eager = decode_steps([("d", 6, 4), (None, 6, 4)])
-    assert graph == 0 and eager >= 4  # a DoRA row: every step eager
+    assert graph == 0 and eager == 4  # a DoRA row: every step eager (a prefill, 3 decodes)
     mix = Mixture(adapters=("a",), weights=(0.5,))
     graph, eager = decode_steps([("mix", 6, 4), ("a", 6, 4)], mix)
-    assert graph == 0 and eager >= 4  # a mixture row: eager
+    assert graph == 0 and eager == 4  # a mixture row: eager
     assert decode_steps([("a", 6, 4), (None, 6, 4)]) == (3, 1)  # "a" resident: prefill eager, then graphs
 
 

@@ -7,7 +7,6 @@ register / run / unregister churn. References come from PEFT, never from this se
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from server.engine.request import GenerationRequest, SamplingParams
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
-from engine_runs import greedy_with_logprobs
+from engine_runs import greedy_with_logprobs, warm
 from peft_adapters import make_peft_adapter, peft_greedy
 
 MANY = 44  # more distinct adapters in one step than the old default cap (8) or vLLM's max_loras
@@ -53,18 +52,6 @@ def engine_for(model_dir: Path, adapters: dict[str, Path], device: str = "cpu", 
 
 def one_slot(model_dir: Path, rank: int = max(RANKS)) -> int:
     return LoraSlots.slot_nbytes(ModelArch.from_dir(model_dir), rank, torch.float32)
-
-
-def warm(engine: LLMEngine, names, timeout: float = 120.0) -> None:
-    """Load every adapter of `names` into the host cache before any request arrives, so the
-    first steps can hold them all (otherwise the scheduler's prefetch window paces the loads)."""
-    refs = [engine.adapters.lookup(None, n) for n in names]
-    deadline = time.monotonic() + timeout
-    while not all(engine.adapters.is_ready(r) for r in refs):
-        assert time.monotonic() < deadline, "adapters did not load"
-        engine.adapters.prefetch(refs, keep=set(refs))
-        engine.adapters.poll(lambda: refs)
-        time.sleep(0.01)
 
 
 def spy_step_sizes(engine: LLMEngine) -> list[int]:

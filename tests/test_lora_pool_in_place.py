@@ -18,9 +18,9 @@ from server.adapters.slots import LoraSlots
 from server.metrics import Metrics
 from server.model.arch import ModelArch
 
-from engine_runs import greedy_with_logprobs
+from engine_runs import greedy_with_logprobs, warm
 from peft_adapters import make_peft_adapter, peft_greedy
-from test_lora_pool import _slot_holds, engine_for, warm
+from test_lora_pool import _slot_holds, engine_for
 
 NEW = 4
 

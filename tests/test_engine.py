@@ -224,3 +224,29 @@ def collect(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingPa
             if out.finished:
                 acc[2] = out.finish_reason.value
     return [tuple(got[rid]) for rid in ids]
+
+
+def test_default_model_in_bf16_answers_as_transformers_in_bf16(default_model_dir):
+    """The README's first prompt, both sides in bfloat16 (what `--dtype auto` picks on CPUs with
+    native bf16, and on GPUs): token for token as transformers. The RMSNorm's rounding order
+    decides it: normalising and scaling in float32 before rounding once answered "L'Étoile, ..."."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    want = out[0, len(prompt):].tolist()
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "bfloat16", "cpu", 64 << 20
+    cfg.lora.enabled = False
+    engine = LLMEngine(cfg, default_model_dir)
+    engine.add_request(GenerationRequest("r", prompt, SamplingParams(max_tokens=12, temperature=0.0)))
+    got: list[int] = []
+    while engine.has_unfinished():
+        got += [t for o in engine.step() for t in o.token_ids]
+    assert tok.decode(want).startswith("The capital of France is Paris")
+    assert got == want

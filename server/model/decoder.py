@@ -49,6 +49,9 @@ class DecoderModel:
         self.ropes = {r: RotaryEmbedding(r, arch.head_dim, max_positions, self.dtype, self.device)
                       for r in dict.fromkeys(arch.layer_ropes)}
         self.act = _ACTIVATIONS[arch.activation]
+        # In 16-bit, the norm's rounding order matters: the README prompt's first token in bf16 was
+        # "L'" instead of transformers' "The" while the scale came before the rounding (Llama).
+        self.norm_rounds = self.dtype != torch.float32 and arch.family.norm_rounds_before_scale
         # As transformers: the scale is rounded to the weights' dtype before it multiplies.
         self.embed_scale = (torch.tensor(arch.hidden_size ** 0.5, dtype=self.dtype).item()
                             if arch.family.embed_scale else None)
@@ -100,6 +103,9 @@ class DecoderModel:
         return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim, rounded as the family's transformers code rounds it."""
+        if self.norm_rounds:  # normalise in float32, round to the model dtype, then scale
+            return F.rms_norm(x.float(), (x.shape[-1],), None, self.arch.rms_norm_eps).to(self.dtype).mul_(weight)
         return F.rms_norm(x, (x.shape[-1],), weight, self.arch.rms_norm_eps)
 
     def _qk_norm(self, heads: torch.Tensor, layer: LayerWeights) -> None:

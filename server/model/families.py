@@ -52,6 +52,9 @@ class Family:
     linears: dict[str, tuple[str, ...]]
     norms: Norms = Norms()
     norm_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma stores w - 1
+    # transformers' RMSNorm of this family rounds the float32-normalised x to the model dtype before
+    # the scale (Llama-style), rather than scaling in float32 and rounding once (Gemma-style)
+    norm_rounds_before_scale: bool = True
     activation_key: str = "hidden_act"
     bias: str = "attention_bias"  # "attention_bias": q/k/v/o bias iff the config says; "qkv": always q/k/v
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
@@ -107,10 +110,12 @@ FAMILIES: tuple[Family, ...] = (
            norms=Norms(q="self_attn.q_norm", k="self_attn.k_norm"), sliding="layer_types",
            default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window"),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), _SPLIT,
-           norms=_GEMMA_NORMS, norm_offset=1.0, activation_key="hidden_activation", embed_scale=True, softcapping=True,
+           norms=_GEMMA_NORMS, norm_offset=1.0, norm_rounds_before_scale=False, activation_key="hidden_activation",
+           embed_scale=True, softcapping=True,
            query_pre_attn_scalar=True, sliding="layer_types", default_layer_types=_alternating_layer_type),
     Family("gemma3_text", "Gemma 3 (text)", ("Gemma3ForCausalLM",), ("gemma3_text",), _SPLIT,
            norms=replace(_GEMMA_NORMS, q="self_attn.q_norm", k="self_attn.k_norm"), norm_offset=1.0,
+           norm_rounds_before_scale=False,
            activation_key="hidden_activation", embed_scale=True, softcapping=True, query_pre_attn_scalar=True,
            sliding="layer_types", default_layer_types=_gemma3_layer_type, per_layer_rope=True,
            local_rope_theta_key="rope_local_base_freq"),

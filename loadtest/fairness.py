@@ -23,8 +23,10 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python loadtest/fairness.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +51,7 @@ class Trace:
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)  # finished requests per tenant
+    at_cut: Any = None  # what `at_cut` returned, taken before the clients disconnected
 
     def service(self, tenant: str, w_p: float, w_q: float, t1: float = 0.0, t2: float = float("inf")) -> float:
         return sum(w_p * p + w_q * o for t, who, p, o in self.events if who == tenant and t1 <= t < t2)
@@ -65,9 +68,12 @@ class Trace:
 
 async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_len: int, max_tokens: int,
                 max_duration_s: float, stop_at_service: float | None = None, w_p: float = 1.0, w_q: float = 2.0,
-                seed: int = 0) -> Trace:
+                seed: int = 0, at_cut: Callable[[], Any] | None = None) -> Trace:
     """Run every tenant's clients until `max_duration_s`, or until the tenants together were served
-    `stop_at_service` (weighted tokens); then disconnect them all (the server aborts what is left)."""
+    `stop_at_service` (weighted tokens); then disconnect them all (the server aborts what is left).
+    `at_cut` (blocking, run in a thread) is called at that cut while every client still has its
+    requests outstanding, i.e. while the tenants are still backlogged: the disconnects that follow
+    abort one tenant's queue before the other's, so server state read after them is not."""
     base_url = check_local_url(base_url)
     rng = random.Random(seed)
     trace = Trace(requests={t.name: 0 for t in loads})
@@ -106,6 +112,8 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
             pass
         done.set()
         trace.duration_s = time.monotonic() - start
+        if at_cut is not None:
+            trace.at_cut = await asyncio.to_thread(at_cut)
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

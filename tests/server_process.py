@@ -46,9 +46,14 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()[-4000:]
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """Sum of a Prometheus sample's values, e.g. metric('loramux_requests_total', 'finish_reason="abort"')."""
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+    def scrape(self) -> str:
+        """One /metrics exposition: read several samples from one scrape to see one moment."""
+        return httpx.get(self.base_url + "/metrics", timeout=10).text
+
+    def metric(self, name: str, labels: str = "", text: str | None = None) -> float:
+        """Sum of a Prometheus sample's values, e.g. metric('loramux_requests_total', 'finish_reason="abort"'),
+        from `text` (a `scrape()`) or from a new scrape."""
+        text = self.scrape() if text is None else text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and (line[len(name)] in " {") and labels in line:

@@ -48,9 +48,16 @@ def served(model_dir: Path, tmp_path: Path, scheduling: str) -> tuple[dict[str, 
                          "--max-waiting", "1000"],  # the backlog is the point here: no fast 503s
                         tmp_path / f"{scheduling}.log")
     try:
+        # The counters come from one scrape (a step takes ~1 ms here: two scrapes are dozens of
+        # steps apart), taken at the cut while both tenants are still backlogged (the lemma's
+        # condition); after the disconnects one tenant's queue empties before the other's.
+        def vtc_counters() -> dict[str, float]:
+            text = srv.scrape()
+            return {t.name: srv.metric("loramux_tenant_virtual_tokens", f'tenant="{t.name}"', text) for t in LOADS}
+
         trace = asyncio.run(offer(srv.base_url, "tiny", LOADS, prompt_len=P, max_tokens=MAX_TOKENS,
-                                  max_duration_s=90, stop_at_service=TARGET, w_p=W_P, w_q=W_Q))
-        counters = {t.name: srv.metric("loramux_tenant_virtual_tokens", f'tenant="{t.name}"') for t in LOADS}
+                                  max_duration_s=90, stop_at_service=TARGET, w_p=W_P, w_q=W_Q, at_cut=vtc_counters))
+        counters = trace.at_cut
     finally:
         srv.stop()
     assert not trace.errors, trace.errors[:3]

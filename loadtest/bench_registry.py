@@ -2,8 +2,10 @@
 
 Builds two adapter stores (10 and 10,000 adapters by default, random rank-16 q/v adapters of the
 model, hard-linked so the disk cost is `--distinct` files), starts the server on each, and
-prints the seconds until /health answers and the server's resident memory (VmRSS) then, and
-after one /v1/models listing; then the ratios. A benchmark, not a test: numbers vary with the
+prints the seconds until /health answers and the server's resident memory (VmRSS of the server
+and its engine core process) then, and after one /v1/models listing; then the CPU seconds the
+idle server spends per second (its registry replica refreshes once a second: that cost must not
+grow with adapters registered); then the ratios. A benchmark, not a test: numbers vary with the
 machine's load.
 
     python -m loadtest.bench_registry --model ~/.cache/loramux/models/SmolLM2-135M-Instruct
@@ -34,14 +36,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the engine core is a child of the server)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += _tree(int(child))
+    return out
+
+
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0.0
+    for p in _tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
-def measure(model: Path, store: Path, log: Path, timeout: float = 600.0) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants so far."""
+    ticks = 0
+    for p in _tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(model: Path, store: Path, log: Path, timeout: float = 600.0, idle_s: float = 10.0) -> dict:
     port = _free_port()
     t0 = time.monotonic()
     with open(log, "w") as out:
@@ -66,8 +88,12 @@ def measure(model: Path, store: Path, log: Path, timeout: float = 600.0) -> dict
         t1 = time.monotonic()
         listed = len(httpx.get(url + "/v1/models", timeout=120).json()["data"])
         list_s = time.monotonic() - t1
+        rss_listed = _rss_mib(proc.pid)
+        c0, t2 = _cpu_s(proc.pid), time.monotonic()
+        time.sleep(idle_s)
+        idle_cpu = (_cpu_s(proc.pid) - c0) / (time.monotonic() - t2)
         return {"start_s": start_s, "rss_mib": rss, "list_s": list_s, "listed": listed,
-                "rss_after_list_mib": _rss_mib(proc.pid)}
+                "rss_after_list_mib": rss_listed, "idle_cpu": idle_cpu}
     finally:
         proc.terminate()
         try:
@@ -93,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             rows[n] = measure(model, store, Path(tmp) / f"server-{n}.log")
             r = rows[n]
             print(f"{n:>6} adapters (store made in {made:.1f}s): start {r['start_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB; "
-                  f"/v1/models lists {r['listed']} in {r['list_s'] * 1000:.0f} ms, RSS then {r['rss_after_list_mib']:.0f} MiB",
-                  flush=True)
+                  f"/v1/models lists {r['listed']} in {r['list_s'] * 1000:.0f} ms, RSS then {r['rss_after_list_mib']:.0f} MiB; "
+                  f"idle: {r['idle_cpu']:.3f} CPU s/s", flush=True)
     lo, hi = min(rows), max(rows)
     a, b = rows[lo], rows[hi]
     print(f"{hi} vs {lo}: start {b['start_s'] / a['start_s']:.2f}x ({b['start_s'] - a['start_s']:+.2f} s), "
           f"RSS {b['rss_mib'] / a['rss_mib']:.2f}x ({b['rss_mib'] - a['rss_mib']:+.0f} MiB); "
-          f"after listing {b['rss_after_list_mib'] - a['rss_after_list_mib']:+.0f} MiB")
+          f"after listing {b['rss_after_list_mib'] - a['rss_after_list_mib']:+.0f} MiB; "
+          f"idle CPU {b['idle_cpu']:.3f} vs {a['idle_cpu']:.3f} s/s")
     print(f"cpu: {os.cpu_count()} cores; avx512_bf16/amx: "
           f"{any(f in Path('/proc/cpuinfo').read_text() for f in ('avx512_bf16', 'amx_tile'))}")
     return 0

@@ -115,6 +115,11 @@ class HostAdapterCache:
     def is_resident(self, ref: AdapterRef) -> bool:
         return ref in self._resident
 
+    def resident(self) -> list[AdapterRef]:
+        """The adapters in the cache now (any thread: one C-level copy of the keys, atomic
+        under the GIL, while the engine thread may be changing the LRU)."""
+        return list(self._resident)
+
     def is_loading(self, ref: AdapterRef) -> bool:
         return ref in self._loading
 

@@ -35,7 +35,7 @@ from .errors import EXISTS, NO_STORE, NOT_FOUND, QUOTA, AdapterError
 from .host_cache import HostAdapterCache
 from .lora_weights import LoraAdapter
 from .peft_format import parse_peft_adapter
-from .registry import AdapterEntry, AdapterRef, AdapterRegistry
+from .registry import AdapterEntry, AdapterRef, AdapterRegistry, RegistryChanges
 from .slots import LoraSlots
 from .store import AdapterStore
 from .store_layout import WEIGHTS_NAME
@@ -135,6 +135,15 @@ class AdapterManager:
     def residency(self, ref: AdapterRef) -> tuple[bool, bool]:
         """(in the host cache, in a device slot): a snapshot, for listings."""
         return self._cache.is_resident(ref), self._slots.is_resident(ref)
+
+    def changes_since(self, generation: int) -> RegistryChanges:
+        """The registry's changes after `generation`, for a replica (O(changes))."""
+        return self._registry.changes_since(generation)
+
+    def resident(self) -> dict[AdapterRef, tuple[bool, bool]]:
+        """`residency` of every adapter resident anywhere (O(resident), not O(registered))."""
+        host, device = set(self._cache.resident()), set(self._slots.resident())
+        return {ref: (ref in host, ref in device) for ref in host | device if isinstance(ref, AdapterRef)}
 
     # --- registration (any thread; blocking I/O) -------------------------------------------------
     def load_path(self, owner: str | None, name: str, path: str, *, pinned: bool = False) -> AdapterEntry:

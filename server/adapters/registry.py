@@ -10,6 +10,10 @@ requests that hold it keep their weights. Registration runs every header-level c
 summary; the startup store scan reads nothing but the directory listing (`listed_summary`),
 so start-up cost does not grow with adapters never used: each is validated in full by its
 first load, and a bad one fails only its own requests. Safe to use from any thread.
+
+Every change of a live entry is journalled with a generation number, so a replica (the server
+process's, when the engine core runs apart) catches up with `changes_since` at the cost of what
+changed, not of what is registered.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.model.arch import ModelArch
@@ -66,6 +71,23 @@ class AdapterEntry:
         return self.ref.owner
 
 
+@dataclass
+class RegistryChanges:
+    """What changed in the live set after a generation: entries added or replaced (a new version,
+    a learned summary, a pin), names removed; `full`: `entries` is the whole live set (the caller's
+    generation was older than the journal keeps) and anything not in it is gone."""
+
+    generation: int
+    full: bool
+    entries: list[AdapterEntry] = field(default_factory=list)
+    removed: list[Key] = field(default_factory=list)
+
+
+# Removals the journal remembers beyond the live set's size, before the oldest are forgotten (a
+# replica older than them then gets the whole set again).
+_REMOVALS_KEPT = 1024
+
+
 class AdapterRegistry:
     def __init__(self, arch: ModelArch, max_rank: int, allowed_roots: list[Path],
                  max_bytes: int = DEFAULT_MAX_BYTES, *, reserved_names: Iterable[str] = ()):
@@ -80,6 +102,9 @@ class AdapterRegistry:
         self._versions: dict[AdapterRef, AdapterEntry] = {}  # live and draining
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        self._generation = 0
+        self._journal: OrderedDict[Key, int] = OrderedDict()  # key -> generation of its last change, oldest first
+        self._horizon = 0  # changes up to here may be missing from the journal (forgotten removals)
 
     def inspect(self, name: str, where: AdapterDir) -> AdapterSummary:
         return inspect_peft_adapter(where, self.arch, name=name, max_rank=self.max_rank, max_bytes=self.max_bytes)
@@ -112,6 +137,7 @@ class AdapterRegistry:
             entry = AdapterEntry(AdapterRef(owner, name, next(self._counter)), summary, source, pinned)
             self._live[(owner, name)] = entry
             self._versions[entry.ref] = entry
+            self._changed((owner, name))
         return entry
 
     def scan_store(self, store: AdapterStore) -> list[AdapterError]:
@@ -131,6 +157,8 @@ class AdapterRegistry:
         """Stop serving (owner, name) to new requests; its version stays known until `retire`."""
         with self._lock:
             entry = self._live.pop((owner, name), None)
+            if entry is not None:
+                self._changed((owner, name))
         if entry is None:
             raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
         return entry
@@ -158,6 +186,7 @@ class AdapterRegistry:
             self._versions[ref] = entry
             if self._live.get(ref.key) is not None and self._live[ref.key].ref == ref:
                 self._live[ref.key] = entry
+                self._changed(ref.key)
 
     def set_pinned(self, owner: str | None, name: str, pinned: bool) -> AdapterEntry:
         with self._lock:
@@ -166,7 +195,35 @@ class AdapterRegistry:
                 raise AdapterError(NOT_FOUND, f"no adapter named {name!r}")
             entry = replace(entry, pinned=pinned)
             self._live[(owner, name)] = self._versions[entry.ref] = entry
+            self._changed((owner, name))
         return entry
+
+    def changes_since(self, generation: int) -> RegistryChanges:
+        """The live set's changes after `generation` (0: everything), O(changes)."""
+        with self._lock:
+            if generation < self._horizon:
+                return RegistryChanges(self._generation, True, list(self._live.values()))
+            out = RegistryChanges(self._generation, False)
+            for key, gen in reversed(self._journal.items()):  # newest first: stop at the first seen
+                if gen <= generation:
+                    break
+                entry = self._live.get(key)
+                if entry is None:
+                    out.removed.append(key)
+                else:
+                    out.entries.append(entry)
+            return out
+
+    def _changed(self, key: Key) -> None:
+        """Journal a change of `key` (under the lock)."""
+        self._generation += 1
+        self._journal[key] = self._generation
+        self._journal.move_to_end(key)
+        if len(self._journal) > len(self._live) + 2 * _REMOVALS_KEPT:
+            removed = [(k, g) for k, g in self._journal.items() if k not in self._live]
+            for k, g in removed[:len(removed) - _REMOVALS_KEPT]:  # the oldest
+                del self._journal[k]
+                self._horizon = max(self._horizon, g)
 
     def lookup(self, tenant: str | None, name: str) -> AdapterEntry | None:
         """What `name` means to `tenant` (None: the shared set only): its own, else the shared one."""

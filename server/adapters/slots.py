@@ -206,6 +206,11 @@ class LoraSlots:
     def is_resident(self, name: Hashable) -> bool:
         return name in self._slot_of
 
+    def resident(self) -> list[Hashable]:
+        """The adapters in the pool now (any thread)."""
+        with self._lock:
+            return list(self._slot_of)
+
     def evict(self, name: Hashable) -> None:
         """Forget `name` (unregistered or replaced); its slot is free, rewritten before any reuse."""
         with self._lock:

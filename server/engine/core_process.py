@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from server.adapters.registry import AdapterEntry, AdapterRef
+from server.adapters.registry import AdapterEntry, AdapterRef, RegistryChanges
 from server.config import Config
 from server.engine import wire
 from server.engine.engine import EngineInfo, LLMEngine, resolve_device
@@ -43,10 +43,12 @@ _ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")
 
 @dataclass
 class RegistrySnapshot:
-    """The live adapters and where each is resident: what the server process answers lookups
-    and listings from (server/engine/remote_adapters.py)."""
+    """What the server process's replica (server/engine/remote_adapters.py) needs to catch up:
+    the registry's changes since the replica's generation, and every adapter resident anywhere
+    (host cache, device pool; absent: neither). Both cost what changed or is resident, never
+    what is registered: a server with 10,000 adapters refreshes once a second."""
 
-    entries: list[AdapterEntry] = field(default_factory=list)
+    changes: RegistryChanges = field(default_factory=lambda: RegistryChanges(0, True))
     resident: dict[AdapterRef, tuple[bool, bool]] = field(default_factory=dict)
 
 
@@ -60,12 +62,11 @@ class CoreReady:
     error: tuple | None = None  # wire.error_state of a failed start (the server re-raises it)
 
 
-def snapshot_of(engine: LLMEngine) -> RegistrySnapshot:
+def snapshot_of(engine: LLMEngine, generation: int = 0) -> RegistrySnapshot:
     m = engine.adapters
     if m is None:
         return RegistrySnapshot()
-    entries = m.entries()
-    return RegistrySnapshot(entries, {e.ref: m.residency(e.ref) for e in entries})
+    return RegistrySnapshot(m.changes_since(generation), m.resident())
 
 
 def reserve_a_core(config: Config) -> None:
@@ -242,8 +243,8 @@ class EngineCore:
     def call_set_pinned(self, *args, **kwargs) -> AdapterEntry:
         return self._manager().set_pinned(*args, **kwargs)
 
-    def call_snapshot(self) -> RegistrySnapshot:
-        return snapshot_of(self.engine)
+    def call_snapshot(self, generation: int) -> RegistrySnapshot:
+        return snapshot_of(self.engine, generation)
 
     def call_metrics(self) -> list:
         return list(self.engine.metrics.registry.collect())

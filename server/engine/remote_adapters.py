@@ -7,12 +7,15 @@ name -> version lookup and the checks of validation, costs no round trip. Regist
 (admin load, upload, pin, unregister) is a named call to the core, after which the replica is
 refreshed before the call returns, so the next request sees it. Listings refresh it first
 (one round trip, not on the generation path), and it is refreshed once a second otherwise (a
-first load learns an adapter's rank and DoRA flag, residency changes); a request checked against a stale replica is checked again by the core at
-admission, where a refusal is still an HTTP status.
+first load learns an adapter's rank and DoRA flag, residency changes); a request checked against
+a stale replica is checked again by the core at admission, where a refusal is still an HTTP
+status. A refresh carries what changed since the replica's generation and the resident set,
+so its cost does not grow with the adapters registered.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from server.adapters.registry import AdapterEntry, AdapterRef, Key
@@ -31,22 +34,32 @@ class RemoteAdapters:
         self._client = client
         self.step_capacity = step_capacity
         self._live: dict[Key, AdapterEntry] = {}
-        self._order: list[AdapterEntry] = []
+        self._generation = 0
         self._resident: dict[AdapterRef, tuple[bool, bool]] = {}
+        self._apply_lock = threading.Lock()  # refreshes come from the event loop and worker threads
         self.apply(snapshot)
 
     def apply(self, snapshot: RegistrySnapshot) -> None:
-        # Whole objects swapped in (no lock): a reader on another thread sees the old or the new one.
-        self._order = list(snapshot.entries)
-        self._live = {e.ref.key: e for e in snapshot.entries}
-        self._resident = dict(snapshot.resident)
+        changes = snapshot.changes
+        with self._apply_lock:
+            if not changes.full and changes.generation <= self._generation:
+                live = self._live  # nothing new, or an older answer overtaken by a newer one
+            else:
+                # A new dict swapped in whole (readers take no lock): a reader on another thread
+                # sees the old or the new one.
+                live = {} if changes.full else dict(self._live)
+                for key in changes.removed:
+                    live.pop(key, None)
+                live.update((e.ref.key, e) for e in changes.entries)
+                self._live, self._generation = live, changes.generation
+            self._resident = snapshot.resident
 
     def refresh(self) -> None:
-        """From a worker thread: a fresh snapshot from the core."""
-        self.apply(self._client.call_sync("snapshot"))
+        """From a worker thread: catch up with the core."""
+        self.apply(self._client.call_sync("snapshot", self._generation))
 
     async def refresh_async(self) -> None:
-        self.apply(await self._client.call("snapshot"))
+        self.apply(await self._client.call("snapshot", self._generation))
 
     # --- lookups (any thread, no round trip) ------------------------------------------------
     def lookup(self, tenant: str | None, name: str) -> AdapterRef | None:
@@ -64,7 +77,7 @@ class RemoteAdapters:
         return sorted([*own.values(), *shared.values()], key=lambda e: (e.owner is None, e.name))
 
     def entries(self) -> list[AdapterEntry]:
-        return list(self._order)
+        return sorted(self._live.values(), key=lambda e: (e.owner or "", e.name))  # as the registry's
 
     def exists(self, adapter: AdapterRef | str) -> bool:
         key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)

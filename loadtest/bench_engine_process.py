@@ -7,7 +7,10 @@ chat prompts, greedy, prefill included, base model or a cycle of store adapters)
   on      - `loramux serve --engine-process on`: the engine core in its own process (ZeroMQ).
 Each HTTP round is N concurrent streaming chat completions through httpx. Throughput is output
 tokens over the round's wall time; each round's ratio is taken against the engine round just
-before it, and the medians are reported.
+before it, and the medians are reported. Each HTTP round also reports the CPU seconds spent by
+this client, the server process and the engine core process, as a fraction of the round's wall
+time: on a machine of few cores the client and the server share them with the engine, which
+the in-process round does not.
 
     python -m loadtest.bench_engine_process --streams 32 --max-tokens 64 --rounds 5
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.procstat import cpu_s
 from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
@@ -132,11 +136,16 @@ def main() -> None:
             for mode in ("off", "on"):
                 row[f"engine/{mode}"] = engine_round(engine, args.streams, args.max_tokens, args.adapters)
                 before = step_stats(servers[mode].base_url)
+                pid = servers[mode].proc.pid
+                cpu0 = (time.process_time(), cpu_s(pid, children=False), cpu_s(pid))
                 t0 = time.perf_counter()
                 row[mode] = asyncio.run(http_round(servers[mode].base_url, model, args.streams, args.max_tokens,
                                                    args.adapters))
                 wall = time.perf_counter() - t0
+                cpu1 = (time.process_time(), cpu_s(pid, children=False), cpu_s(pid))
                 after = step_stats(servers[mode].base_url)
+                client, server = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                row[f"cpu/{mode}"] = (client / wall, server / wall, (cpu1[2] - cpu0[2] - server) / wall)
                 # How much of the round the engine spent inside steps, and the mean step.
                 row[f"busy/{mode}"] = (after[1] - before[1]) / wall
                 row[f"step/{mode}"] = (after[1] - before[1]) / max(1.0, after[0] - before[0])
@@ -144,12 +153,13 @@ def main() -> None:
             print(f"round {r + 1}: engine {row['engine/off']:.1f} / {row['engine/on']:.1f} tok/s, "
                   f"off {row['off']:.1f} ({row['off'] / row['engine/off']:.2f}x), "
                   f"on {row['on']:.1f} ({row['on'] / row['engine/on']:.2f}x); in steps: off {row['busy/off']:.0%} "
-                  f"(mean {row['step/off'] * 1e3:.0f} ms), on {row['busy/on']:.0%} (mean {row['step/on'] * 1e3:.0f} ms)",
-                  flush=True)
+                  f"(mean {row['step/off'] * 1e3:.0f} ms), on {row['busy/on']:.0%} (mean {row['step/on'] * 1e3:.0f} ms); "
+                  f"CPU per wall second, client/server/core: off {'/'.join(f'{c:.2f}' for c in row['cpu/off'])}, "
+                  f"on {'/'.join(f'{c:.2f}' for c in row['cpu/on'])}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
-    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    med = {k: statistics.median(row[k] for row in rows) for k in rows[0] if not k.startswith("cpu/")}
     ratio = {m: statistics.median(row[m] / row[f"engine/{m}"] for row in rows) for m in ("off", "on")}
     print(f"\n{args.streams} streams x {args.max_tokens} tokens, {args.rounds} rounds, "
           f"adapters: {', '.join(args.adapters) or 'none (base)'}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.procstat import cpu_s, rss_mib
 from loadtest.random_adapters import make_store
 from server.model.default_model import default_model_dir
 
@@ -34,33 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants (the engine core is a child of the server)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out += _tree(int(child))
-    return out
-
-
-def _rss_mib(pid: int) -> float:
-    total = 0.0
-    for p in _tree(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-    return total
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its descendants so far."""
-    ticks = 0
-    for p in _tree(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def measure(model: Path, store: Path, log: Path, timeout: float = 600.0, idle_s: float = 10.0) -> dict:
@@ -84,14 +58,14 @@ def measure(model: Path, store: Path, log: Path, timeout: float = 600.0, idle_s:
                 pass
             time.sleep(0.1)
         start_s = time.monotonic() - t0
-        rss = _rss_mib(proc.pid)
+        rss = rss_mib(proc.pid)
         t1 = time.monotonic()
         listed = len(httpx.get(url + "/v1/models", timeout=120).json()["data"])
         list_s = time.monotonic() - t1
-        rss_listed = _rss_mib(proc.pid)
-        c0, t2 = _cpu_s(proc.pid), time.monotonic()
+        rss_listed = rss_mib(proc.pid)
+        c0, t2 = cpu_s(proc.pid), time.monotonic()
         time.sleep(idle_s)
-        idle_cpu = (_cpu_s(proc.pid) - c0) / (time.monotonic() - t2)
+        idle_cpu = (cpu_s(proc.pid) - c0) / (time.monotonic() - t2)
         return {"start_s": start_s, "rss_mib": rss, "list_s": list_s, "listed": listed,
                 "rss_after_list_mib": rss_listed, "idle_cpu": idle_cpu}
     finally:

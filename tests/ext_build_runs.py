@@ -3,6 +3,7 @@ tests: a loader that hangs (a stale lock) must fail its test, not stall CI."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,12 @@ class Run:
     rc: int | None  # None: killed at the deadline
     stdout: str
     stderr: str
+
+    def result(self) -> dict:
+        """The JSON object the script printed last; fails the test if the script hung or failed."""
+        state = "hung (killed at the deadline)" if self.rc is None else f"exited {self.rc}"
+        assert self.rc == 0, f"loader {state}:\n{self.stderr[-3000:]}"
+        return json.loads(self.stdout.strip().splitlines()[-1])
 
 
 def run_together(scripts: list[str], timeout_s: float, env: dict[str, str] | None = None) -> list[Run]:

@@ -6,7 +6,6 @@ extension, so these tests stay fast; tests/test_paged_attention.py runs the real
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -37,11 +36,6 @@ def tiny(tmp_path):
     return _LOAD.format(src=str(src), dir=str(tmp_path / "build")), tmp_path / "build"
 
 
-def _result(run) -> dict:
-    assert run.rc == 0, f"loader {'hung (killed at the deadline)' if run.rc is None else f'exited {run.rc}'}:\n{run.stderr[-3000:]}"
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_stale_baton_of_a_killed_build_does_not_hang(tiny):
     """What a builder killed inside cpp_extension.load leaves: torch's `lock` file (created by
     FileBaton exactly as torch does), no process. The next load removes it and builds."""
@@ -51,7 +45,7 @@ def test_stale_baton_of_a_killed_build_does_not_hang(tiny):
     assert baton.try_acquire()
     os.close(baton.fd)  # the process is gone; only the file stays
     (run,) = run_together([script], timeout_s=120)
-    res = _result(run)
+    res = run.result()
     assert res == {"compiled": True, "answer": 42}
     assert "left by a C++ extension build that was killed" in run.stderr
     assert not (build_dir / "lock").exists()
@@ -62,7 +56,7 @@ def test_concurrent_first_loads_build_once(tiny):
     the build lock makes the second find the first's build up to date instead of racing it."""
     script, build_dir = tiny
     runs = run_together([script, script], timeout_s=180)
-    results = [_result(r) for r in runs]
+    results = [r.result() for r in runs]
     assert [r["answer"] for r in results] == [42, 42]
     assert sorted(r["compiled"] for r in results) == [False, True]
     assert not (build_dir / "lock").exists()

@@ -14,7 +14,8 @@ half-build is redone) and only load it. The wait for a live builder is bounded (
 logged with the holder's pid and the lock's path.
 
 Limit: a process that calls cpp_extension.load on the same directory without this module (an
-older loramux) does not take the flock, so its live `lock` could be taken for a stale one.
+older loramux) does not take the flock, so its live `lock` would be taken for a stale one: a
+directory built this way needs a name no such loader uses (paged_attention's layout suffix).
 """
 
 from __future__ import annotations

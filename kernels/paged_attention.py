@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 __all__ = ["paged_attention", "paged_attention_reference", "cpp_available", "cpp_error", "load_cpp_extension"]
 
 _SRC = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+# 2: every load holds the directory's build.flock, so a `lock` file found under it is a dead
+# builder's (kernels/cpp_build.py). Loaders of layout 1 (no suffix) did not take the flock and
+# must never share a directory with layout 2, or a live build's `lock` could be removed.
+_CACHE_LAYOUT = 2
 _LOCK = threading.Lock()
 _EXT: object | None = None
 _EXT_ERROR: str | None = None
@@ -66,9 +70,9 @@ def _isa() -> str:
 
 
 def _build_dir(isa: str) -> Path:
-    """Where the extension for `isa` is built: one directory per (python, torch, ISA)."""
+    """Where the extension for `isa` is built: one directory per (python, torch, ISA, cache layout)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "loramux" / "torch_extensions")
-    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}_l{_CACHE_LAYOUT}"
     return Path(root) / tag / f"loramux_paged_attention_{isa}"
 
 

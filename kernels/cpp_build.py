@@ -69,7 +69,7 @@ def build_lock(build_dir: Path, wait_s: float = BUILD_WAIT_S) -> Iterator[None]:
                     raise TimeoutError(f"C++ extension build lock {path} still held by {_holder(fd)} "
                                        f"after {wait_s:.0f} s")
                 if now >= next_log:
-                    log.info("still waiting (%.0f s) for %s, lock %s", now - t0, _holder(fd), path)
+                    log.warning("still waiting (%.0f s) for %s, lock %s", now - t0, _holder(fd), path)
                     next_log = now + _LOG_EVERY_S
                 time.sleep(_POLL_S)
             log.info("C++ extension build lock %s acquired after %.1f s", path, time.monotonic() - t0)

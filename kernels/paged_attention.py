@@ -16,7 +16,10 @@ $TORCH_EXTENSIONS_DIR (default ~/.cache/loramux/torch_extensions). The ISA is "a
 -mavx2 -mfma, used only when torch reports an AVX2/AVX512 CPU) or "generic" (no ISA flags);
 never -march=native, so a cache directory shared between different machines cannot hand an
 AVX-512 binary to a CPU without it. If the build fails (no compiler, no ninja) one warning is
-logged and `auto` uses the torch backend. cpp_extension needs `ninja` on PATH.
+logged and `auto` uses the torch backend. cpp_extension needs `ninja` on PATH. Loads lock the
+build directory (kernels/cpp_build.py): concurrent first starts build once, a build killed
+midway is redone by the next start instead of hanging it, and waiting for a live builder is
+logged and bounded (then the torch backend is used).
 
 Threads: the cpp backend uses torch.get_num_threads() threads: the caller plus persistent helper
 threads of the extension (sleeping between calls). It does not use torch's OpenMP pool: on an
@@ -37,11 +40,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import cpp_build
+
 log = logging.getLogger(__name__)
 
 __all__ = ["paged_attention", "paged_attention_reference", "cpp_available", "cpp_error", "load_cpp_extension"]
 
 _SRC = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+# 2: every load holds the directory's build.flock, so a `lock` file found under it is a dead
+# builder's (kernels/cpp_build.py). Loaders of layout 1 (no suffix) did not take the flock and
+# must never share a directory with layout 2, or a live build's `lock` could be removed.
+_CACHE_LAYOUT = 2
 _LOCK = threading.Lock()
 _EXT: object | None = None
 _EXT_ERROR: str | None = None
@@ -60,16 +69,11 @@ def _isa() -> str:
     return "avx2" if x86 and cap in ("AVX2", "AVX512") else "generic"
 
 
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs `ninja` from PATH; the PyPI `ninja` package installs it next to the
-    interpreter, which is not on PATH when a venv's python is run without activating it."""
-    try:
-        import ninja
-    except ImportError:
-        return
-    path = os.environ.get("PATH", "")
-    if ninja.BIN_DIR not in path.split(os.pathsep):
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+def _build_dir(isa: str) -> Path:
+    """Where the extension for `isa` is built: one directory per (python, torch, ISA, cache layout)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "loramux" / "torch_extensions")
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}_l{_CACHE_LAYOUT}"
+    return Path(root) / tag / f"loramux_paged_attention_{isa}"
 
 
 def load_cpp_extension():
@@ -84,25 +88,14 @@ def load_cpp_extension():
             return _EXT
         t0 = time.perf_counter()
         try:
-            from torch.utils import cpp_extension
-
-            _put_ninja_on_path()
             isa = _isa()
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "loramux" / "torch_extensions")
-            tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}"
-            name = f"loramux_paged_attention_{isa}"
-            build_dir = Path(root) / tag / name
-            build_dir.mkdir(parents=True, exist_ok=True)
+            build_dir = _build_dir(isa)
             cflags = ["-O3", "-DNDEBUG", "-pthread", "-fno-math-errno"]  # no -ffast-math: exact IEEE semantics
             if isa == "avx2":
                 cflags += ["-mavx2", "-mfma"]
-            cpp_extension.load(
-                name=name, sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=["-pthread"],
-                build_directory=str(build_dir), is_python_module=False, verbose=False)
+            _, compiled = cpp_build.load_library(build_dir.name, [str(_SRC)], build_dir, cflags, ["-pthread"])
             _EXT = torch.ops.loramux_attn.paged_attention.default  # OpOverload: the cheapest call path
-            newest = max((f.stat().st_mtime for f in build_dir.glob("*.so")), default=0.0)
-            BUILD_INFO.update(isa=isa, dir=str(build_dir), seconds=time.perf_counter() - t0,
-                              compiled=newest >= time.time() - (time.perf_counter() - t0) - 1)
+            BUILD_INFO.update(isa=isa, dir=str(build_dir), seconds=time.perf_counter() - t0, compiled=compiled)
             log.info("paged_attention C++ extension (%s) %s in %.1f s (%s)", isa,
                      "compiled" if BUILD_INFO["compiled"] else "loaded", BUILD_INFO["seconds"], build_dir)
         except Exception as e:  # no compiler, no ninja, headers missing...: fall back, never crash

@@ -9,11 +9,14 @@ of anything the op should not touch, or an output row it forgets to write, shows
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import pytest
 import torch
+from torch.utils.file_baton import FileBaton
 
+from ext_build_runs import run_together
 from kernels import paged_attention as pa
 from kernels.paged_attention import paged_attention
 
@@ -257,6 +260,29 @@ def test_build_failure_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     assert "deliberately broken" in msg or "inja" in msg or "compiler" in msg.lower(), msg
     with pytest.raises(RuntimeError, match="unavailable"):
         run("cpp", args)
+
+
+_LOAD = ("import json; from kernels import paged_attention as pa; ok = pa.load_cpp_extension() is not None; "
+         "print(json.dumps(dict(ok=ok, error=pa.cpp_error(), compiled=pa.BUILD_INFO.get('compiled'))))")
+
+
+@pytest.mark.slow
+def test_first_starts_after_a_killed_build(tmp_path, monkeypatch):
+    """The first build was killed mid-way (its `lock` file, made as torch's FileBaton makes it,
+    is left in the build directory) and two servers then start at once on that cache: both load
+    the extension within the deadline and it is compiled once (one fresh build, ~15-60 s).
+    Before the build lock, both waited on the dead builder's `lock` forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = pa._build_dir(pa._isa())
+    build_dir.mkdir(parents=True)
+    baton = FileBaton(str(build_dir / "lock"))
+    assert baton.try_acquire()
+    os.close(baton.fd)  # the builder is gone; only the file stays
+    runs = run_together([_LOAD, _LOAD], timeout_s=300, env=dict(os.environ))
+    results = [r.result() for r in runs]
+    assert all(r["ok"] for r in results), results
+    assert sorted(r["compiled"] for r in results) == [False, True]
+    assert not (build_dir / "lock").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

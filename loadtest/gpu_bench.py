@@ -239,6 +239,15 @@ def load_peft(model, adapters: dict[str, Path], into=None):
 # --- the floor ---------------------------------------------------------------------------------------
 
 
+def release_cached_memory() -> None:
+    """torch.cuda.empty_cache(), in cleanup paths: after a CUDA error (a sticky one poisons the
+    context) it raises that error again, which must not mask the first or stop the run."""
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError as exc:
+        print(f"(empty_cache after a CUDA error: {str(exc)[:200]})", flush=True)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read + written (median)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)

@@ -187,7 +187,7 @@ def run_cell(plan: Plan, cell: Cell, model_dir: Path, weights, store: Path, dead
         del engine
         gc.collect()  # the engine's loader callback makes a cycle: free its KV cache and pool now
         if plan.device == "cuda":
-            torch.cuda.empty_cache()
+            gb.release_cached_memory()
     delta = {k: after[k] - before[k] for k in after}
     lookups = delta["hits"] + delta["misses"]
     wall = got["wall_s"]
@@ -286,7 +286,7 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
         del weights
         gc.collect()
         if plan.device == "cuda":
-            torch.cuda.empty_cache()
+            gb.release_cached_memory()
     return finish()
 
 

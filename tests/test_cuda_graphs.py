@@ -216,6 +216,25 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
 
 
 @needs_interp
+def test_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, monkeypatch):
+    """Capture runs each size's step once over padding inputs, largest size first. The buffer
+    still holds the last fill (a larger size's, or a served step's) where a smaller size keeps its
+    LoRA table: that warm-up must read an empty table, not those values as segment starts, slots
+    and ranks (out of range for its rows and for the pool: an illegal address on a GPU)."""
+    graphs = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch).runner.graphs
+    n = graphs.max_size
+    graphs._fill(cuda_graphs._Layout(n, graphs.width), [300] * n, [5] * n, [[3]] * n,
+                 ([n], [graphs.slots.num_slots - 1], [8]))  # a served step of the largest size
+    for size in reversed(graphs.ladder[:-1]):
+        lay = cuda_graphs._Layout(size, graphs.width)
+        graphs._fill_padding(lay, with_lora=True)
+        t = list(graphs._host[lay.lora: lay.tables])
+        starts, ranks, tiles = t[:size + 1], t[2 * size + 1: 3 * size + 1], t[3 * size + 1:]
+        assert starts == [0] * (size + 1) and ranks == [0] * size, (size, t)
+        assert all(m0 >= starts[seg + 1] for seg, m0 in zip(tiles[::2], tiles[1::2])), (size, t)  # no tile has a row
+
+
+@needs_interp
 def test_triton_interp_mixtures_and_dora_run_eager(tiny_llama_dir, adapter_dirs, tmp_path, monkeypatch):
     from peft_adapters import make_peft_adapter
     from server.engine.request import Mixture

@@ -119,6 +119,9 @@ class LoraSlots:
         self._kept: frozenset[Hashable] = frozenset()  # adapters a loader must not write over (`protect`)
         # GPU: loaders copy on their own stream, so their copies overlap the steps' kernels
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # recorded on the compute stream at each activate: the steps before it, which may still be
+        # running (a step that samples nothing never waits for the GPU), may read any slot
+        self._stepped = torch.cuda.Event() if self._copy_stream is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -137,6 +140,8 @@ class LoraSlots:
             raise ValueError(f"{len(adapters)} adapters in one step but only {self.num_slots} slots")
         with self._lock:
             self._step = frozenset(adapters)  # from now on no loader writes over them
+            if self._stepped is not None:
+                self._stepped.record()
             for name in adapters:
                 if name in self._slot_of:
                     self._slot_of.move_to_end(name)
@@ -169,6 +174,8 @@ class LoraSlots:
             slot = self._take(self._step | self._kept)
             if slot is None:
                 return False
+            if self._copy_stream is not None:  # the slot's last reader may be a step still on the GPU
+                self._copy_stream.wait_event(self._stepped)
             self._writing += 1
         try:
             self._write_async(slot, adapter)  # outside the lock: steps run on, they never read this slot

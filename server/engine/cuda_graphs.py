@@ -131,6 +131,7 @@ class DecodeGraphs:
         # a ctypes view of the same memory: list slices are written at C speed, no tensor per step
         self._host = (ctypes.c_int32 * n).from_address(self._host_tensor.data_ptr())
         self._dev = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._copied = torch.cuda.Event() if capture else None  # the last copy out of `_host_tensor`
         self._rows = torch.arange(self.max_size, dtype=torch.int32, device=dev)
         self._i64 = torch.zeros(3, self.max_size, dtype=torch.int64, device=dev)  # ids, positions, slots
         self.capture = capture
@@ -164,7 +165,7 @@ class DecodeGraphs:
 
         if not self.capture:
             return _Graph(step)
-        self._fill(lay, [], [], [], None)  # every row padding: capture writes only the scratch block
+        self._fill_padding(lay, with_lora)
         self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
         step()  # warm-up: compiles the kernels, creates library handles, outside the capture
         torch.cuda.synchronize()
@@ -176,6 +177,12 @@ class DecodeGraphs:
             graph.replay()
             return logits
         return _Graph(replay)
+
+    def _fill_padding(self, lay: _Layout, with_lora: bool) -> None:
+        """The warm-up's inputs: every row padding (its K/V go to the scratch block) and, with
+        LoRA, an empty table (no segment, no row), never what a larger size's fill left there:
+        its slots and rows would be out of range for this size."""
+        self._fill(lay, [], [], [], ([], [], []) if with_lora else None)
 
     # --- each step -------------------------------------------------------------------------------
     def size_for(self, batch: int) -> int | None:
@@ -193,11 +200,16 @@ class DecodeGraphs:
         lay = _Layout(size, self.width)
         self._fill(lay, ids, positions, tables, lora)
         self._dev[:lay.length].copy_(self._host_tensor[:lay.length], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         return self.graphs[(size, lora is not None)].run()[:len(ids)], size
 
     def _fill(self, lay: _Layout, ids, positions, tables, lora: LoraLayout | None) -> None:
-        """Write one step's inputs into the pinned buffer. The previous step's copy from it has
-        finished: that step's sampled tokens reached the host after it, in stream order."""
+        """Write one step's inputs into the pinned buffer, once the previous step's copy out of
+        it is done. It normally is (that step's sampled tokens reached the host after it, in stream
+        order), but a step whose sampling failed before reading anything back is retried at once."""
+        if self._copied is not None and not self._copied.query():
+            self._copied.synchronize()
         h, bs, w, size = self._host, self.block_size, self.width, lay.size
         pad = size - len(ids)
         slots = [t[p // bs] * bs + p % bs for p, t in zip(positions, tables)]

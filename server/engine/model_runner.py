@@ -109,11 +109,14 @@ class ModelRunner:
         attn = self.attention.prepare(StepBatch(
             query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_tables=tables_t,
             token_seq=seq_t, token_ctx=(pos_t + 1).to(torch.int32), slot_mapping=slots, block_size=bs))
+        # Uploaded before the forward is queued: a copy from pageable memory waits for the stream,
+        # so after it, it would hold the host until the whole forward had run on the GPU.
+        rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev) if sampled else None
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64).to(dev), pos_t.to(dev), attn,
                                     self.kv.tensor, lora_step)
         if not sampled:
             return StepResult([], SamplerOutput([], []))
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+        logits = self.model.logits(hidden[rows])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
 
     def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None) -> StepResult | None:

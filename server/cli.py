@@ -143,6 +143,8 @@ FLAGS = [
     Flag("adapter-loaders", "lora.adapter_loaders", int, "threads loading adapters (read, check, place in the "
          "pool) in parallel; default 1 on CPU, 4 on a GPU"),
     Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
+    Flag("adapter-metric-series", "lora.adapter_metric_series", int, "adapters with series of their own on the "
+         "per-adapter metrics (first come; the rest share adapter=\"(other)\"; each costs ~80 series)"),
     Flag("max-mixture-experts", "lora.max_mixture_experts", int, "most adapters in one request's `adapters` "
          "mixture"),
     Flag("max-mixture-rank", "lora.max_mixture_rank", int, "largest total rank of one mixture (an adapter whose "

@@ -70,6 +70,9 @@ class LoraConfig:
     # a GPU, whose host cores idle while it steps, so a wave of cold adapters loads in parallel).
     adapter_loaders: int | None = None
     max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
+    # Adapters with series of their own on the per-adapter metrics (first come); the others share
+    # adapter="(other)". None: no limit (Prometheus cardinality then grows with adapters served).
+    adapter_metric_series: int | None = 100
     # Expert libraries (a request's `adapters` mixture or `route`): per-request limits.
     max_mixture_experts: int = 8  # adapters in one mixture
     max_mixture_rank: int = 128  # total rank of one mixture (an adapter not read yet counts max_lora_rank)

@@ -18,7 +18,7 @@ from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason, GenerationRequest, SamplingParams
-from server.metrics import FINISH_REASONS, REQUEST_STATUSES, Metrics
+from server.metrics import FINISH_REASONS, OTHER_ADAPTERS, REQUEST_STATUSES, Metrics
 from server_process import ServerProcess
 
 BASE = "tiny"
@@ -54,6 +54,34 @@ def test_a_tenant_removed_from_the_configuration_loses_its_series():
     tenants = {s.labels.get("tenant") for f in text_string_to_metric_families(generate_latest(m.registry).decode())
                for s in f.samples} - {None}
     assert tenants == {"beta", "gamma"}
+
+
+def test_adapters_past_the_series_limit_share_one_label_and_an_unload_frees_a_place():
+    m = Metrics()
+    m.configure_engine(BASE, 16, 100, max_loras=8, adapter_series=2)
+    for adapter in ("a", "b", "c", "", "d", "a"):
+        m.on_first_token("alpha", adapter, 3, 0.2)
+        m.on_finish("alpha", adapter, "stop", 3, 0.5, 0.1)
+
+    def requests_by_adapter() -> dict[str, float]:
+        fams = families(generate_latest(m.registry).decode())
+        return {s.labels["adapter"]: s.value for s in fams["loramux_requests"].samples
+                if s.name == "loramux_requests_total"}
+
+    assert requests_by_adapter() == {"a": 2, "b": 1, OTHER_ADAPTERS: 2, "": 1}  # the base is never "other"
+    ttft = families(generate_latest(m.registry).decode())["loramux_time_to_first_token_seconds"]
+    assert {s.labels["adapter"] for s in ttft.samples} == {"a", "b", OTHER_ADAPTERS, ""}
+    m.forget_adapter("b")
+    m.forget_adapter("c")  # never had series of its own: "other" keeps its count
+    m.on_finish("alpha", "e", "length", 3, 0.5, None)
+    assert requests_by_adapter() == {"a": 2, "e": 1, OTHER_ADAPTERS: 2, "": 1}
+
+
+def test_the_adapter_series_limit_is_a_flag():
+    from server.cli import build_config, make_parser
+
+    cfg = build_config(make_parser().parse_args(["serve", "--adapter-metric-series", "7"]))
+    assert cfg.lora.adapter_metric_series == 7 and Config().lora.adapter_metric_series == 100
 
 
 # --- in-process: the gauges follow the state, with no engine step in between -------------------------

@@ -144,7 +144,8 @@ class LLMEngine:
             dtype=dtype, device=device, max_model_len=max_len, num_blocks=num_blocks, block_size=cc.block_size,
         )
         self.metrics.configure_engine(self.info.model_name, cc.block_size, num_blocks,
-                                      self.adapters.step_capacity if self.adapters else None)
+                                      self.adapters.step_capacity if self.adapters else None,
+                                      config.lora.adapter_metric_series)
         log.info("loaded %s (%s, %s, %s) in %.1fs: %d KV blocks x %d tokens, max_model_len %d, %d threads",
                  self.info.model_name, arch.model_type, dtype, device, time.perf_counter() - t0, num_blocks,
                  cc.block_size, max_len, torch.get_num_threads())

@@ -199,6 +199,9 @@ def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_by
         want = triton.cdiv(2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
                            programs)
         splits = max(1, min(want, triton.cdiv(max_context_len, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+        # a power of two: NUM_SPLITS is a compile-time constant, and a count that followed every
+        # context length would compile a new kernel, stalling a step, each time a context grew past one
+        splits = 1 << (splits.bit_length() - 1)
     return dict(BLOCK_N=block_n, NUM_SPLITS=splits)
 
 

@@ -157,15 +157,16 @@ def jobs_for(plan: Plan, cell: Cell, names: list[str]) -> list[closed_loop.Job]:
 
 
 def warm_up(plan: Plan, engine, deadline: float) -> None:
-    """A few requests, base and on WARM_UP, prefill and decode: compiles and first allocations
-    happen here, not in the timed window."""
-    n = min(4, plan.streams)
+    """A short closed loop at the cell's concurrency, base and on WARM_UP, with staggered output
+    lengths, so that the steps the timed loop runs (full and partial prefills, decodes, both mixed)
+    have their kernel variants compiled and first allocations made here, not in the timed window."""
+    n = 2 * plan.streams
     cfg = workload.WorkloadConfig(num_requests=n, adapters=(WARM_UP,), base_share=0.5, seed=1,
                                   prompt_len=workload.LengthDist.parse(f"fixed:{plan.prompt_len}"),
-                                  output_len=workload.LengthDist.parse("fixed:4"))
+                                  output_len=workload.LengthDist.parse("uniform:2:9"))
     prompts = gb.random_prompts(n, plan.prompt_len, plan.hf_config["vocab_size"], seed=10**6)
     jobs = [closed_loop.Job(sp, ids) for sp, ids in zip(workload.generate(cfg), prompts)]
-    closed_loop.run(engine, jobs, n, "warm-up", deadline)
+    closed_loop.run(engine, jobs, plan.streams, "warm-up", deadline)
 
 
 def run_cell(plan: Plan, cell: Cell, model_dir: Path, weights, store: Path, deadline: float) -> dict:

@@ -105,12 +105,17 @@ def oracle(q, kv, bt, seq, ctx, bs, scale, window=None, softcap=None):
 
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# On a GPU the softmax weights are rounded to q's dtype before the product with V (the
+# interpreter keeps them in float32): an error of about one rounding step of the output itself,
+# which grows with its magnitude (bf16: 2^-8 relative).
+REL = {torch.float32: 0.0, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def check(out, ref, dtype):
     assert torch.isfinite(out).all(), "non-finite output: read outside the context or unwritten"
-    err = (out.cpu().double() - ref.cpu().double()).abs().max().item()
-    assert err < TOL[dtype], f"max abs error {err:.3g} >= {TOL[dtype]}"
+    ref = ref.cpu().double()
+    excess = (out.cpu().double() - ref).abs() - (TOL[dtype] + REL[dtype] * ref.abs())
+    assert excess.max().item() < 0, f"error over {TOL[dtype]} + {REL[dtype]} x |ref| by {excess.max().item():.3g}"
 
 
 def run_case(case, dtype, device, config=None, seed=0, **kw):

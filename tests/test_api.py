@@ -201,7 +201,9 @@ def test_overload_gets_503_and_everyone_else_is_served(tiny_llama_dir, tmp_path)
     try:
         async def burst():
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as c:
-                body = {"model": MODEL, "prompt": "hi", "max_tokens": 64, "ignore_eos": True}
+                # Long enough that the first 4 are still generating while the loop takes in the
+                # other 12 (it shares the GIL with the engine thread, more so on a busy machine).
+                body = {"model": MODEL, "prompt": "hi", "max_tokens": 256, "ignore_eos": True}
                 return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(16)])
 
         codes = [r.status_code for r in asyncio.run(burst())]

@@ -71,13 +71,15 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
                 seed: int = 0, at_cut: Callable[[], Any] | None = None) -> Trace:
     """Run every tenant's clients until `max_duration_s`, or until the tenants together were served
     `stop_at_service` (weighted tokens); then disconnect them all (the server aborts what is left).
-    `at_cut` (blocking, run in a thread) is called at that cut while every client still has its
-    requests outstanding, i.e. while the tenants are still backlogged: the disconnects that follow
-    abort one tenant's queue before the other's, so server state read after them is not."""
+    `at_cut` (blocking, run in a thread) is called at that cut while every client still keeps its
+    request outstanding (they go on sending until it returns), i.e. while the tenants are still
+    backlogged: the disconnects that follow abort one tenant's queue before the other's, so server
+    state read after them is not."""
     base_url = check_local_url(base_url)
     rng = random.Random(seed)
     trace = Trace(requests={t.name: 0 for t in loads})
-    done = asyncio.Event()
+    cut = asyncio.Event()  # the run is over: budget served or time up
+    done = asyncio.Event()  # the clients stop: set only once `at_cut` has returned
     served = 0.0
     start = time.monotonic()
 
@@ -97,7 +99,7 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
             trace.requests[load.name] += 1
             served += w_p * p + w_q * o
             if stop_at_service is not None and served >= stop_at_service:
-                done.set()
+                cut.set()
 
     total = sum(t.concurrency for t in loads)
     limits = httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
@@ -107,13 +109,13 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
         order = [t for i in range(max(t.concurrency for t in loads)) for t in loads if i < t.concurrency]
         tasks = [asyncio.create_task(client(http, t)) for t in order]
         try:
-            await asyncio.wait_for(done.wait(), max_duration_s)
+            await asyncio.wait_for(cut.wait(), max_duration_s)
         except TimeoutError:
             pass
-        done.set()
         trace.duration_s = time.monotonic() - start
         if at_cut is not None:
             trace.at_cut = await asyncio.to_thread(at_cut)
+        done.set()
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

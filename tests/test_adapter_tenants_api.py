@@ -9,7 +9,6 @@ one server and build on each other's uploads, in file order (as pytest runs them
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -279,11 +278,10 @@ def test_unload_and_reload_during_a_running_stream(server, api, adapters, tiny_l
     streamer = threading.Thread(target=stream_text, args=(server, "live", n, started, out))
     streamer.start()
     assert started.wait(60)
-    t0 = time.monotonic()
     r = admin.req("POST", "/v1/unload_lora_adapter", json={"lora_name": "live"})
-    took = time.monotonic() - t0
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'live' removed successfully."
-    assert took < 5 and server.metric("loramux_requests_running") == 1  # at once, mid-stream
+    # At once, mid-stream: the unload answered while the stream still runs (no clock involved).
+    assert server.metric("loramux_requests_running") == 1
     assert api["acme"].complete("live").status_code == 404
     r = admin.req("POST", "/v1/load_lora_adapter", json={"lora_name": "live", "lora_path": str(v2)})
     assert r.status_code == 200, r.text  # the name is free again while v1 drains

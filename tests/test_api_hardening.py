@@ -23,6 +23,7 @@ from server_process import ServerProcess, free_port
 
 MODEL = "tiny"
 ARGS = ["--served-model-name", MODEL, "--dtype", "float32", "--num-threads", "1"]
+STREAM_TOKENS = 200  # the streams still decode while the bad requests arrive
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,10 @@ def stream_body(n: int) -> dict:
             "stream": True}
 
 
-async def count_tokens(client: httpx.AsyncClient, n: int) -> tuple[int, str | None]:
-    """Stream one completion; (chunks with text or a finish, its finish_reason)."""
+async def count_tokens(client: httpx.AsyncClient, n: int, decoding: asyncio.Event | None = None
+                       ) -> tuple[int, str | None]:
+    """Stream one completion; (chunks with text or a finish, its finish_reason). `decoding` is set
+    at its first chunk."""
     chunks, reason = 0, None
     async with client.stream("POST", "/v1/completions", json=stream_body(n)) as r:
         assert r.status_code == 200
@@ -48,6 +51,8 @@ async def count_tokens(client: httpx.AsyncClient, n: int) -> tuple[int, str | No
                 choice = httpx.Response(200, content=line[6:]).json()["choices"][0]
                 chunks += 1
                 reason = choice.get("finish_reason") or reason
+                if decoding is not None:
+                    decoding.set()
     return chunks, reason
 
 
@@ -55,8 +60,10 @@ def test_a_seed_outside_int64_is_a_400_and_requests_in_flight_finish(server):
     """Before: seed 2**64 passed validation, raised inside the engine step and cut every stream."""
     async def main():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
-            streams = [asyncio.create_task(count_tokens(client, 40)) for _ in range(4)]
-            await asyncio.sleep(0.3)  # the streams are decoding now
+            decoding = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.create_task(count_tokens(client, STREAM_TOKENS, e)) for e in decoding]
+            # The streams are decoding now, however slow the machine (a fixed sleep could end first).
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), 60)
             bad = [{"seed": 2**64}, {"seed": -(2**63) - 1}, {"seed": 2**63}]  # OpenAI's seed is an int64
             answers = [await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4,
                                                                   "temperature": 0.8, **b}) for b in bad]
@@ -66,7 +73,7 @@ def test_a_seed_outside_int64_is_a_400_and_requests_in_flight_finish(server):
     for r in answers:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "seed"
-    assert streams == [(40, "length")] * 4
+    assert streams == [(STREAM_TOKENS, "length")] * 4
 
 
 def test_a_chunked_body_over_the_limit_is_413(server):

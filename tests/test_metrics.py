@@ -116,11 +116,13 @@ def test_gauges_follow_add_step_and_abort(engine):
     assert value(fams, "vllm:num_requests_running") == 0
     assert lora_info(fams) == {"max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": "racer"}
 
-    for _ in range(20):  # the adapter loads in the background; then the request runs
+    # The adapter loads on the loader thread, then the request runs: poll for it (how long the
+    # load takes depends on the machine), stepping as the engine loop would.
+    deadline = time.monotonic() + 60
+    while not engine.scheduler.num_running:
+        assert time.monotonic() < deadline, "the request was not scheduled within 60 s (its adapter did not load?)"
         engine.step()
-        if engine.scheduler.num_running:
-            break
-        time.sleep(0.05)
+        time.sleep(0.01)
     fams = scrape(engine)
     assert value(fams, "vllm:num_requests_running") == 1 and value(fams, "vllm:num_requests_waiting") == 0
     assert lora_info(fams) == {"max_lora": "3", "running_lora_adapters": "racer", "waiting_lora_adapters": ""}

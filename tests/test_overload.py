@@ -20,7 +20,11 @@ MAX_NUM_SEQS = 4
 PENDING = 3 * MAX_NUM_SEQS  # the default --max-waiting: server/config.py SchedulerConfig.pending_limit
 MAX_CONCURRENT, MAX_QUEUED = 4, 4
 MAX_TOKENS = 24
-FAST_S = 10.0  # a refusal answers at once; generous: 200 connections at once on a shared 2-core machine
+FAST_S = 10.0  # a tenant's refusal answers at once (40 connections: ~0.2 s with both cores busy)
+# No answer nor refusal of a burst may take this long (the issue saw 152 s with everything queued).
+# A 503's time is the server's HTTP work for the whole burst, ~6 s for 200 connections with both
+# cores busy here, so it is no clock that shows those refusals were not queued: the engine's counts do.
+SLOW_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,8 @@ def burst(server, key: str, n: int, give_up: dict[int, float] | None = None) -> 
     return asyncio.run(go())
 
 
-def check_answers(results: list[dict], refusal: int, code: str) -> tuple[int, int]:
-    """Each result is a full answer or a fast refusal with Retry-After; (answers, refusals)."""
+def check_answers(results: list[dict], refusal: int, code: str, fast_s: float) -> tuple[int, int]:
+    """Each result is a full answer or a refusal within `fast_s` with Retry-After; (answers, refusals)."""
     ok = refused = 0
     for r in results:
         if r["status"] == 200:
@@ -88,7 +92,7 @@ def check_answers(results: list[dict], refusal: int, code: str) -> tuple[int, in
         elif r["status"] != "gave_up":
             assert r["status"] == refusal and r["error"]["code"] == code, r
             assert int(r["headers"]["retry-after"]) >= 1
-            assert r["elapsed"] < FAST_S, r["elapsed"]
+            assert r["elapsed"] < fast_s, r["elapsed"]
             refused += 1
     return ok, refused
 
@@ -103,20 +107,29 @@ def wait_idle(server) -> None:
 
 def test_server_full_answers_503_at_once_and_serves_the_rest(server):
     """The issue's case: 200 requests at once against --max-num-seqs 4 used to queue for minutes."""
-    before = server.metric("loramux_tenant_requests_total", 'status="overloaded",tenant="open"')
+    wait_idle(server)
+    before = server.scrape()
     results = burst(server, OPEN, 200)
-    ok, refused = check_answers(results, 503, "overloaded")
+    ok, refused = check_answers(results, 503, "overloaded", SLOW_S)
     assert ok + refused == 200 and ok >= PENDING and refused > 0
     slowest = max(r["elapsed"] for r in results if r["status"] == 200)
-    assert slowest < 60, slowest  # the issue saw 152 s with everything queued
-    assert server.metric("loramux_tenant_requests_total", 'status="overloaded",tenant="open"') == before + refused
+    assert slowest < SLOW_S, slowest
     wait_idle(server)
+    after = server.scrape()
+
+    def grew(name: str, labels: str = "") -> float:
+        return server.metric(name, labels, text=after) - server.metric(name, labels, text=before)
+
+    # Refused at once, at admission: every refusal counted as one, and only the answered requests
+    # ever reached the engine (one queued there and refused later would end there, e.g. as an abort).
+    assert grew("loramux_tenant_requests_total", 'status="overloaded",tenant="open"') == refused
+    assert grew("loramux_requests_total") == ok
 
 
 def test_tenant_bounds_answer_429_and_leavers_free_their_places(server):
     give_up = {i: 0.3 for i in range(1, 40, 4)}  # 10 clients leave early: running or queued
     results = burst(server, FLOOD, 40, give_up)
-    ok, refused = check_answers(results, 429, "rate_limit_exceeded")
+    ok, refused = check_answers(results, 429, "rate_limit_exceeded", FAST_S)
     assert ok >= 1 and refused > 0 and ok + refused + sum(r["status"] == "gave_up" for r in results) == 40
     wait_idle(server)
     # Nothing leaked: exactly the concurrency bound plus the queue bound are all served now.

@@ -143,11 +143,23 @@ def send_traffic(server) -> dict[str, int]:
     return generated
 
 
+def wait_for_scrapes_after(prometheus: str, t: float, n: int = 3, timeout: float = 60.0) -> None:
+    """Wait until Prometheus holds `n` successful scrapes of the server that began after `t`
+    (Unix seconds), so that a series first written by the last request has samples to rate.
+    A scrape's samples are committed before its `up` sample. How soon that is depends on the
+    machine (a scrape may be late or time out under load): poll, do not sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = [(float(ts), v) for series in query(prometheus, "up[2m]") for ts, v in series["values"]]
+        if sum(ts > t and v == "1" for ts, v in samples) >= n:
+            return
+        assert time.monotonic() < deadline, f"fewer than {n} successful scrapes after the traffic: {samples[-5:]}"
+        time.sleep(0.3)
+
+
 def test_every_dashboard_query_returns_data(server, prometheus):
     generated = send_traffic(server)
-    time.sleep(4)  # a few more scrapes after the last request
-    targets = httpx.get(prometheus + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    assert [t["health"] for t in targets] == ["up"], targets
+    wait_for_scrapes_after(prometheus, time.time())
 
     empty, no_number = [], []
     for where, expr in dashboard_queries():

@@ -132,21 +132,20 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_0(long_model_dir,
         assert ready_status(srv) == (503, "full")
 
         srv.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: ready_status(srv) == (503, "draining"), 5, "/ready to say draining")
+        wait_for(lambda: ready_status(srv) == (503, "draining"), 30, "/ready to say draining")
         assert alive(srv), "liveness stays up while draining: the pod is not killed before its streams end"
 
-        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=10)
-        t0 = time.monotonic()
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(model="tiny", prompt="hi", max_tokens=5)
-        assert time.monotonic() - t0 < 2, "a new request is refused at once, not queued"
+        # Refused at once, not queued: the answer came while the stream still runs (a request
+        # queued behind the drain would be answered only after it), whatever the machine's speed.
+        assert stream.ended_at is None, "the stream ended before the refusal: it waited, or the stream is too short"
         assert refused.value.status_code == 503
         assert refused.value.response.headers["retry-after"] == "1"
         assert refused.value.body["code"] == "shutting_down"
-        refused_at = time.monotonic()
 
         stream.join(90)
-        assert stream.ended_at > refused_at, "the stream ended before the checks: make it longer"
         assert stream.done and stream.finish_reasons == ["length"]
         assert stream.tokens == stream.usage["completion_tokens"] == 2000
         assert srv.proc.wait(30) == 0, srv.log()
@@ -178,7 +177,7 @@ def test_a_second_signal_aborts_at_once(long_model_dir, tmp_path):
         stream = Stream(srv.base_url, max_tokens=CONTEXT - 16)
         assert stream.started.wait(60) and stream.ended_at is None, stream.error
         srv.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: ready_status(srv) == (503, "draining"), 5, "/ready to say draining")
+        wait_for(lambda: ready_status(srv) == (503, "draining"), 30, "/ready to say draining")
         assert stream.ended_at is None
         signalled = time.monotonic()
         srv.proc.send_signal(signal.SIGINT)

@@ -136,3 +136,49 @@ def test_tenant_bounds_answer_429_and_leavers_free_their_places(server):
     results = burst(server, FLOOD, MAX_CONCURRENT + MAX_QUEUED)
     assert [r["status"] for r in results] == [200] * (MAX_CONCURRENT + MAX_QUEUED)
     wait_idle(server)
+
+
+def test_a_full_server_refuses_before_reading_the_prompt(server):
+    """With the queue full, a request gets its 503 before its prompt is tokenised and checked: an
+    over-long prompt (a 400 once read) is refused as overloaded, and so is a chat request."""
+    wait_idle(server)
+    long_ids = [2 + i % 300 for i in range(600)]  # over the tiny model's 512 positions
+
+    async def hold(c: httpx.AsyncClient, i: int) -> None:
+        body = {"model": MODEL, "prompt": f"{i} go on", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        async with c.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {OPEN}"}) as r:
+            async for _ in r.aiter_bytes():
+                pass
+
+    def pending() -> float:
+        text = server.scrape()
+        return server.metric("loramux_requests_running", text=text) + server.metric("loramux_requests_waiting",
+                                                                                    text=text)
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        limits = httpx.Limits(max_connections=PENDING + 4, max_keepalive_connections=PENDING + 4)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits,
+                                     headers={"Authorization": f"Bearer {OPEN}"}) as c:
+            holders = [asyncio.create_task(hold(c, i)) for i in range(PENDING)]
+            try:
+                deadline = time.monotonic() + 30
+                while await asyncio.to_thread(pending) < PENDING:  # the first 4 run 480 steps: seconds
+                    assert time.monotonic() < deadline, "the holding requests never filled the queue"
+                    await asyncio.sleep(0.02)
+                completion = await c.post("/v1/completions", json={"model": MODEL, "prompt": long_ids,
+                                                                   "max_tokens": 4})
+                chat = await c.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 4})
+                return completion, chat
+            finally:
+                for task in holders:
+                    task.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    completion, chat = asyncio.run(go())
+    for r in (completion, chat):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+    wait_idle(server)
+    r = httpx.post(server.base_url + "/v1/completions", json={"model": MODEL, "prompt": long_ids, "max_tokens": 4},
+                   headers={"Authorization": f"Bearer {OPEN}"}, timeout=30)
+    assert r.status_code == 400, r.text  # the same prompt on an idle server: read, and refused for its length

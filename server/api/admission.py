@@ -90,6 +90,17 @@ class LeasedStream:
         self._lease.end(self._index, self._prompt_tokens + self._generated)
 
 
+def refuse_if_full(raw: Request, svc: Service, tenant: Tenant) -> None:
+    """503 at once, before a request's prompts are read and tokenised, when the engine's queue is
+    already full: under a burst each refusal then costs the server little more than its parsing."""
+    try:
+        svc.check_capacity(1)
+    except APIError as exc:
+        if exc.code == "overloaded":
+            raw.app.state.metrics.tenant_requests.labels(tenant.name, "overloaded").inc()
+        raise
+
+
 async def admit(raw: Request, svc: Service, tenant: Tenant, requests: list[GenerationRequest],
                 until_disconnect: Callable[[Request, Awaitable], Awaitable]) -> tuple[list[LeasedStream], Lease]:
     """Admit every generation of one HTTP request into the engine, or none (an HTTP error).

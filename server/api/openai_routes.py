@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.registry import AdapterRef
-from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers
+from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers, refuse_if_full
 from server.api.auth import tenant_of
 from server.api.errors import APIError, bad_request
 from server.api.openapi import error_responses, generation_responses
@@ -71,6 +71,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     choice = svc.resolve_choice(body, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
+    refuse_if_full(raw, svc, tenant)
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant.name)
     streams, headers = await _submit(raw, svc, tenant, requests)
@@ -121,6 +122,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                                  svc: Service = Depends(service),
                                  tenant: Tenant = Depends(tenant_of)):
     choice = svc.resolve_choice(body, tenant.name)
+    refuse_if_full(raw, svc, tenant)
     messages = [_message(m) for m in body.messages]
     prompt = await run_in_threadpool(_chat_prompt, svc, messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -18,7 +18,7 @@ import pytest
 
 from server.engine.kv_cache import BlockAllocator
 from server.engine.policies import FCFSPolicy, SchedulingPolicy, VTCPolicy
-from server.engine.request import FinishReason, GenerationRequest, SamplingParams, Sequence
+from server.engine.request import FinishReason, GenerationRequest, SamplingParams, Sequence, SeqStatus
 from server.engine.scheduler import Scheduler, SchedulerOutput
 
 W_P, W_Q = 1.0, 2.0
@@ -290,3 +290,29 @@ def test_the_default_policy_is_vtc_exactly_when_tenants_are_configured():
     for bad in (["--scheduling", "lottery"], ["--vtc-output-weight", "-1"]):
         with pytest.raises(ValueError):
             cfg(*bad)
+
+
+def test_adapters_by_status_follow_every_change_of_status():
+    """The running / waiting adapter sets the gauges name are kept incrementally: after any mix of
+    arrivals, admissions, preemptions (a KV cache too small for the load), finishes and aborts
+    they equal the sets recomputed from the queues, and `adapters_version` moves when they change."""
+    rng = random.Random(3)
+    sim = Sim(FCFSPolicy(), num_blocks=10, block_size=4, max_num_seqs=4, max_loras=8)
+    sched = sim.sched
+    seen = (set(), set(), sched.adapters_version)
+    preemptions = 0
+    for i in range(400):
+        if rng.random() < 0.5:
+            sim.add(seq(f"r{i}", "t", rng.randint(1, 6), rng.randint(2, 26), rng.choice([None, "a", "b", "c", "d"])))
+        elif rng.random() < 0.15 and (sched.waiting or sched.running):
+            sched.finish(rng.choice([*sched.waiting, *sched.running]), FinishReason.ABORT)
+        else:
+            preemptions += len(sim.step().preempted)
+        running = {a for s in sched.running for a in s.adapters}
+        waiting = {a for s in sched.waiting for a in s.adapters}
+        assert set(sched.adapters_of(SeqStatus.RUNNING)) == running
+        assert set(sched.adapters_of(SeqStatus.WAITING)) == waiting
+        if (running, waiting) != seen[:2]:
+            assert sched.adapters_version != seen[2]
+        seen = (running, waiting, sched.adapters_version)
+    assert preemptions > 0, "the test meant to cover preemptions"

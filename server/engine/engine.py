@@ -139,6 +139,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(eos, max_len)
         self.text = TextProcessor(self.tokenizer) if detokenize else None
         self._seqs: dict[str, Sequence] = {}
+        self._adapter_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # running, waiting: gauge labels
+        self._adapters_published = -1  # the scheduler's adapters_version they were made at
         self.info = EngineInfo(
             model_name=mc.served_model_name or arch.name or model_dir.name, model_dir=model_dir, arch=arch,
             dtype=dtype, device=device, max_model_len=max_len, num_blocks=num_blocks, block_size=cc.block_size,
@@ -214,16 +216,19 @@ class LLMEngine:
         self.publish_gauges()
 
     def publish_gauges(self) -> None:
-        """Hand the metrics our state; after every change of it (no tensor work: O(requests))."""
-        running, waiting = set(), set()
-        for seq in self._seqs.values():
+        """Hand the metrics our state; after every change of it (no tensor work; O(distinct
+        adapters) when the running or waiting adapters changed, else O(tenants))."""
+        sched = self.scheduler
+        if sched.adapters_version != self._adapters_published:
             # A mixture's or route's experts count as its adapters here (which adapters this pod
             # runs or will load); its per-request metric labels use the base's "" (_label).
-            (running if seq.status is SeqStatus.RUNNING else waiting).update(str(a) for a in seq.adapters)
-        self.metrics.publish(EngineState(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+            self._adapter_names = tuple(tuple(sorted(str(a) for a in sched.adapters_of(status)))
+                                        for status in (SeqStatus.RUNNING, SeqStatus.WAITING))
+            self._adapters_published = sched.adapters_version
+        self.metrics.publish(EngineState(running=sched.num_running, waiting=sched.num_waiting,
                                          kv_blocks_used=self.allocator.num_used,
-                                         running_adapters=tuple(sorted(running)),
-                                         waiting_adapters=tuple(sorted(waiting))))
+                                         running_adapters=self._adapter_names[0],
+                                         waiting_adapters=self._adapter_names[1]))
         for tenant, value in self.scheduler.policy.counters().items():
             self.metrics.tenant_vtc.labels(tenant).set(value)
 

@@ -33,8 +33,8 @@ prompt chunks + max_tokens), when KV blocks allow.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockAllocator
@@ -110,6 +110,10 @@ class Scheduler:
         self._window: list[Hashable] = []  # adapters of the last prefetch window, most wanted first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Sequences per adapter, running and waiting, kept at every change of status, so that the
+        # gauges naming them cost O(distinct adapters) when they change, not O(sequences) a step.
+        self._adapter_counts = {SeqStatus.RUNNING: Counter(), SeqStatus.WAITING: Counter()}
+        self.adapters_version = 0  # bumped whenever an adapter joins or leaves either set
         # Keep a few blocks back when admitting, so running sequences can grow a block each
         # step without immediately preempting what was just admitted.
         self.watermark = max(1, allocator.num_blocks // 100)
@@ -117,6 +121,7 @@ class Scheduler:
     # --- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        self._count(seq, SeqStatus.WAITING, 1)
         self.waiting.append(seq)
         self.policy.on_add(seq)
 
@@ -128,6 +133,7 @@ class Scheduler:
             self.waiting.remove(seq)
             self._passed_over.pop(id(seq), None)
         if seq.status is not SeqStatus.FINISHED:
+            self._count(seq, seq.status, -1)
             self.policy.on_finish(seq)
         self.allocator.free(seq)
         seq.status = SeqStatus.FINISHED
@@ -143,6 +149,21 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def adapters_of(self, status: SeqStatus) -> Iterable[Hashable]:
+        """The distinct adapters of the running (or waiting) sequences."""
+        return self._adapter_counts[status].keys()
+
+    def _count(self, seq: Sequence, status: SeqStatus, sign: int) -> None:
+        counts = self._adapter_counts[status]
+        for a in seq.adapters:
+            n = counts[a] + sign
+            if n:
+                counts[a] = n
+            else:
+                del counts[a]
+            if n == (1 if sign > 0 else 0):
+                self.adapters_version += 1
 
     def adapters_in_use(self) -> set[Hashable]:
         """Adapters that must stay resident: those of running sequences and of the prefetch window
@@ -212,6 +233,8 @@ class Scheduler:
         self.allocator.free(seq)
         seq.num_computed_tokens = 0  # recompute: prompt + output so far become its prefill
         seq.num_preemptions += 1
+        self._count(seq, SeqStatus.RUNNING, -1)
+        self._count(seq, SeqStatus.WAITING, 1)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -252,6 +275,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self._passed_over.pop(id(seq), None)
+            self._count(seq, SeqStatus.WAITING, -1)
+            self._count(seq, SeqStatus.RUNNING, 1)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._schedule_chunk(seq, n, out, adapters)

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from server.adapters import registry as registry_module
-from server.adapters.registry import AdapterRegistry
+from server.adapters.registry import AdapterRegistry, RegistryChanges
 from server.adapters.safe_files import AdapterDir
 from server.engine.core_process import RegistrySnapshot
 from server.engine.remote_adapters import RemoteAdapters
@@ -85,13 +85,15 @@ def test_a_replica_refreshed_at_random_moments_equals_the_registry(tmp_path, mon
 
 def test_an_overtaken_answer_does_not_roll_the_replica_back(tmp_path):
     registry = AdapterRegistry(ARCH, 8, [])
-    registered(tmp_path, registry, None, "a")
+    a = registered(tmp_path, registry, None, "a")
     replica = RemoteAdapters(None, RegistrySnapshot(registry.changes_since(0)), step_capacity=0)
     old = registry.changes_since(replica._generation)  # asked first, answered late
     registry.remove(None, "a")
     replica.apply(RegistrySnapshot(registry.changes_since(replica._generation)))
     replica.apply(RegistrySnapshot(old))
     assert replica.get(None, "a") is None and not replica.exists("a")
+    replica.apply(RegistrySnapshot(RegistryChanges(old.generation, True, [a])))  # a whole set, older than the replica
+    assert not replica.exists("a")
 
 
 @pytest.mark.parametrize("host,device", [(True, False), (True, True)])

@@ -42,9 +42,8 @@ class RemoteAdapters:
     def apply(self, snapshot: RegistrySnapshot) -> None:
         changes = snapshot.changes
         with self._apply_lock:
-            if not changes.full and changes.generation <= self._generation:
-                live = self._live  # nothing new, or an older answer overtaken by a newer one
-            else:
+            # An answer older than the replica (overtaken by a newer one) changes nothing.
+            if changes.generation > self._generation or (changes.full and changes.generation == self._generation):
                 # A new dict swapped in whole (readers take no lock): a reader on another thread
                 # sees the old or the new one.
                 live = {} if changes.full else dict(self._live)

@@ -300,3 +300,29 @@ def test_an_unloaded_adapters_series_are_removed(server):
     assert r.status_code == 200, r.text
     left = adapters_in(metrics_text(server))
     assert "delta" not in left and "gamma" in left
+
+
+def test_a_counted_histogram_exposes_what_one_observation_per_token_would():
+    """One step's LoRA tokens are observed as (experts, count) pairs; the exposition must be the
+    one prometheus_client's Histogram gives for the same tokens observed one by one."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from server.metrics import CountedHistogram
+
+    buckets = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+    steps = [{1: 37, 3: 5}, {1: 4, 8: 2, 40: 1}, {}, {2: 9, 6: 3, 16: 1, 32: 2}]
+    ref_registry, registry = CollectorRegistry(), CollectorRegistry()
+    ref = Histogram("x_per_token", "doc", buckets=buckets, registry=ref_registry)
+    counted = CountedHistogram("x_per_token", "doc", buckets, registry)
+    for step in steps:
+        for experts, n in step.items():
+            counted.observe(experts, n)
+            for _ in range(n):
+                ref.observe(experts)
+
+    def samples(reg) -> dict:
+        fams = families(generate_latest(reg).decode())
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fams["x_per_token"].samples
+                if not s.name.endswith("_created")}
+
+    assert samples(registry) == samples(ref_registry) and samples(registry)[("x_per_token_count", ())] == 64

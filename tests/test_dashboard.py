@@ -9,7 +9,7 @@ import re
 from prometheus_client.metrics import MetricWrapperBase
 
 from deploy_files import DASHBOARD, DEPLOY, yaml_docs
-from server.metrics import Metrics
+from server.metrics import CountedHistogram, Metrics
 
 
 # Announced by the adapter-cache work before it lands in server/metrics.py: (type, labels).
@@ -42,6 +42,8 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
             # _labelnames/_type are private but stable; the families from collect() carry
             # no label names for labelled metrics without children.
             found[value._name] = (value._type, tuple(value._labelnames))
+        elif isinstance(value, CountedHistogram):
+            found[value.name] = ("histogram", ())
     return {**PENDING_METRICS, **found}
 
 

@@ -83,6 +83,11 @@ class RegistryChanges:
     removed: list[Key] = field(default_factory=list)
 
 
+def listing_order(entries: Iterable[AdapterEntry]) -> list[AdapterEntry]:
+    """The admin listing's order: shared adapters first, then by owner, then by name."""
+    return sorted(entries, key=lambda e: (e.owner or "", e.name))
+
+
 # Removals the journal remembers beyond the live set's size, before the oldest are forgotten (a
 # replica older than them then gets the whole set again).
 _REMOVALS_KEPT = 1024
@@ -260,7 +265,7 @@ class AdapterRegistry:
     def entries(self) -> list[AdapterEntry]:
         """Every live adapter of every owner (shared first)."""
         with self._lock:
-            return sorted(self._live.values(), key=lambda e: (e.owner or "", e.name))
+            return listing_order(self._live.values())
 
     def owned(self, tenant: str) -> list[AdapterEntry]:
         with self._lock:

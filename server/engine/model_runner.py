@@ -146,11 +146,7 @@ class ModelRunner:
                 slot = keys[i]
                 if slot == base:
                     break
-                if seg_slots and seg_slots[-1] == slot:
-                    seg_lens[-1] += 1
-                else:
-                    seg_slots.append(slot)
-                    seg_lens.append(1)
+                _extend_segments(seg_lens, seg_slots, slot, 1)
             if seg_slots:
                 lora = (seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots])
         seqs = [c.seq for c in chunks]
@@ -187,11 +183,8 @@ class ModelRunner:
                 slot = slot_of[c.seq.adapter]
                 if plan is not None:
                     plan.add(slot, at, n)
-                elif seg_slots and seg_slots[-1] == slot:
-                    seg_lens[-1] += n
                 else:
-                    seg_slots.append(slot)
-                    seg_lens.append(n)
+                    _extend_segments(seg_lens, seg_slots, slot, n)
                 if is_dora[slot]:
                     dora_tokens.extend(range(at, at + n))
                     dora_slots.extend([slot] * n)
@@ -210,3 +203,12 @@ class ModelRunner:
             return ordered, self.lora.planned(step_lora.slots, plan, step_lora.slot_rank, base, dora)
         table = self.lora.segments(seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots], base)
         return ordered, self.lora.applier(step_lora.slots, table, dora)
+
+
+def _extend_segments(seg_lens: list[int], seg_slots: list[int], slot: int, n: int) -> None:
+    """Append `n` tokens of `slot` to a segment table built in slot order (one segment per run)."""
+    if seg_slots and seg_slots[-1] == slot:
+        seg_lens[-1] += n
+    else:
+        seg_slots.append(slot)
+        seg_lens.append(n)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from server.adapters.registry import AdapterEntry, AdapterRef, Key
+from server.adapters.registry import AdapterEntry, AdapterRef, Key, listing_order
 
 if TYPE_CHECKING:
     from server.engine.core_client import ProcessEngine
@@ -76,7 +76,7 @@ class RemoteAdapters:
         return sorted([*own.values(), *shared.values()], key=lambda e: (e.owner is None, e.name))
 
     def entries(self) -> list[AdapterEntry]:
-        return sorted(self._live.values(), key=lambda e: (e.owner or "", e.name))  # as the registry's
+        return listing_order(self._live.values())
 
     def exists(self, adapter: AdapterRef | str) -> bool:
         key = adapter.key if isinstance(adapter, AdapterRef) else (None, adapter)

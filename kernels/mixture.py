@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from .lora import lora_expand, lora_shrink
+from .pages import rank_keep, slot_a, slots_b_flat
 from .segments import LoraSegments
 
 
@@ -125,27 +126,29 @@ def row_weights(rows: LoraRows, x: torch.Tensor, n_slices: int, protos: torch.Te
 
 def add_lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
                   slice_offsets: Sequence[int], rows: LoraRows, protos: torch.Tensor | None = None,
-                  proto_valid: torch.Tensor | None = None, backend: str | None = None) -> None:
+                  proto_valid: torch.Tensor | None = None, backend: str | None = None,
+                  pages: torch.Tensor | None = None) -> None:
     """y[token] += sum over its rows of weight * (B A x[token]), per fused slice. In place.
 
     y [T, out_total] and x [T, in] (fp32/bf16), a [N, n_slices*R, in], b [N, out_total, R] (B
-    pre-scaled), seg: the segment table over rows (num_tokens == rows.num_rows), rows: LoraRows.
-    protos [N, n_slices, in] / proto_valid [N, n_slices]: this layer/group's prototypes, needed
-    only when rows.route is set. Rows' deltas are summed in float32 and added to y once.
+    pre-scaled), or a paged pool a [P, n_slices*u, in], b [P, out_total, u] with pages [N, R//u]
+    (kernels/pages.py), seg: the segment table over rows (num_tokens == rows.num_rows), rows:
+    LoraRows. protos [N, n_slices, in] / proto_valid [N, n_slices]: this layer/group's
+    prototypes, needed only when rows.route is set. Rows' deltas are summed in float32 and
+    added to y once.
     """
     if seg.num_tokens == 0:
         return
     if seg.num_tokens != rows.num_rows:
         raise ValueError(f"segment table over {seg.num_tokens} rows, LoraRows has {rows.num_rows}")
     n_slices = len(slice_offsets) - 1
-    r_pad = b.shape[2]
     n = rows.num_rows
     xr = x.index_select(0, rows.token)
-    h = lora_shrink(xr, a, seg, n_slices=n_slices, backend=backend)  # [n_rows, n_s*R] float32
+    h = lora_shrink(xr, a, seg, n_slices=n_slices, backend=backend, pages=pages)  # [n_rows, n_s*R] float32
     w = row_weights(rows, x, n_slices, protos, proto_valid)
-    h.view(n, -1, r_pad).mul_(w.unsqueeze(2))
+    h.view(n, n_slices, -1).mul_(w.unsqueeze(2))
     delta = torch.zeros(n, y.shape[1], dtype=torch.float32, device=y.device)
-    lora_expand(delta, h, b, seg, slice_offsets, backend=backend)
+    lora_expand(delta, h, b, seg, slice_offsets, backend=backend, pages=pages)
     if y.dtype == torch.float32:
         y.index_add_(0, rows.token, delta)
     else:  # sum a token's rows in float32, then one rounding into y
@@ -170,13 +173,17 @@ class MixTable:
 
 def add_lora_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    slice_offsets: Sequence[int], tokens: torch.Tensor, experts: torch.Tensor,
-                   weight: torch.Tensor) -> None:
+                   weight: torch.Tensor, pages: torch.Tensor | None = None,
+                   slot_ranks: torch.Tensor | None = None) -> None:
     """In place: y[t] += sum_u weight[t, u, j] * B_u,j A_u,j x[t] per slice j, for the tokens t
     (distinct rows) against all U `experts` at once.
 
     y [T, out_total], x [T, in] (fp32/bf16), a [N, n_slices*R, in], b [N, out_total, R] (B
     pre-scaled; zero past each adapter's rank), tokens [T_d] int64, experts [U] int64 slots,
-    weight [T_d, U, n_slices or 1] float32. Two GEMMs per slice group, K = U*R for the expand:
+    weight [T_d, U, n_slices or 1] float32. Paged pool (kernels/pages.py): a [P, n_slices*u, in],
+    b [P, out_total, u], pages [N, R//u] int32, and slot_ranks [N] int (each slot's adapter
+    rank, on the device): rank rows past it are masked, as the pages there name any page.
+    Two GEMMs per slice group, K = U*R for the expand:
     U x the MACs of one adapter per token, but at decode on CPU (SmolLM2-135M shapes, 32 tokens,
     top-3 of 8) it measured ~1.7x faster than the same work as 8 LoRA rows per token.
     """
@@ -185,14 +192,21 @@ def add_lora_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
         return
     n_u = experts.shape[0]
     n_s = len(slice_offsets) - 1
-    r_pad = b.shape[2]
-    a_u = a.index_select(0, experts)  # [U, n_s*R, in]
+    w = weight.unsqueeze(3)
+    if pages is None:
+        r_pad = b.shape[2]
+    else:
+        if slot_ranks is None:
+            raise ValueError("paged weights run dense need slot_ranks (each slot's adapter rank)")
+        r_pad = b.shape[2] * pages.shape[1]
+        w = w * rank_keep(slot_ranks, experts, r_pad)[None, :, None, :]  # [T_d, U, n_s|1, R]
+    a_u = slot_a(a, experts, pages, n_s)  # [U, n_s*R, in]
     xr = x.index_select(0, tokens)
     xr = xr if xr.dtype == a.dtype else xr.to(a.dtype)
     h = (xr @ a_u.view(n_u * n_s * r_pad, -1).T).float().view(n_t, n_u, n_s, r_pad)
-    h = h.mul_(weight.unsqueeze(3)).to(b.dtype)
+    h = h.mul_(w).to(b.dtype)
     # [out_total, U*R]: gathered, then moved in R-long blocks (measured faster than transposing B)
-    b_u = b.index_select(0, experts).permute(1, 0, 2).reshape(b.shape[1], n_u * r_pad)
+    b_u = slots_b_flat(b, experts, pages)
     delta = torch.empty(n_t, b.shape[1], dtype=b.dtype, device=y.device)
     for j in range(n_s):  # static: at most 3 fused slices
         lo, hi = slice_offsets[j], slice_offsets[j + 1]
@@ -202,19 +216,22 @@ def add_lora_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
 
 def add_lora_routed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     slice_offsets: Sequence[int], route: RouteTable, protos: torch.Tensor,
-                    proto_valid: torch.Tensor) -> None:
+                    proto_valid: torch.Tensor, pages: torch.Tensor | None = None,
+                    slot_ranks: torch.Tensor | None = None) -> None:
     """Dense Arrow, in place: the routed tokens of `route` against all its U experts at once,
-    weighted by arrow_weights (see add_lora_dense). protos [N, n_slices, in], proto_valid
-    [N, n_slices] bool."""
+    weighted by arrow_weights (see add_lora_dense, also for pages / slot_ranks).
+    protos [N, n_slices, in], proto_valid [N, n_slices] bool."""
     if route.tokens.shape[0]:
         add_lora_dense(y, x, a, b, slice_offsets, route.tokens, route.experts,
-                       arrow_weights(x, protos, proto_valid, route))
+                       arrow_weights(x, protos, proto_valid, route), pages, slot_ranks)
 
 
 def add_lora_mixed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   slice_offsets: Sequence[int], mix: MixTable) -> None:
-    """Dense mixtures, in place: y[t] += sum_u w[t, u] * B_u A_u x[t] (see add_lora_dense)."""
-    add_lora_dense(y, x, a, b, slice_offsets, mix.tokens, mix.experts, mix.weight)
+                   slice_offsets: Sequence[int], mix: MixTable, pages: torch.Tensor | None = None,
+                   slot_ranks: torch.Tensor | None = None) -> None:
+    """Dense mixtures, in place: y[t] += sum_u w[t, u] * B_u A_u x[t] (see add_lora_dense, also
+    for pages / slot_ranks)."""
+    add_lora_dense(y, x, a, b, slice_offsets, mix.tokens, mix.experts, mix.weight, pages, slot_ranks)
 
 
 def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, tokens: torch.Tensor,

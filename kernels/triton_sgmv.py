@@ -20,18 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .pages import check_pages
 from .segments import LoraSegments
 
 
 def _sgmv_shrink(
-    x_ptr, a_ptr, h_ptr, tiles_ptr, starts_ptr, slots_ptr, ranks_ptr,
-    K, NR, R_PAD,
-    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hn,
+    x_ptr, a_ptr, h_ptr, tiles_ptr, starts_ptr, slots_ptr, ranks_ptr, pages_ptr,
+    K, NR, R_PAD, U,
+    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hn, stride_pg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SKIP_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
 ):
-    # h[m, n] (+)= sum_k x[m, k] * a[slot, n, k] over this program's K range.
+    # h[m, n] (+)= sum_k x[m, k] * a[slot, n, k] over this program's K range
+    # (PAGED: a[pages[slot, r // U], i*U + r % U, k] for n = i*R_PAD + r).
     pid_n = tl.program_id(0)  # column block fastest: programs sharing an x tile run together
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -56,8 +58,15 @@ def _sgmv_shrink(
     k_hi = tl.minimum(k_lo + k_span, K)
     x_ptrs = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
               + (k_lo + offs_k)[None, :] * stride_xk)
-    a_ptrs = (a_ptr + slot * stride_an + offs_n.to(tl.int64)[:, None] * stride_ar
-              + (k_lo + offs_k)[None, :] * stride_ak)
+    if PAGED:
+        # each row of the tile from its own page; rows past the rank are masked (SKIP_PAD)
+        r = offs_n % R_PAD
+        page = tl.load(pages_ptr + slot * stride_pg + r // U, mask=n_in, other=0).to(tl.int64)
+        a_rows = page * stride_an + ((offs_n // R_PAD) * U + r % U).to(tl.int64) * stride_ar
+        a_ptrs = a_ptr + a_rows[:, None] + (k_lo + offs_k)[None, :] * stride_ak
+    else:
+        a_ptrs = (a_ptr + slot * stride_an + offs_n.to(tl.int64)[:, None] * stride_ar
+                  + (k_lo + offs_k)[None, :] * stride_ak)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
@@ -83,13 +92,14 @@ def _sgmv_shrink(
 
 
 def _sgmv_expand(
-    y_ptr, h_ptr, b_ptr, tiles_ptr, starts_ptr, slots_ptr, ranks_ptr,
-    R_PAD, OFF1, OFF2, OFF3, NT1, NT2,
-    stride_ym, stride_yn, stride_hm, stride_hn, stride_bn, stride_bo, stride_br,
+    y_ptr, h_ptr, b_ptr, tiles_ptr, starts_ptr, slots_ptr, ranks_ptr, pages_ptr,
+    R_PAD, U, OFF1, OFF2, OFF3, NT1, NT2,
+    stride_ym, stride_yn, stride_hm, stride_hn, stride_bn, stride_bo, stride_br, stride_pg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SKIP_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
 ):
-    # y[m, o] += sum_r h[m, s*R + r] * b[slot, o, r] for the slice s that holds column o.
+    # y[m, o] += sum_r h[m, s*R + r] * b[slot, o, r] for the slice s that holds column o
+    # (PAGED: b[pages[slot, r // U], o, r % U]).
     pid_n = tl.program_id(0)  # column tiles of all slices, back to back
     pid_t = tl.program_id(1)
     seg = tl.load(tiles_ptr + 2 * pid_t)
@@ -118,8 +128,13 @@ def _sgmv_expand(
     n_mask = offs_n < col_hi
     h_ptrs = (h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
               + (sl * R_PAD + offs_k)[None, :] * stride_hn)
-    b_ptrs = (b_ptr + slot * stride_bn + offs_n.to(tl.int64)[:, None] * stride_bo
-              + offs_k[None, :] * stride_br)
+    if PAGED:
+        # the page and the column in it are added per rank chunk (pages may lie anywhere)
+        pg_ptr = pages_ptr + slot * stride_pg
+        b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bo
+    else:
+        b_ptrs = (b_ptr + slot * stride_bn + offs_n.to(tl.int64)[:, None] * stride_bo
+                  + offs_k[None, :] * stride_br)
     # y is the bulk of the traffic: issue its load before the (short) rank loop
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = m_mask[:, None] & n_mask[None, :]
@@ -128,7 +143,13 @@ def _sgmv_expand(
     for k in range(0, k_hi, BLOCK_K):
         k_ok = (k + offs_k) < k_hi
         ht = tl.load(h_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=n_mask[:, None] & k_ok[None, :], other=0.0)
+        if PAGED:
+            r = k + offs_k
+            page = tl.load(pg_ptr + r // U, mask=k_ok, other=0).to(tl.int64)
+            bt = tl.load(b_ptrs + (page * stride_bn + (r % U) * stride_br)[None, :],
+                         mask=n_mask[:, None] & k_ok[None, :], other=0.0)
+        else:
+            bt = tl.load(b_ptrs, mask=n_mask[:, None] & k_ok[None, :], other=0.0)
         # h is rounded to the weights' dtype so bf16 weights use the bf16 matrix path
         ht = ht.to(bt.dtype)
         if DOT_FP32:
@@ -136,7 +157,8 @@ def _sgmv_expand(
             bt = bt.to(tl.float32)
         acc = tl.dot(ht, tl.trans(bt), acc, input_precision=PRECISION)
         h_ptrs += BLOCK_K * stride_hn
-        b_ptrs += BLOCK_K * stride_br
+        if not PAGED:
+            b_ptrs += BLOCK_K * stride_br
 
     tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=y_mask)
 
@@ -197,17 +219,38 @@ def expand_config(seg: LoraSegments, r_pad: int, widths: Sequence[int]) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=2)
 
 
+def _paged(pages: torch.Tensor | None, u: int, device: torch.device, seg: LoraSegments) -> tuple:
+    """(padded rank R, the kernel's pages, U and page-table stride arguments); unpaged:
+    (None, a dummy pointer, 1, 0): constants, so the kernel keeps one specialisation."""
+    if pages is None:
+        return None, seg.slots, 1, 0
+    return u * check_pages(pages, device), pages, u, pages.stride(0)
+
+
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, n_slices: int | None = None,
-                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, config: dict | None = None,
+                pages: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] (fp32/bf16/fp16), a [N, n_slices*R, in] -> h [num_tokens, n_slices*R] float32.
 
     With n_slices given, rows of a past each segment's rank are not read (h gets 0 there).
     out: optional fp32 [num_tokens, n_slices*R] buffer to write h into (every element is set).
+    pages: a paged pool (kernels/pages.py): a [P, n_slices*u, in], pages [N, R//u] int32 on a's
+    device, n_slices required; h as above with R = u * pages.shape[1]. The table is read on the
+    device only (CUDA-graph safe). config: shrink_config(seg, in, n_slices*R, ...).
     Any strides work; a unit stride on the last dim of x and a is what makes it fast.
     """
-    nt, nr, k = seg.num_tokens, a.shape[1], a.shape[2]
-    skip = n_slices is not None and seg.min_rank < nr // n_slices
-    r_pad = nr // n_slices if n_slices else nr
+    nt, k = seg.num_tokens, a.shape[2]
+    if pages is not None and not n_slices:
+        raise ValueError("a paged shrink needs n_slices")
+    u = a.shape[1] // n_slices if n_slices else 1
+    paged_r, pg, u, stride_pg = _paged(pages, u, a.device, seg)
+    if paged_r is None:
+        nr = a.shape[1]
+        skip = n_slices is not None and seg.min_rank < nr // n_slices
+        r_pad = nr // n_slices if n_slices else nr
+    else:  # rows past a segment's rank may name another adapter's page: always masked
+        r_pad, nr = paged_r, n_slices * paged_r
+        skip = seg.min_rank < r_pad
     cfg = dict(config or shrink_config(seg, k, nr, max(x.element_size(), a.element_size())))
     launch = {w: cfg.pop(w) for w in ("num_warps", "num_stages") if w in cfg}
     split = cfg["SPLIT_K"]
@@ -227,28 +270,32 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, n_slices: i
     if x.device.type == "cpu":
         launch = {}
     _kernel("shrink", x.device)[grid](
-        x, a, h, tiles, seg.starts, seg.slots, seg.ranks,
-        k, nr, r_pad,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        x, a, h, tiles, seg.starts, seg.slots, seg.ranks, pg,
+        k, nr, r_pad, u,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1), stride_pg,
         EVEN_K=even_k, SKIP_PAD=skip, PRECISION=_precision(a.dtype), DOT_FP32=INTERPRETED,
-        **cfg, **launch)
+        PAGED=pages is not None, **cfg, **launch)
     return h
 
 
 def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegments,
-                slice_offsets: Sequence[int], config: dict | None = None) -> None:
+                slice_offsets: Sequence[int], config: dict | None = None,
+                pages: torch.Tensor | None = None) -> None:
     """In place, per slice i: y[:num_tokens, off[i]:off[i+1]] +=
     h[:, i*R:i*R+rank] @ b[slot, off[i]:off[i+1], :rank]^T.
 
     y [T, out_total] (fp32/bf16/fp16), h [num_tokens, n_slices*R] fp32, b [N, out_total, R];
-    1 to 3 slices, all in one launch.
+    1 to 3 slices, all in one launch. pages: a paged pool (kernels/pages.py): b [P, out_total, u],
+    pages [N, R//u] int32 on b's device, R = u * pages.shape[1], read on the device only.
+    config: expand_config(seg, R, widths).
     """
     n_slices = len(slice_offsets) - 1
     if not 1 <= n_slices <= 3 or slice_offsets[0] != 0:
         raise ValueError(f"expected 1..3 slices starting at 0, got offsets {slice_offsets}")
     if seg.num_tokens == 0:
         return
-    r_pad = b.shape[2]
+    paged_r, pg, u, stride_pg = _paged(pages, b.shape[2], b.device, seg)
+    r_pad = b.shape[2] if paged_r is None else paged_r
     widths = [slice_offsets[i + 1] - slice_offsets[i] for i in range(n_slices)]
     cfg = dict(config or expand_config(seg, r_pad, widths))
     launch = {w: cfg.pop(w) for w in ("num_warps", "num_stages") if w in cfg}
@@ -264,7 +311,8 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
     if y.device.type == "cpu":
         launch = {}
     _kernel("expand", y.device)[grid](
-        y, h, b, tiles, seg.starts, seg.slots, seg.ranks,
-        r_pad, offs[0], offs[1], offs[2], nts[0], nts[1],
-        y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        SKIP_PAD=skip, PRECISION=_precision(b.dtype), DOT_FP32=INTERPRETED, **cfg, **launch)
+        y, h, b, tiles, seg.starts, seg.slots, seg.ranks, pg,
+        r_pad, u, offs[0], offs[1], offs[2], nts[0], nts[1],
+        y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), stride_pg,
+        SKIP_PAD=skip, PRECISION=_precision(b.dtype), DOT_FP32=INTERPRETED, PAGED=pages is not None,
+        **cfg, **launch)

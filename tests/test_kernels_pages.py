@@ -2,24 +2,23 @@
 over the same adapters in a dense slot pool.
 
 The dense pool is built first (random A/B per slot, mixed ranks, some not multiples of the page
-rank u, zero past each rank), then scattered into a paged pool: pages in random order, spare
-pages, page-table entries past an adapter's pages and the rows of its last page past its rank
-all hold large garbage (or another adapter's page), so anything read there shows up.
-CPU: reference paths, and Triton through its interpreter at tiny shapes (as tests/test_kernels.py).
+rank u, zero past each rank), then scattered into a paged pool (tests/paged_pools.py): pages in
+random order, spare pages, page-table entries past an adapter's pages and the rows of its last
+page past its rank all hold large garbage (or another adapter's page), so anything read there
+shows up. CPU: reference paths, and Triton through its interpreter at tiny shapes (as
+tests/test_kernels.py). CUDA tests (real shapes, a captured graph) need a GPU.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from mixture_scenes import SCENES, check, make as make_scene, run_ref  # noqa: E402
+from paged_pools import DTYPES, GARBAGE, Case, check_close, dense_pool, make, paginate, past_rank  # noqa: E402
 
-from kernels import (LoraSegments, add_lora, add_lora_dense, add_lora_mixed, add_lora_routed, add_lora_rows,  # noqa: E402
+from kernels import (add_lora, add_lora_dense, add_lora_mixed, add_lora_routed, add_lora_rows,  # noqa: E402
                      lora_expand, lora_shrink, reference, slot_a, slot_b)
 from kernels.pages import slots_b_flat  # noqa: E402
 from kernels.segments import fill_static, static_len, static_segments  # noqa: E402
@@ -31,26 +30,6 @@ except ImportError:  # pragma: no cover - triton missing entirely
     triton_sgmv = None
     HAVE_TRITON = False
 INTERP = HAVE_TRITON and triton_sgmv.INTERPRETED
-GARBAGE = 50.0
-
-
-@dataclass
-class Case:
-    slot_rank: list  # adapter rank of every pool slot
-    lens: list       # the step's segments: tokens per segment ...
-    slots: list      # ... and their slots (ascending)
-    u: int
-    r_pad: int
-    in_dim: int
-    widths: list
-    tail: int = 3    # base-only rows after the LoRA tokens
-
-    @property
-    def offsets(self):
-        offs = [0]
-        for w in self.widths:
-            offs.append(offs[-1] + w)
-        return tuple(offs)
 
 
 CASES = {
@@ -67,71 +46,9 @@ CASES = {
 }
 
 
-def dense_pool(case: Case, g: torch.Generator):
-    """Slot pool [N, n_s*R, in] / [N, out, R]: each slot's adapter, zero past its rank."""
-    n_s, R, N = len(case.widths), case.r_pad, len(case.slot_rank)
-    out_total = sum(case.widths)
-    a = torch.randn(N, n_s * R, case.in_dim, generator=g) / case.in_dim ** 0.5
-    b = torch.randn(N, out_total, R, generator=g)
-    for s, r in enumerate(case.slot_rank):
-        b[s] /= max(r, 1) ** 0.5
-        a.view(N, n_s, R, -1)[s, :, r:] = 0
-        b[s, :, r:] = 0
-    return a, b
-
-
-def paginate(a_d: torch.Tensor, b_d: torch.Tensor, slot_rank, n_s: int, u: int, g: torch.Generator,
-             spare: int = 3):
-    """The same adapters in a paged pool: a [P, n_s*u, in], b [P, out, u], pages [N, R//u] int32."""
-    N, _, k = a_d.shape
-    out, R = b_d.shape[1], b_d.shape[2]
-    n_pg = R // u
-    need = [math.ceil(r / u) for r in slot_rank]
-    P = sum(need) + spare
-    a = torch.randn(P, n_s * u, k, generator=g) * GARBAGE
-    b = torch.randn(P, out, u, generator=g) * GARBAGE
-    order = torch.randperm(P, generator=g).tolist()
-    pages = torch.randint(0, P, (N, n_pg), generator=g, dtype=torch.int32)  # unused entries: any page
-    for s, r in enumerate(slot_rank):
-        for j in range(need[s]):
-            p = order.pop()
-            pages[s, j] = p
-            a[p] = a_d[s].view(n_s, n_pg, u, k)[:, j].reshape(n_s * u, k)
-            b[p] = b_d[s].view(out, n_pg, u)[:, j]
-            if j == need[s] - 1 and r % u:  # rows past the rank: garbage, not the writer's zeros
-                a[p].view(n_s, u, k)[:, r % u:] = GARBAGE
-                b[p, :, r % u:] = -GARBAGE
-    return a, b, pages
-
-
-def make(case: Case, wdt, xdt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a_d, b_d = dense_pool(case, g)
-    a_p, b_p, pages = paginate(a_d, b_d, case.slot_rank, len(case.widths), case.u, g)
-    seg = LoraSegments.build(case.lens, case.slots, [case.slot_rank[s] for s in case.slots],
-                             len(case.slot_rank), "cpu")
-    x = torch.randn(seg.num_tokens + case.tail, case.in_dim, generator=g)
-    y = torch.randn(seg.num_tokens + case.tail, sum(case.widths), generator=g)
-    cw = lambda t: t.to(wdt)  # noqa: E731
-    return seg, x.to(xdt), y.to(xdt), cw(a_d), cw(b_d), cw(a_p), cw(b_p), pages
-
-
-def check_close(out, ref, y0, nt, loose):
-    assert torch.isfinite(out).all()
-    assert torch.equal(out[nt:], y0[nt:]), "base-only tail rows were modified"
-    assert (ref[:nt].double() - y0[:nt].double()).norm() > 0.1 * y0[:nt].double().norm(), "vacuous"
-    err = (out[:nt].double() - ref[:nt].double()).norm() / ref[:nt].double().norm()
-    tol = 1.5e-2 if loose else 1e-5
-    assert err < tol, f"relative error {err:.3g} >= {tol}"
-
-
-DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16)}
-
-
-def _paths(name, dt, backend, seed):
-    case = CASES[name]
+def _paths(case: Case, dt, backend, seed, device="cpu"):
     wdt, xdt = DTYPES[dt]
-    seg, x, y0, a_d, b_d, a_p, b_p, pages = make(case, wdt, xdt, seed=seed)
+    seg, x, y0, a_d, b_d, a_p, b_p, pages = make(case, wdt, xdt, seed=seed, device=device)
     y_ref, y = y0.clone(), y0.clone()
     reference.add_lora_ref(y_ref, x, a_d, b_d, seg, case.offsets)
     add_lora(y, x, a_p, b_p, seg, case.offsets, backend=backend, pages=pages)
@@ -141,8 +58,15 @@ def _paths(name, dt, backend, seed):
     h_ref = reference.lora_shrink_ref(x, a_d, seg, n_s)
     h = torch.full_like(h_ref, float("nan"))
     lora_shrink(x, a_p, seg, n_slices=n_s, backend=backend, out=h, pages=pages)
-    assert torch.equal(h[h_ref == 0], h_ref[h_ref == 0])
+    pad = past_rank(seg, n_s, case.r_pad).to(device)
+    assert torch.equal(h[pad], torch.zeros_like(h[pad]))
     assert (h - h_ref).norm() / h_ref.norm() < (1e-5 if dt == "fp32" else 1e-2)
+    # the expand alone reads neither h columns past a segment's rank nor the pages there
+    h_junk = h_ref.masked_fill(pad, GARBAGE)
+    y_ref, y = y0.clone(), y0.clone()
+    reference.lora_expand_ref(y_ref, h_ref, b_d, seg, case.offsets)
+    lora_expand(y, h_junk, b_p, seg, case.offsets, backend=backend, pages=pages)
+    check_close(y, y_ref, y0, seg.num_tokens, loose=dt == "bf16")
 
 
 # ---------------------------------------------------------------- helpers and the paged reference
@@ -184,7 +108,7 @@ def test_slot_views_of_full_pages_are_exact():
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_paged_reference_matches_dense(name, dt):
-    _paths(name, dt, "reference", seed=3)
+    _paths(CASES[name], dt, "reference", seed=3)
 
 
 def test_validation():
@@ -285,7 +209,7 @@ needs_interp = pytest.mark.skipif(not INTERP, reason="Triton interpreter not act
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_triton_interp_paged_matches_dense(name, dt):
-    _paths(name, dt, "triton", seed=7)
+    _paths(CASES[name], dt, "triton", seed=7)
 
 
 @needs_interp
@@ -341,3 +265,80 @@ def test_triton_interp_mixtures_paged(dt, mode):
                     reason="interpreter tests already ran in-process (or no triton)")
 def test_triton_interp_in_subprocess():
     rerun_in_child(__file__)  # triton was imported before this module could switch the interpreter on
+
+
+# ---------------------------------------------------------------- CUDA (real shapes, a captured graph)
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def cuda_case(in_dim, widths, lens, u, r_pad, num_slots, seed) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    slot_rank = torch.randint(1, r_pad + 1, (num_slots,), generator=g).tolist()
+    slot_rank[0] = r_pad
+    slots = sorted(torch.randperm(num_slots, generator=g)[:len(lens)].tolist())
+    return Case(slot_rank, lens, slots, u, r_pad, in_dim, widths, tail=7)
+
+
+CUDA_SHAPES = [
+    # (in, widths, lens, u, R, slots): SmolLM2-like qkv at decode; 7B qkv decode + a prefill
+    # (split-K shrink); 7B down with in=11008; gate_up with R=64 over 8-rank pages
+    (576, [576, 192, 192], [1] * 48, 4, 16, 64),
+    (4096, [4096, 1024, 1024], [1] * 16 + [300], 8, 16, 32),
+    (11008, [4096], [3, 90, 1], 16, 64, 16),
+    (576, [1536, 1536], [1] * 32, 8, 64, 64),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("idx", range(len(CUDA_SHAPES)))
+def test_cuda_paged_matches_dense(idx):
+    _paths(cuda_case(*CUDA_SHAPES[idx], seed=idx), "bf16", "triton", seed=20 + idx, device="cuda")
+
+
+@needs_cuda
+def test_cuda_graph_replays_follow_the_page_table():
+    # one captured decode graph over a persistent page table: pages, weights and table rewritten in
+    # place between replays (other adapters, other pages) and every replay matches the reference
+    case = cuda_case(576, [576, 192, 192], [1] * 12, 4, 16, 24, seed=5)
+    size, n_s, dev = 16, 3, "cuda"
+    seg, x, y0, a_d, b_d, a_p, b_p, pages = make(case, torch.bfloat16, torch.bfloat16, seed=30, device=dev)
+    table = torch.zeros(static_len(size), dtype=torch.int32, device=dev)
+    st = static_segments(table, size, len(case.slot_rank))
+    xs = torch.zeros(size, case.in_dim, dtype=torch.bfloat16, device=dev)
+    ys = torch.zeros(size, sum(case.widths), dtype=torch.bfloat16, device=dev)
+    h = torch.zeros(size, n_s * case.r_pad, device=dev)
+    shrink = triton_sgmv.shrink_config(st, case.in_dim, n_s * case.r_pad, 2)
+    expand = triton_sgmv.expand_config(st, case.r_pad, case.widths)
+
+    def step():
+        triton_sgmv.sgmv_shrink(xs, a_p, st, n_s, out=h, config=shrink, pages=pages)
+        triton_sgmv.sgmv_expand(ys, h, b_p, st, case.offsets, config=expand, pages=pages)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (30, 31):
+        seg, x, y0, a_d, b_d, a2, b2, p2 = make(case, torch.bfloat16, torch.bfloat16, seed=seed, device=dev)
+        assert a2.shape == a_p.shape  # same ranks: the same number of pages, in another order
+        a_p.copy_(a2)
+        b_p.copy_(b2)
+        pages.copy_(p2)
+        host = [0] * static_len(size)
+        fill_static(host, 0, size, case.lens, case.slots, [case.slot_rank[s] for s in case.slots])
+        table.copy_(torch.tensor(host, dtype=torch.int32))
+        nt = seg.num_tokens
+        xs[:nt].copy_(x[:nt])
+        ys.zero_()
+        ys[:nt].copy_(y0[:nt])
+        graph.replay()
+        torch.cuda.synchronize()
+        y_ref = y0.clone()
+        reference.add_lora_ref(y_ref, x, a_d, b_d, seg, case.offsets)
+        check_close(ys[:nt], y_ref[:nt], y0[:nt], nt, loose=True)
+        assert torch.equal(ys[nt:], torch.zeros_like(ys[nt:]))

@@ -76,7 +76,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments,
         num_slots = pages.shape[0]
         r_pad = a.shape[1] // n_slices * check_pages(pages, a.device)
     _check(seg, num_slots, r_pad)
-    nr = r_pad * (n_slices or 1)
+    nr = a.shape[1] if pages is None else n_slices * r_pad  # h's width
     if out is not None and (out.shape != (seg.num_tokens, nr) or out.dtype != torch.float32):
         raise ValueError(f"out must be float32 [{seg.num_tokens}, {nr}], "
                          f"got {out.dtype} {tuple(out.shape)}")

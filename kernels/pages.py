@@ -7,8 +7,10 @@ adapter of rank r takes ceil(r/u) pages anywhere in the pool instead of a rank-R
   pages [N, R//u] int32    slot s's pages in rank order; R = u * pages.shape[1]
 Rank row r of slice i of slot s lives in page p = pages[s, r // u]:
   a[p, i*u + r % u] == A_s[i*R + r],   b[p, :, r % u] == B_s[:, r].
-Entries of `pages` past an adapter's ceil(rank/u) pages name any valid page (another adapter's)
-and rows past its rank hold anything, so every consumer masks rank rows >= the adapter's rank.
+Entries of `pages` past an adapter's ceil(rank/u) pages name any valid page (e.g. 0 or another
+adapter's) and rows past its rank hold anything (finite), so every consumer masks rank rows >=
+the adapter's rank: the SGMV kernels and the reference by the segment's rank, the dense
+mixture paths (kernels/mixture.py) by a per-slot rank tensor, multiplying by 0.
 Everything here is tensor ops on the device: no host read of `pages`.
 """
 

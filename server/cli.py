@@ -135,14 +135,17 @@ FLAGS = [
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
     Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
     Flag("lora-pool-memory", "lora.lora_pool_memory", parse_bytes, "device adapter pool size: bytes or e.g. "
-         "2GiB; a step may use as many distinct adapters as it holds (slots of --max-lora-rank)"),
+         "2GiB; a step may use as many distinct adapters as their pages fit (see --lora-page-rank)"),
     Flag("max-loras", "lora.max_loras", int, "optional limit on distinct adapters in one step (default: as "
          "many as the adapter pool holds)"),
     Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
     Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
     Flag("adapter-loaders", "lora.adapter_loaders", int, "threads loading adapters (read, check, place in the "
          "pool) in parallel; default 1 on CPU, 4 on a GPU"),
-    Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served (slot size)"),
+    Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served"),
+    Flag("lora-page-rank", "lora.lora_page_rank", int, "adapter pool page rank: an adapter of rank r takes "
+         "ceil(r / it) pages; must divide --max-lora-rank (default: the LoRA backend's; triton pages, torch "
+         "does not)"),
     Flag("adapter-metric-series", "lora.adapter_metric_series", int, "adapters with series of their own on the "
          "per-adapter metrics (first come; the rest share adapter=\"(other)\"; each costs ~80 series)"),
     Flag("max-mixture-experts", "lora.max_mixture_experts", int, "most adapters in one request's `adapters` "

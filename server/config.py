@@ -58,10 +58,10 @@ class SchedulerConfig:
 class LoraConfig:
     enabled: bool = True
     adapters_dir: str | None = "adapters_store"  # scanned at start: one PEFT directory per adapter id
-    # The device adapter pool, in bytes: its slots (one adapter of rank <= max_lora_rank each) are
-    # as many as fit (at most max_cpu_loras: the pool is filled from the host cache); a step may
-    # use as many distinct adapters as the pool holds. 2 GiB: 24 rank-16 slots of an 8B model in
-    # bf16 (the old fixed 8 slots took 0.66 GiB), the whole host cache of SmolLM2-135M ones.
+    # The device adapter pool, in bytes: adapters take rank-unit pages of it (server/adapters/slots.py),
+    # at most max_cpu_loras adapters (the pool is filled from the host cache); a step may use as
+    # many distinct adapters as their pages fit. 2 GiB: 24 rank-16 adapters of an 8B model in bf16
+    # (the old fixed 8 slots took 0.66 GiB), the whole host cache of SmolLM2-135M ones.
     lora_pool_memory: int = 2 * GiB
     max_loras: int | None = None  # optional extra limit on distinct adapters in one step (None: the pool's)
     max_cpu_loras: int = 64  # adapters kept parsed in host memory (LRU)
@@ -69,7 +69,10 @@ class LoraConfig:
     # Threads that read, check and place loads (None: 1 on CPU, where the steps need the cores; 4 on
     # a GPU, whose host cores idle while it steps, so a wave of cold adapters loads in parallel).
     adapter_loaders: int | None = None
-    max_lora_rank: int = 16  # slot rank: adapters up to this rank are served (as vLLM's default)
+    max_lora_rank: int = 16  # adapters up to this rank are served (as vLLM's default)
+    # The pool's page rank: an adapter of rank r takes ceil(r / page rank) pages. None: the LoRA
+    # backend's choice (triton: 16 where it divides max_lora_rank; torch: max_lora_rank, unpaged).
+    lora_page_rank: int | None = None
     # Adapters with series of their own on the per-adapter metrics (first come); the others share
     # adapter="(other)". None: no limit (Prometheus cardinality then grows with adapters served).
     adapter_metric_series: int | None = 100

@@ -147,6 +147,9 @@ class Metrics:
                                        ["tier"], registry=r)
         self.adapter_slot_writes = Counter(p + "adapter_slot_writes", "Adapters copied into a device slot",
                                            registry=r)
+        self.adapter_pool_pages = Gauge(p + "adapter_pool_pages", "Pages of the device adapter pool, by state "
+                                        "(used | free); an adapter of rank r takes ceil(r / page rank)",
+                                        ["state"], registry=r)
         # Per tenant (tenants are declared in the tenants file: bounded cardinality).
         self.tenant_requests = Counter(p + "tenant_requests", "Requests by tenant and outcome: a finish reason, "
                                        "or rate_limited (429) / overloaded (503)", ["tenant", "status"], registry=r)

@@ -16,8 +16,8 @@ Choice = str | Mixture | Route | None  # what a request runs with: base, one ada
 
 
 def experts_engine(model_dir: Path, adapters: dict[str, Path], kv_cache_memory: int = 16 << 20,
-                   max_lora_rank: int = 16, lora_backend: str = "torch") -> LLMEngine:
-    """fp32 CPU engine serving exactly `adapters` (no store)."""
+                   max_lora_rank: int = 16, lora_backend: str = "torch", **lora) -> LLMEngine:
+    """fp32 CPU engine serving exactly `adapters` (no store); `lora`: other LoraConfig fields."""
     cfg = Config()
     cfg.model.dtype, cfg.model.device, cfg.model.num_threads = "float32", "cpu", 1
     cfg.cache.kv_cache_memory = kv_cache_memory
@@ -25,6 +25,8 @@ def experts_engine(model_dir: Path, adapters: dict[str, Path], kv_cache_memory: 
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
     cfg.lora.max_lora_rank = max_lora_rank
     cfg.lora.lora_backend = lora_backend
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
     return LLMEngine(cfg, model_dir)
 
 
@@ -83,11 +85,13 @@ def from_json(value: object) -> Choice:
 
 
 def triton_child() -> None:
-    """Entry of a child run under TRITON_INTERPRET: {model, adapters, jobs, new} as JSON on stdin,
-    the batch's tokens, logprobs and LoRA backend as one `RESULT {json}` line on stdout."""
+    """Entry of a child run under TRITON_INTERPRET: {model, adapters, jobs, new, lora (LoraConfig
+    fields, optional)} as JSON on stdin; the batch's tokens, logprobs, LoRA backend, the pool's
+    page rank and the request ids of each step as one `RESULT {json}` line on stdout."""
     case = json.load(sys.stdin)
     engine = experts_engine(Path(case["model"]), {n: Path(p) for n, p in case["adapters"].items()},
-                            lora_backend="triton")
+                            lora_backend="triton", **case.get("lora", {}))
     warm(engine, list(case["adapters"]))
-    tokens, logprobs, _ = run_batch(engine, [(from_json(c), p) for c, p in case["jobs"]], case["new"])
-    print("RESULT " + json.dumps({"tokens": tokens, "logprobs": logprobs, "lora": engine.runner.lora.name}))
+    tokens, logprobs, steps = run_batch(engine, [(from_json(c), p) for c, p in case["jobs"]], case["new"])
+    print("RESULT " + json.dumps({"tokens": tokens, "logprobs": logprobs, "lora": engine.runner.lora.name,
+                                  "page_rank": engine.adapters.pool.page_rank, "steps": [sorted(s) for s in steps]}))

@@ -164,10 +164,13 @@ def test_every_request_of_the_batch_changes_the_base_output(tiny):
             assert differs(want, plain, TINY_ABS), label
 
 
-def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_factory):
+@pytest.mark.parametrize("page_rank", [None, 4])
+def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_factory, page_rank):
     """The Triton shrink/expand kernels on a mixture's, routes' (LoRA rows) and DoRA's rows,
     through the whole engine, in a child under TRITON_INTERPRET (it must be set before triton is
-    first imported, and must not leak into other tests); first tokens only: the interpreter is slow."""
+    first imported, and must not leak into other tests); first tokens only: the interpreter is slow.
+    page_rank 4: the pool in rank-unit pages (ranks 4, 8, 16 take 1, 2, 4 pages), read by the
+    kernels and by the dense mixture / routing paths through the page table."""
     pytest.importorskip("triton")
     base_dir, dirs, batch, prompts, expected = tiny_case("llama", tiny_llama_dir, tmp_path_factory)
     # two routes over different libraries: the step routes them as LoRA rows (Triton's kernels)
@@ -176,7 +179,8 @@ def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_fact
     new = 3
     names = {"single", *MIXED, *SAME, "d-some"}
     payload = {"model": str(base_dir), "adapters": {n: str(p) for n, p in dirs.items() if n in names},
-               "jobs": [(to_json(batch[i][1]), prompts[i]) for i in picked], "new": new}
+               "jobs": [(to_json(batch[i][1]), prompts[i]) for i in picked], "new": new,
+               "lora": {"lora_page_rank": page_rank}}
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
@@ -185,7 +189,7 @@ def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_fact
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    assert got["lora"] == "triton"
+    assert got["lora"] == "triton" and got["page_rank"] == (page_rank or 16)
     assert_parity([batch[i][0] for i in picked], got["tokens"], got["logprobs"],
                   [(expected[i][0][:new], expected[i][1][:new]) for i in picked], TINY_ABS)
 

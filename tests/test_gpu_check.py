@@ -48,8 +48,8 @@ def test_smoke_run_writes_every_table(tmp_path):
     B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
     tests = res["tests"]
     assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
-    # tests/test_gpu_engine.py: 5 tests, skipped without CUDA (passed with it)
-    assert tests["passed"] + tests["skipped"] == 5, tests
+    # tests/test_gpu_engine.py: 7 tests, skipped without CUDA (passed with it)
+    assert tests["passed"] + tests["skipped"] == 7, tests
     assert (tmp_path / tests["log"]).is_file()
 
     rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}

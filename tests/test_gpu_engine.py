@@ -26,7 +26,8 @@ ADAPTERS = {
 
 
 def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str, enforce_eager: bool = False,
-               max_num_seqs: int = 128) -> LLMEngine:
+               max_num_seqs: int = 128, page_rank: int | None = None) -> LLMEngine:
+    """With max rank 64 the triton backend's pool is paged (page rank 16) unless `page_rank` is 64."""
     cfg = Config()
     cfg.model.device = "cuda"
     cfg.model.dtype = dtype
@@ -36,6 +37,7 @@ def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str, enforce_e
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
     cfg.lora.max_lora_rank = 64
+    cfg.lora.lora_page_rank = page_rank
     return LLMEngine(cfg, model_dir)
 
 
@@ -102,13 +104,16 @@ GRAPH_JOBS = [*ADAPTERS, None, "r16-all", None, "r4-qv"]
 GRAPH_NEW = [12, 9, 14, 6, 18, 10, 16, 7]
 
 
+@pytest.mark.parametrize("page_rank", [None, 64], ids=["paged", "unpaged"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_decode_graphs_and_eager_equal_peft(tiny_llama_dir, gpu_adapters, enforce_eager):
+def test_decode_graphs_and_eager_equal_peft(tiny_llama_dir, gpu_adapters, enforce_eager, page_rank):
     g = torch.Generator().manual_seed(4)
     jobs = [(n, torch.randint(2, 320, (4 + 5 * i,), generator=g).tolist()) for i, n in enumerate(GRAPH_JOBS)]
     expected = [peft_greedy(tiny_llama_dir, gpu_adapters[a] if a else None, p, n)[0]
                 for (a, p), n in zip(jobs, GRAPH_NEW)]
-    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "float32", enforce_eager=enforce_eager, max_num_seqs=12)
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "float32", enforce_eager=enforce_eager, max_num_seqs=12,
+                        page_rank=page_rank)
+    assert engine.adapters.pool.paged == (page_rank is None)
     runner = engine.runner
     assert (runner.graphs is None) == enforce_eager
     assert run(engine, jobs, GRAPH_NEW) == expected

@@ -7,6 +7,10 @@ register / run / unregister churn. References come from PEFT, never from this se
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,7 +156,7 @@ def test_activate_never_evicts_an_adapter_of_the_step(tiny_llama_dir, many_adapt
         assert len(set(placed.values())) == len(step)
         for n in step:  # every adapter of the step is in its slot, intact
             assert _slot_holds(slots, placed[n], w[n]), (step, n)
-    with pytest.raises(ValueError, match="only 3 slots"):
+    with pytest.raises(ValueError, match="has 3 slots"):
         slots.activate({n: w[n] for n in ("m0", "m1", "m2", "m3")})
 
 
@@ -190,3 +194,29 @@ def test_no_pool_slot_leaks_after_churn(tiny_llama_dir, many_adapters, tmp_path)
     tokens, _ = greedy_with_logprobs(engine, [("again", [9, 9, 9])], NEW)
     assert tokens[0] == peft_greedy(tiny_llama_dir, src[0], [9, 9, 9], NEW)[0]
     assert manager.pool_resident == 1
+
+
+def test_rank_unit_pages_fit_more_adapters_in_one_step_equal_peft(tiny_llama_dir, many_adapters):
+    """The Triton backend's paged pool (under the interpreter, in a child): a pool of the bytes of
+    6 rank-32 slots, in pages of rank 4, serves 12 adapters of ranks 1..32 in one step (their 34
+    pages fit; 12 rank-32 slots would not), each token equal to PEFT running its adapter alone."""
+    pytest.importorskip("triton")
+    twelve = dict(list(many_adapters.items())[:12])
+    jobs = [(name, [5 + i, 6, 7]) for i, name in enumerate(twelve)]
+    new = 2
+    payload = {"model": str(tiny_llama_dir), "adapters": {n: str(p) for n, p in twelve.items()},
+               "jobs": jobs, "new": new,
+               "lora": {"max_lora_rank": max(RANKS), "lora_page_rank": 4,
+                        "lora_pool_memory": 6 * one_slot(tiny_llama_dir)}}
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", "import experts_runs; experts_runs.triton_child()"],
+                       input=json.dumps(payload), env=env, cwd=tests.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert got["lora"] == "triton" and got["page_rank"] == 4
+    assert max(len(step) for step in got["steps"]) == len(jobs)  # all twelve in one step
+    for (name, prompt), tokens in zip(jobs, got["tokens"]):
+        assert tokens == peft_greedy(tiny_llama_dir, twelve[name], prompt, new)[0], name

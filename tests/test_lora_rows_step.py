@@ -45,7 +45,8 @@ def step_for(scene: Scene, chunks, dora_slots=(), dtype=torch.float32, seed=0):
         layer_a={"qkv": [t0.a]}, layer_b={"qkv": [t0.b]}, offsets={"qkv": scene.offsets},
         layer_proto={"qkv": [t0.protos]}, layer_proto_valid={"qkv": [t0.valid]}, layer_dora={"qkv": [dora]},
         slot_dora=[s in dora_slots for s in range(scene.num_slots)], groups={"qkv": ("q", "k", "v")},
-        slot_groups=[frozenset({"qkv"}) if s in scene.ranks else frozenset() for s in range(scene.num_slots)])
+        slot_groups=[frozenset({"qkv"}) if s in scene.ranks else frozenset() for s in range(scene.num_slots)],
+        pages=None, ranks=None)  # an unpaged pool (paged ones: tests/test_kernels_pages.py)
     rank = [scene.ranks.get(s, 0) for s in range(scene.num_slots)]
     used = {s for s in scene.ranks}
     step_lora = StepLora({REFS[s]: s for s in used}, rank, scene.num_slots, slots)

@@ -202,3 +202,67 @@ def test_a_long_queue_of_cold_adapters_costs_a_bounded_scan_per_step():
     sim.step()
     assert len(calls) <= sim.sched.prefetch_window + 8 + 2
     assert len(res.loading) == sim.sched.prefetch_window
+
+
+class PagedResidency(FakeResidency):
+    """Adapters of rank-unit pages: `pages[ref]` pool pages each (1 if not named)."""
+
+    def __init__(self, pages: dict[str, int], **kw):
+        super().__init__(**kw)
+        self.pages = pages
+
+    def pages_of(self, ref):
+        return self.pages.get(ref, 1)
+
+
+def paged_sim(res: PagedResidency, max_lora_pages: int, **kw) -> ResidencySim:
+    sim = ResidencySim(FCFSPolicy(), res, **kw)
+    sim.sched.max_lora_pages = max_lora_pages
+    return sim
+
+
+def step_pages(res: PagedResidency, out) -> int:
+    return sum(res.pages_of(a) for a in {c.seq.adapter for c in out.chunks} if a is not None)
+
+
+def test_a_step_takes_adapters_by_their_pages():
+    """6 pages: small adapters (1 page) fill a step far past what rank-16 ones (4 pages) would; no
+    step's adapters ever take more than the pool's pages."""
+    small = [f"s{i}" for i in range(8)]
+    res = PagedResidency({"b1": 4, "b2": 4}, capacity=16, resident=[*small, "b1", "b2"])
+    sim = paged_sim(res, 6, max_num_seqs=16, max_loras=16)
+    sim.add(*(seq(f"r-{a}", "t", 4, adapter=a) for a in ["b1", "b2", *small]))
+    widest = 0
+    while sim.sched.has_work():
+        out = sim.step()
+        assert step_pages(res, out) <= 6
+        widest = max(widest, len({c.seq.adapter for c in out.chunks}))
+    assert widest >= 6 - 4 + 1 and len(sim.finished) == 10  # b1 with two small ones, then six small ones
+    assert sim.admitted.index("r-b2") > 0  # b2 waited: b1 and b2 together take 8 pages
+
+
+def test_a_large_adapter_is_not_starved_by_small_ones_that_keep_arriving():
+    """A rank-16 adapter (4 pages of 6) waits while small adapters keep the step's pages taken
+    (each admitted at once, so the running set never frees 4 pages by itself): the overdue rule
+    admits it within max_wait_steps + S steps; without the rule it starves (checked)."""
+
+    def run(max_wait_steps: int, steps: int) -> int | None:
+        res = PagedResidency({"big": 4}, capacity=16, resident=["big", *(f"s{i}" for i in range(3))])
+        sim = paged_sim(res, 6, max_num_seqs=64, max_loras=64)
+        sim.sched.max_wait_steps = max_wait_steps
+        for i in range(3):
+            sim.add(seq(f"s{i}-0", "t", 4, adapter=f"s{i}"))
+        sim.step()
+        sim.add(seq("big", "t", 4, adapter="big"))
+        for t in range(steps):
+            sim.add(*(seq(f"s{i}-{t + 1}", "t", 4, adapter=f"s{i}") for i in range(3)))
+            out = sim.step()
+            assert step_pages(res, out) <= 6
+            if "big" in sim.admitted:
+                return t + 1
+        return None
+
+    n, s = 8, 1 + (4 - 1)  # the bound's N, and a running request's most remaining steps
+    waited = run(n, 200)
+    assert waited is not None and waited <= n + s + 1, waited
+    assert run(10**9, 200) is None

@@ -120,6 +120,11 @@ class HostAdapterCache:
         under the GIL, while the engine thread may be changing the LRU)."""
         return list(self._resident)
 
+    def rank_of(self, ref: AdapterRef) -> int | None:
+        """The rank of `ref` if it is in the cache (its LRU place unchanged), else None."""
+        adapter = self._resident.get(ref)
+        return None if adapter is None else adapter.rank
+
     def is_loading(self, ref: AdapterRef) -> bool:
         return ref in self._loading
 

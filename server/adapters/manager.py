@@ -68,10 +68,12 @@ class AdapterManager:
 
     def __init__(self, cfg: LoraConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
                  metrics: Metrics, on_loaded: Callable[[], None] | None = None, *,
-                 reserved_names: Iterable[str] = (), base_weight: BaseWeight | None = None):
+                 reserved_names: Iterable[str] = (), base_weight: BaseWeight | None = None,
+                 page_rank: int | None = None):
         """`reserved_names`: ids no adapter may take (the base model's served name). `base_weight`:
         (layer, PEFT module) -> the base model's W [out, in] (server.model.loading.base_linear_weight);
-        without it DoRA adapters fail to load."""
+        without it DoRA adapters fail to load. `page_rank`: the pool's page rank (the LoRA
+        backend's choice; default --max-lora-rank, unpaged)."""
         self._base_weight = base_weight
         roots = [Path(cfg.adapters_dir)] if cfg.adapters_dir else []
         roots += [Path(p) for p in cfg.allowed_adapter_roots]
@@ -89,7 +91,7 @@ class AdapterManager:
         lora_dtype = pool_dtype(cfg.lora_dtype, dtype, device)
         # The pool is filled from the host cache, so it never needs more slots than that holds.
         self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
-                                      max_slots=max(1, cfg.max_cpu_loras))
+                                      max_slots=max(1, cfg.max_cpu_loras), page_rank=page_rank)
         # Loads are written into the pool by the loader thread (on CPU in place; on a GPU copied on a
         # stream of their own, overlapped with the steps): a step activates them without a copy.
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
@@ -99,9 +101,10 @@ class AdapterManager:
         self._users: Counter[AdapterRef] = Counter()  # engine thread: requests holding each version
         self._upload_lock = threading.Lock()  # quota check + commit of one upload at a time
         entries = self._registry.entries()
-        log.info("adapters: %d registered (%s); device pool %d slots x rank %d (%.0f MiB), up to %d distinct "
-                 "adapters per step; host cache %d adapters", len(entries), ", ".join(str(e.ref) for e in entries[:8]),
-                 self._slots.num_slots, cfg.max_lora_rank, self._slots.nbytes / 2**20, self.step_capacity,
+        log.info("adapters: %d registered (%s); device pool %d slots, %d pages of rank %d (%.0f MiB), up to %d "
+                 "distinct adapters of rank %d per step; host cache %d adapters", len(entries),
+                 ", ".join(str(e.ref) for e in entries[:8]), self._slots.num_slots, self._slots.num_pages,
+                 self._slots.page_rank, self._slots.nbytes / 2**20, self.step_capacity, cfg.max_lora_rank,
                  cfg.max_cpu_loras)
 
     # --- lookups (any thread) ------------------------------------------------------------------
@@ -259,22 +262,38 @@ class AdapterManager:
         """Take in finished loads (see HostAdapterCache.poll); returns the failed ones."""
         return self._cache.poll(in_use)
 
+    def pages_of(self, ref: AdapterRef) -> int:
+        """Pool pages `ref` takes in a step (exact once it is in the host cache; else its
+        worst case, rank --max-lora-rank)."""
+        return self._slots.pages_for(self._cache.rank_of(ref) or self._slots.max_rank)
+
     def activate(self, refs: Iterable[AdapterRef]) -> StepLora:
-        """Place one step's adapters (at most step_capacity, all resident in the host cache) in the
-        device pool; those not in it yet are copied in from the host cache."""
+        """Place one step's adapters (all resident in the host cache, within `step_limit` and
+        `step_pages`) in the device pool; those not in it yet are copied in from the host cache."""
         refs = sorted(refs, key=lambda r: (r.owner or "", r.name))
-        if len(refs) > self.step_capacity:
-            raise ValueError(f"{len(refs)} adapters in one step; at most {self.step_capacity}")
+        if len(refs) > self.step_limit:
+            raise ValueError(f"{len(refs)} adapters in one step; at most {self.step_limit}")
         weights = {ref: self._cache.get(ref) for ref in refs}  # also keeps them recent in the host LRU
         slot_of = self._slots.activate(weights)
         return StepLora(slot_of, self._slots.slot_rank, self._slots.num_slots, self._slots)
 
     @property
-    def step_capacity(self) -> int:
-        """Distinct adapters one step may use: what the pool holds, under --max-loras if set
-        (the scheduler's per-step adapter budget)."""
+    def step_limit(self) -> int:
+        """Distinct adapters one step may use, whatever their ranks: the pool's slots, under
+        --max-loras if set (the scheduler's per-step count; its pages are `step_pages`)."""
         n = self._slots.num_slots
         return n if self._step_limit is None else max(1, min(n, self._step_limit))
+
+    @property
+    def step_pages(self) -> int:
+        """Pool pages one step's adapters may take together (the scheduler's per-step page budget)."""
+        return self._slots.num_pages
+
+    @property
+    def step_capacity(self) -> int:
+        """Distinct adapters of rank --max-lora-rank one step can always use: the bound a request's
+        mixture or route is checked against (smaller adapters take fewer pages, so more fit)."""
+        return max(1, min(self.step_limit, self._slots.num_pages * self._slots.page_rank // self._slots.max_rank))
 
     @property
     def pool(self) -> LoraSlots:
@@ -288,8 +307,8 @@ class AdapterManager:
 
     @property
     def slot_nbytes(self) -> int:
-        """Device bytes of one adapter slot (all layers, at --max-lora-rank)."""
-        return self._slots.nbytes // self._slots.num_slots
+        """Device bytes of one adapter of rank --max-lora-rank in the pool (its slot and pages)."""
+        return self._slots.adapter_nbytes
 
     def num_users(self, ref: AdapterRef) -> int:
         return self._users[ref]

@@ -1,32 +1,41 @@
-"""The device tier: a pool of adapter slots sized in bytes (read by the LoRA backend).
+"""The device tier: a pool of adapter weights in rank-unit pages, sized in bytes (read by the LoRA backend).
 
-Per layer and per fused projection group the pool holds
-    a [num_layers, N, n_slices * R, in]   (each slice's lora_A, zero-padded to rank R)
-    b [num_layers, N, out_total, R]       (slices' lora_B * scale, concatenated along out)
+An adapter in the pool has a *slot* (a handle: its per-adapter tensors below) and rank-unit
+*pages* holding its weights: with page rank u, an adapter of rank r takes ceil(r / u) pages,
+anywhere in the pool (S-LoRA's unified paging, for adapter weights), so a rank-4 adapter no
+longer takes the bytes of a rank-R one. Per layer and per fused projection group:
+    a [num_layers, P, n_slices * u, in]   (page p, rows i*u + c: slice i's lora_A row j*u + c of
+                                           the adapter whose j-th page p is)
+    b [num_layers, P, out_total, u]       (slices' lora_B * scale, concatenated along out)
     proto [num_layers, N, n_slices, in]   (each slice's Arrow routing prototype; zero if not adapted)
     proto_valid [num_layers, N, n_slices] (bool: the slot's adapter adapts that slice)
     dora [num_layers, N, out_total]       (float32 DoRA rescale g; 1.0 where not DoRA / not adapted)
-so one LoRA kernel call serves every token of every adapter in one call per projection,
-and the fused qkv / gate_up GEMMs keep their LoRA as one shrink + one expand launch.
-Which PEFT modules stack into which group is the model's (`ModelArch.lora_groups`, from the
-family registry): q/k/v are three slices of `qkv`, a fused `qkv_proj` is one.
+and `pages` [N, R / u] int32 on the device: slot s's j-th page (entries past its adapter's pages
+hold page 0; the kernels never read past a segment's rank). The LoRA kernels take the page table
+with the pool (kernels/lora.py `pages=`), so one kernel call per projection serves every token
+of every adapter, and the fused qkv / gate_up GEMMs keep one shrink + one expand launch.
+With u = R (the torch backend, whose CPU kernels run over the pool as a view, and any pool
+whose --max-lora-rank is the page rank) slot s's one page is page s and `pages` is None:
+the layout is the plain slot pool [L, N, n*R, in]. Which PEFT modules stack into which group is
+the model's (`ModelArch.lora_groups`, from the family registry).
 
-N comes from the byte budget (`LoraSlots.sized`), so a step may use as many distinct adapters
-as the pool holds; R is --max-lora-rank for every slot (a rank-4 adapter still takes a
-rank-R slot: rank-unit pages are the next step). A slot is (re)written only when an adapter
-that is not resident is needed by a step; the victim is the least recently used adapter the
-step does not use. The tensors are allocated empty: a slot is zeroed when first written, so
-on CPU the pool's untouched slots take no memory.
+N and P come from the byte budget (`LoraSlots.sized`): one slot per page (worst case: every
+adapter of rank <= u), so a step may use as many distinct adapters as their pages fit. A slot
+is (re)written only when an adapter that is not resident is needed by a step; the victims are
+the least recently used adapters the step does not use, until a slot and enough pages are free.
+The tensors are allocated empty: pages are zeroed when first written, so on CPU the pool's
+untouched pages take no memory.
 
-The host cache's loader thread writes each adapter it loads straight into a slot
-(`write_in_place`: a free one, else the least recently used adapter that no step and no kept
-request uses), so activating it is a lookup, not a copy. On CPU, where the pool and the host
-cache are the same memory, that is the whole story. On a GPU the write is the host -> device
+The host cache's loader thread writes each adapter it loads straight into the pool
+(`write_in_place`: free pages, else those of the least recently used adapters that no step and
+no kept request uses), so activating it is a lookup, not a copy. On CPU, where the pool and the
+host cache are the same memory, that is the whole story. On a GPU the write is the host -> device
 copy: it runs on a CUDA stream of its own, overlapped with the steps on the compute stream, and
-the loader thread waits for it (the engine never does) before the slot counts as resident, so a
-step launched afterwards reads finished weights. The engine thread's `activate` and a loader's `write_in_place` share the bookkeeping
-under one lock; a slot being written is neither free nor resident, and a step that needs every
-slot while one is being written waits for that write (one adapter, ~10 ms).
+the loader thread waits for it (the engine never does) before the adapter counts as resident, so
+a step launched afterwards reads finished weights. The engine thread's `activate` and a loader's
+`write_in_place` share the bookkeeping under one lock; pages being written are neither free nor
+resident, and a step that needs them while they are being written waits for that write (one
+adapter, ~10 ms).
 """
 
 from __future__ import annotations
@@ -55,30 +64,63 @@ def _group_shapes(arch: ModelArch) -> dict[str, tuple[int, int, int]]:
 
 class LoraSlots:
     @staticmethod
-    def slot_nbytes(arch: ModelArch, max_rank: int, dtype: torch.dtype) -> int:
-        """Bytes of one slot: every layer's A and B of every group at rank `max_rank`, its routing
-        prototypes (in `dtype`) and flags, and its DoRA rescale (float32)."""
+    def page_nbytes(arch: ModelArch, page_rank: int, dtype: torch.dtype) -> int:
+        """Bytes of one page: every layer's A and B of every group at rank `page_rank`."""
         esz = torch.empty((), dtype=dtype).element_size()
-        per_layer = sum((n * max_rank * i + o * max_rank + n * i) * esz + n + o * 4
-                        for n, i, o in _group_shapes(arch).values())
-        return arch.num_layers * per_layer
+        return arch.num_layers * sum((n * i + o) * page_rank * esz for n, i, o in _group_shapes(arch).values())
+
+    @staticmethod
+    def handle_nbytes(arch: ModelArch, dtype: torch.dtype, pages_per_slot: int = 1) -> int:
+        """Bytes of one slot's own tensors: its routing prototypes (in `dtype`) and their flags, and
+        its DoRA rescale (float32), every layer and group; paged (`pages_per_slot` > 1), its row
+        of the page table and its rank (int32)."""
+        esz = torch.empty((), dtype=dtype).element_size()
+        paged = 4 * (pages_per_slot + 1) if pages_per_slot > 1 else 0
+        return paged + arch.num_layers * sum(n * i * esz + n + o * 4 for n, i, o in _group_shapes(arch).values())
+
+    @classmethod
+    def slot_nbytes(cls, arch: ModelArch, max_rank: int, dtype: torch.dtype) -> int:
+        """Bytes of one adapter of rank `max_rank`: its slot and its pages."""
+        return cls.page_nbytes(arch, max_rank, dtype) + cls.handle_nbytes(arch, dtype)
 
     @classmethod
     def sized(cls, arch: ModelArch, pool_bytes: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-              metrics: Metrics, max_slots: int) -> "LoraSlots":
-        """As many slots as `pool_bytes` holds, at most `max_slots`; ValueError if not even one."""
-        one = cls.slot_nbytes(arch, max_rank, dtype)
-        if pool_bytes < one:
+              metrics: Metrics, max_slots: int, page_rank: int | None = None) -> "LoraSlots":
+        """The pool `pool_bytes` holds: one slot per page of rank `page_rank` (default `max_rank`:
+        unpaged), at most `max_slots` slots, and no more pages than those slots fill at rank
+        `max_rank`; always room for one adapter of rank `max_rank`. ValueError if not even that."""
+        u = page_rank or max_rank
+        if u <= 0 or max_rank % u:
+            raise ValueError(f"the page rank {u} must divide --max-lora-rank {max_rank}")
+        per = max_rank // u
+        page, handle = cls.page_nbytes(arch, u, dtype), cls.handle_nbytes(arch, dtype, per)
+        full = per * page + handle
+        if pool_bytes < full:
             raise ValueError(f"--lora-pool-memory {pool_bytes} bytes holds no adapter: one of rank {max_rank} "
-                             f"takes {one} bytes ({one / 2**20:.1f} MiB) in {dtype}")
-        return cls(arch, max(1, min(pool_bytes // one, max_slots)), max_rank, dtype, device, metrics)
+                             f"takes {full} bytes ({full / 2**20:.1f} MiB) in {dtype}")
+        slots = max(1, min(pool_bytes // (page + handle), (pool_bytes - per * page) // handle, max_slots))
+        pages = min(slots * per, (pool_bytes - slots * handle) // page)
+        return cls(arch, slots, max_rank, dtype, device, metrics, page_rank=u, num_pages=pages)
 
     def __init__(self, arch: ModelArch, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, metrics: Metrics):
+                 device: torch.device, metrics: Metrics, *, page_rank: int | None = None,
+                 num_pages: int | None = None):
+        """`page_rank` (default `max_rank`, unpaged) must divide `max_rank`; `num_pages` (default:
+        every slot at rank `max_rank`) must equal `num_slots` when unpaged."""
+        u = page_rank or max_rank
+        per = max_rank // u
+        P = num_slots * per if num_pages is None else num_pages
+        if max_rank % u or P < per or (per == 1 and P != num_slots):
+            raise ValueError(f"pool of {num_slots} slots, {P} pages of rank {u}: invalid for rank {max_rank}")
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.page_rank = u
+        self.num_pages = P
+        self.paged = per > 1
+        self.adapter_nbytes = self.slot_nbytes(arch, max_rank, dtype)  # one adapter of rank max_rank
         self.metrics = metrics
-        L, N, R = arch.num_layers, num_slots, max_rank
+        self.device = device
+        L, N = arch.num_layers, num_slots
         self.groups = arch.lora_groups  # pool group (the model's fused linear) -> PEFT modules, output order
         self._slice_of = {m: (g, i) for g, modules in self.groups.items() for i, m in enumerate(modules)}
         self.a: dict[str, torch.Tensor] = {}
@@ -90,8 +132,8 @@ class LoraSlots:
         for group, modules in self.groups.items():
             in_features = arch.linear_shape(modules[0])[0]
             outs = [arch.linear_shape(m)[1] for m in modules]
-            self.a[group] = torch.empty(L, N, len(modules) * R, in_features, dtype=dtype, device=device)
-            self.b[group] = torch.empty(L, N, sum(outs), R, dtype=dtype, device=device)
+            self.a[group] = torch.empty(L, P, len(modules) * u, in_features, dtype=dtype, device=device)
+            self.b[group] = torch.empty(L, P, sum(outs), u, dtype=dtype, device=device)
             self.proto[group] = torch.empty(L, N, len(modules), in_features, dtype=dtype, device=device)
             self.proto_valid[group] = torch.empty(L, N, len(modules), dtype=torch.bool, device=device)
             self.dora[group] = torch.empty(L, N, sum(outs), dtype=torch.float32, device=device)
@@ -99,6 +141,12 @@ class LoraSlots:
             for o in outs:
                 offsets.append(offsets[-1] + o)
             self.offsets[group] = tuple(offsets)
+        # The page table the kernels read (None unpaged: slot s's page is s). Rows are rewritten
+        # with their slot; entries past an adapter's pages stay a valid page (0), never read.
+        self.pages = torch.zeros(N, per, dtype=torch.int32, device=device) if self.paged else None
+        # each slot's adapter rank on the device (None unpaged): the dense mixture paths mask by it,
+        # having no segment rank (unpaged, B is zero past the rank instead)
+        self.ranks = torch.zeros(N, dtype=torch.int32, device=device) if self.paged else None
         # Per-layer views, made once: the hot path indexes lists, it builds no tensors.
         self.layer_a = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.layer_b = {g: list(t.unbind(0)) for g, t in self.b.items()}
@@ -107,6 +155,8 @@ class LoraSlots:
         self.layer_dora = {g: list(t.unbind(0)) for g, t in self.dora.items()}  # [N, out_total]
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
         self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
+        self._free_pages = list(range(P - 1, -1, -1)) if self.paged else []
+        self._pages_of: list[tuple[int, ...]] = [()] * N  # host: each slot's pages, in rank order
         self.slot_rank = [0] * N
         self.slot_dora = [False] * N  # host: the slot's adapter is DoRA (its tokens need the rescale)
         # host: the groups the slot's adapter adapts; a step none of whose slots adapts a group
@@ -122,11 +172,23 @@ class LoraSlots:
         # recorded on the compute stream at each activate: the steps before it, which may still be
         # running (a step that samples nothing never waits for the GPU), may read any slot
         self._stepped = torch.cuda.Event() if self._copy_stream is not None else None
+        self._publish()
+
+    def _publish(self) -> None:
+        """Under the lock: the pool's gauges (pages being written count as used)."""
+        free = len(self._free_pages) if self.paged else len(self._free)
+        self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+        self.metrics.adapter_pool_pages.labels("used").set(self.num_pages - free)
+        self.metrics.adapter_pool_pages.labels("free").set(free)
+
+    def pages_for(self, rank: int) -> int:
+        """Pages an adapter of `rank` takes."""
+        return max(1, -(-rank // self.page_rank))
 
     @property
     def nbytes(self) -> int:
         tensors = (*self.a.values(), *self.b.values(), *self.proto.values(), *self.proto_valid.values(),
-                   *self.dora.values())
+                   *self.dora.values(), *(() if self.pages is None else (self.pages, self.ranks)))
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -134,10 +196,13 @@ class LoraSlots:
         return len(self._slot_of)
 
     def activate(self, adapters: Mapping[Hashable, LoraAdapter]) -> dict[Hashable, int]:
-        """Make every adapter of this step resident (at most `num_slots` of them) -> name: slot.
-        Cost: O(adapters of the step) plus one slot write per adapter not yet resident."""
-        if len(adapters) > self.num_slots:
-            raise ValueError(f"{len(adapters)} adapters in one step but only {self.num_slots} slots")
+        """Make every adapter of this step resident (at most `num_slots` of them, their pages at
+        most `num_pages`) -> name: slot. Cost: O(adapters of the step) plus one write per adapter
+        not yet resident."""
+        need = {name: self.pages_for(adapter.rank) for name, adapter in adapters.items()}
+        if len(adapters) > self.num_slots or sum(need.values()) > self.num_pages:
+            raise ValueError(f"{len(adapters)} adapters of {sum(need.values())} pages in one step but the pool "
+                             f"has {self.num_slots} slots, {self.num_pages} pages")
         with self._lock:
             self._step = frozenset(adapters)  # from now on no loader writes over them
             if self._stepped is not None:
@@ -148,14 +213,14 @@ class LoraSlots:
             for name, adapter in adapters.items():
                 if name in self._slot_of:
                     continue
-                slot = self._take(self._step)
-                while slot is None:  # every other slot is being written by a loader: wait for it
-                    assert self._writing, "no slot for an adapter of the step"
+                slot = self._take(self._step, need[name])
+                while slot is None:  # the rest of the pool is being written by a loader: wait for it
+                    assert self._writing, "no room for an adapter of the step"
                     self._lock.wait()
-                    slot = self._take(self._step)
+                    slot = self._take(self._step, need[name])
                 self._write(slot, adapter)
                 self._slot_of[name] = slot
-            self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+            self._publish()
             return {name: self._slot_of[name] for name in adapters}
 
     def protect(self, names: Iterable[Hashable]) -> None:
@@ -165,13 +230,13 @@ class LoraSlots:
             self._kept = frozenset(names)
 
     def write_in_place(self, name: Hashable, adapter: LoraAdapter) -> bool:
-        """Any thread (the host cache's loader, or an admin load): make `adapter` resident as `name` now, in a
-        free slot or over the least recently used adapter that is neither in the last step nor
-        protected. False (nothing written) when every slot is in use: `activate` copies it later."""
+        """Any thread (the host cache's loader, or an admin load): make `adapter` resident as `name` now, in
+        free pages or over the least recently used adapters that are neither in the last step nor
+        protected. False (nothing written) when the pool is in use: `activate` copies it later."""
         with self._lock:
             if name in self._slot_of:
                 return True
-            slot = self._take(self._step | self._kept)
+            slot = self._take(self._step | self._kept, self.pages_for(adapter.rank))
             if slot is None:
                 return False
             if self._copy_stream is not None:  # the slot's last reader may be a step still on the GPU
@@ -186,26 +251,39 @@ class LoraSlots:
         else:
             with self._lock:
                 self._slot_of[name] = slot
-                self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+                self._publish()
             return True
         finally:
             with self._lock:
                 self._writing -= 1
                 self._lock.notify_all()
 
-    def _take(self, busy: frozenset[Hashable]) -> int | None:
-        """Under the lock: a free slot, else the slot of the least recently used adapter not in
-        `busy` (evicted); None if there is neither."""
-        if self._free:
-            return self._free.pop()
-        victim = next((n for n in self._slot_of if n not in busy), None)
-        if victim is None:
+    def _take(self, busy: frozenset[Hashable], need: int) -> int | None:
+        """Under the lock: a free slot holding `need` free pages (`_pages_of`), evicting the least
+        recently used adapters not in `busy` until there are; None, and nothing evicted, if even
+        evicting all of those would not make room."""
+        slots, pages = len(self._free), len(self._free_pages) if self.paged else len(self._free)
+        victims = []
+        for name, slot in self._slot_of.items():  # least recently used first
+            if slots and pages >= need:
+                break
+            if name not in busy:
+                victims.append(name)
+                slots, pages = slots + 1, pages + len(self._pages_of[slot])
+        if not slots or pages < need:
             return None
-        self.metrics.adapter_evictions.labels("device").inc()
-        return self._slot_of.pop(victim)
+        for name in victims:
+            self.metrics.adapter_evictions.labels("device").inc()
+            self._release(self._slot_of.pop(name))
+        slot = self._free.pop()
+        self._pages_of[slot] = tuple(self._free_pages.pop() for _ in range(need)) if self.paged else (slot,)
+        return slot
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
+        if self.paged:
+            self._free_pages.extend(self._pages_of[slot])
+        self._pages_of[slot] = ()
         self.slot_rank[slot] = 0
         self.slot_dora[slot] = False
         self.slot_groups[slot] = frozenset()
@@ -224,7 +302,7 @@ class LoraSlots:
             slot = self._slot_of.pop(name, None)
             if slot is not None:
                 self._release(slot)
-                self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+                self._publish()
 
     def _write_async(self, slot: int, adapter: LoraAdapter) -> None:
         """A loader's write: on a GPU on the copy stream, waited for on this (the loader's) thread."""
@@ -236,19 +314,21 @@ class LoraSlots:
         self._copy_stream.synchronize()
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy `adapter` into `slot` (B pre-scaled) with one multi-tensor copy per operand; the
-        slot is zeroed first unless the adapter fills all of it (every module of every layer at
-        rank R); prototypes and their flags are built on the host and copied once per group.
+        """Copy `adapter` into `slot` and its pages (B pre-scaled) with one multi-tensor copy per
+        operand; the pages are zeroed first unless the adapter fills all of them (every module of
+        every layer at rank pages x u); prototypes and their flags are built on the host and
+        copied once per group.
         ~9-11 ms thread CPU time for a rank-16 SmolLM2-135M adapter on every projection, on CPU
         (docs/benchmarks_kernels.md; ~1.5 ms of it for the prototypes since issue 12)."""
         if not adapter.dora_ready:
             raise ValueError("a DoRA adapter needs its dora_scale (dora.with_dora_scales) before a slot write")
-        R = self.max_rank
+        u, pages = self.page_rank, self._pages_of[slot]
         missing = len(adapter.modules) < self._num_linears
-        if missing or any(w.rank < R for w in adapter.modules.values()):
+        if missing or any(w.rank < len(pages) * u for w in adapter.modules.values()):
             for group in self.groups:
-                self.a[group][:, slot].zero_()
-                self.b[group][:, slot].zero_()
+                for page in pages:
+                    self.a[group][:, page].zero_()
+                    self.b[group][:, page].zero_()
         if missing or not adapter.use_dora:
             for group in self.groups:
                 self.dora[group][:, slot].fill_(1.0)
@@ -258,11 +338,14 @@ class LoraSlots:
         for (layer, module), w in adapter.modules.items():
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
-            a_dst.append(self.layer_a[group][layer][slot, i * R: i * R + w.rank])
-            a_src.append(w.a)
-            b_dst.append(self.layer_b[group][layer][slot, lo:hi, : w.rank])
-            b_src.append(w.b)
-            scales.append(w.scale)
+            a, b = self.layer_a[group][layer], self.layer_b[group][layer]
+            for j in range(0, w.rank, u):  # the module's rank rows [j, j + c) go to page j // u
+                c = min(u, w.rank - j)
+                a_dst.append(a[pages[j // u], i * u: i * u + c])
+                a_src.append(w.a[j:j + c])
+                b_dst.append(b[pages[j // u], lo:hi, :c])
+                b_src.append(w.b[:, j:j + c])
+                scales.append(w.scale)
             adapted[group].append(layer * len(self.groups[group]) + i)
             protos[group].append(w.prototype)
             if w.dora_scale is not None:
@@ -285,6 +368,10 @@ class LoraSlots:
                 flags.view(-1)[flat] = True
             dst.copy_(proto)
             self.proto_valid[group][:, slot].copy_(flags)
+        if self.pages is not None:
+            row = list(pages) + [0] * (self.pages.shape[1] - len(pages))
+            self.pages[slot].copy_(torch.tensor(row, dtype=torch.int32))
+            self.ranks[slot].fill_(adapter.rank)
         self.slot_rank[slot] = adapter.rank
         self.slot_dora[slot] = adapter.use_dora
         self.slot_groups[slot] = frozenset(g for g, flat in adapted.items() if flat)

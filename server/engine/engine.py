@@ -113,7 +113,8 @@ class LLMEngine:
         lc = config.lora
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name],
-                                       base_weight=functools.partial(base_linear_weight, weights, arch)) \
+                                       base_weight=functools.partial(base_linear_weight, weights, arch),
+                                       page_rank=lora_backend.page_rank(lc.max_lora_rank, lc.lora_page_rank)) \
             if lc.enabled else None
         graphs = None
         if graphs_off is None:
@@ -130,7 +131,8 @@ class LLMEngine:
                                   lora=lora_backend, graphs=graphs)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
-                                   max_loras=self.adapters.step_capacity if self.adapters else 0,
+                                   max_loras=self.adapters.step_limit if self.adapters else 0,
+                                   max_lora_pages=self.adapters.step_pages if self.adapters else None,
                                    residency=self.adapters, policy=make_policy(config),
                                    prefetch_window=sc.prefetch_window, max_wait_steps=sc.max_wait_steps)
         self.wake: Callable[[], None] | None = None  # set by the loop driving us; called from loader threads

@@ -21,6 +21,9 @@ class Residency(Protocol):
     def state_of(self, ref: Hashable) -> AdapterState:
         """Where `ref`'s weights are now."""
 
+    def pages_of(self, ref: Hashable) -> int:
+        """Device pool pages `ref`'s weights take in a step (server/adapters/slots.py)."""
+
     def prefetch(self, refs: Sequence[Hashable], keep: set[Hashable]) -> None:
         """Start loads for the cold adapters of `refs`, most wanted first, only while they fit the
         cache without evicting any adapter of `keep` (those running or about to run)."""

@@ -6,15 +6,18 @@ Plain Python over `Sequence` objects, no tensors, no I/O. Each step
   2. when the KV cache cannot hold a running sequence's next tokens, a running sequence not
      yet scheduled this step is preempted (blocks freed, recomputed later) — never fail;
   3. waiting sequences are admitted while the token budget, `max_num_seqs`, the KV blocks and
-     the distinct-adapter budget allow; a long prompt is chunked;
+     the step's adapter budget (distinct adapters, and the pool pages they take) allow; a long
+     prompt is chunked;
   4. adapters are prefetched for the next `prefetch_window` waiting sequences (residency.py).
 Which sequence is admitted next and which is preempted is the policy's choice
 (server/engine/policies: fcfs or vtc); the policy is also told every chunk scheduled.
 The runner lays out the step's tokens and executes; the engine applies the results.
 
 A sequence's adapters (`Sequence.adapters`) are its one adapter, or every expert of its mixture
-or route: it can run when all of them are resident and all fit the step's distinct-adapter budget
-(the engine refuses a mixture larger than that budget, so each one fits once the step is empty).
+or route: it can run when all of them are resident and all fit the step's adapter budget: at
+most `max_loras` distinct adapters, taking at most `max_lora_pages` pool pages together (each
+adapter `residency.pages_of` pages: rank-unit pages, server/adapters/slots.py). The engine refuses
+a mixture larger than what an empty step always holds, so each one fits once the step is empty.
 
 Adapter residency and fairness are one rule (docs/operator.md, "Fair scheduling"):
   a. overdue first: a waiting sequence passed over for `max_wait_steps` steps because of its
@@ -62,6 +65,14 @@ class ScheduledChunk:
 
 
 @dataclass
+class StepAdapters:
+    """The distinct adapters of the step being scheduled, and the pool pages they take."""
+
+    names: set[Hashable] = field(default_factory=set)
+    pages: int = 0
+
+
+@dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -82,13 +93,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_loras: int = 0,
+        max_lora_pages: int | None = None,
         adapter_ready: Callable[[Hashable], bool] | None = None,
         policy: SchedulingPolicy | None = None,
         residency: Residency | None = None,
         prefetch_window: int = 16,
         max_wait_steps: int = 32,
     ):
-        """`adapter_ready(name)` says whether an adapter can run now (loaded); a waiting
+        """`max_loras` / `max_lora_pages`: the step's adapter budget, distinct adapters / pool pages
+        (None: only the count; pages per adapter from `residency.pages_of`).
+        `adapter_ready(name)` says whether an adapter can run now (loaded); a waiting
         sequence whose adapter is not ready stays queued without blocking others.
         `residency`: where adapters are, and prefetch (replaces `adapter_ready`).
         `policy`: admission and preemption order (default: first come, first served).
@@ -102,6 +116,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_loras = max_loras
+        self.max_lora_pages = max_lora_pages
+        if max_lora_pages is not None and residency is None:
+            raise ValueError("a page budget needs the residency that tells each adapter's pages")
         if residency is not None:
             self.adapter_ready = lambda ref: residency.state_of(ref) is AdapterState.RESIDENT
         else:
@@ -178,7 +195,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        adapters: set[Hashable] = set()
+        adapters = StepAdapters()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -198,21 +215,31 @@ class Scheduler:
         self._prefetch()
         return out
 
-    def _adapter_fits(self, seq: Sequence, adapters: set[Hashable]) -> bool:
-        """Whether the step's distinct adapters, with all of `seq`'s (a mixture or route needs
-        every expert in the pool), stay within `max_loras`."""
-        new = sum(1 for a in seq.adapters if a not in adapters)
-        return not new or len(adapters) + new <= self.max_loras
+    def _adapter_fits(self, seq: Sequence, step: StepAdapters) -> bool:
+        """Whether the step's adapters, with all of `seq`'s (a mixture or route needs every
+        expert in the pool), stay within `max_loras` and `max_lora_pages`."""
+        new = [a for a in seq.adapters if a not in step.names]
+        if not new:
+            return True
+        if len(step.names) + len(new) > self.max_loras:
+            return False
+        if self.max_lora_pages is None:
+            return True
+        return step.pages + sum(map(self.residency.pages_of, new)) <= self.max_lora_pages
 
     def _ready(self, seq: Sequence) -> bool:
         return all(self.adapter_ready(a) for a in seq.adapters)
 
-    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, adapters: set[Hashable]) -> None:
+    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, step: StepAdapters) -> None:
         self.allocator.grow(seq, n)
         chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
         out.chunks.append(chunk)
         self.policy.on_scheduled(seq, chunk.start, n, chunk.samples)
-        adapters.update(seq.adapters)
+        for a in seq.adapters:
+            if a not in step.names:
+                step.names.add(a)
+                if self.max_lora_pages is not None:
+                    step.pages += self.residency.pages_of(a)
 
     def _make_room(self, i: int, n: int, out: SchedulerOutput) -> bool:
         """Preempt running sequences until `running[i]` fits `n` more tokens.
@@ -239,7 +266,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _admit(self, out: SchedulerOutput, budget: int, adapters: set[Hashable]) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, adapters: StepAdapters) -> None:
         # A sequence that cannot run this step (adapter not loaded, or the adapter budget is
         # spent) is skipped, not waited for: the policy then picks among the rest, so one
         # tenant's adapter never holds back the others. Running out of KV blocks stops

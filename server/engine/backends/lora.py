@@ -1,8 +1,11 @@
 """LoRA backends: picked once at engine start; each builds only its kernels' segment layout.
 
   torch   any device: kernels/torch_ops.py (padded bmm at decode-like steps, grouped_mm over
-          the slot pool otherwise): the CPU path.
-  triton  CUDA: the Triton SGMV kernels (kernels/triton_sgmv.py) over BLOCK_M tile tables.
+          the slot pool otherwise): the CPU path. Its kernels run over the pool as a view, so its
+          pool is unpaged (page rank = --max-lora-rank; memory is not what is scarce on a CPU).
+  triton  CUDA: the Triton SGMV kernels (kernels/triton_sgmv.py) over BLOCK_M tile tables,
+          reading the pool through its page table (rank-unit pages of 16 by default, so an
+          adapter of rank 16 takes a quarter of a rank-64 slot's bytes).
           On CPU only under Triton's interpreter (tests). Graph-safe: `static_step` gives the
           LoRA a CUDA graph captures (server/engine/cuda_graphs.py).
 """
@@ -48,19 +51,19 @@ class LoraStep:
         if group in self.idle:
             return
         s = self.slots
-        a, b, offsets = s.layer_a[group][layer], s.layer_b[group][layer], s.offsets[group]
+        a, b, offsets, pages = s.layer_a[group][layer], s.layer_b[group][layer], s.offsets[group], s.pages
         if self.rows is None:
-            add_lora(y, x, a, b, self.segments, offsets, backend=self.kernel)
+            add_lora(y, x, a, b, self.segments, offsets, backend=self.kernel, pages=pages)
         elif self.rows.route is None:
-            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, backend=self.kernel)
+            add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, backend=self.kernel, pages=pages)
         else:
             add_lora_rows(y, x, a, b, self.segments, offsets, self.rows, s.layer_proto[group][layer],
-                          s.layer_proto_valid[group][layer], backend=self.kernel)
+                          s.layer_proto_valid[group][layer], backend=self.kernel, pages=pages)
         if self.mixed is not None:
-            add_lora_mixed(y, x, a, b, offsets, self.mixed)
+            add_lora_mixed(y, x, a, b, offsets, self.mixed, pages=pages, slot_ranks=s.ranks)
         if self.routed is not None:
             add_lora_routed(y, x, a, b, offsets, self.routed, s.layer_proto[group][layer],
-                            s.layer_proto_valid[group][layer])
+                            s.layer_proto_valid[group][layer], pages=pages, slot_ranks=s.ranks)
         if self.dora is not None:
             dora_rescale(y, bias, s.layer_dora[group][layer], self.dora.token, self.dora.slot)
 
@@ -75,6 +78,14 @@ class LoraBackend(ABC):
     def unavailable(cls, device: torch.device) -> str | None:
         """Why this backend cannot run here, or None. Called before construction."""
         return None
+
+    def page_rank(self, max_rank: int, choice: int | None) -> int:
+        """The adapter pool's page rank for --lora-page-rank `choice` (None: this backend's own).
+        Default: unpaged (one page of rank `max_rank` per adapter)."""
+        if choice not in (None, max_rank):
+            raise ValueError(f"--lora-page-rank {choice}: the {self.name} LoRA backend reads an unpaged pool "
+                             f"(page rank = --max-lora-rank {max_rank})")
+        return max_rank
 
     def segments(self, seg_lens: Sequence[int], seg_slots: Sequence[int], seg_ranks: Sequence[int],
                  num_slots: int) -> LoraSegments:
@@ -118,21 +129,28 @@ class StaticLoraStep:
         # launch configs fixed once per group (from the table's fixed host values and the pool's shapes)
         self.configs = {}
         for g, offsets in slots.offsets.items():
-            a, b = slots.a[g], slots.b[g]
+            a, r = slots.a[g], slots.max_rank  # h and the kernels' rank loops span the padded rank R
             widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-            self.configs[g] = (triton_sgmv.shrink_config(segments, a.shape[-1], a.shape[-2], a.element_size()),
-                               triton_sgmv.expand_config(segments, b.shape[-1], widths))
+            self.configs[g] = (triton_sgmv.shrink_config(segments, a.shape[-1], r * len(widths), a.element_size()),
+                               triton_sgmv.expand_config(segments, r, widths))
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
         s, k = self.slots, self.kernels
         offsets = s.offsets[group]
         shrink, expand = self.configs[group]
-        h = k.sgmv_shrink(x, s.layer_a[group][layer], self.segments, n_slices=len(offsets) - 1, config=shrink)
-        k.sgmv_expand(y, h, s.layer_b[group][layer], self.segments, offsets, config=expand)
+        h = k.sgmv_shrink(x, s.layer_a[group][layer], self.segments, n_slices=len(offsets) - 1, config=shrink,
+                          pages=s.pages)
+        k.sgmv_expand(y, h, s.layer_b[group][layer], self.segments, offsets, config=expand, pages=s.pages)
 
 
 class TritonLora(LoraBackend):
     name = "triton"
+    PAGE_RANK = 16  # the smallest rank commonly trained, and one BLOCK_N of the shrink
+
+    def page_rank(self, max_rank: int, choice: int | None) -> int:
+        if choice is not None:
+            return choice  # the pool checks that it divides max_rank
+        return self.PAGE_RANK if max_rank % self.PAGE_RANK == 0 else max_rank
 
     @classmethod
     def unavailable(cls, device):

@@ -4,6 +4,8 @@ adapters, run to completion on one batch of base / single-adapter / mixture / ro
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,19 @@ def from_json(value: object) -> Choice:
     if isinstance(value, dict):
         return Route(tuple(value["route"]), value["top_k"], value["temperature"])
     return value
+
+
+def run_triton_child(payload: dict, timeout: float = 600.0) -> dict:
+    """Run `triton_child` on `payload` in a child under TRITON_INTERPRET (it must be set before
+    triton is first imported, and must not leak into the caller's tests); its RESULT."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", "import experts_runs; experts_runs.triton_child()"],
+                       input=json.dumps(payload), env=env, cwd=tests.parent, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
 
 
 def triton_child() -> None:

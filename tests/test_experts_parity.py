@@ -9,10 +9,6 @@ default model, and a real server. fp32 throughout; tolerances as tests/test_lora
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from tokenizers import Tokenizer
 from kernels.row_plan import RowPlan
 from server.engine.request import Mixture, Route
 
-from experts_runs import experts_engine, run_batch, to_json, warm
+from experts_runs import experts_engine, run_batch, run_triton_child, to_json, warm
 from peft_experts import Arrow, ArrowRef, Mix, make_expert, reference_greedy
 from server_process import ServerProcess
 
@@ -181,14 +177,7 @@ def test_triton_lora_backend_under_the_interpreter(tiny_llama_dir, tmp_path_fact
     payload = {"model": str(base_dir), "adapters": {n: str(p) for n, p in dirs.items() if n in names},
                "jobs": [(to_json(batch[i][1]), prompts[i]) for i in picked], "new": new,
                "lora": {"lora_page_rank": page_rank}}
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", "import experts_runs; experts_runs.triton_child()"],
-                       input=json.dumps(payload), env=env, cwd=tests.parent, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    got = run_triton_child(payload, timeout=300)
     assert got["lora"] == "triton" and got["page_rank"] == (page_rank or 16)
     assert_parity([batch[i][0] for i in picked], got["tokens"], got["logprobs"],
                   [(expected[i][0][:new], expected[i][1][:new]) for i in picked], TINY_ABS)

@@ -7,10 +7,6 @@ register / run / unregister churn. References come from PEFT, never from this se
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from server.metrics import Metrics
 from server.model.arch import ModelArch
 
 from engine_runs import greedy_with_logprobs, warm
+from experts_runs import run_triton_child
 from peft_adapters import make_peft_adapter, peft_greedy
 
 MANY = 44  # more distinct adapters in one step than the old default cap (8) or vLLM's max_loras
@@ -208,14 +205,7 @@ def test_rank_unit_pages_fit_more_adapters_in_one_step_equal_peft(tiny_llama_dir
                "jobs": jobs, "new": new,
                "lora": {"max_lora_rank": max(RANKS), "lora_page_rank": 4,
                         "lora_pool_memory": 6 * one_slot(tiny_llama_dir)}}
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", "import experts_runs; experts_runs.triton_child()"],
-                       input=json.dumps(payload), env=env, cwd=tests.parent, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    got = run_triton_child(payload)
     assert got["lora"] == "triton" and got["page_rank"] == 4
     assert max(len(step) for step in got["steps"]) == len(jobs)  # all twelve in one step
     for (name, prompt), tokens in zip(jobs, got["tokens"]):

@@ -73,13 +73,14 @@ class Plan:
 GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=(1, 8, 64, 256),
                 adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
-                caps=dict(tests=100, bench=205, many=75, attention=30, kernels=30), min_unit_s=12)
+                caps=dict(tests=100, bench=205, many=75, attention=30, pages=25, kernels=20), min_unit_s=12)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
                   target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
                   test_files=("tests/test_gpu_engine.py",), total_s=210,
-                  caps=dict(tests=60, bench=90, many=60, attention=10, kernels=10), min_unit_s=0)
+                  caps=dict(tests=60, bench=90, many=60, attention=10, pages=10, kernels=10), min_unit_s=0)
 MICRO = {
     "attention": ["loadtest/bench_attention.py", "--backend", "triton", "--repeats", "10"],
+    "pages": ["loadtest/bench_pages.py", "--reps", "10"],  # the paged pool's cost to the SGMV kernels
     "kernels": ["loadtest/bench_kernels.py", "--device", "cuda", "--models", "big", "--reps", "10"],
 }
 
@@ -164,7 +165,7 @@ def run_micro(name: str, plan: Plan, budget: Budget, out: Path, cuda: bool) -> d
     if deadline - budget.clock() < 5:
         return dict(name=name, status="skipped: run budget spent", lines=[])
     log = out / f"bench_{name}.log"
-    argv = [*MICRO[name], "--out", str(out)] if name == "kernels" else MICRO[name]  # its table file
+    argv = [*MICRO[name], "--out", str(out)] if name != "attention" else MICRO[name]  # its table file
     rc, seconds = run_child([sys.executable, *argv], log, deadline - budget.clock())
     status = "cut at its time cap: the rows below are the ones it finished" if rc is None else f"exit {rc}"
     lines = log.read_text(errors="replace").splitlines()

@@ -73,7 +73,7 @@ def test_smoke_run_writes_every_table(tmp_path):
     for t in res["targets"]:
         assert isinstance(t["value"], float) and t["value"] > 0, t
         assert f"| {t['name']} |" in md
-    assert [m["name"] for m in res["micro"]] == ["attention", "kernels"]
+    assert [m["name"] for m in res["micro"]] == ["attention", "pages", "kernels"]
     assert all(m["status"].startswith("skipped") for m in res["micro"]) != torch.cuda.is_available()
     many = res["many_adapters"]["rows"]  # tests/test_gpu_many_adapters.py checks the section itself
     assert [r["status"] for r in many] == ["ok", "ok"] and all(r["tokens_ok"] for r in many)

@@ -273,7 +273,6 @@ def serve(cfg: Config) -> int:
 
     from server.api.app import create_app
     from server.api.shutdown import FLUSH_S, DrainingServer
-    from server.engine.backends import BackendError
     from server.tenants import TenantFileError
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -282,7 +281,8 @@ def serve(cfg: Config) -> int:
     except TenantFileError as exc:
         print(f"loramux: bad tenants: {exc}", file=sys.stderr)
         return 2
-    except BackendError as exc:
+    except ValueError as exc:  # a configuration the engine cannot run (BackendError, pool sizes, page rank)
+        logging.getLogger(__name__).debug("start-up failed", exc_info=True)
         print(f"loramux: {exc}", file=sys.stderr)
         return 2
     # The drain has already waited for the requests in flight; uvicorn's own graceful wait

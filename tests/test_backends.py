@@ -225,6 +225,26 @@ def test_server_refuses_to_start_with_an_impossible_backend(cases):
     assert "TRITON_INTERPRET=1" in r.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-page-rank", "8"], "loramux: --lora-page-rank 8: the torch LoRA backend reads an unpaged pool"),
+    (["--lora-pool-memory", "1000"], "loramux: --lora-pool-memory 1000 bytes holds no adapter"),
+])
+def test_server_refuses_to_start_with_an_adapter_pool_it_cannot_build(cases, flags, message):
+    """A pool the LoRA backend cannot read, or too small for one adapter: exit 2 and one clear line."""
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", cases["llama"]["model"],
+                        "--device", "cpu", "--num-threads", "1", *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_page_rank_is_each_lora_backends_choice():
+    assert TorchLora(CPU).page_rank(64, None) == TorchLora(CPU).page_rank(64, 64) == 64
+    triton = TritonLora(CPU)
+    assert triton.page_rank(64, None) == 16 and triton.page_rank(16, None) == 16
+    assert triton.page_rank(24, None) == 24 and triton.page_rank(64, 8) == 8  # 16 does not divide 24
+
+
 # --- each backend builds its own per-step metadata, and only that ---------------------------------
 def test_each_lora_backend_builds_only_its_layout(arch):
     slots = LoraSlots(arch, num_slots=4, max_rank=8, dtype=torch.float32, device=CPU, metrics=Metrics())

@@ -103,7 +103,8 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
     try:
         engine = LLMEngine(config, Path(model_dir), Metrics(), detokenize=False)
     except BaseException as exc:
-        log.exception("the engine failed to start")
+        # a configuration it cannot run: the server prints the message; anything else: the traceback
+        log.error("the engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
         out.send_multipart([wire.READY, wire.dumps(CoreReady(error=wire.error_state(exc)))])
         out.close(linger=2000)
         ctx.term()

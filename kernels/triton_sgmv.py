@@ -96,7 +96,7 @@ def _sgmv_expand(
     R_PAD, U, OFF1, OFF2, OFF3, NT1, NT2,
     stride_ym, stride_yn, stride_hm, stride_hn, stride_bn, stride_bo, stride_br, stride_pg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SKIP_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr, ONE_PAGE: tl.constexpr,
 ):
     # y[m, o] += sum_r h[m, s*R + r] * b[slot, o, r] for the slice s that holds column o
     # (PAGED: b[pages[slot, r // U], o, r % U]).
@@ -143,7 +143,11 @@ def _sgmv_expand(
     for k in range(0, k_hi, BLOCK_K):
         k_ok = (k + offs_k) < k_hi
         ht = tl.load(h_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        if PAGED:
+        if PAGED and ONE_PAGE:  # BLOCK_K divides U: the chunk is in one page, its columns contiguous
+            page = tl.load(pg_ptr + k // U).to(tl.int64)
+            bt = tl.load(b_ptrs + page * stride_bn + ((k % U) + offs_k)[None, :] * stride_br,
+                         mask=n_mask[:, None] & k_ok[None, :], other=0.0)
+        elif PAGED:
             r = k + offs_k
             page = tl.load(pg_ptr + r // U, mask=k_ok, other=0).to(tl.int64)
             bt = tl.load(b_ptrs + (page * stride_bn + (r % U) * stride_br)[None, :],
@@ -299,6 +303,8 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
     widths = [slice_offsets[i + 1] - slice_offsets[i] for i in range(n_slices)]
     cfg = dict(config or expand_config(seg, r_pad, widths))
     launch = {w: cfg.pop(w) for w in ("num_warps", "num_stages") if w in cfg}
+    if pages is not None and u % cfg["BLOCK_K"] and u % 16 == 0:
+        cfg["BLOCK_K"] = 16  # rank chunks within one page: one page id per chunk, contiguous B loads
     bn = cfg["BLOCK_N"]
     tile_ends = []
     for w in widths:
@@ -315,4 +321,4 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
         r_pad, u, offs[0], offs[1], offs[2], nts[0], nts[1],
         y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), stride_pg,
         SKIP_PAD=skip, PRECISION=_precision(b.dtype), DOT_FP32=INTERPRETED, PAGED=pages is not None,
-        **cfg, **launch)
+        ONE_PAGE=pages is not None and u % cfg["BLOCK_K"] == 0, **cfg, **launch)

@@ -73,7 +73,7 @@ class Plan:
 GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=(1, 8, 64, 256),
                 adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
-                caps=dict(tests=100, bench=205, many=75, attention=30, pages=25, kernels=20), min_unit_s=12)
+                caps=dict(tests=140, bench=185, many=70, attention=25, pages=20, kernels=10), min_unit_s=12)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
                   target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
                   test_files=("tests/test_gpu_engine.py",), total_s=210,

@@ -43,6 +43,8 @@ CASES = {
     "qkv_u8_r32": Case([5, 9, 17, 32, 8], [2, 20, 1, 4], [0, 1, 2, 3], 8, 32, 16, [8, 16, 8]),
     # u=2 R=8: shrink column blocks straddle slices; a long segment over several tiles
     "qkv_u2_long": Case([1, 8, 3, 6], [2, 37, 4], [0, 1, 3], 2, 8, 24, [7, 9, 6], tail=2),
+    # pages of 16 (triton's default) at R=64: the expand reads one page per rank chunk (ONE_PAGE)
+    "qkv_u16_r64": Case([16, 64, 5, 33, 48], [3, 2, 6, 1], [0, 1, 3, 4], 16, 64, 24, [16, 8, 8]),
 }
 
 

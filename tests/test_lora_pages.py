@@ -169,3 +169,28 @@ def test_no_page_leaks_after_churn(arch, adapters):
         slots.evict(name)
     assert slots.num_resident == 0
     assert sorted(slots._free_pages) == list(range(9)) and sorted(slots._free) == list(range(5))
+
+
+def test_a_write_that_fails_leaks_nothing(arch, adapters, monkeypatch):
+    """A write that raises (here: after zeroing its pages) gives its slot and pages back, and the
+    pool goes on serving; the error reaches the caller."""
+    slots = pool(arch, 4, 6)
+    names = ["p0", "p1"]  # ranks 1 and 3
+    slots.activate({names[0]: adapters[names[0]]})
+    write = slots._write
+
+    def failing(slot, adapter):
+        if adapter is adapters[names[1]]:
+            raise RuntimeError("copy failed")
+        write(slot, adapter)
+
+    monkeypatch.setattr(slots, "_write", failing)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        slots.activate({names[0]: adapters[names[0]], names[1]: adapters[names[1]]})
+    with pytest.raises(RuntimeError, match="copy failed"):
+        slots.write_in_place(names[1], adapters[names[1]])
+    assert_consistent(slots)
+    assert slots.resident() == [names[0]]
+    assert len(slots._free_pages) == 6 - slots.pages_for(adapters[names[0]].rank)
+    placed = slots.activate({n: adapters[n] for n in ("p2", "p3")})  # ranks 4 and 7: 3 pages
+    assert all(held(slots, placed[n], adapters[n]) for n in ("p2", "p3"))

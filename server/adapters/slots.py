@@ -165,6 +165,7 @@ class LoraSlots:
         self._num_linears = L * sum(len(m) for m in self.groups.values())  # (layer, module) pairs of a slot
         self._lock = threading.Condition()  # slot bookkeeping: the engine thread and a loader thread
         self._writing = 0  # slots a loader is writing now (neither free nor resident)
+        self._waiting = False  # `activate` waits for loaders' writes to finish: no new ones start
         self._step: frozenset[Hashable] = frozenset()  # the adapters of the last activated step
         self._kept: frozenset[Hashable] = frozenset()  # adapters a loader must not write over (`protect`)
         # GPU: loaders copy on their own stream, so their copies overlap the steps' kernels
@@ -211,14 +212,28 @@ class LoraSlots:
                 if name in self._slot_of:
                     self._slot_of.move_to_end(name)
             for name, adapter in adapters.items():
-                if name in self._slot_of:
+                slot = None if name in self._slot_of else self._take(self._step, need[name])
+                while slot is None and name not in self._slot_of:
+                    # the rest of the pool is being written by loaders: wait for them, and keep
+                    # new loader writes off meanwhile (they could take what those free)
+                    if not self._writing:
+                        raise RuntimeError(f"no room in the adapter pool for {name} of the step")
+                    self._waiting = True
+                    try:
+                        self._lock.wait()
+                    finally:
+                        self._waiting = False
+                    slot = None if name in self._slot_of else self._take(self._step, need[name])
+                if slot is None:
                     continue
-                slot = self._take(self._step, need[name])
-                while slot is None:  # the rest of the pool is being written by a loader: wait for it
-                    assert self._writing, "no room for an adapter of the step"
-                    self._lock.wait()
-                    slot = self._take(self._step, need[name])
-                self._write(slot, adapter)
+                try:
+                    self._write(slot, adapter)
+                except BaseException:
+                    self._release(slot)
+                    if self._stepped is not None:  # a loader reusing these pages waits for the partial write
+                        self._stepped.record()
+                    self._publish()
+                    raise
                 self._slot_of[name] = slot
             self._publish()
             return {name: self._slot_of[name] for name in adapters}
@@ -236,6 +251,8 @@ class LoraSlots:
         with self._lock:
             if name in self._slot_of:
                 return True
+            if self._waiting:  # a step waits for room: leave what frees up to it
+                return False
             slot = self._take(self._step | self._kept, self.pages_for(adapter.rank))
             if slot is None:
                 return False
@@ -245,8 +262,11 @@ class LoraSlots:
         try:
             self._write_async(slot, adapter)  # outside the lock: steps run on, they never read this slot
         except BaseException:
+            if self._copy_stream is not None:  # what it queued lands before the pages are reused
+                self._copy_stream.synchronize()
             with self._lock:
                 self._release(slot)
+                self._publish()
                 raise
         else:
             with self._lock:
@@ -302,6 +322,8 @@ class LoraSlots:
             slot = self._slot_of.pop(name, None)
             if slot is not None:
                 self._release(slot)
+                if self._stepped is not None:  # a loader reusing its pages waits for the steps so far
+                    self._stepped.record()
                 self._publish()
 
     def _write_async(self, slot: int, adapter: LoraAdapter) -> None:

@@ -52,7 +52,7 @@ def pool(arch: ModelArch, num_slots: int, num_pages: int) -> LoraSlots:
 def held(slots: LoraSlots, slot: int, adapter) -> bool:
     """Whether `slot`'s pages hold exactly `adapter` (B pre-scaled), read through the page table."""
     table = slots.pages[slot].tolist()
-    if table[:slots.pages_for(adapter.rank)] != list(slots._pages_of[slot]):
+    if table[:slots.pages_for(adapter.rank)] != list(slots.book.pages(slot)):
         return False
     for (layer, module), w in adapter.modules.items():
         group, i = slots._slice_of[module]
@@ -68,12 +68,13 @@ def held(slots: LoraSlots, slot: int, adapter) -> bool:
 
 def assert_consistent(slots: LoraSlots) -> None:
     """Every page is free or held by exactly one resident adapter, with the pages its rank needs."""
-    used = [p for s in slots._slot_of.values() for p in slots._pages_of[s]]
-    assert len(used) == len(set(used))
-    assert sorted(used + slots._free_pages) == list(range(slots.num_pages))
-    assert sorted([*slots._slot_of.values(), *slots._free]) == list(range(slots.num_slots))
-    for s in slots._slot_of.values():
-        assert len(slots._pages_of[s]) == slots.pages_for(slots.slot_rank[s])
+    book = slots.book
+    book.check()
+    held = [book.slot_of(n) for n in book.names()]
+    used = [p for s in held for p in book.pages(s)]
+    assert len(used) + book.free_pages == slots.num_pages
+    for s in held:
+        assert len(book.pages(s)) == slots.pages_for(slots.slot_rank[s])
 
 
 def test_pages_hold_more_small_adapters_in_the_same_bytes(arch):
@@ -106,7 +107,7 @@ def test_each_adapter_reads_back_from_its_pages(arch, adapters):
         assert held(slots, slot, adapters[name]), name
         assert slots.slot_rank[slot] == adapters[name].rank
     assert_consistent(slots)
-    assert len(slots._free_pages) == 40 - sum(slots.pages_for(a.rank) for a in adapters.values())
+    assert slots.book.free_pages == 40 - sum(slots.pages_for(a.rank) for a in adapters.values())
 
 
 def test_a_step_fits_by_pages_and_never_loses_its_own_adapters(arch, adapters):
@@ -122,7 +123,7 @@ def test_a_step_fits_by_pages_and_never_loses_its_own_adapters(arch, adapters):
             if pages + need <= 6 and len(step) < 6:
                 step.append(name)
                 pages += need
-        before = {n: slots._slot_of[n] for n in step if n in slots._slot_of}
+        before = {n: slots.book.slot_of(n) for n in step if n in slots.book}
         placed = slots.activate({n: adapters[n] for n in step})
         for n in step:
             assert held(slots, placed[n], adapters[n]), n
@@ -163,12 +164,13 @@ def test_no_page_leaks_after_churn(arch, adapters):
         else:
             slots.activate({name: adapters[name]})
         assert_consistent(slots)
-        if name in slots._slot_of:
-            assert held(slots, slots._slot_of[name], adapters[name])
+        if name in slots.book:
+            assert held(slots, slots.book.slot_of(name), adapters[name])
     for name in names:
         slots.evict(name)
     assert slots.num_resident == 0
-    assert sorted(slots._free_pages) == list(range(9)) and sorted(slots._free) == list(range(5))
+    slots.book.check()
+    assert slots.book.free_pages == 9 and slots.num_resident == 0
 
 
 def test_a_write_that_fails_leaks_nothing(arch, adapters, monkeypatch):
@@ -191,6 +193,6 @@ def test_a_write_that_fails_leaks_nothing(arch, adapters, monkeypatch):
         slots.write_in_place(names[1], adapters[names[1]])
     assert_consistent(slots)
     assert slots.resident() == [names[0]]
-    assert len(slots._free_pages) == 6 - slots.pages_for(adapters[names[0]].rank)
+    assert slots.book.free_pages == 6 - slots.pages_for(adapters[names[0]].rank)
     placed = slots.activate({n: adapters[n] for n in ("p2", "p3")})  # ranks 4 and 7: 3 pages
     assert all(held(slots, placed[n], adapters[n]) for n in ("p2", "p3"))

@@ -22,7 +22,8 @@ the model's (`ModelArch.lora_groups`, from the family registry).
 N and P come from the byte budget (`LoraSlots.sized`): one slot per page (worst case: every
 adapter of rank <= u), so a step may use as many distinct adapters as their pages fit. A slot
 is (re)written only when an adapter that is not resident is needed by a step; the victims are
-the least recently used adapters the step does not use, until a slot and enough pages are free.
+the least recently used adapters the step does not use, until a slot and enough pages are free
+(the bookkeeping is `pool_book.PoolBook`; this module holds the tensors and writes them).
 The tensors are allocated empty: pages are zeroed when first written, so on CPU the pool's
 untouched pages take no memory.
 
@@ -41,7 +42,6 @@ adapter, ~10 ms).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
 
 import torch
@@ -50,6 +50,7 @@ from server.metrics import Metrics
 from server.model.arch import ModelArch
 
 from .lora_weights import LoraAdapter
+from .pool_book import PoolBook
 
 
 
@@ -153,10 +154,7 @@ class LoraSlots:
         self.layer_proto = {g: list(t.unbind(0)) for g, t in self.proto.items()}  # [N, n_slices, in]
         self.layer_proto_valid = {g: list(t.unbind(0)) for g, t in self.proto_valid.items()}  # [N, n_slices]
         self.layer_dora = {g: list(t.unbind(0)) for g, t in self.dora.items()}  # [N, out_total]
-        self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # resident adapters, least recently used first
-        self._free = list(range(N - 1, -1, -1))  # popped from the end: lowest slot first
-        self._free_pages = list(range(P - 1, -1, -1)) if self.paged else []
-        self._pages_of: list[tuple[int, ...]] = [()] * N  # host: each slot's pages, in rank order
+        self.book = PoolBook(N, P, self.paged)  # who holds which slot and pages (under the lock)
         self.slot_rank = [0] * N
         self.slot_dora = [False] * N  # host: the slot's adapter is DoRA (its tokens need the rescale)
         # host: the groups the slot's adapter adapts; a step none of whose slots adapts a group
@@ -177,8 +175,8 @@ class LoraSlots:
 
     def _publish(self) -> None:
         """Under the lock: the pool's gauges (pages being written count as used)."""
-        free = len(self._free_pages) if self.paged else len(self._free)
-        self.metrics.adapters_resident.labels("device").set(len(self._slot_of))
+        free = self.book.free_pages
+        self.metrics.adapters_resident.labels("device").set(len(self.book))
         self.metrics.adapter_pool_pages.labels("used").set(self.num_pages - free)
         self.metrics.adapter_pool_pages.labels("free").set(free)
 
@@ -194,7 +192,7 @@ class LoraSlots:
 
     @property
     def num_resident(self) -> int:
-        return len(self._slot_of)
+        return len(self.book)
 
     def activate(self, adapters: Mapping[Hashable, LoraAdapter]) -> dict[Hashable, int]:
         """Make every adapter of this step resident (at most `num_slots` of them, their pages at
@@ -208,12 +206,13 @@ class LoraSlots:
             self._step = frozenset(adapters)  # from now on no loader writes over them
             if self._stepped is not None:
                 self._stepped.record()
+            book = self.book
             for name in adapters:
-                if name in self._slot_of:
-                    self._slot_of.move_to_end(name)
+                if name in book:
+                    book.touch(name)
             for name, adapter in adapters.items():
-                slot = None if name in self._slot_of else self._take(self._step, need[name])
-                while slot is None and name not in self._slot_of:
+                slot = None if name in book else self._take(self._step, need[name])
+                while slot is None and name not in book:
                     # the rest of the pool is being written by loaders: wait for them, and keep
                     # new loader writes off meanwhile (they could take what those free)
                     if not self._writing:
@@ -223,7 +222,7 @@ class LoraSlots:
                         self._lock.wait()
                     finally:
                         self._waiting = False
-                    slot = None if name in self._slot_of else self._take(self._step, need[name])
+                    slot = None if name in book else self._take(self._step, need[name])
                 if slot is None:
                     continue
                 try:
@@ -234,9 +233,9 @@ class LoraSlots:
                         self._stepped.record()
                     self._publish()
                     raise
-                self._slot_of[name] = slot
+                book.commit(name, slot)
             self._publish()
-            return {name: self._slot_of[name] for name in adapters}
+            return {name: book.slot_of(name) for name in adapters}
 
     def protect(self, names: Iterable[Hashable]) -> None:
         """Engine thread: the adapters a loader's `write_in_place` must not write over (those of
@@ -249,7 +248,7 @@ class LoraSlots:
         free pages or over the least recently used adapters that are neither in the last step nor
         protected. False (nothing written) when the pool is in use: `activate` copies it later."""
         with self._lock:
-            if name in self._slot_of:
+            if name in self.book:
                 return True
             if self._waiting:  # a step waits for room: leave what frees up to it
                 return False
@@ -270,7 +269,7 @@ class LoraSlots:
                 raise
         else:
             with self._lock:
-                self._slot_of[name] = slot
+                self.book.commit(name, slot)
                 self._publish()
             return True
         finally:
@@ -279,47 +278,39 @@ class LoraSlots:
                 self._lock.notify_all()
 
     def _take(self, busy: frozenset[Hashable], need: int) -> int | None:
-        """Under the lock: a free slot holding `need` free pages (`_pages_of`), evicting the least
-        recently used adapters not in `busy` until there are; None, and nothing evicted, if even
-        evicting all of those would not make room."""
-        slots, pages = len(self._free), len(self._free_pages) if self.paged else len(self._free)
-        victims = []
-        for name, slot in self._slot_of.items():  # least recently used first
-            if slots and pages >= need:
-                break
-            if name not in busy:
-                victims.append(name)
-                slots, pages = slots + 1, pages + len(self._pages_of[slot])
-        if not slots or pages < need:
+        """Under the lock: a slot with `need` pages (PoolBook.take), evicting least recently used
+        adapters not in `busy` as needed; None if there is no room."""
+        taken = self.book.take(busy, need)
+        if taken is None:
             return None
-        for name in victims:
+        slot, evicted = taken
+        for _, old in evicted:
             self.metrics.adapter_evictions.labels("device").inc()
-            self._release(self._slot_of.pop(name))
-        slot = self._free.pop()
-        self._pages_of[slot] = tuple(self._free_pages.pop() for _ in range(need)) if self.paged else (slot,)
+            self._forget(old)
         return slot
 
     def _release(self, slot: int) -> None:
-        self._free.append(slot)
-        if self.paged:
-            self._free_pages.extend(self._pages_of[slot])
-        self._pages_of[slot] = ()
+        self.book.release(slot)
+        self._forget(slot)
+
+    def _forget(self, slot: int) -> None:
+        """The slot's host facts, once its adapter is gone."""
         self.slot_rank[slot] = 0
         self.slot_dora[slot] = False
         self.slot_groups[slot] = frozenset()
 
     def is_resident(self, name: Hashable) -> bool:
-        return name in self._slot_of
+        return name in self.book
 
     def resident(self) -> list[Hashable]:
         """The adapters in the pool now (any thread)."""
         with self._lock:
-            return list(self._slot_of)
+            return self.book.names()
 
     def evict(self, name: Hashable) -> None:
         """Forget `name` (unregistered or replaced); its slot is free, rewritten before any reuse."""
         with self._lock:
-            slot = self._slot_of.pop(name, None)
+            slot = self.book.pop(name)
             if slot is not None:
                 self._release(slot)
                 if self._stepped is not None:  # a loader reusing its pages waits for the steps so far
@@ -344,7 +335,7 @@ class LoraSlots:
         (docs/benchmarks_kernels.md; ~1.5 ms of it for the prototypes since issue 12)."""
         if not adapter.dora_ready:
             raise ValueError("a DoRA adapter needs its dora_scale (dora.with_dora_scales) before a slot write")
-        u, pages = self.page_rank, self._pages_of[slot]
+        u, pages = self.page_rank, self.book.pages(slot)
         missing = len(adapter.modules) < self._num_linears
         if missing or any(w.rank < len(pages) * u for w in adapter.modules.values()):
             for group in self.groups:

@@ -145,7 +145,7 @@ class StaticLoraStep:
 
 class TritonLora(LoraBackend):
     name = "triton"
-    PAGE_RANK = 16  # the smallest rank commonly trained, and one BLOCK_N of the shrink
+    PAGE_RANK = 16  # a common adapter rank, and one rank chunk of the expand (one page id per chunk)
 
     def page_rank(self, max_rank: int, choice: int | None) -> int:
         if choice is not None:

@@ -347,8 +347,12 @@ class LoraSlots:
                 self.dora[group][:, slot].fill_(1.0)
         adapted: dict[str, list[int]] = {g: [] for g in self.groups}  # flat (layer, slice) indices per group
         protos: dict[str, list[torch.Tensor]] = {g: [] for g in self.groups}  # their prototypes, same order
-        a_dst, a_src, b_dst, b_src, scales, g_dst, g_src = [], [], [], [], [], [], []
-        for (layer, module), w in adapter.modules.items():
+        # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it;
+        # whole modules' B (contiguous: ~10x faster than scaling each page's column slice).
+        modules = list(adapter.modules.items())
+        scaled = torch._foreach_mul([w.b for _, w in modules], [w.scale for _, w in modules]) if modules else []
+        a_dst, a_src, b_dst, b_src, g_dst, g_src = [], [], [], [], [], []
+        for ((layer, module), w), b_scaled in zip(modules, scaled):
             group, i = self._slice_of[module]
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
             a, b = self.layer_a[group][layer], self.layer_b[group][layer]
@@ -357,8 +361,7 @@ class LoraSlots:
                 a_dst.append(a[pages[j // u], i * u: i * u + c])
                 a_src.append(w.a[j:j + c])
                 b_dst.append(b[pages[j // u], lo:hi, :c])
-                b_src.append(w.b[:, j:j + c])
-                scales.append(w.scale)
+                b_src.append(b_scaled[:, j:j + c])
             adapted[group].append(layer * len(self.groups[group]) + i)
             protos[group].append(w.prototype)
             if w.dora_scale is not None:
@@ -366,8 +369,7 @@ class LoraSlots:
                 g_src.append(w.dora_scale)
         if a_dst:
             torch._foreach_copy_(a_dst, a_src)
-            # The scale is folded into B once here (in fp32, one rounding), so the kernels never see it.
-            torch._foreach_copy_(b_dst, torch._foreach_mul(b_src, scales))
+            torch._foreach_copy_(b_dst, b_src)
         if g_dst:
             torch._foreach_copy_(g_dst, g_src)
         for group, flat in adapted.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, Step
 from server.engine.request import Mixture, Sequence
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledChunk
+from server.engine.step_upload import StepUpload
 from server.model.decoder import DecoderModel
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class ModelRunner:
         self.lora = lora
         self.graphs = graphs
         self.device = model.device
+        self.upload = StepUpload(self.device)  # an eager step's inputs, in one copy
         # (graph size, with LoRA) -> steps that replayed that graph: what tests and debugging read
         self.graph_steps: Counter[tuple[int, bool]] = Counter()
         self.eager_steps = 0
@@ -98,25 +101,21 @@ class ModelRunner:
                 sampled.append(seq)
 
         max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
+        tables = chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks)
 
-        dev = self.device
         bs = self.kv.block_size
-        pos_t = torch.tensor(positions, dtype=torch.int64)
-        seq_t = torch.tensor(token_seq, dtype=torch.int32)
-        tables_t = torch.tensor(tables, dtype=torch.int32)
-        slots = tables_t[seq_t.long(), pos_t // bs].long() * bs + pos_t % bs
+        ids_t, pos_t, seq_t, tables_t, rows_t = self.upload([ids, positions, token_seq, list(tables), sample_rows])
+        tables_t = tables_t.view(len(chunks), max_blocks)
+        pos_l = pos_t.long()
+        # on the device: each token's cache slot, and the positions it attends to
+        slots = tables_t[seq_t.long(), pos_l // bs].long() * bs + pos_l % bs
         attn = self.attention.prepare(StepBatch(
             query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_tables=tables_t,
-            token_seq=seq_t, token_ctx=(pos_t + 1).to(torch.int32), slot_mapping=slots, block_size=bs))
-        # Uploaded before the forward is queued: a copy from pageable memory waits for the stream,
-        # so after it, it would hold the host until the whole forward had run on the GPU.
-        rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev) if sampled else None
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64).to(dev), pos_t.to(dev), attn,
-                                    self.kv.tensor, lora_step)
+            token_seq=seq_t, token_ctx=pos_t + 1, slot_mapping=slots, block_size=bs))
+        hidden = self.model.forward(ids_t.long(), pos_l, attn, self.kv.tensor, lora_step)
         if not sampled:
             return StepResult([], SamplerOutput([], []))
-        logits = self.model.logits(hidden[rows])
+        logits = self.model.logits(hidden[rows_t.long()])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
 
     def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None) -> StepResult | None:

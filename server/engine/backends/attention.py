@@ -32,15 +32,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One step's flat batch as the runner laid it out, on the host. Rows are the step's
+    """One step's flat batch as the runner laid it out: lengths on the host, tensors on the
+    step's device (uploaded in one copy: server/engine/step_upload.py). Rows are the step's
     sequences in batch order; each row's tokens are contiguous, in position order."""
 
     query_lens: tuple[int, ...]  # [B] tokens of each row in this step
     context_lens: tuple[int, ...]  # [B] cache positions each row's last token attends to (start + n)
-    block_tables: torch.Tensor  # [B, max_blocks] int32 (host), zero-padded
-    token_seq: torch.Tensor  # [T] int32 (host): row of each token
-    token_ctx: torch.Tensor  # [T] int32 (host): positions [0, ctx) each token attends to
-    slot_mapping: torch.Tensor  # [T] int64 (host): cache slot each token's new K/V goes to
+    block_tables: torch.Tensor  # [B, max_blocks] int32, zero-padded
+    token_seq: torch.Tensor  # [T] int32: row of each token
+    token_ctx: torch.Tensor  # [T] int32: positions [0, ctx) each token attends to
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each token's new K/V goes to
     block_size: int
 
     @property
@@ -74,7 +75,8 @@ class AttentionBackend(ABC):
 
 
 class _StepTensors:
-    """What every kernel reads: the step's KV slots, block tables, token rows and contexts."""
+    """What every kernel reads: the step's KV slots, block tables, token rows and contexts
+    (moved to the device if a caller built them elsewhere; the runner's already are)."""
 
     def __init__(self, batch: StepBatch, device: torch.device):
         self.slot_mapping = batch.slot_mapping.to(device)

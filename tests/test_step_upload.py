@@ -1,0 +1,36 @@
+"""An eager step's inputs in one host -> device copy (server/engine/step_upload.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.step_upload import StepUpload
+
+
+def test_parts_come_back_in_order_as_int32_views():
+    up = StepUpload(torch.device("cpu"))
+    ids, empty, tables, rows = up([[5, 6, 7], [], [1, 2, 3, 4, 5, 6], [2]])
+    assert ids.tolist() == [5, 6, 7] and empty.numel() == 0 and rows.tolist() == [2]
+    assert tables.view(2, 3).tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert {t.dtype for t in (ids, empty, tables, rows)} == {torch.int32}
+    assert [t.numel() for t in up([[], []])] == [0, 0]
+
+
+def test_a_value_out_of_int32_range_is_refused():
+    with pytest.raises(OverflowError):
+        StepUpload(torch.device("cpu"))([[1], [2 ** 31]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_upload_is_one_copy_from_a_reused_pinned_buffer():
+    """Each step's tensors hold its own values even when the next step refills the pinned
+    buffer at once (the copy out of it is waited for first)."""
+    up = StepUpload(torch.device("cuda"))
+    up([list(range(4096))])  # grows the pinned buffer once
+    buffer = up._host
+    got = [up([[step] * 1000, list(range(step, step + 7))]) for step in range(5)]
+    assert up._host is buffer and buffer.is_pinned()
+    for step, (a, b) in enumerate(got):
+        assert a.device.type == "cuda" and a.dtype == torch.int32
+        assert a.tolist() == [step] * 1000 and b.tolist() == list(range(step, step + 7))

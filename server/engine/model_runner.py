@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,10 +101,11 @@ class ModelRunner:
                 sampled.append(seq)
 
         max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks)
+        tables = list(chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table))
+                                          for c in chunks))
 
         bs = self.kv.block_size
-        ids_t, pos_t, seq_t, tables_t, rows_t = self.upload([ids, positions, token_seq, list(tables), sample_rows])
+        ids_t, pos_t, seq_t, tables_t, rows_t = self.upload([ids, positions, token_seq, tables, sample_rows])
         tables_t = tables_t.view(len(chunks), max_blocks)
         pos_l = pos_t.long()
         # on the device: each token's cache slot, and the positions it attends to

@@ -7,6 +7,7 @@ tests/test_kernels_mixture.py and tests/test_lora_rows_step.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
@@ -33,10 +34,7 @@ class Scene:
 
     @property
     def offsets(self):
-        offs = [0]
-        for w in self.widths:
-            offs.append(offs[-1] + w)
-        return tuple(offs)
+        return tuple(accumulate(self.widths, initial=0))
 
     @property
     def num_tokens(self):

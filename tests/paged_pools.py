@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -28,10 +29,7 @@ class Case:
 
     @property
     def offsets(self):
-        offs = [0]
-        for w in self.widths:
-            offs.append(offs[-1] + w)
-        return tuple(offs)
+        return tuple(accumulate(self.widths, initial=0))
 
 
 def dense_pool(case: Case, g: torch.Generator):

@@ -9,8 +9,9 @@ process, the interpreter tests rerun themselves in a subprocess). CUDA tests nee
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
-from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
+from triton_mode import CHILD, CUDA, kernel_module, rerun_in_child  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,12 +19,8 @@ import torch  # noqa: E402
 from kernels import LoraSegments, add_lora, lora_expand, lora_shrink  # noqa: E402
 from kernels import reference, torch_ops  # noqa: E402
 
-try:
-    from kernels import triton_sgmv
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton missing entirely
-    triton_sgmv = None
-    HAVE_TRITON = False
+triton_sgmv = kernel_module("triton_sgmv")
+HAVE_TRITON = triton_sgmv is not None
 INTERP = HAVE_TRITON and triton_sgmv.INTERPRETED
 
 
@@ -40,10 +37,7 @@ class Case:
 
     @property
     def offsets(self):
-        offs = [0]
-        for w in self.widths:
-            offs.append(offs[-1] + w)
-        return tuple(offs)
+        return tuple(accumulate(self.widths, initial=0))
 
 
 CASES = {

@@ -11,7 +11,7 @@ tests/test_kernels.py). CUDA tests (real shapes, a captured graph) need a GPU.
 
 from __future__ import annotations
 
-from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
+from triton_mode import CHILD, CUDA, kernel_module, rerun_in_child  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,12 +23,8 @@ from kernels import (add_lora, add_lora_dense, add_lora_mixed, add_lora_routed, 
 from kernels.pages import slots_b_flat  # noqa: E402
 from kernels.segments import fill_static, static_len, static_segments  # noqa: E402
 
-try:
-    from kernels import triton_sgmv
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton missing entirely
-    triton_sgmv = None
-    HAVE_TRITON = False
+triton_sgmv = kernel_module("triton_sgmv")
+HAVE_TRITON = triton_sgmv is not None
 INTERP = HAVE_TRITON and triton_sgmv.INTERPRETED
 
 

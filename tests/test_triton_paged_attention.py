@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from triton_mode import CHILD, CUDA, ROOT, rerun_in_child  # before anything imports triton
+from triton_mode import CHILD, CUDA, ROOT, kernel_module, rerun_in_child  # before anything imports triton
 
 import torch  # noqa: E402
 
@@ -26,12 +26,8 @@ import pytest  # noqa: E402
 
 from kernels.paged_attention import paged_attention_reference  # noqa: E402
 
-try:
-    from kernels import triton_paged_attention as tpa
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton missing entirely
-    tpa = None
-    HAVE_TRITON = False
+tpa = kernel_module("triton_paged_attention")
+HAVE_TRITON = tpa is not None
 INTERP = HAVE_TRITON and tpa.INTERPRETED
 
 

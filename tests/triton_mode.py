@@ -8,6 +8,7 @@ module's interpreter tests in a child process, so the variable never leaks into 
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -28,3 +29,11 @@ def rerun_in_child(test_file: str, keyword: str = "triton_interp") -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file,
                         "-k", keyword], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def kernel_module(name: str):
+    """kernels.<name>, a Triton kernel module, or None when triton is not installed at all."""
+    try:
+        return importlib.import_module(f"kernels.{name}")
+    except ImportError:  # pragma: no cover - triton missing entirely
+        return None

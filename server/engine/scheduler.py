@@ -200,13 +200,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if not self._adapter_fits(seq, adapters):
+            pages = self._adapter_room(seq, adapters)
+            if pages is None:
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(i, n, out):
                 continue  # `seq` itself was preempted: running[i] is now the one behind it
-            self._schedule_chunk(seq, n, out, adapters)
+            self._schedule_chunk(seq, n, out, adapters, pages)
             budget -= n
             i += 1
 
@@ -215,31 +216,30 @@ class Scheduler:
         self._prefetch()
         return out
 
-    def _adapter_fits(self, seq: Sequence, step: StepAdapters) -> bool:
-        """Whether the step's adapters, with all of `seq`'s (a mixture or route needs every
-        expert in the pool), stay within `max_loras` and `max_lora_pages`."""
+    def _adapter_room(self, seq: Sequence, step: StepAdapters) -> int | None:
+        """The pool pages `seq`'s adapters add to the step (a mixture or route needs every expert
+        in the pool), or None if the step's adapters would then exceed `max_loras` or
+        `max_lora_pages`."""
         new = [a for a in seq.adapters if a not in step.names]
         if not new:
-            return True
+            return 0
         if len(step.names) + len(new) > self.max_loras:
-            return False
+            return None
         if self.max_lora_pages is None:
-            return True
-        return step.pages + sum(map(self.residency.pages_of, new)) <= self.max_lora_pages
+            return 0
+        pages = sum(map(self.residency.pages_of, new))
+        return pages if step.pages + pages <= self.max_lora_pages else None
 
     def _ready(self, seq: Sequence) -> bool:
         return all(self.adapter_ready(a) for a in seq.adapters)
 
-    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, step: StepAdapters) -> None:
+    def _schedule_chunk(self, seq: Sequence, n: int, out: SchedulerOutput, step: StepAdapters, pages: int) -> None:
         self.allocator.grow(seq, n)
         chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
         out.chunks.append(chunk)
         self.policy.on_scheduled(seq, chunk.start, n, chunk.samples)
-        for a in seq.adapters:
-            if a not in step.names:
-                step.names.add(a)
-                if self.max_lora_pages is not None:
-                    step.pages += self.residency.pages_of(a)
+        step.names.update(seq.adapters)
+        step.pages += pages  # `_adapter_room`'s count for them
 
     def _make_room(self, i: int, n: int, out: SchedulerOutput) -> bool:
         """Preempt running sequences until `running[i]` fits `n` more tokens.
@@ -291,7 +291,8 @@ class Scheduler:
                 skip.add(id(seq))
                 passed.append(seq)
                 continue  # loading: first in the prefetch line; others run meanwhile
-            if not self._adapter_fits(seq, adapters):
+            pages = self._adapter_room(seq, adapters)
+            if pages is None:
                 skip.add(id(seq))
                 passed.append(seq)
                 if from_policy:
@@ -306,7 +307,7 @@ class Scheduler:
             self._count(seq, SeqStatus.RUNNING, 1)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self._schedule_chunk(seq, n, out, adapters)
+            self._schedule_chunk(seq, n, out, adapters, pages)
             budget -= n
         for seq in passed:
             self._passed_over[id(seq)] = self._passed_over.get(id(seq), 0) + 1

@@ -237,3 +237,16 @@ def test_many_adapters_scenario_reports_latency_and_cache_counters(tiny_llama_di
 
     svg = xml.dom.minidom.parseString(many_adapters.plot([row, {**row, "adapters": 60, "zipf": 1.0}]))
     assert len(svg.getElementsByTagName("polyline")) == 3  # tok/s, TTFT, hit rate: one Zipf line each
+
+
+def test_step_overhead_splits_decode_steps_and_counts_every_token(capsys):
+    """The host-overhead benchmark, shrunk: a row per (rows, streams), each part of a step timed
+    (none negative or missing: the timers nest as the docstring says), every token back."""
+    from loadtest import bench_step_overhead
+
+    assert bench_step_overhead.main(["--streams", "1", "3", "--tokens", "4", "--repeats", "1",
+                                     "--adapters", "2"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("base", "2 lora"))]
+    assert [(r[0].split()[0], int(r[0].split()[-1])) for r in rows] == [("base", 1), ("base", 3), ("2", 1), ("2", 3)]
+    for r in rows:
+        assert all(float(x) > 0 for x in r[1].split()), r

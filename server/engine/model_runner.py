@@ -165,14 +165,11 @@ class ModelRunner:
         slot_of = step_lora.slot_of
         base = step_lora.num_slots
 
-        def order(c: ScheduledChunk) -> int:
-            if c.seq.adapter is not None:
-                return slot_of[c.seq.adapter]
-            return base if c.seq.experts is not None else base + 1
-
-        ordered = sorted(chunks, key=order)
+        keys = [slot_of[c.seq.adapter] if c.seq.adapter is not None else base if c.seq.experts is not None
+                else base + 1 for c in chunks]
+        ordered = [chunks[i] for i in sorted(range(len(chunks)), key=keys.__getitem__)]
         is_dora = step_lora.slots.slot_dora
-        plan = RowPlan() if any(order(c) == base for c in ordered) else None
+        plan = RowPlan() if base in keys else None
         seg_lens: list[int] = []
         seg_slots: list[int] = []
         dora_tokens, dora_slots = array("q"), array("q")

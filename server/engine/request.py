@@ -136,7 +136,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
-@dataclass
+@dataclass(eq=False)  # one object per request: equal means the same (and list.remove stays cheap)
 class Sequence:
     """Engine-side state of one request. Owned by the engine thread."""
 
@@ -151,6 +151,13 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     rng: Any = None  # sampler-owned per-sequence generator (seeded requests)
+    # Every adapter this sequence needs resident and in the step's pool (distinct): its adapter,
+    # its experts', or none (the base). Fixed with the request; read per sequence every step.
+    adapters: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        experts, adapter = self.request.experts, self.request.adapter
+        self.adapters = experts.adapters if experts is not None else () if adapter is None else (adapter,)
 
     @classmethod
     def from_request(cls, request: GenerationRequest) -> Sequence:
@@ -173,13 +180,6 @@ class Sequence:
     def experts(self) -> Experts | None:
         return self.request.experts
 
-    @property
-    def adapters(self) -> tuple:
-        """Every adapter this sequence needs resident and in the step's pool (distinct): its
-        adapter, its experts', or none (the base)."""
-        if self.request.experts is not None:
-            return self.request.experts.adapters
-        return () if self.request.adapter is None else (self.request.adapter,)
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 __all__ = ["paged_attention_triton", "launch_config", "query_tiles", "tile_tokens", "INTERPRETED"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: readable inside kernels
@@ -156,14 +158,11 @@ def _combine(
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
-# Launch arguments that change from step to step must not pick a new compiled variant (each compile
-# stalls a step for seconds): Triton would specialise an int equal to 1 (as a constant) or divisible
-# by 16, and a pointer on its 16-byte alignment. The token count, the block-table width and the
-# table views' offsets (one upload buffer per step) vary; the loads through them are gathers anyway.
-_PER_STEP_INTS = ("T", "num_splits", "stride_bt")
-_PER_STEP_PTRS = ("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr")
-_fwd_jit = triton.jit(_attn_fwd, do_not_specialize=_PER_STEP_INTS, do_not_specialize_on_alignment=_PER_STEP_PTRS)
-_combine_jit = triton.jit(_combine, do_not_specialize=("num_splits",))
+# What changes from step to step must not pick a compiled variant (kernels/triton_jit.py): the token
+# count, the split count, the block-table width, and the int tables' offsets in the step's upload
+# buffer (their loads are gathers anyway).
+_fwd_jit = jit(_attn_fwd, ints=("T", "num_splits", "stride_bt"), pointers=("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr"))
+_combine_jit = jit(_combine, ints=("num_splits",))
 # True when triton was imported with TRITON_INTERPRET=1 (kernels then run on CPU tensors). The
 # interpreter's 16-bit tl.dot is wrong (triton 3.9; see kernels/triton_sgmv.py), so there the
 # operands are widened to fp32; compiled kernels keep 16-bit matrix products.

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .pages import check_pages
 from .segments import LoraSegments
+from .triton_jit import jit
 
 
 def _sgmv_shrink(
@@ -167,11 +168,10 @@ def _sgmv_expand(
 
 
 # The segment table's views (starts, slots, ranks, tiles) lie at offsets of one upload buffer that
-# move with the step's segment count: Triton would compile a variant per 16-byte alignment of each
-# (seconds per compile, mid-serving). They are read a scalar at a time, so alignment buys nothing.
+# move with the step's segment count (kernels/triton_jit.py); they are read a scalar at a time.
 _TABLE_PTRS = ("tiles_ptr", "starts_ptr", "slots_ptr", "ranks_ptr", "pages_ptr")
-_shrink_jit = triton.jit(_sgmv_shrink, do_not_specialize_on_alignment=_TABLE_PTRS)
-_expand_jit = triton.jit(_sgmv_expand, do_not_specialize_on_alignment=_TABLE_PTRS)
+_shrink_jit = jit(_sgmv_shrink, pointers=_TABLE_PTRS)
+_expand_jit = jit(_sgmv_expand, pointers=_TABLE_PTRS)
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors too.
 # The interpreter's 16-bit tl.dot returns garbage (seen with triton 3.9), so there the
 # operands are widened to fp32 first (DOT_FP32); compiled kernels keep the bf16 matrix path.

@@ -30,11 +30,13 @@ tests/test_triton_paged_attention.py arranges this) and are for tests at tiny sh
 from __future__ import annotations
 
 import functools
+from array import array
 
 import torch
 import triton
 import triton.language as tl
 
+from .segments import upload
 from .triton_jit import jit
 
 __all__ = ["paged_attention_triton", "launch_config", "query_tiles", "tile_tokens", "INTERPRETED"]
@@ -190,11 +192,14 @@ def query_tiles(run_lengths: list[int], block_t: int, device: torch.device | str
     """Tile table [N, 2] int32 (first token, token count <= block_t) for a batch whose tokens come
     in runs of one sequence each, in this order (decode runs have length 1). Build it once per
     step (one host-to-device copy) and pass it with block_t = tile_tokens(H, KVH, max_query_len)."""
-    tiles, start = [], 0
+    tiles, start = array("i"), 0
     for n in run_lengths:
-        tiles += [(start + i, min(block_t, n - i)) for i in range(0, n, block_t)]
+        for i in range(0, n, block_t):
+            tiles.extend((start + i, min(block_t, n - i)))
         start += n
-    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2).to(device, non_blocking=True)
+    if not tiles:
+        return torch.zeros(0, 2, dtype=torch.int32, device=device)
+    return upload(tiles, torch.int32, device).view(-1, 2)
 
 
 def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_bytes: int,

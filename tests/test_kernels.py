@@ -448,3 +448,36 @@ def test_cuda_default_dispatch_is_triton():
     add_lora(y1, x, a, b, seg, case.offsets)
     add_lora(y2, x, a, b, seg, case.offsets, backend="triton")
     assert torch.equal(y1, y2)
+
+
+@needs_cuda
+def test_cuda_step_tables_upload_without_host_sync():
+    # an eager step uploads its segment table (and row plan, DoRA tokens, attention tiles) while
+    # the previous work is still queued: a copy from pageable memory would wait for all of it
+    from kernels import DoraTokens, RowPlan
+    from kernels.triton_paged_attention import query_tiles
+
+    def tables():
+        seg = LoraSegments.build([3, 1, 40], [1, 4, 6], [16, 8, 4], 8, "cuda")
+        plan = RowPlan()
+        plan.add(2, 0, 3)
+        plan.add_mixture([1, 4], [0.5, 0.5], 3, 2)
+        rows = plan.build("cuda")
+        dora = DoraTokens.build([0, 2], [1, 1], "cuda")
+        tiles = query_tiles([1, 6, 5], 4, "cuda")
+        return seg, rows, dora, tiles
+
+    tables()  # first pinned blocks: allocated outside the check
+    torch.cuda.synchronize()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 64  # keep the stream busy while the tables go up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        seg, rows, dora, tiles = tables()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert seg.starts.tolist() == [0, 3, 4, 44] and seg.ranks.tolist() == [16, 8, 4]
+    assert tiles.tolist() == [[0, 1], [1, 4], [5, 2], [7, 4], [11, 1]]
+    assert dora.token.tolist() == [0, 2] and dora.slot.tolist() == [1, 1]
+    assert rows.seg_slots == [2] and rows.mixed.tokens.tolist() == [3, 4] and rows.mixed.experts.tolist() == [1, 4]

@@ -46,6 +46,7 @@ CASES = {
     "prefill": Case([(20, 20)], 4, 1),  # G = 4
     "mixed_chunked": Case([(12, 1), (19, 6), (5, 5), (9, 1)], 4, 2),  # (19, 6): 13 cached + a 6-token chunk
     "mixed_shuffled": Case([(11, 3), (6, 1), (14, 4)], 6, 2, shuffle_tokens=True),  # G = 3: padded rows
+    "decode_gqa8": Case([(37, 1), (3, 1), (20, 1)], 8, 1, head_dim=32),  # G = 8 (Llama-70B-like): 8 of 16 rows
 }
 
 
@@ -141,6 +142,7 @@ INTERP_RUNS = [
     ("mixed_chunked", torch.bfloat16, dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=1)),
     ("mixed_shuffled", torch.float32, dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=1)),
     ("mixed_shuffled", torch.float16, None),  # launch_config's own choice
+    ("decode_gqa8", torch.float32, dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=3)),  # splits need not be powers of 2
 ]
 
 
@@ -334,6 +336,17 @@ def test_cuda_model_shapes(dtype, kind):
     # engages for decode; the mixed batch has chunked prefills next to decodes
     seqs = [(1500, 1), (37, 1), (700, 1), (1, 1)] if kind == "decode" else [(1500, 1), (300, 120), (64, 64), (9, 1)]
     run_case(Case(seqs, 32, 8, head_dim=128, block_size=16), dtype, "cuda", seed=7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_long_contexts_gqa8_split_k(dtype):
+    # 32k and 8k decode contexts next to a short one, 8 query heads per kv head: launch_config
+    # splits the keys (not a power of two: 22 here); the short context leaves most splits empty
+    seqs = [(32768, 1), (8192, 1), (100, 1)]
+    cfg = tpa.launch_config(torch.device("cuda"), 3, 4, 128, 2, 32768)
+    assert cfg["NUM_SPLITS"] > 8, cfg
+    run_case(Case(seqs, 32, 4, head_dim=128, block_size=16), dtype, "cuda", seed=13)
 
 
 @needs_cuda

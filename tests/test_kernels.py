@@ -359,6 +359,7 @@ def test_sm90_sgmv_compiles_within_shared_memory():
         for lens, ranks in SGMV_STEPS[::3]:
             _sgmv_step(lens, ranks, *LLAMA_8B["gate_up"], 64, 16)  # the widest shrink tiles
             _sgmv_step(lens, ranks, 11008, [4096], 16, 8)  # K not a multiple of the K tiles; 8-rank pages
+            _sgmv_step(lens, ranks, *LLAMA_8B["o"], 4, 4)  # a rank-4 pool: every tile dim padded to 16
         # fp32 weights (exact products) and fp32 activations over bf16 weights
         _sgmv_step([1] * 8, [16] * 8, *LLAMA_8B["qkv"], 16, 0, wdt=torch.float32, xdt=torch.float32)
         _sgmv_step([300, 2], [16, 4], *LLAMA_8B["qkv"], 16, 16, xdt=torch.float32)

@@ -150,7 +150,8 @@ class CppAttention(AttentionBackend):
 
 class TritonStep(_StepTensors):
     """Per-step metadata of the Triton kernel: the common tensors plus the launch hints
-    (longest context and query run, from host lists) and the query tile table."""
+    (longest context and query run, from host lists) and the query tile table (steps with a
+    prefill chunk; None for decode)."""
 
     def __init__(self, batch: StepBatch, device: torch.device, arch: ModelArch, kernel):
         super().__init__(batch, device)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .mixture import LoraRows, MixTable, RouteTable
+from .segments import upload
 
 # Routed (and mixture) tokens run dense (against every routing (mixture) expert of the step,
 # kernels/mixture.py) while that is at most this many times the (token, expert) pairs they need:
@@ -34,7 +35,7 @@ class DoraTokens:
     def build(tokens: Sequence[int], slots: Sequence[int], device: torch.device | str) -> "DoraTokens":
         buf = array("q", tokens)
         buf.extend(slots)
-        dev = torch.frombuffer(buf, dtype=torch.int64).to(device, copy=True)
+        dev = upload(buf, torch.int64, device)
         return DoraTokens(dev[: len(tokens)], dev[len(tokens):])
 
 
@@ -55,7 +56,7 @@ class StepRows:
 def _upload(buf: array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     if not buf:
         return torch.zeros(0, dtype=dtype, device=device)
-    return torch.frombuffer(buf, dtype=dtype).to(device, copy=True)
+    return upload(buf, dtype, device)
 
 
 class RowPlan:

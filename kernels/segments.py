@@ -26,6 +26,17 @@ WINDOW_SLACK = 3.0
 LAYOUTS: tuple[str, ...] = ("torch", "triton")
 
 
+def upload(buf: array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host array (typecode matching dtype, non-empty) as a new tensor on `device`, in one copy.
+    To a GPU through pinned memory, asynchronously: a copy from pageable memory would make the
+    host wait for everything queued on the stream (a synchronisation per step). The pinned block
+    goes back to torch's caching host allocator, which reuses it only after the copy has run."""
+    host = torch.frombuffer(buf, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device, copy=True)  # copy: never alias the caller's array
+
+
 @dataclass(frozen=True, eq=False)  # identity semantics: fields are tensors
 class LoraSegments:
     """The per-step segment table.
@@ -187,8 +198,7 @@ class LoraSegments:
                     valid.extend(range(at, at + n))
                 buf.extend(rows)
                 buf.extend(valid)
-        # buf always holds starts[0]; copy=True so the result never aliases the temporary array
-        dev = torch.frombuffer(buf, dtype=torch.int32).to(device, copy=True)
+        dev = upload(buf, torch.int32, device)  # buf always holds starts[0]
         views, at = [], 0
         for n in (len(starts), len(slots), len(ranks), n_offsets, n_token_slots, 2 * first,
                   pad_len, num_tokens if pad_len else 0):

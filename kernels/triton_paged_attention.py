@@ -30,10 +30,14 @@ tests/test_triton_paged_attention.py arranges this) and are for tests at tiny sh
 from __future__ import annotations
 
 import functools
+from array import array
 
 import torch
 import triton
 import triton.language as tl
+
+from .segments import upload
+from .triton_jit import jit
 
 __all__ = ["paged_attention_triton", "launch_config", "query_tiles", "tile_tokens", "INTERPRETED"]
 
@@ -46,10 +50,10 @@ _MAX_SPLITS = 32
 
 def _attn_fwd(
     q_ptr, kv_ptr, bt_ptr, seq_ptr, ctx_ptr, tiles_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    T, H, G, block_size, qk_scale, softcap, window,
+    T, H, G, block_size, qk_scale, softcap, window, num_splits,
     stride_qt, stride_qh, stride_ks, stride_kkv, stride_kh, stride_bt, stride_ot, stride_oh,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_TILES: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -87,7 +91,7 @@ def _attn_fwd(
         lo = 0
         if USE_WINDOW:
             lo = tl.maximum(tl.min(tl.where(in_seg, ctx - window, hi)), 0)
-        split_len = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        split_len = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * split_len
         end = tl.minimum(start + split_len, hi)
         bt_row = bt_ptr + s0.to(tl.int64) * stride_bt
@@ -126,11 +130,11 @@ def _attn_fwd(
 
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=in_seg[:, None])
         else:
-            part = (tok.to(tl.int64) * H + head) * NUM_SPLITS + split
+            part = (tok.to(tl.int64) * H + head) * num_splits + split
             tl.store(part_o_ptr + part[:, None] * D + offs_d[None, :], o, mask=in_seg[:, None])
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             tl.store(part_lse_ptr + part, lse, mask=in_seg)
@@ -139,15 +143,15 @@ def _attn_fwd(
 
 
 def _combine(
-    part_o_ptr, part_lse_ptr, out_ptr, H, stride_ot, stride_oh,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    part_o_ptr, part_lse_ptr, out_ptr, H, num_splits, stride_ot, stride_oh,
+    D: tl.constexpr, S_PAD: tl.constexpr,
 ):
     # out[t, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max); empty splits have lse -inf
     t = tl.program_id(0)
     h = tl.program_id(1)
-    base = (t.to(tl.int64) * H + h) * NUM_SPLITS
+    base = (t.to(tl.int64) * H + h) * num_splits
     offs_s = tl.arange(0, S_PAD)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_ok, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))
     offs_d = tl.arange(0, D)
@@ -156,8 +160,11 @@ def _combine(
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
-_fwd_jit = triton.jit(_attn_fwd)
-_combine_jit = triton.jit(_combine)
+# What changes from step to step must not pick a compiled variant (kernels/triton_jit.py): the token
+# count, the split count, the block-table width, and the int tables' offsets in the step's upload
+# buffer (their loads are gathers anyway).
+_fwd_jit = jit(_attn_fwd, ints=("T", "num_splits", "stride_bt"), pointers=("bt_ptr", "seq_ptr", "ctx_ptr", "tiles_ptr"))
+_combine_jit = jit(_combine, ints=("num_splits",))
 # True when triton was imported with TRITON_INTERPRET=1 (kernels then run on CPU tensors). The
 # interpreter's 16-bit tl.dot is wrong (triton 3.9; see kernels/triton_sgmv.py), so there the
 # operands are widened to fp32; compiled kernels keep 16-bit matrix products.
@@ -170,22 +177,29 @@ def _num_sms(index: int) -> int:
 
 
 def tile_tokens(H: int, KVH: int, max_query_len: int | None) -> int:
-    """BLOCK_T: query tokens per program. 1 for decode (max_query_len 1 or unknown); for prefill
-    enough tokens that tokens x padded GQA group fill ~64 rows of the matrix unit."""
+    """BLOCK_T: query tokens per program. 1 for decode (max_query_len 1 or unknown); for any step
+    with a prefill chunk, enough tokens that tokens x padded GQA group fill ~64 rows of the matrix
+    unit. Only these two values: BLOCK_T is a compile-time constant, and one that followed the
+    step's longest chunk would compile a new kernel (seconds) the first time each size shows up;
+    a tile table (query_tiles) keeps short runs in tiles of their own, so a larger BLOCK_T costs
+    padded rows of the (cheap) products only, not K/V traffic."""
     if max_query_len is None or max_query_len <= 1:
         return 1
-    return min(triton.next_power_of_2(max_query_len), max(1, 64 // triton.next_power_of_2(H // KVH)))
+    return max(1, 64 // triton.next_power_of_2(H // KVH))
 
 
 def query_tiles(run_lengths: list[int], block_t: int, device: torch.device | str) -> torch.Tensor:
     """Tile table [N, 2] int32 (first token, token count <= block_t) for a batch whose tokens come
     in runs of one sequence each, in this order (decode runs have length 1). Build it once per
     step (one host-to-device copy) and pass it with block_t = tile_tokens(H, KVH, max_query_len)."""
-    tiles, start = [], 0
+    tiles, start = array("i"), 0
     for n in run_lengths:
-        tiles += [(start + i, min(block_t, n - i)) for i in range(0, n, block_t)]
+        for i in range(0, n, block_t):
+            tiles.extend((start + i, min(block_t, n - i)))
         start += n
-    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2).to(device, non_blocking=True)
+    if not tiles:
+        return torch.zeros(0, 2, dtype=torch.int32, device=device)
+    return upload(tiles, torch.int32, device).view(-1, 2)
 
 
 def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_bytes: int,
@@ -198,10 +212,9 @@ def launch_config(device: torch.device, num_tiles: int, KVH: int, D: int, elt_by
     if max_context_len is not None and device.type == "cuda":
         want = triton.cdiv(2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
                            programs)
+        # a runtime argument of the kernels (only "split or not" is compiled in): free to follow
+        # the context length step by step
         splits = max(1, min(want, triton.cdiv(max_context_len, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
-        # a power of two: NUM_SPLITS is a compile-time constant, and a count that followed every
-        # context length would compile a new kernel, stalling a step, each time a context grew past one
-        splits = 1 << (splits.bit_length() - 1)
     return dict(BLOCK_N=block_n, NUM_SPLITS=splits)
 
 
@@ -254,6 +267,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     cfg = launch_config(dev, num_tiles, KVH, D, q.element_size(), max_context_len)
     cfg.update(config or {})
     splits = cfg["NUM_SPLITS"]
+    assert 1 <= splits <= _MAX_SPLITS, f"NUM_SPLITS {splits} outside 1..{_MAX_SPLITS}"
     G = H // KVH
     g_pad = triton.next_power_of_2(G)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
@@ -271,15 +285,15 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     grid = (num_tiles, KVH, splits)
     _fwd_jit[grid](
         q, kv_cache, bt, seq, ctx, tiles if tiles is not None else seq, out, part_o, part_lse,
-        T, H, G, block_size, float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        T, H, G, block_size, float(scale), float(softcap or 1.0), int(sliding_window or 0), splits,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), bt.stride(0),
         out.stride(0), out.stride(1),
         D=D, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_M=max(16, block_t * g_pad), BLOCK_N=cfg["BLOCK_N"],
-        NUM_SPLITS=splits, USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
+        SPLIT=splits > 1, USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
         USE_TILES=tiles is not None, DOT_FP32=interp or q.dtype == torch.float32,
         PRECISION="ieee" if interp or q.dtype == torch.float32 else "tf32",
         **extra)
     if splits > 1:
-        _combine_jit[(T, H)](part_o, part_lse, out, H, out.stride(0), out.stride(1),
-                             D=D, NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits))
+        _combine_jit[(T, H)](part_o, part_lse, out, H, splits, out.stride(0), out.stride(1),
+                             D=D, S_PAD=_MAX_SPLITS)
     return out

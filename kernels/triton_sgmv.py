@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .pages import check_pages
 from .segments import LoraSegments
+from .triton_jit import jit
 
 
 def _sgmv_shrink(
@@ -95,7 +96,7 @@ def _sgmv_expand(
     y_ptr, h_ptr, b_ptr, tiles_ptr, starts_ptr, slots_ptr, ranks_ptr, pages_ptr,
     R_PAD, U, OFF1, OFF2, OFF3, NT1, NT2,
     stride_ym, stride_yn, stride_hm, stride_hn, stride_bn, stride_bo, stride_br, stride_pg,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SKIP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr, ONE_PAGE: tl.constexpr,
 ):
     # y[m, o] += sum_r h[m, s*R + r] * b[slot, o, r] for the slice s that holds column o
@@ -116,10 +117,9 @@ def _sgmv_expand(
     col_hi = tl.where(in2, OFF3, tl.where(in1, OFF2, OFF1))
     first_tile = tl.where(in2, NT2, tl.where(in1, NT1, 0))
 
-    k_hi = R_PAD
-    if SKIP_PAD:
-        # only the adapter's true rank columns carry data: fewer B bytes for small ranks
-        k_hi = tl.minimum(tl.load(ranks_ptr + seg), R_PAD)
+    # only the adapter's true rank columns carry data: fewer B bytes for small ranks (and a paged
+    # pool's pages past the rank name any page)
+    k_hi = tl.minimum(tl.load(ranks_ptr + seg), R_PAD)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = col_lo + (pid_n - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,8 +167,11 @@ def _sgmv_expand(
     tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=y_mask)
 
 
-_shrink_jit = triton.jit(_sgmv_shrink)
-_expand_jit = triton.jit(_sgmv_expand)
+# The segment table's views (starts, slots, ranks, tiles) lie at offsets of one upload buffer that
+# move with the step's segment count (kernels/triton_jit.py); they are read a scalar at a time.
+_TABLE_PTRS = ("tiles_ptr", "starts_ptr", "slots_ptr", "ranks_ptr", "pages_ptr")
+_shrink_jit = jit(_sgmv_shrink, pointers=_TABLE_PTRS)
+_expand_jit = jit(_sgmv_expand, pointers=_TABLE_PTRS)
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors too.
 # The interpreter's 16-bit tl.dot returns garbage (seen with triton 3.9), so there the
 # operands are widened to fp32 first (DOT_FP32); compiled kernels keep the bf16 matrix path.
@@ -248,13 +251,15 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, n_slices: i
         raise ValueError("a paged shrink needs n_slices")
     u = a.shape[1] // n_slices if n_slices else 1
     paged_r, pg, u, stride_pg = _paged(pages, u, a.device, seg)
+    # SKIP_PAD whenever the slices are known, whatever this step's ranks: a flag that followed
+    # min_rank would compile a second variant of the kernel (the mask costs one scalar load)
     if paged_r is None:
         nr = a.shape[1]
-        skip = n_slices is not None and seg.min_rank < nr // n_slices
+        skip = n_slices is not None
         r_pad = nr // n_slices if n_slices else nr
     else:  # rows past a segment's rank may name another adapter's page: always masked
         r_pad, nr = paged_r, n_slices * paged_r
-        skip = seg.min_rank < r_pad
+        skip = True
     cfg = dict(config or shrink_config(seg, k, nr, max(x.element_size(), a.element_size())))
     launch = {w: cfg.pop(w) for w in ("num_warps", "num_stages") if w in cfg}
     split = cfg["SPLIT_K"]
@@ -313,12 +318,11 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, seg: LoraSegm
     nts = (tile_ends + [tile_ends[-1]] * 2)[:2]
     tiles, n_tiles = seg.tile_range(cfg["BLOCK_M"])
     grid = (tile_ends[-1], n_tiles)
-    skip = seg.min_rank < r_pad
     if y.device.type == "cpu":
         launch = {}
     _kernel("expand", y.device)[grid](
         y, h, b, tiles, seg.starts, seg.slots, seg.ranks, pg,
         r_pad, u, offs[0], offs[1], offs[2], nts[0], nts[1],
         y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), stride_pg,
-        SKIP_PAD=skip, PRECISION=_precision(b.dtype), DOT_FP32=INTERPRETED, PAGED=pages is not None,
+        PRECISION=_precision(b.dtype), DOT_FP32=INTERPRETED, PAGED=pages is not None,
         ONE_PAGE=pages is not None and u % cfg["BLOCK_K"] == 0, **cfg, **launch)

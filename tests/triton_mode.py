@@ -23,9 +23,10 @@ if not CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def rerun_in_child(test_file: str, keyword: str = "triton_interp") -> None:
-    """Run the tests of `test_file` matching `keyword` under the interpreter in a child; assert they pass."""
-    env = dict(os.environ, TRITON_INTERPRET="1", _LORAMUX_CHILD="1")
+def rerun_in_child(test_file: str, keyword: str = "triton_interp", interpret: bool = True) -> None:
+    """Run the tests of `test_file` matching `keyword` in a child, under the interpreter (or, with
+    interpret=False, with kernels compiled for a GPU target: tests/sm90_aot.py); assert they pass."""
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0", _LORAMUX_CHILD="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file,
                         "-k", keyword], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

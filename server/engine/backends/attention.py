@@ -150,14 +150,17 @@ class CppAttention(AttentionBackend):
 
 class TritonStep(_StepTensors):
     """Per-step metadata of the Triton kernel: the common tensors plus the launch hints
-    (longest context and query run, from host lists) and the query tile table."""
+    (longest context and query run, from host lists) and the query tile table (steps with a
+    prefill chunk; None for decode)."""
 
     def __init__(self, batch: StepBatch, device: torch.device, arch: ModelArch, kernel):
         super().__init__(batch, device)
         self.max_context_len = batch.max_context_len
         self.max_query_len = batch.max_query_len
         block_t = kernel.tile_tokens(arch.num_heads, arch.num_kv_heads, self.max_query_len)
-        self.tiles = kernel.query_tiles(list(batch.query_lens), block_t, device)
+        # decode (one token per tile): the kernel's own token windows are that table already, and
+        # launching without one is the variant the CUDA graphs compiled (no upload, no new compile)
+        self.tiles = kernel.query_tiles(list(batch.query_lens), block_t, device) if block_t > 1 else None
         self.arch = arch
         self.kernel = kernel
 

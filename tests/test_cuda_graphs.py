@@ -216,6 +216,24 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
 
 
 @needs_interp
+def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(tiny_llama_dir, adapter_dirs,
+                                                                                monkeypatch):
+    """A captured graph's output stays allocated in the shared graph pool for the engine's life, so
+    the graphs end at the final hidden states [size, hidden]: [size, vocab] float32 logits per graph
+    held ~4 GB at an 8B model's 128k vocabulary over a ladder to 256. The replay computes the logits
+    of its real rows only."""
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    graphs, arch = engine.runner.graphs, engine.info.arch
+    for (size, with_lora), graph in graphs.graphs.items():
+        lay = cuda_graphs._Layout(size, graphs.width)
+        graphs._fill_padding(lay, with_lora)
+        graphs._dev.copy_(graphs._host_tensor)
+        assert graph.run().shape == (size, arch.hidden_size), (size, with_lora)
+    logits, size = graphs.replay([3, 4, 5], [0, 1, 2], [[0]] * 3, None)
+    assert size == 4 and logits.shape == (3, arch.vocab_size) and logits.dtype == torch.float32
+
+
+@needs_interp
 def test_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, monkeypatch):
     """Capture runs each size's step once over padding inputs, largest size first. The buffer
     still holds the last fill (a larger size's, or a served step's) where a smaller size keeps its

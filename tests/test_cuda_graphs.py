@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -231,6 +233,53 @@ def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(ti
         assert graph.run().shape == (size, arch.hidden_size), (size, with_lora)
     logits, size = graphs.replay([3, 4, 5], [0, 1, 2], [[0]] * 3, None)
     assert size == 4 and logits.shape == (3, arch.vocab_size) and logits.dtype == torch.float32
+
+
+# What reads a tensor's values on the host: on a GPU each waits for the device (a synchronisation).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@needs_interp
+def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs, monkeypatch):
+    """A decode step on a graph, greedy and without logprobs, reads values back from tensors once in
+    our code (server/, kernels/): the sampled tokens. Everything else on the step path (scheduling,
+    adapter activation, the one input copy, the replay, the logits) must not wait for the device:
+    on a GPU the host queues the step and meets it at that one read."""
+    from pathlib import Path
+
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    root = str(Path(__file__).resolve().parents[1])
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    warm(engine, ["a", "b"])
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, (adapter, prompt) in enumerate([("a", [5, 6, 7]), (None, [8, 9]), ("b", [10, 11, 12, 13])]):
+        engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
+    engine.step()  # the prefills (eager)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(root) and "/tests/" not in caller:
+                reads.append(f"{name} from {caller[len(root) + 1:]}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    graph_steps = sum(engine.runner.graph_steps.values())
+    for _ in range(2):
+        reads.clear()
+        outs = engine.step()
+        assert len(outs) == 3 and all(len(o.token_ids) == 1 for o in outs)
+        assert reads == [reads[0]] and reads[0].startswith("tolist from server/engine/sampler.py"), reads
+    monkeypatch.undo()
+    assert sum(engine.runner.graph_steps.values()) == graph_steps + 2  # both were graph steps
+    while engine.has_unfinished():
+        engine.step()
 
 
 @needs_interp

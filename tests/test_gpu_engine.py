@@ -4,6 +4,7 @@ same greedy tokens as transformers / PEFT, with CUDA graphs for decode (the defa
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,32 @@ def test_decode_graph_replay_does_not_synchronise(tiny_llama_dir, gpu_adapters):
         torch.cuda.set_sync_debug_mode("default")
     assert size == 4 and logits.shape == (3, engine.info.arch.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters):
+    """A whole engine step that decodes on a graph (greedy, no logprobs) synchronises with the
+    device once, reading the sampled tokens: scheduling, activation of resident adapters, the input
+    copy, the replay and the logits are queued without waiting (torch's sync debug mode counts)."""
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8)
+    jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
+    run(engine, jobs, 3)  # adapters resident, kernels compiled
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    for i, (adapter, prompt) in enumerate(jobs):
+        engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
+    engine.step()  # the prefills (eager)
+    runner = engine.runner
+    for _ in range(2):
+        graph_steps = sum(runner.graph_steps.values())
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outs = engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert sum(runner.graph_steps.values()) == graph_steps + 1 and len(outs) == 3
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, syncs
+    while engine.has_unfinished():
+        engine.step()

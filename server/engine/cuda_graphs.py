@@ -140,9 +140,14 @@ class DecodeGraphs:
         self._i64 = torch.zeros(3, self.max_size, dtype=torch.int64, device=dev)  # ids, positions, slots
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # Warm-ups and captures on one side stream: what a first launch creates per stream (cuBLAS
+        # workspaces) is made by the warm-up, never inside a capture; replays run on any stream.
+        self._stream = torch.cuda.Stream(dev) if capture else None
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.attention_steps = []  # each graph's attention step (its launch config: tests)
         with torch.inference_mode():
+            if capture:  # the weights and the KV cache were written on the current stream
+                self._stream.wait_stream(torch.cuda.current_stream(dev))
             for size in reversed(self.ladder):  # largest first: smaller ones reuse its pool memory
                 for with_lora in ((True, False) if self.lora is not None else (False,)):
                     self.graphs[(size, with_lora)] = self._record(size, with_lora)
@@ -170,11 +175,14 @@ class DecodeGraphs:
         if not self.capture:
             return _Graph(step)
         self._fill_padding(lay, with_lora)
-        self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
-        step()  # warm-up: compiles the kernels, creates library handles, outside the capture
+        with torch.cuda.stream(self._stream):
+            self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
+            step()  # warm-up: compiles the kernels, creates library handles, outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a loader thread's legal copy (another stream) during the capture must not
+        # invalidate it, as "global" mode would
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._stream, capture_error_mode="thread_local"):
             hidden = step()
 
         def replay() -> torch.Tensor:

@@ -21,7 +21,6 @@ of tokens, or a section's process crashed or was killed at its cap.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -42,7 +41,7 @@ import torch  # noqa: E402
 
 from loadtest import gpu_bench as gb  # noqa: E402
 from loadtest import gpu_many_adapters  # noqa: E402
-from loadtest.gpu_systems import Bench, SkipUnit, Unit  # noqa: E402
+from loadtest.gpu_systems import run_bench, units  # noqa: E402
 from loadtest.gpu_report import render_markdown, targets  # noqa: E402
 
 # Never run on a GPU first (the attention kernel, the engine), the kernels that ran on an H100 last.
@@ -79,7 +78,7 @@ GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=
                 adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
                 caps=dict(tests=140, bench=185, many=70, attention=25, pages=20, kernels=10), min_unit_s=12,
-                grace_s=30)
+                grace_s=20)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
                   target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
                   test_files=("tests/test_gpu_engine.py",), total_s=210,
@@ -107,22 +106,6 @@ class Budget:
     def section(self, cap_s: float) -> float:
         """The section's deadline (a clock value)."""
         return min(self.clock() + cap_s, self.end)
-
-
-def units(plan: Plan) -> list[Unit]:
-    """Every row, the ones the issue's targets read first, so a short budget still yields them."""
-    few, B = plan.adapter_counts[0], plan.target_streams
-    first = [Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", 0, B),
-             Unit("loramux", few, B), Unit("loramux --no-lora", 0, B), Unit("peft", few, B),
-             Unit("transformers", 0, B), Unit("transformers", 0, 1),
-             # what the CUDA graphs bring: the same engine, every step eager
-             Unit("loramux --enforce-eager", 0, 1), Unit("loramux --enforce-eager", few, B),
-             Unit("loramux --enforce-eager", 0, B)]
-    rest = [Unit("loramux", a, s) for a in (0, *plan.adapter_counts) for s in plan.streams]
-    rest += [Unit("loramux --no-lora", 0, s) for s in plan.streams]
-    rest += [Unit("transformers", 0, s) for s in plan.streams]
-    rest += [Unit("peft", a, s) for a in plan.adapter_counts for s in plan.streams]
-    return first + [u for u in rest if u not in first]
 
 
 # --- running things in a child process with a time limit -------------------------------------------
@@ -180,87 +163,6 @@ def run_micro(name: str, plan: Plan, budget: Budget, out: Path, cuda: bool) -> d
     lines = log.read_text(errors="replace").splitlines()
     return dict(name=name, command=" ".join(["python", *MICRO[name]]), status=status, seconds=round(seconds, 1),
                 lines=lines[-80:], log=log.name)
-
-
-# --- the decode benchmark --------------------------------------------------------------------------
-
-
-def skip_status(plan: Plan, budget: Budget, deadline: float) -> str | None:
-    """Why a benchmark unit cannot start now, or None if it can."""
-    if deadline - budget.clock() >= max(plan.min_unit_s, 0.01):
-        return None
-    return "skipped: time cap" if budget.left() > 0 else "skipped: run budget spent"
-
-
-def run_bench(plan: Plan, budget: Budget, deadline: float, work: Path, results: dict, flush) -> None:
-    """Every unit's row into results["rows"] by `deadline` (a clock value), `flush` after each."""
-    results["rows"] = []
-    if skip_status(plan, budget, deadline):  # nothing would run: no weights, no adapters, no CUDA
-        for unit in units(plan):
-            results["rows"].append(dict(asdict(unit), status=skip_status(plan, budget, deadline), tok_s=None,
-                                        floor_tok_s=None, tokens_ok=None, seconds=None, step_bytes=None))
-        flush()
-        return
-    bench = Bench(plan, work)
-    results["setup"] = bench.setup
-    for make in (bench.model_dir, bench.weights, bench.adapter_dirs):  # in order: each timed on its own
-        make()
-    bw = gb.copy_bandwidth(bench.device, plan.copy_bytes)
-    results["floor"] = dict(copy_bytes_per_s=bw, copy_bytes=plan.copy_bytes,
-                            context=plan.prompt_len + plan.new_tokens / 2,
-                            note="bytes read per decode step / measured copy bandwidth (read + write bytes)")
-    arch = bench.arch()
-    elem = 2 if plan.dtype == "bfloat16" else 4
-    warmed: set[tuple[str, int, int]] = set()
-    last: dict[str, tuple[int, float]] = {}  # system -> (streams, seconds) of its last row
-    for unit in units(plan):
-        sb = gb.step_bytes(arch, unit.streams, results["floor"]["context"], min(unit.adapters, unit.streams), elem)
-        row = dict(asdict(unit), status="", tok_s=None, floor_tok_s=unit.streams / (sb.total / bw), tokens_ok=None,
-                   seconds=None, step_bytes=asdict(sb))
-        results["rows"].append(row)
-        left = deadline - budget.clock()
-        if skip_status(plan, budget, deadline):
-            row["status"] = skip_status(plan, budget, deadline)
-            flush()
-            continue
-        if unit.system in last:  # a row costs about its system's last one, scaled by the batch
-            prev_streams, prev_s = last[unit.system]
-            guess = prev_s * max(1.0, unit.streams / prev_streams)
-            if guess > left:
-                row["status"] = f"skipped: would take ~{guess:.0f} s, {left:.0f} s left"
-                continue
-        t0 = time.perf_counter()
-        try:
-            run = bench.runner(unit, left)
-            key = (unit.system, unit.adapters, unit.streams)
-            if key not in warmed:  # compile (kernel variants follow the batch's token count), allocate, load
-                tw = time.perf_counter()
-                run(2)
-                warmed.add(key)
-                bench.setup[f"warm-up: {unit.system}, {unit.adapters or 'no'} adapters, {unit.streams} streams"] = \
-                    round(time.perf_counter() - tw, 2)
-            t1 = time.perf_counter()
-            row["tok_s"] = gb.decode_tps(run, unit.streams, plan.new_tokens, plan.repeats)
-            last[unit.system] = (unit.streams, time.perf_counter() - t1)
-            row["tokens_ok"] = True
-            row["status"] = "ok"
-        except SkipUnit as exc:
-            row["status"] = str(exc)
-        except gb.TokenCountError as exc:
-            row.update(tokens_ok=False, status=f"wrong token count: {exc}")
-        except Exception as exc:  # OOM, a kernel error: this row fails, the others still run
-            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-            traceback.print_exc()
-            if plan.device == "cuda":
-                gb.release_cached_memory()
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"  {unit.system:<18} adapters {unit.adapters:>3} streams {unit.streams:>4}: {row['status']}"
-              + (f", {row['tok_s']:.1f} tok/s" if row["tok_s"] else ""), flush=True)
-        flush()
-    bench.objects.clear()
-    gc.collect()  # engines hold reference cycles (the loader callback): their KV caches and pools go now
-    if plan.device == "cuda":
-        gb.release_cached_memory()
 
 
 # --- main ------------------------------------------------------------------------------------------

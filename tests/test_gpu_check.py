@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest import gpu_bench as gb  # noqa: E402
-from loadtest.gpu_check import FAULT_ENV, SMOKE_PLAN, Budget, units  # noqa: E402
-from loadtest.gpu_systems import Unit  # noqa: E402
+from loadtest.gpu_check import FAULT_ENV, SMOKE_PLAN, Budget  # noqa: E402
+from loadtest.gpu_systems import Unit, units  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.model.random_weights import random_weights  # noqa: E402
 
@@ -52,8 +52,8 @@ def test_smoke_run_writes_every_table(tmp_path):
     B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
     tests = res["tests"]
     assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
-    # tests/test_gpu_engine.py: 8 tests, skipped without CUDA (passed with it)
-    assert tests["passed"] + tests["skipped"] == 8, tests
+    # tests/test_gpu_engine.py: 9 tests, skipped without CUDA (passed with it)
+    assert tests["passed"] + tests["skipped"] == 9, tests
     assert (tmp_path / tests["log"]).is_file()
 
     rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}

@@ -146,15 +146,23 @@ def test_decode_graph_replay_does_not_synchronise(tiny_llama_dir, gpu_adapters):
     assert torch.isfinite(logits).all()
 
 
-def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters):
-    """A whole engine step that decodes on a graph (greedy, no logprobs) synchronises with the
-    device once, reading the sampled tokens: scheduling, activation of resident adapters, the input
-    copy, the replay and the logits are queued without waiting (torch's sync debug mode counts)."""
+SAMPLED = [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
+           dict(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2),
+           dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling):
+    """A whole engine step that decodes on a graph (without logprobs) synchronises with the device
+    once, reading the sampled tokens: scheduling, activation of resident adapters, the input copy,
+    the replay, the logits and the sampling parameters' upload are queued without waiting (torch's
+    sync debug mode counts). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row."""
     engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8)
     jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
     run(engine, jobs, 3)  # adapters resident, kernels compiled
-    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     for i, (adapter, prompt) in enumerate(jobs):
+        kw = SAMPLED[i] if sampling == "sampled" else dict(temperature=0.0)
+        params = SamplingParams(max_tokens=5, ignore_eos=True, **kw)
         engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
     engine.step()  # the prefills (eager)
     runner = engine.runner

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from loadtest import gpu_bench as gb  # noqa: E402
 from loadtest import gpu_many_adapters  # noqa: E402
-from loadtest.gpu_systems import run_bench, units  # noqa: E402
+from loadtest.gpu_systems import STARTED, run_bench, units  # noqa: E402
 from loadtest.gpu_report import render_markdown, targets  # noqa: E402
 
 # Never run on a GPU first (the attention kernel, the engine), the kernels that ran on an H100 last.
@@ -204,6 +204,10 @@ SECTIONS = {"bench": "decode benchmark", "many": "many-adapters section"}
 FAULT_ENV = "LORAMUX_GPU_CHECK_FAULT"  # tests only: "hang:<section>" / "exit:<section>" (see _fault)
 
 
+def many_plan(smoke: bool) -> gpu_many_adapters.Plan:
+    return gpu_many_adapters.SMOKE if smoke else gpu_many_adapters.GPU
+
+
 def write_tables(out: Path, results: dict, plan: Plan, budget: Budget) -> None:
     """gpu_check.json and gpu_check.md from `results`, each replaced whole (a process killed
     while writing leaves the previous version, never half a file)."""
@@ -222,7 +226,8 @@ def run_section(name: str, plan: Plan, budget: Budget, out: Path, work: Path, sm
     rewrites them as it goes; killed if still running `plan.grace_s` past the section's deadline.
     Then its part is read back into `results`. -> False if the child crashed or was killed."""
     deadline = budget.section(plan.caps[name])
-    if deadline - budget.clock() < max(plan.min_unit_s, 0.01):  # nothing can run: the rows say why, no process
+    least = plan.min_unit_s if name == "bench" else many_plan(smoke).min_cell_s  # what one row needs
+    if deadline - budget.clock() < max(least, 0.01):  # nothing can run: the rows say why, no process, no CUDA
         section_body(name, plan, budget, deadline, work, results, flush, smoke)
         return True
     flush()  # the child starts from what is measured so far
@@ -243,14 +248,13 @@ def run_section(name: str, plan: Plan, budget: Budget, out: Path, work: Path, sm
     if name == "bench":
         seen = {(r["system"], r["adapters"], r["streams"]) for r in results["rows"]}
         for row in results["rows"]:
-            if not row["status"]:
+            if row["status"] == STARTED:
                 row["status"] = f"not finished: {what}"
         results["rows"] += [dict(asdict(u), status=f"not run: {what}", tok_s=None, floor_tok_s=None, tokens_ok=None,
                                  seconds=None, step_bytes=None)
                             for u in units(plan) if (u.system, u.adapters, u.streams) not in seen]
     elif results["many_adapters"] is None:
-        results["many_adapters"] = gpu_many_adapters.not_run(gpu_many_adapters.SMOKE if smoke else gpu_many_adapters.GPU,
-                                                             f"not run: {what}")
+        results["many_adapters"] = gpu_many_adapters.not_run(many_plan(smoke), f"not run: {what}")
     flush()
     return False
 
@@ -267,9 +271,8 @@ def section_body(name: str, plan: Plan, budget: Budget, deadline: float, work: P
             results["notes"].append(f"decode benchmark stopped: {type(exc).__name__}: {str(exc)[:300]}")
     else:
         print("many adapters ...", flush=True)
-        many_plan = gpu_many_adapters.SMOKE if smoke else gpu_many_adapters.GPU
         try:
-            results["many_adapters"] = gpu_many_adapters.run(many_plan, deadline, work)
+            results["many_adapters"] = gpu_many_adapters.run(many_plan(smoke), deadline, work)
         except Exception as exc:
             traceback.print_exc()
             results["notes"].append(f"many-adapters section stopped: {type(exc).__name__}: {str(exc)[:300]}")

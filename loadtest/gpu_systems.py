@@ -130,6 +130,9 @@ class Bench:
         return run
 
 
+STARTED = "started"  # a row's status while its unit runs
+
+
 class SkipUnit(Exception):
     """This benchmark row would not fit in the time left; the message says why."""
 
@@ -202,6 +205,8 @@ def run_bench(plan: Plan, budget: Budget, deadline: float, work: Path, results: 
             if guess > left:
                 row["status"] = f"skipped: would take ~{guess:.0f} s, {left:.0f} s left"
                 continue
+        row["status"] = STARTED  # what the tables say if this process dies in the unit
+        flush()
         t0 = time.perf_counter()
         try:
             run = bench.runner(unit, left)

@@ -175,10 +175,13 @@ def decode_tps(run: Callable[[int], float], streams: int, new_tokens: int, repea
     stall can only add time, and one in t(1) would inflate the rate)."""
     rates = []
     for _ in range(repeats):
-        first = run(1)  # first: a kernel compiled on first use is not counted in the decode
-        decode = run(new_tokens) - min(first, run(1))
-        if decode <= 0:
-            raise RuntimeError(f"timing noise: {new_tokens} tokens took no longer than 1 token")
+        for attempt in range(3):  # a stall in both 1-token runs (a loaded host) can hide the decode: measure again
+            first = run(1)  # first: a kernel compiled on first use is not counted in the decode
+            decode = run(new_tokens) - min(first, run(1))
+            if decode > 0:
+                break
+        else:
+            raise RuntimeError(f"timing noise: {new_tokens} tokens took no longer than 1 token, 3 times")
         rates.append(streams * (new_tokens - 1) / decode)
     return statistics.median(rates)
 

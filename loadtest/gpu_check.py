@@ -5,20 +5,22 @@ PEFT mixed-adapter generate and the HBM floor (loramux with CUDA graphs for deco
 (loadtest/gpu_many_adapters.py: 1,000 adapters at Zipf 1.0 against 8), then the Triton
 micro-benchmarks. Under 8 minutes
 on one H100/H200: every section has a time cap and the whole run a budget (~7.5 min); what does
-not fit is skipped and the tables say so. Tables are rewritten after every section, so a killed
-run still leaves what it measured.
+not fit is skipped and the tables say so. Every section runs in a child process of its own, killed
+if it is still running `grace_s` past its cap (a hung kernel, a deadlock), so one section's hang,
+crash, sticky CUDA error or leftover GPU memory cannot take the others with it. Tables are
+rewritten after every benchmark row and every section, so a killed run still leaves what it measured.
 
     python loadtest/gpu_check.py --out DIR          # default: $OUT, else ./gpu_check_out
     python loadtest/gpu_check.py --smoke --out DIR  # CPU, tiny model and counts, same code paths
 
-Writes DIR/gpu_check.md and DIR/gpu_check.json (+ the logs of pytest and the micro-benchmarks).
-Exit status 1 if a test failed or a run returned other than the requested number of tokens.
+Writes DIR/gpu_check.md and DIR/gpu_check.json (+ the logs of pytest, of each section and of the
+micro-benchmarks). Exit status 1 if a test failed, a run returned other than the requested number
+of tokens, or a section's process crashed or was killed at its cap.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 
 from loadtest import gpu_bench as gb  # noqa: E402
 from loadtest import gpu_many_adapters  # noqa: E402
-from loadtest.gpu_systems import Bench, SkipUnit, Unit  # noqa: E402
+from loadtest.gpu_systems import STARTED, run_bench, units  # noqa: E402
 from loadtest.gpu_report import render_markdown, targets  # noqa: E402
 
 # Never run on a GPU first (the attention kernel, the engine), the kernels that ran on an H100 last.
@@ -69,16 +71,19 @@ class Plan:
     total_s: float  # the whole run's budget
     caps: dict[str, float]  # per-section caps, seconds
     min_unit_s: float  # a benchmark unit is not started with less than this left in its section
+    grace_s: float  # a section's process still running this long past its cap is killed
 
 
 GPU_PLAN = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", streams=(1, 8, 64, 256),
                 adapter_counts=(8, 64), target_streams=64, prompt_len=128, new_tokens=32, repeats=1,
                 copy_bytes=1 << 30, test_files=GPU_TESTS, total_s=450,
-                caps=dict(tests=140, bench=185, many=70, attention=25, pages=20, kernels=10), min_unit_s=12)
+                caps=dict(tests=140, bench=185, many=70, attention=25, pages=20, kernels=10), min_unit_s=12,
+                grace_s=20)
 SMOKE_PLAN = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", streams=(1, 4), adapter_counts=(2, 4),
                   target_streams=4, prompt_len=8, new_tokens=8, repeats=1, copy_bytes=16 << 20,
                   test_files=("tests/test_gpu_engine.py",), total_s=210,
-                  caps=dict(tests=60, bench=90, many=60, attention=10, pages=10, kernels=10), min_unit_s=0)
+                  caps=dict(tests=60, bench=90, many=60, attention=10, pages=10, kernels=10), min_unit_s=0,
+                  grace_s=30)
 MICRO = {
     "attention": ["loadtest/bench_attention.py", "--backend", "triton", "--repeats", "10"],
     "pages": ["loadtest/bench_pages.py", "--reps", "10"],  # the paged pool's cost to the SGMV kernels
@@ -87,11 +92,13 @@ MICRO = {
 
 
 class Budget:
-    """The run's deadline, and each section's: min(its cap from now, the run's end)."""
+    """The run's deadline, and each section's: min(its cap from now, the run's end).
+    `end`: the run's end as a clock value (a section's child process continues its parent's run;
+    time.monotonic is one clock for every process of the machine)."""
 
-    def __init__(self, total_s: float, clock=time.monotonic):
+    def __init__(self, total_s: float, clock=time.monotonic, end: float | None = None):
         self.clock = clock
-        self.end = clock() + total_s
+        self.end = clock() + total_s if end is None else end
 
     def left(self) -> float:
         return self.end - self.clock()
@@ -99,22 +106,6 @@ class Budget:
     def section(self, cap_s: float) -> float:
         """The section's deadline (a clock value)."""
         return min(self.clock() + cap_s, self.end)
-
-
-def units(plan: Plan) -> list[Unit]:
-    """Every row, the ones the issue's targets read first, so a short budget still yields them."""
-    few, B = plan.adapter_counts[0], plan.target_streams
-    first = [Unit("loramux", 0, 1), Unit("loramux --no-lora", 0, 1), Unit("loramux", 0, B),
-             Unit("loramux", few, B), Unit("loramux --no-lora", 0, B), Unit("peft", few, B),
-             Unit("transformers", 0, B), Unit("transformers", 0, 1),
-             # what the CUDA graphs bring: the same engine, every step eager
-             Unit("loramux --enforce-eager", 0, 1), Unit("loramux --enforce-eager", few, B),
-             Unit("loramux --enforce-eager", 0, B)]
-    rest = [Unit("loramux", a, s) for a in (0, *plan.adapter_counts) for s in plan.streams]
-    rest += [Unit("loramux --no-lora", 0, s) for s in plan.streams]
-    rest += [Unit("transformers", 0, s) for s in plan.streams]
-    rest += [Unit("peft", a, s) for a in plan.adapter_counts for s in plan.streams]
-    return first + [u for u in rest if u not in first]
 
 
 # --- running things in a child process with a time limit -------------------------------------------
@@ -174,72 +165,6 @@ def run_micro(name: str, plan: Plan, budget: Budget, out: Path, cuda: bool) -> d
                 lines=lines[-80:], log=log.name)
 
 
-# --- the decode benchmark --------------------------------------------------------------------------
-
-
-def run_bench(plan: Plan, budget: Budget, work: Path, results: dict, flush) -> None:
-    deadline = budget.section(plan.caps["bench"])
-    bench = Bench(plan, work)
-    results["setup"] = bench.setup
-    for make in (bench.model_dir, bench.weights, bench.adapter_dirs):  # in order: each timed on its own
-        make()
-    bw = gb.copy_bandwidth(bench.device, plan.copy_bytes)
-    results["floor"] = dict(copy_bytes_per_s=bw, copy_bytes=plan.copy_bytes,
-                            context=plan.prompt_len + plan.new_tokens / 2,
-                            note="bytes read per decode step / measured copy bandwidth (read + write bytes)")
-    arch = bench.arch()
-    elem = 2 if plan.dtype == "bfloat16" else 4
-    warmed: set[tuple[str, int, int]] = set()
-    last: dict[str, tuple[int, float]] = {}  # system -> (streams, seconds) of its last row
-    for unit in units(plan):
-        sb = gb.step_bytes(arch, unit.streams, results["floor"]["context"], min(unit.adapters, unit.streams), elem)
-        row = dict(asdict(unit), status="", tok_s=None, floor_tok_s=unit.streams / (sb.total / bw), tokens_ok=None,
-                   seconds=None, step_bytes=asdict(sb))
-        results["rows"].append(row)
-        left = deadline - budget.clock()
-        if left < max(plan.min_unit_s, 0.01):
-            row["status"] = "skipped: time cap" if budget.left() > 0 else "skipped: run budget spent"
-            continue
-        if unit.system in last:  # a row costs about its system's last one, scaled by the batch
-            prev_streams, prev_s = last[unit.system]
-            guess = prev_s * max(1.0, unit.streams / prev_streams)
-            if guess > left:
-                row["status"] = f"skipped: would take ~{guess:.0f} s, {left:.0f} s left"
-                continue
-        t0 = time.perf_counter()
-        try:
-            run = bench.runner(unit, left)
-            key = (unit.system, unit.adapters, unit.streams)
-            if key not in warmed:  # compile (kernel variants follow the batch's token count), allocate, load
-                tw = time.perf_counter()
-                run(2)
-                warmed.add(key)
-                bench.setup[f"warm-up: {unit.system}, {unit.adapters or 'no'} adapters, {unit.streams} streams"] = \
-                    round(time.perf_counter() - tw, 2)
-            t1 = time.perf_counter()
-            row["tok_s"] = gb.decode_tps(run, unit.streams, plan.new_tokens, plan.repeats)
-            last[unit.system] = (unit.streams, time.perf_counter() - t1)
-            row["tokens_ok"] = True
-            row["status"] = "ok"
-        except SkipUnit as exc:
-            row["status"] = str(exc)
-        except gb.TokenCountError as exc:
-            row.update(tokens_ok=False, status=f"wrong token count: {exc}")
-        except Exception as exc:  # OOM, a kernel error: this row fails, the others still run
-            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-            traceback.print_exc()
-            if plan.device == "cuda":
-                gb.release_cached_memory()
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"  {unit.system:<18} adapters {unit.adapters:>3} streams {unit.streams:>4}: {row['status']}"
-              + (f", {row['tok_s']:.1f} tok/s" if row["tok_s"] else ""), flush=True)
-        flush()
-    bench.objects.clear()
-    gc.collect()  # engines hold reference cycles (the loader callback): their KV caches and pools go now
-    if plan.device == "cuda":
-        gb.release_cached_memory()
-
-
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -273,19 +198,139 @@ def work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="gpu_check-", dir=base))
 
 
+# --- the in-process sections, each in a child process ----------------------------------------------
+
+SECTIONS = {"bench": "decode benchmark", "many": "many-adapters section"}
+FAULT_ENV = "LORAMUX_GPU_CHECK_FAULT"  # tests only: "hang:<section>" / "exit:<section>" (see _fault)
+
+
+def many_plan(smoke: bool) -> gpu_many_adapters.Plan:
+    return gpu_many_adapters.SMOKE if smoke else gpu_many_adapters.GPU
+
+
+def write_tables(out: Path, results: dict, plan: Plan, budget: Budget) -> None:
+    """gpu_check.json and gpu_check.md from `results`, each replaced whole (a process killed
+    while writing leaves the previous version, never half a file)."""
+    results["targets"] = targets(results["rows"], plan.adapter_counts[0], plan.target_streams)
+    results["elapsed_s"] = round(plan.total_s - budget.left(), 1)
+    for name, text in (("gpu_check.json", json.dumps(results, indent=1, default=str)),
+                       ("gpu_check.md", render_markdown(results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def run_section(name: str, plan: Plan, budget: Budget, out: Path, work: Path, smoke: bool, results: dict,
+                flush) -> bool:
+    """Section `name` in a child process (`--section`), which reads the tables, adds its part and
+    rewrites them as it goes; killed if still running `plan.grace_s` past the section's deadline.
+    Then its part is read back into `results`. -> False if the child crashed or was killed."""
+    deadline = budget.section(plan.caps[name])
+    least = plan.min_unit_s if name == "bench" else many_plan(smoke).min_cell_s  # what one row needs
+    if deadline - budget.clock() < max(least, 0.01):  # nothing can run: the rows say why, no process, no CUDA
+        section_body(name, plan, budget, deadline, work, results, flush, smoke)
+        return True
+    flush()  # the child starts from what is measured so far
+    log = out / f"section_{name}.log"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--out", str(out), "--work", str(work),
+            "--deadline", repr(deadline), "--run-end", repr(budget.end), "--budget-s", repr(plan.total_s),
+            *(["--smoke"] if smoke else []), *[f"--cap={k}={v}" for k, v in plan.caps.items()]]
+    rc, seconds = run_child(argv, log, deadline - budget.clock() + plan.grace_s)
+    print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]), end="", flush=True)
+    child = json.loads((out / "gpu_check.json").read_text())
+    for key in ("setup", "floor", "rows", "many_adapters", "notes"):
+        results[key] = child[key]
+    if rc == 0:
+        return True
+    what = (f"killed {plan.grace_s:.0f} s past its cap ({seconds:.0f} s)" if rc is None else
+            f"its process exited with status {rc}")
+    results["notes"].append(f"{SECTIONS[name]}: {what}; rows it did not record are marked, see {log.name}")
+    if name == "bench":
+        seen = {(r["system"], r["adapters"], r["streams"]) for r in results["rows"]}
+        for row in results["rows"]:
+            if row["status"] == STARTED:
+                row["status"] = f"not finished: {what}"
+        results["rows"] += [dict(asdict(u), status=f"not run: {what}", tok_s=None, floor_tok_s=None, tokens_ok=None,
+                                 seconds=None, step_bytes=None)
+                            for u in units(plan) if (u.system, u.adapters, u.streams) not in seen]
+    elif results["many_adapters"] is None:
+        results["many_adapters"] = gpu_many_adapters.not_run(many_plan(smoke), f"not run: {what}")
+    flush()
+    return False
+
+
+def section_body(name: str, plan: Plan, budget: Budget, deadline: float, work: Path, results: dict, flush,
+                 smoke: bool) -> None:
+    """What a section's child runs (or its parent, when there is no time left: rows marked skipped)."""
+    if name == "bench":
+        print("decode benchmark ...", flush=True)
+        try:
+            run_bench(plan, budget, deadline, work, results, flush)
+        except Exception as exc:
+            traceback.print_exc()
+            results["notes"].append(f"decode benchmark stopped: {type(exc).__name__}: {str(exc)[:300]}")
+    else:
+        print("many adapters ...", flush=True)
+        try:
+            results["many_adapters"] = gpu_many_adapters.run(many_plan(smoke), deadline, work)
+        except Exception as exc:
+            traceback.print_exc()
+            results["notes"].append(f"many-adapters section stopped: {type(exc).__name__}: {str(exc)[:300]}")
+    flush()
+
+
+def _fault(section: str) -> None:
+    """Tests of the kill path only: FAULT_ENV "hang:<section>" makes that section's child hang,
+    "exit:<section>" makes it die (as a crash in a CUDA library would), before it measures anything."""
+    kind, _, where = os.environ.get(FAULT_ENV, "").partition(":")
+    if where == section and kind == "hang":
+        while True:
+            time.sleep(1)
+    if where == section and kind == "exit":
+        os._exit(3)
+
+
+def section_main(args, plan: Plan) -> int:
+    """The child of `run_section`: continue the parent's run (its tables, its clock)."""
+    out = Path(args.out)
+    budget = Budget(plan.total_s, end=args.run_end)
+    results = json.loads((out / "gpu_check.json").read_text())
+    _fault(args.section)
+    section_body(args.section, plan, budget, args.deadline, Path(args.work), results,
+                 lambda: write_tables(out, results, plan, budget), args.smoke)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="directory for the tables")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and counts: the control flow only")
     ap.add_argument("--budget-s", type=float, help="override the whole run's time budget (seconds)")
+    ap.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                    help="override a section's time cap (tests, bench, many, attention, pages, kernels)")
+    ap.add_argument("--grace-s", type=float, help="override how long past its cap a section's process may run")
     ap.add_argument("--skip-tests", action="store_true")
+    # a section's child process (run_section)
+    ap.add_argument("--section", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--run-end", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     plan = SMOKE_PLAN if args.smoke else GPU_PLAN
     if args.budget_s is not None:
         plan = replace(plan, total_s=args.budget_s)
+    if args.grace_s is not None:
+        plan = replace(plan, grace_s=args.grace_s)
+    for item in args.cap:
+        key, _, value = item.partition("=")
+        if key not in plan.caps:
+            ap.error(f"--cap {item}: no section {key!r} (have {', '.join(plan.caps)})")
+        plan = replace(plan, caps={**plan.caps, key: float(value)})
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs on CPU")
         return 2
+    if args.section:
+        return section_main(args, plan)
     budget = Budget(plan.total_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                          targets=[], many_adapters=None, micro=[], notes=[])
 
     def flush() -> None:
-        results["targets"] = targets(results["rows"], plan.adapter_counts[0], plan.target_streams)
-        results["elapsed_s"] = round(plan.total_s - budget.left(), 1)
-        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
-        (out / "gpu_check.md").write_text(render_markdown(results))
+        write_tables(out, results, plan, budget)
 
     print(f"gpu_check: {results['environment']['mode']}, budget {plan.total_s:.0f} s, tables in {out}", flush=True)
     if args.skip_tests:
@@ -306,22 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         results["tests"] = run_tests(plan, budget, out)
         flush()
     work = work_dir()
+    sections_ok = True
     try:
-        # A section that raises (a CUDA error poisons the context: what follows in this process
-        # fails too) is noted, and the micro-benchmarks, in child processes, still run.
-        print("decode benchmark ...", flush=True)
-        try:
-            run_bench(plan, budget, work, results, flush)
-        except Exception as exc:
-            traceback.print_exc()
-            results["notes"].append(f"decode benchmark stopped: {type(exc).__name__}: {str(exc)[:300]}")
-        print("many adapters ...", flush=True)
-        many_plan = gpu_many_adapters.SMOKE if args.smoke else gpu_many_adapters.GPU
-        try:
-            results["many_adapters"] = gpu_many_adapters.run(many_plan, budget.section(plan.caps["many"]), work)
-        except Exception as exc:
-            traceback.print_exc()
-            results["notes"].append(f"many-adapters section stopped: {type(exc).__name__}: {str(exc)[:300]}")
+        for name in SECTIONS:
+            sections_ok &= run_section(name, plan, budget, out, work, args.smoke, results, flush)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     flush()
@@ -336,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_bad = any(r["tokens_ok"] is False for r in results["rows"])
     tests_bad = results["tests"] is not None and not results["tests"]["ok"]
     many_bad = results["many_adapters"] is not None and gpu_many_adapters.tokens_bad(results["many_adapters"])
-    return 1 if tokens_bad or tests_bad or many_bad else 0
+    return 1 if tokens_bad or tests_bad or many_bad or not sections_ok else 0
 
 
 if __name__ == "__main__":

@@ -220,9 +220,8 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
     """The scenario, every cell, by `deadline` (a time.monotonic() value); adapters and the model
     directory are written under `work`. -> the results dict (JSON-able; `markdown` renders it)."""
     t_start = time.monotonic()
-    res: dict = dict(plan=_plan_dict(plan), setup={}, rows=[], ratios=[], notes=[])
-    rows = res["rows"] = [dict(adapters=c.adapters, zipf=c.zipf, status="not run", tokens_ok=None, seconds=None)
-                          for c in plan.cells]
+    res = not_run(plan)
+    rows = res["rows"]
 
     def timed(what: str, make):
         t0 = time.perf_counter()
@@ -289,6 +288,12 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
         if plan.device == "cuda":
             gb.release_cached_memory()
     return finish()
+
+
+def not_run(plan: Plan, status: str = "not run") -> dict:
+    """The results of a run that measured nothing: every cell's row says `status`."""
+    rows = [dict(adapters=c.adapters, zipf=c.zipf, status=status, tokens_ok=None, seconds=None) for c in plan.cells]
+    return dict(plan=_plan_dict(plan), setup={}, rows=rows, ratios=ratios(rows), notes=[])
 
 
 def _plan_dict(plan: Plan) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from triton_mode import CHILD, CUDA, rerun_in_child  # before anything imports triton
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -213,6 +215,71 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
     assert e_tokens == tokens and not eager.runner.graph_steps
     for got, want in zip(logprobs, e_logprobs):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+@needs_interp
+def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(tiny_llama_dir, adapter_dirs,
+                                                                                monkeypatch):
+    """A captured graph's output stays allocated in the shared graph pool for the engine's life, so
+    the graphs end at the final hidden states [size, hidden]: [size, vocab] float32 logits per graph
+    held ~4 GB at an 8B model's 128k vocabulary over a ladder to 256. The replay computes the logits
+    of its real rows only."""
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    graphs, arch = engine.runner.graphs, engine.info.arch
+    for (size, with_lora), graph in graphs.graphs.items():
+        lay = cuda_graphs._Layout(size, graphs.width)
+        graphs._fill_padding(lay, with_lora)
+        graphs._dev.copy_(graphs._host_tensor)
+        assert graph.run().shape == (size, arch.hidden_size), (size, with_lora)
+    logits, size = graphs.replay([3, 4, 5], [0, 1, 2], [[0]] * 3, None)
+    assert size == 4 and logits.shape == (3, arch.vocab_size) and logits.dtype == torch.float32
+
+
+# What reads a tensor's values on the host: on a GPU each waits for the device (a synchronisation).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@needs_interp
+def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs, monkeypatch):
+    """A decode step on a graph, greedy and without logprobs, reads values back from tensors once in
+    our code (server/, kernels/): the sampled tokens. Everything else on the step path (scheduling,
+    adapter activation, the one input copy, the replay, the logits) must not wait for the device:
+    on a GPU the host queues the step and meets it at that one read."""
+    from pathlib import Path
+
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    root = str(Path(__file__).resolve().parents[1])
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    warm(engine, ["a", "b"])
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, (adapter, prompt) in enumerate([("a", [5, 6, 7]), (None, [8, 9]), ("b", [10, 11, 12, 13])]):
+        engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
+    engine.step()  # the prefills (eager)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(root) and "/tests/" not in caller:
+                reads.append(f"{name} from {caller[len(root) + 1:]}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    graph_steps = sum(engine.runner.graph_steps.values())
+    for _ in range(2):
+        reads.clear()
+        outs = engine.step()
+        assert len(outs) == 3 and all(len(o.token_ids) == 1 for o in outs)
+        assert reads == [reads[0]] and reads[0].startswith("tolist from server/engine/sampler.py"), reads
+    monkeypatch.undo()
+    assert sum(engine.runner.graph_steps.values()) == graph_steps + 2  # both were graph steps
+    while engine.has_unfinished():
+        engine.step()
 
 
 @needs_interp

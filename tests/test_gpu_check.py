@@ -6,6 +6,7 @@ once is known to work before that one run."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,15 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest import gpu_bench as gb  # noqa: E402
-from loadtest.gpu_check import SMOKE_PLAN, Budget, units  # noqa: E402
-from loadtest.gpu_systems import Unit  # noqa: E402
+from loadtest.gpu_check import FAULT_ENV, SMOKE_PLAN, Budget  # noqa: E402
+from loadtest.gpu_systems import Unit, units  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.model.random_weights import random_weights  # noqa: E402
 
 
-def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
+def run_script(out: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    if fault is not None:
+        env[FAULT_ENV] = fault
     return subprocess.run([sys.executable, "loadtest/gpu_check.py", "--smoke", "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def expected_rows() -> set[tuple[str, int, int]]:
@@ -48,8 +52,8 @@ def test_smoke_run_writes_every_table(tmp_path):
     B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
     tests = res["tests"]
     assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
-    # tests/test_gpu_engine.py: 7 tests, skipped without CUDA (passed with it)
-    assert tests["passed"] + tests["skipped"] == 7, tests
+    # tests/test_gpu_engine.py: 9 tests, skipped without CUDA (passed with it)
+    assert tests["passed"] + tests["skipped"] == 9, tests
     assert (tmp_path / tests["log"]).is_file()
 
     rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}
@@ -91,6 +95,34 @@ def test_a_spent_budget_skips_the_rows_and_still_writes_the_tables(tmp_path):
     assert md.count("skipped: run budget spent") == len(expected_rows())
     assert [r["status"] for r in res["many_adapters"]["rows"]] == ["skipped: deadline passed"] * 2
     assert "not measured" in md and "tests skipped (--skip-tests)" in md
+
+
+def test_a_hung_section_is_killed_past_its_cap_and_the_next_one_still_runs(tmp_path):
+    """The decode benchmark's process hangs (as a deadlocked kernel would): it is killed grace_s
+    past its cap, every row it owed says so, the many-adapters section still runs in its own
+    process, the tables are written, and the exit status says the check is incomplete."""
+    proc = run_script(tmp_path, "--skip-tests", "--cap", "bench=1", "--grace-s", "2", fault="hang:bench")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {(r["system"], r["adapters"], r["streams"]) for r in res["rows"]} == expected_rows()
+    assert all(r["status"].startswith("not run: killed 2 s past its cap") for r in res["rows"]), res["rows"]
+    assert [r["status"] for r in res["many_adapters"]["rows"]] == ["ok", "ok"]
+    assert any(n.startswith("decode benchmark: killed") for n in res["notes"]), res["notes"]
+    assert "not run: killed" in (tmp_path / "gpu_check.md").read_text()
+    assert (tmp_path / "section_bench.log").is_file()
+
+
+def test_a_crashed_section_leaves_the_tables_of_the_others(tmp_path):
+    """The many-adapters process dies (a crash in a CUDA library): its rows say so, the tables
+    still hold the rest (here the benchmark's rows, skipped by a zero cap, in-process)."""
+    proc = run_script(tmp_path, "--skip-tests", "--cap", "bench=0", fault="exit:many")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(r["status"] == "skipped: time cap" for r in res["rows"]) and len(res["rows"]) == len(expected_rows())
+    many = res["many_adapters"]["rows"]
+    assert [r["status"] for r in many] == ["not run: its process exited with status 3"] * 2, many
+    assert any(n.startswith("many-adapters section: its process exited with status 3") for n in res["notes"])
+    assert "## Many adapters (issue 11)" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_target_rows_come_first_and_every_row_once():

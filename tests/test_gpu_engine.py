@@ -4,6 +4,7 @@ same greedy tokens as transformers / PEFT, with CUDA graphs for decode (the defa
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,40 @@ def test_decode_graph_replay_does_not_synchronise(tiny_llama_dir, gpu_adapters):
         torch.cuda.set_sync_debug_mode("default")
     assert size == 4 and logits.shape == (3, engine.info.arch.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+SAMPLED = [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
+           dict(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2),
+           dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling):
+    """A whole engine step that decodes on a graph (without logprobs) synchronises with the device
+    once, reading the sampled tokens: scheduling, activation of resident adapters, the input copy,
+    the replay, the logits and the sampling parameters' upload are queued without waiting (torch's
+    sync debug mode counts). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row."""
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8)
+    jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
+    run(engine, jobs, 3)  # adapters resident, kernels compiled
+    for i, (adapter, prompt) in enumerate(jobs):
+        kw = SAMPLED[i] if sampling == "sampled" else dict(temperature=0.0)
+        params = SamplingParams(max_tokens=5, ignore_eos=True, **kw)
+        engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
+    engine.step()  # the prefills (eager)
+    runner = engine.runner
+    for _ in range(2):
+        graph_steps = sum(runner.graph_steps.values())
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outs = engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert sum(runner.graph_steps.values()) == graph_steps + 1 and len(outs) == 3
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, syncs
+    while engine.has_unfinished():
+        engine.step()

@@ -196,3 +196,30 @@ def test_a_write_that_fails_leaks_nothing(arch, adapters, monkeypatch):
     assert slots.book.free_pages == 6 - slots.pages_for(adapters[names[0]].rank)
     placed = slots.activate({n: adapters[n] for n in ("p2", "p3")})  # ranks 4 and 7: 3 pages
     assert all(held(slots, placed[n], adapters[n]) for n in ("p2", "p3"))
+
+
+def test_the_tensors_a_captured_graph_reads_keep_their_storage(arch, adapters):
+    """A CUDA graph captures the pool's tensors by address (the page table, each layer's A / B
+    views, the ranks): loads, activations, evictions and churn write into them, never replace them."""
+    slots = pool(arch, 6, 16)
+
+    def addresses() -> list[int]:
+        tensors = [slots.pages, slots.ranks, *slots.a.values(), *slots.b.values(), *slots.dora.values(),
+                   *slots.proto.values(), *slots.proto_valid.values()]
+        for per_layer in (slots.layer_a, slots.layer_b, slots.layer_dora, slots.layer_proto, slots.layer_proto_valid):
+            tensors += [t for views in per_layer.values() for t in views]
+        return [t.data_ptr() for t in tensors]
+
+    before = addresses()
+    names = list(adapters)
+    rng = random.Random(5)
+    for step in range(20):
+        pick = rng.sample(names, 3)
+        slots.activate({n: adapters[n] for n in pick})
+        slots.write_in_place(rng.choice(names), adapters[rng.choice(names)])
+        if step % 4 == 3:
+            slots.evict(pick[0])
+    assert slots.book.free_pages < slots.num_pages  # the pool was really written
+    assert addresses() == before
+    assert all(v.data_ptr() == slots.a[g][i].data_ptr() for g, views in slots.layer_a.items()
+               for i, v in enumerate(views))

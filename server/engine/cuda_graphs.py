@@ -2,17 +2,21 @@
 
 A decode step launches every kernel of every layer; on a GPU the host would spend longer issuing
 them than the GPU spends running them. So, at start, the forward of a decode batch (embedding to
-logits) is captured as a CUDA graph for each size of a ladder (1, 2, 4, 8, then multiples of 8 up
+the final norm) is captured as a CUDA graph for each size of a ladder (1, 2, 4, 8, then multiples of 8 up
 to --max-num-seqs), twice: with LoRA and without (a step of base-only rows replays the one without,
 so enabling LoRA costs base-only traffic nothing). A step of B rows replays the smallest size >= B.
+The graphs end at the final hidden states; the logits of the B real rows are computed after the
+replay (one GEMM): a graph's output stays allocated in the shared graph pool for the engine's life,
+and [size, vocab] float32 logits per graph would hold ~4 GB at an 8B model's 128k vocabulary over
+a ladder to 256 (with and without LoRA), hidden states 1/30 of that; padding rows get no logits.
 
 Everything the graph reads per step sits in static device buffers, written by ONE host-to-device
 copy from one pinned int32 buffer per step (`_Layout`): token ids, positions, KV slots, contexts,
 block tables and the LoRA segment table (kernels/segments.py `fill_static`). Rows B..size-1 are
 padding: their K/V go to a scratch KV block no sequence owns (the engine allocates one block past
-the allocator's), they attend to one position of block 0, their logits are discarded. The kernels'
-launch sizes are fixed at capture (backends' `graph_step` / `static_step`), so nothing inside a
-replay waits for the host; sampling stays outside the graph (the step's one synchronisation).
+the allocator's), they attend to one position of block 0, and their hidden states are dropped. The
+kernels' launch sizes are fixed at capture (backends' `graph_step` / `static_step`), so nothing inside
+a replay waits for the host; sampling stays outside the graph (the step's one synchronisation).
 
 Who replays is the runner's decision (server/engine/model_runner.py): all chunks single-token
 decodes that sample, at most the largest size, and every LoRA row a single non-DoRA adapter.
@@ -96,7 +100,7 @@ class _Layout:
 
 @dataclass
 class _Graph:
-    run: Callable[[], torch.Tensor]  # replays the step; -> logits [size, vocab] float32
+    run: Callable[[], torch.Tensor]  # replays the step; -> final hidden states [size, hidden]
 
 
 class DecodeGraphs:
@@ -136,9 +140,14 @@ class DecodeGraphs:
         self._i64 = torch.zeros(3, self.max_size, dtype=torch.int64, device=dev)  # ids, positions, slots
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # Warm-ups and captures on one side stream: what a first launch creates per stream (cuBLAS
+        # workspaces) is made by the warm-up, never inside a capture; replays run on any stream.
+        self._stream = torch.cuda.Stream(dev) if capture else None
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.attention_steps = []  # each graph's attention step (its launch config: tests)
         with torch.inference_mode():
+            if capture:  # the weights and the KV cache were written on the current stream
+                self._stream.wait_stream(torch.cuda.current_stream(dev))
             for size in reversed(self.ladder):  # largest first: smaller ones reuse its pool memory
                 for with_lora in ((True, False) if self.lora is not None else (False,)):
                     self.graphs[(size, with_lora)] = self._record(size, with_lora)
@@ -161,21 +170,24 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             longs.copy_(ints)  # ids, positions, slots to int64, inside the graph
-            return model.logits(model.forward(longs[0], longs[1], attn, cache, lora))
+            return model.forward(longs[0], longs[1], attn, cache, lora)
 
         if not self.capture:
             return _Graph(step)
         self._fill_padding(lay, with_lora)
-        self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
-        step()  # warm-up: compiles the kernels, creates library handles, outside the capture
+        with torch.cuda.stream(self._stream):
+            self._dev[:lay.length].copy_(self._host_tensor[:lay.length])
+            step()  # warm-up: compiles the kernels, creates library handles, outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
+        # thread_local: a loader thread's legal copy (another stream) during the capture must not
+        # invalidate it, as "global" mode would
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._stream, capture_error_mode="thread_local"):
+            hidden = step()
 
         def replay() -> torch.Tensor:
             graph.replay()
-            return logits
+            return hidden
         return _Graph(replay)
 
     def _fill_padding(self, lay: _Layout, with_lora: bool) -> None:
@@ -193,7 +205,7 @@ class DecodeGraphs:
         """One decode step of B <= max_size rows: row r decodes token ids[r] at positions[r] of the
         sequence whose block table is tables[r]. `lora`: the segments of the LoRA rows (the first
         ones), or None for a step of base-only rows. -> (logits [B, vocab] float32, graph size).
-        The logits live in the graphs' memory until the next replay. Host work O(B + blocks)."""
+        Host work O(B + blocks)."""
         size = self.size_for(len(ids))
         if size is None:
             raise ValueError(f"{len(ids)} rows exceed the largest graph ({self.max_size})")
@@ -202,7 +214,8 @@ class DecodeGraphs:
         self._dev[:lay.length].copy_(self._host_tensor[:lay.length], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        return self.graphs[(size, lora is not None)].run()[:len(ids)], size
+        hidden = self.graphs[(size, lora is not None)].run()
+        return self.model.logits(hidden[:len(ids)]), size
 
     def _fill(self, lay: _Layout, ids, positions, tables, lora: LoraLayout | None) -> None:
         """Write one step's inputs into the pinned buffer, once the previous step's copy out of

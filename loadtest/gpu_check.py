@@ -48,7 +48,7 @@ from loadtest.gpu_report import render_markdown, targets  # noqa: E402
 GPU_TESTS = ("tests/test_triton_paged_attention.py", "tests/test_gpu_engine.py",
              "tests/test_lora_pool_in_place.py::test_loads_land_in_the_pool_and_steps_copy_nothing",
              "tests/test_step_upload.py",
-             "tests/test_kernels.py", "tests/test_kernels_pages.py",
+             "tests/test_kernels.py", "tests/test_kernels_pages.py", "tests/test_lora_pages.py",
              "tests/test_kernels_mixture.py")  # rows, mixtures, routing, DoRA on CUDA: last, the cap may cut it
 # Only the CUDA cases of those files: their CPU cases run in CI, and some (the C++ attention
 # extension's first build, Triton compiles for sm_90 in a subprocess) would eat the section's cap;

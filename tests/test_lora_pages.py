@@ -223,3 +223,37 @@ def test_the_tensors_a_captured_graph_reads_keep_their_storage(arch, adapters):
     assert addresses() == before
     assert all(v.data_ptr() == slots.a[g][i].data_ptr() for g, views in slots.layer_a.items()
                for i, v in enumerate(views))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_slot_writes_sync_nothing_and_hold_what_cpu_writes_hold(arch, adapters):
+    """On a GPU a slot write is one pinned upload and device-side copies: activations that write
+    (the engine thread's path) and loader writes raise nothing under sync debug mode 'error'
+    (a copy from pageable memory would wait for every queued step), and the pool then holds
+    exactly what the same writes hold on the CPU."""
+    cuda = LoraSlots(arch, 6, R, torch.float32, torch.device("cuda"), Metrics(), page_rank=U, num_pages=16)
+    cpu = pool(arch, 6, 16)
+    names = list(adapters)
+    steps = [names[0:3], names[3:6], names[1:4]]
+    for slots in (cpu, cuda):
+        torch.cuda.set_sync_debug_mode("error" if slots is cuda else "default")
+        try:
+            for pick in steps:
+                slots.activate({n: adapters[n] for n in pick})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        slots.write_in_place(names[7], adapters[names[7]])  # waits for its copy stream: not under 'error'
+    torch.cuda.synchronize()
+    assert cuda.book.names() == cpu.book.names()
+    for name in cpu.book.names():  # what each resident adapter's slot and pages hold (the rest is unwritten)
+        slot = cpu.book.slot_of(name)
+        assert cuda.book.slot_of(name) == slot
+        pages = list(cpu.book.pages(slot))
+        assert list(cuda.book.pages(slot)) == pages
+        pairs = [(cpu.pages[slot], cuda.pages[slot]), (cpu.ranks[slot], cuda.ranks[slot])]
+        for g in cpu.a:
+            pairs += [(cpu.a[g][:, pages], cuda.a[g][:, pages]), (cpu.b[g][:, pages], cuda.b[g][:, pages]),
+                      (cpu.dora[g][:, slot], cuda.dora[g][:, slot]), (cpu.proto[g][:, slot], cuda.proto[g][:, slot]),
+                      (cpu.proto_valid[g][:, slot], cuda.proto_valid[g][:, slot])]
+        for on_cpu, on_cuda in pairs:
+            assert torch.equal(on_cuda.cpu(), on_cpu), name

@@ -51,6 +51,7 @@ from server.model.arch import ModelArch
 
 from .lora_weights import LoraAdapter
 from .pool_book import PoolBook
+from .staging import stage
 
 
 
@@ -367,25 +368,25 @@ class LoraSlots:
             if w.dora_scale is not None:
                 g_dst.append(self.layer_dora[group][layer][slot, lo:hi])
                 g_src.append(w.dora_scale)
-        if a_dst:
-            torch._foreach_copy_(a_dst, a_src)
-            torch._foreach_copy_(b_dst, b_src)
-        if g_dst:
-            torch._foreach_copy_(g_dst, g_src)
+        p_dst, p_src = [], []
         for group, flat in adapted.items():
             # Prototypes and flags of the whole slot, built on the host (zero / False where not adapted):
-            # one copy each per group instead of one view per module.
+            # one piece each per group instead of one view per module.
             dst = self.proto[group][:, slot]  # [L, n_slices, in]
             proto = torch.zeros(dst.shape, dtype=torch.float32)
-            flags = torch.zeros(dst.shape[:2], dtype=torch.bool)
+            flags = torch.zeros(dst.shape[:2], dtype=torch.float32)
             if flat:
                 proto.view(-1, dst.shape[-1])[flat] = torch.stack(protos[group])
-                flags.view(-1)[flat] = True
-            dst.copy_(proto)
-            self.proto_valid[group][:, slot].copy_(flags)
+                flags.view(-1)[flat] = 1.0
+            p_dst += [dst, self.proto_valid[group][:, slot]]
+            p_src += [proto, flags]
+        # On a GPU every host piece goes up in one pinned copy, then device copies scatter it.
+        src = stage([*a_src, *b_src, *g_src, *p_src], self.device, torch.float32)
+        torch._foreach_copy_([*a_dst, *b_dst, *g_dst, *p_dst], src)
         if self.pages is not None:
             row = list(pages) + [0] * (self.pages.shape[1] - len(pages))
-            self.pages[slot].copy_(torch.tensor(row, dtype=torch.int32))
+            (table,) = stage([torch.tensor(row, dtype=torch.int32)], self.device, torch.int32)
+            self.pages[slot].copy_(table)
             self.ranks[slot].fill_(adapter.rank)
         self.slot_rank[slot] = adapter.rank
         self.slot_dora[slot] = adapter.use_dora

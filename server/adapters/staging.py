@@ -1,0 +1,26 @@
+"""Host tensors onto a GPU in one copy.
+
+A slot write is many small pieces (an adapter on every projection of an 8B model: ~450 page
+slices of A and B, a DoRA row per module, prototypes), and each copy from pageable host memory
+makes the host wait for everything queued on the stream. Packed into one pinned buffer, the
+pieces go up in one asynchronous copy and are scattered by device-side copies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def stage(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`tensors` (on the host, any shapes) as views, in order and shape, of one `dtype` tensor on
+    `device` that a single non-blocking copy from pinned memory filled; values cast to `dtype`.
+    Off CUDA the tensors themselves: nothing to move. The pinned block goes back to torch's
+    caching host allocator, which reuses it only after the copy has run."""
+    if device.type != "cuda" or not tensors:
+        return list(tensors)
+    sizes = [t.numel() for t in tensors]
+    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+    torch.cat([t.reshape(-1).to(dtype) for t in tensors], out=host)
+    flat = host.to(device, non_blocking=True)
+    return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors)]

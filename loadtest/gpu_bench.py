@@ -100,10 +100,13 @@ def engine_weights(weights: ModelWeights):
 
 
 def make_engine(model_dir: Path, weights: ModelWeights, *, lora: bool, adapters: dict[str, Path],
-                max_seqs: int, max_len: int, device: str, dtype: str, enforce_eager: bool = False) -> LLMEngine:
+                max_seqs: int, max_len: int, device: str, dtype: str, enforce_eager: bool = False,
+                graph_sizes: tuple[int, ...] | None = None) -> LLMEngine:
+    """`graph_sizes`: the decode batch sizes to capture (--cuda-graph-sizes; None: the ladder)."""
     cfg = Config()
     cfg.model.device, cfg.model.dtype, cfg.model.max_model_len = device, dtype, max_len
     cfg.model.enforce_eager = enforce_eager  # off: decode steps replay CUDA graphs (on CUDA)
+    cfg.model.cuda_graph_sizes = graph_sizes
     cfg.scheduler.max_num_seqs = max_seqs
     cfg.scheduler.max_num_batched_tokens = max(2048, max_len)
     cfg.lora.enabled = lora

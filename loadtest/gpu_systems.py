@@ -75,12 +75,13 @@ class Bench:
                                                     max(self.plan.adapter_counts), dtype, self.device))
 
     def engine(self, lora: bool, eager: bool = False):
-        """loramux over the shared weights; CUDA graphs for decode unless `eager` (--enforce-eager)."""
+        """loramux over the shared weights; CUDA graphs for decode unless `eager` (--enforce-eager), captured
+        at the benchmark's stream counts only (its decode batches), not the whole ladder: 8 captures, not 70."""
         def make():
             return gb.make_engine(self.model_dir(), self.weights(), lora=lora,
                                   adapters=self.adapter_dirs() if lora else {}, max_seqs=max(self.plan.streams),
                                   max_len=self.max_len, device=self.plan.device, dtype=self.plan.dtype,
-                                  enforce_eager=eager)
+                                  enforce_eager=eager, graph_sizes=tuple(sorted(set(self.plan.streams))))
         name = "engine, LoRA enabled" if lora else "engine, --no-lora"
         return self.timed(name + (", --enforce-eager" if eager else ""), make)
 

@@ -89,6 +89,15 @@ def _paths(value: Any) -> list[str]:
     return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
 
 
+def _sizes(value: Any) -> tuple[int, ...]:
+    """'1,8,64', '1 8 64' or [1, 8, 64] -> (1, 8, 64): distinct positive ints, ascending."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    sizes = sorted({int(v) for v in items})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"expected batch sizes >= 1, got {value!r}")
+    return tuple(sizes)
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str
@@ -117,6 +126,9 @@ FLAGS = [
          "auto | cpp | torch | triton (auto: cpp on CPU, triton on CUDA, else torch; chosen at start)"),
     Flag("enforce-eager", "model.enforce_eager", _bool, "run every step eagerly: no CUDA graphs for decode "
          "steps (as vLLM; graphs are used on CUDA with the triton attention and LoRA backends)", switch=True),
+    Flag("cuda-graph-sizes", "model.cuda_graph_sizes", _sizes, "decode batch sizes to capture as CUDA graphs, e.g. "
+         "1,8,64,256 (default: 1, 2, 4, 8, then every multiple of 8 up to --max-num-seqs); a batch replays the "
+         "smallest size that holds it, a batch above the largest runs eagerly"),
     Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
     Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
     Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),

@@ -24,6 +24,7 @@ class ModelConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     attention_backend: str = "auto"  # auto | cpp | torch | triton (server/engine/backends/)
     enforce_eager: bool = False  # no CUDA graphs for decode steps (server/engine/cuda_graphs.py)
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes captured; None: the ladder (cuda_graphs.py)
 
 
 @dataclass

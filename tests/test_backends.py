@@ -228,9 +228,12 @@ def test_server_refuses_to_start_with_an_impossible_backend(cases):
 @pytest.mark.parametrize("flags, message", [
     (["--lora-page-rank", "8"], "loramux: --lora-page-rank 8: the torch LoRA backend reads an unpaged pool"),
     (["--lora-pool-memory", "1000"], "loramux: --lora-pool-memory 1000 bytes holds no adapter"),
+    (["--cuda-graph-sizes", "1,512"], "loramux: --cuda-graph-sizes 1,512: each size must be between 1 and "
+                                      "--max-num-seqs (128)"),
 ])
-def test_server_refuses_to_start_with_an_adapter_pool_it_cannot_build(cases, flags, message):
-    """A pool the LoRA backend cannot read, or too small for one adapter: exit 2 and one clear line."""
+def test_server_refuses_to_start_with_a_configuration_it_cannot_build(cases, flags, message):
+    """A pool the LoRA backend cannot read or too small for one adapter, graph sizes beyond
+    --max-num-seqs: exit 2 and one clear line."""
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", cases["llama"]["model"],
                         "--device", "cpu", "--num-threads", "1", *flags],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -42,6 +42,22 @@ def test_ladder_is_powers_to_eight_then_multiples_of_eight_capped():
         batch_ladder(0)
 
 
+def test_cuda_graph_sizes_replace_the_ladder_within_max_num_seqs():
+    from server.cli import build_config, make_parser
+
+    cfg = build_config(make_parser().parse_args(["serve", "--cuda-graph-sizes", "64, 1,8 8,256"]))
+    assert cfg.model.cuda_graph_sizes == (1, 8, 64, 256)
+    ladder = batch_ladder(256, cfg.model.cuda_graph_sizes)
+    assert ladder == (1, 8, 64, 256)
+    assert [graph_size(ladder, b) for b in (1, 2, 9, 64, 65, 256, 257)] == [1, 8, 64, 64, 256, 256, None]
+    for bad in ((1, 512), (0, 8), ()):
+        with pytest.raises(ValueError, match="each size must be between 1 and --max-num-seqs"):
+            batch_ladder(256, bad)
+    for text in ("0,8", "eight", ""):
+        with pytest.raises(ValueError):
+            build_config(make_parser().parse_args(["serve", "--cuda-graph-sizes", text]))
+
+
 def test_a_batch_replays_the_smallest_size_that_holds_it():
     ladder = batch_ladder(30)
     assert [graph_size(ladder, b) for b in (1, 2, 3, 5, 8, 9, 17, 24, 25, 30)] == [1, 2, 4, 8, 8, 16, 24, 24, 30, 30]

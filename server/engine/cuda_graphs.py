@@ -44,12 +44,18 @@ log = logging.getLogger(__name__)
 LoraLayout = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
-def batch_ladder(max_num_seqs: int) -> tuple[int, ...]:
-    """Captured batch sizes: 1, 2, 4, 8, then multiples of 8, capped at (and including) max_num_seqs."""
+def batch_ladder(max_num_seqs: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Captured batch sizes, ascending: `sizes` (--cuda-graph-sizes), else 1, 2, 4, 8, then multiples
+    of 8, capped at (and including) max_num_seqs. Fewer sizes capture faster and pad more."""
     if max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-    sizes = {s for s in (1, 2, 4, 8) if s < max_num_seqs} | set(range(16, max_num_seqs, 8)) | {max_num_seqs}
-    return tuple(sorted(sizes))
+    if sizes is not None:
+        if not sizes or min(sizes) < 1 or max(sizes) > max_num_seqs:
+            raise ValueError(f"--cuda-graph-sizes {','.join(map(str, sizes))}: each size must be between 1 "
+                             f"and --max-num-seqs ({max_num_seqs})")
+        return tuple(sorted(set(sizes)))
+    ladder = {s for s in (1, 2, 4, 8) if s < max_num_seqs} | set(range(16, max_num_seqs, 8)) | {max_num_seqs}
+    return tuple(sorted(ladder))
 
 
 def graph_size(ladder: Sequence[int], batch: int) -> int | None:
@@ -114,14 +120,15 @@ class DecodeGraphs:
 
     def __init__(self, model: DecoderModel, kv_cache, attention: AttentionBackend, lora: LoraBackend | None,
                  lora_slots: LoraSlots | None, *, max_num_seqs: int, max_model_len: int, scratch_block: int,
-                 capture: bool):
-        """kv_cache: the runner's KVCache, holding `scratch_block` beyond the allocator's blocks."""
+                 capture: bool, sizes: Sequence[int] | None = None):
+        """kv_cache: the runner's KVCache, holding `scratch_block` beyond the allocator's blocks;
+        sizes: the batch sizes to capture (None: the default ladder, see batch_ladder)."""
         self.model = model
         self.kv = kv_cache
         self.attention = attention
         self.lora = lora if lora_slots is not None else None
         self.slots = lora_slots
-        self.ladder = batch_ladder(max_num_seqs)
+        self.ladder = batch_ladder(max_num_seqs, sizes)
         self.max_size = self.ladder[-1]
         self.block_size = kv_cache.block_size
         self.width = -(-max_model_len // self.block_size)

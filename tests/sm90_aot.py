@@ -81,3 +81,15 @@ def distinct(launches: Launches) -> dict[str, tuple]:
     for _, args, kwargs in launches.calls:
         out.setdefault(key(launches.jit, args, kwargs), (args, kwargs))
     return out
+
+
+def compile_within_shared_memory(recorded: dict[str, Launches]) -> int:
+    """Compile every distinct launch of `recorded` for sm_90, asserting each fits an SM's shared
+    memory; the number of variants compiled."""
+    n = 0
+    for r in recorded.values():
+        for args, kwargs in distinct(r).values():
+            shared = compile_sm90(r.jit, args, kwargs).metadata.shared
+            assert shared <= MAX_SMEM, f"{shared} B of shared memory: {kwargs}"
+            n += 1
+    return n

@@ -33,9 +33,15 @@ from server.tenants.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
-# Pydantic error types (raised in schemas.py) that deserve their own OpenAI error code.
+# Pydantic error types that deserve their own OpenAI error code: ours (schemas.py), and a
+# value of the right type out of its range (docs/limits.md); the rest (a missing field, a
+# wrong type) are `invalid_request`.
 _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "unsupported",
-                     "invalid_unicode": "invalid_unicode"}
+                     "invalid_unicode": "invalid_unicode", "invalid_value": "invalid_value",
+                     **dict.fromkeys(["greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                                      "multiple_of", "finite_number", "too_short", "too_long",
+                                      "string_too_short", "string_too_long", "string_pattern_mismatch",
+                                      "literal_error", "enum"], "invalid_value")}
 
 
 _READY_STATES = ["ready", "draining", "full", "engine_down"]

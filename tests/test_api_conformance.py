@@ -1,0 +1,166 @@
+"""What a client of OpenAI's API relies on, found by black-box testing a running server:
+usage counts, fields that only mean something together, streamed logprob offsets, error
+codes and params, and retrieving one model. Each test failed on the code before its fix
+(noted per test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from peft_adapters import make_peft_adapter
+from server_process import ServerProcess
+
+BASE = "tiny"
+KEYS = {"acme": "key-acme", "beta": "key-beta"}
+ADMIN = "key-admin"
+CHAT = [{"role": "user", "content": "Hello world, hello tokens!"}]
+
+
+@pytest.fixture(scope="module")
+def uploads(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uploads")
+    make_peft_adapter(tiny_llama_dir, root / "mine", seed=4, r=4, lora_alpha=4, target_modules=["q_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, uploads, tmp_path_factory):
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", BASE, "--dtype", "float32",
+                         "--kv-cache-memory", "8MiB", "--num-threads", "1", "--adapters-dir", str(uploads),
+                         "--allowed-adapter-roots", str(uploads), "--admin-key", ADMIN,
+                         "--api-keys", *(f"{key}={name}" for name, key in KEYS.items())],
+                        tmp_path_factory.mktemp("logs") / "server.log")
+    yield srv
+    srv.stop()
+
+
+def client_of(server, tenant: str = "acme") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEYS[tenant], max_retries=0, timeout=120)
+
+
+def post(server, path: str, body: dict, tenant: str = "acme") -> httpx.Response:
+    return httpx.post(server.base_url + path, json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None, code: str) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_chat_with_n_choices_counts_its_prompt_once(server):
+    """Before: a non-streamed chat completion with n=3 reported 3x the prompt tokens (the
+    streamed one, and OpenAI, count the one prompt once)."""
+    client = client_of(server)
+    one = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, temperature=0)
+    three = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, n=3, seed=7,
+                                           extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, n=3, seed=7,
+                                                 extra_body={"ignore_eos": True}, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens == streamed.prompt_tokens
+    assert three.usage.completion_tokens == streamed.completion_tokens == 12
+    assert three.usage.total_tokens == one.usage.prompt_tokens + 12
+
+
+@pytest.mark.parametrize("extra", [{"top_logprobs": 2}, {"top_logprobs": 0, "logprobs": False}])
+def test_top_logprobs_without_logprobs_is_a_400(server, extra):
+    """Before: silently ignored (200 without logprobs); OpenAI and vLLM answer 400."""
+    r = post(server, "/v1/chat/completions", {"model": BASE, "messages": CHAT, "max_tokens": 2, **extra})
+    assert_error(r, 400, "top_logprobs", "invalid_value")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": CHAT}),
+    ("/v1/completions", {"prompt": "Hello"}),
+])
+def test_stream_options_without_stream_is_a_400(server, path, body):
+    """Before: accepted and ignored (no usage chunk can come without a stream)."""
+    r = post(server, path, {"model": BASE, "max_tokens": 2, "stream_options": {"include_usage": True}, **body})
+    assert_error(r, 400, "stream_options", "invalid_value")
+    ok = post(server, path, {"model": BASE, "max_tokens": 2, "stream_options": None, **body})
+    assert ok.status_code == 200, ok.text
+
+
+def test_streamed_text_offsets_go_on_from_chunk_to_chunk(server):
+    """Before: every streamed chunk's text_offset started again at 0."""
+    body = {"model": BASE, "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "logprobs": 1,
+            "ignore_eos": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    streamed: list[int] = []
+    with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0]["logprobs"]["text_offset"]
+    lengths = [len(t) for t in whole["tokens"]]
+    assert whole["text_offset"] == [sum(lengths[:i]) for i in range(8)]
+    assert streamed == whole["text_offset"]
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"temperature": 3}, "temperature"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"stop": [str(i) for i in range(17)]}, "stop"),
+    ("/v1/completions", {"n": 17}, "n"),
+])
+def test_a_value_out_of_range_is_invalid_value(server, path, extra, param):
+    """Before: `invalid_request`, where docs/limits.md promises `invalid_value` (kept for a
+    missing field or a wrong type, last case)."""
+    body = {"messages": CHAT} if "chat" in path else {"prompt": "Hello"}
+    assert_error(post(server, path, {"model": BASE, **body, **extra}), 400, param, "invalid_value")
+    assert_error(post(server, path, {"model": BASE, **body, "temperature": "0.5"}), 400, "temperature",
+                 "invalid_request")
+
+
+def test_an_unsupported_content_part_names_the_message(server):
+    """Before: param was pydantic's internal path, `messages.0.content.function-after[<lambda>(),
+    list[TextContentPart]].0.image_url`."""
+    image = [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]
+    r = post(server, "/v1/chat/completions", {"model": BASE, "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": image}]})
+    assert_error(r, 400, "messages.0.content", "unsupported")
+    assert "image_url" in r.json()["error"]["message"]
+
+
+def test_chat_context_errors_name_the_fields_the_client_sent(server):
+    """Before: `param` was `prompt` (a completions field) for an over-long chat, and `max_tokens`
+    when the client had sent `max_completion_tokens`."""
+    r = post(server, "/v1/chat/completions", {"model": BASE, "messages": CHAT, "max_completion_tokens": 10**6})
+    assert_error(r, 400, "max_completion_tokens", "invalid_value")
+    r = post(server, "/v1/chat/completions", {"model": BASE, "messages": CHAT, "max_tokens": 10**6})
+    assert_error(r, 400, "max_tokens", "invalid_value")
+    long = [{"role": "user", "content": "Hello world " * 300}]  # > 512 tokens, < the pre-tokenizer cut
+    r = post(server, "/v1/chat/completions", {"model": BASE, "messages": long})
+    assert_error(r, 400, "messages", "invalid_value")
+
+
+def test_a_model_can_be_retrieved_by_its_id(server, uploads):
+    """Before: GET /v1/models/{model} was 404 `Not Found` for every id, so the openai client's
+    `models.retrieve` failed. Another tenant's adapter answers as a missing one."""
+    load = httpx.post(server.base_url + "/v1/load_lora_adapter", timeout=60,
+                      json={"lora_name": "acme-only", "lora_path": str(uploads / "mine"), "tenant": "acme"},
+                      headers={"Authorization": f"Bearer {ADMIN}"})
+    assert load.status_code == 200, load.text
+    acme, beta = client_of(server, "acme"), client_of(server, "beta")
+    base = acme.models.retrieve(BASE)
+    assert (base.id, base.object, base.max_model_len) == (BASE, "model", 512)
+    assert acme.models.retrieve("mine").parent == BASE
+    assert acme.models.retrieve("acme-only").id == "acme-only"
+    for client, name in ((beta, "acme-only"), (acme, "nope")):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.models.retrieve(name)
+        assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    r = httpx.get(server.base_url + f"/v1/models/{BASE}", timeout=10)
+    assert r.status_code == 401  # the key is checked as on the listing
+

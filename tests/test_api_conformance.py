@@ -164,3 +164,35 @@ def test_a_model_can_be_retrieved_by_its_id(server, uploads):
     r = httpx.get(server.base_url + f"/v1/models/{BASE}", timeout=10)
     assert r.status_code == 401  # the key is checked as on the listing
 
+
+
+def test_a_streamed_chat_gives_every_tokens_logprobs(server):
+    """Before: a token whose text was held back (an incomplete UTF-8 character: the tiny model's
+    vocabulary is mostly single bytes) was skipped with its logprobs, so a stream had fewer
+    entries than tokens; the whole answer has one per token."""
+    body = {"model": BASE, "messages": [{"role": "user", "content": "日本語のテキスト"}], "max_tokens": 32,
+            "temperature": 1.0, "logprobs": True, "top_logprobs": 1, "ignore_eos": True}
+    for seed in range(3):
+        whole = post(server, "/v1/chat/completions", {**body, "seed": seed}).json()
+        streamed = []
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
+                          json={**body, "seed": seed, "stream": True},
+                          headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        streamed += (choice["logprobs"] or {"content": []})["content"]
+        assert [e["token"] for e in streamed] == [e["token"] for e in whole["choices"][0]["logprobs"]["content"]]
+        assert len(streamed) == whole["usage"]["completion_tokens"] == 32
+
+
+def test_every_streamed_completion_chunk_carries_usage_when_asked(server):
+    """Before: completions chunks had no `usage` key (chat chunks had `"usage": null`); OpenAI's
+    stream_options: every chunk but the last carries a null usage."""
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=120,
+                      json={"model": BASE, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}},
+                      headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and len(chunks) >= 2
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3

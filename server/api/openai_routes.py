@@ -93,6 +93,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     if body.stream:
         async def events() -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
             prompt_tokens = completion_tokens = 0
             offsets = [0] * len(streams)  # each choice's text_offset goes on from its last chunk
             async for index, out in _guarded(merge(streams)):
@@ -114,7 +115,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                     if index % body.n == 0:  # a prompt counts once, whatever its number of choices
                         prompt_tokens += out.num_prompt_tokens
                     completion_tokens += out.num_output_tokens
-                yield sse(chunk.model_dump())
+                yield sse({**chunk.model_dump(), **extra})
             if include_usage:
                 yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
@@ -164,8 +165,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                 if isinstance(out, str):
                     yield out
                     return
-                if not out.text and not out.finished:
-                    continue
+                if not out.text and not out.finished and not (top is not None and out.logprobs):
+                    continue  # nothing to say yet (text held back); a token's logprobs are never dropped
                 chunk = ChatCompletionChunk(id=rid, model=body.model, choices=[ChatChunkChoice(
                     index=index, delta=DeltaMessage(content=out.text or None),
                     finish_reason=finish_reason(out),

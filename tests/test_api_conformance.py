@@ -196,3 +196,18 @@ def test_every_streamed_completion_chunk_carries_usage_when_asked(server):
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and len(chunks) >= 2
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("model", ["mine", "nope"])
+def test_adapter_id_with_a_model_other_than_the_base_is_a_400(server, model):
+    """Before: 404 "The model `mine` does not exist." for an adapter that does exist (and is
+    served by `model` alone); now the 400 that `adapters` and `route` already gave."""
+    r = post(server, "/v1/completions", {"model": model, "adapter_id": "mine", "prompt": "Hello", "max_tokens": 2})
+    assert_error(r, 400, "model", "invalid_value")
+    assert post(server, "/v1/completions", {"model": "mine", "prompt": "Hello", "max_tokens": 2}).status_code == 200
+
+
+def test_an_empty_adapter_id_is_not_the_base(server):
+    """Before: `adapter_id: ""` ran the base model silently, as if no adapter had been asked for."""
+    r = post(server, "/v1/completions", {"model": BASE, "adapter_id": "", "prompt": "Hello", "max_tokens": 2})
+    assert_error(r, 404, "adapter_id", "model_not_found")

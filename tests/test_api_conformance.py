@@ -7,6 +7,7 @@ codes and params, and retrieving one model. Each test failed on the code before 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -211,3 +212,23 @@ def test_an_empty_adapter_id_is_not_the_base(server):
     """Before: `adapter_id: ""` ran the base model silently, as if no adapter had been asked for."""
     r = post(server, "/v1/completions", {"model": BASE, "adapter_id": "", "prompt": "Hello", "max_tokens": 2})
     assert_error(r, 404, "adapter_id", "model_not_found")
+
+
+@pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "9" * 5000])
+def test_json_that_python_cannot_parse_is_invalid_json(server, value):
+    """Before: 400 `http_error` "There was an error parsing the body" for JSON nested past the
+    recursion limit or an integer too long to convert, where docs/limits.md says `invalid_json`."""
+    body = '{"model": "%s", "prompt": "Hello", "max_tokens": 2, "seed": %s}' % (BASE, value)
+    r = httpx.post(server.base_url + "/v1/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {KEYS['acme']}", "content-type": "application/json"})
+    assert_error(r, 400, None, "invalid_json")
+
+
+def test_too_many_prompts_are_refused_before_they_are_tokenized(server):
+    """Before: 20,000 prompts were all tokenized (seconds of CPU) before the 400 that no such
+    request can run (prompts x n over --max-waiting); now it is answered from the body's shape."""
+    many = ["Hello world, hello tokens! " * 12] * 20_000
+    started = time.monotonic()
+    r = post(server, "/v1/completions", {"model": BASE, "prompt": many, "max_tokens": 1})
+    assert_error(r, 400, "n", "too_many_generations")
+    assert time.monotonic() - started < 1.0  # ~0.15 s now; 2.6 s tokenizing first (2-core dev machine)

@@ -44,6 +44,8 @@ _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "u
                                       "literal_error", "enum"], "invalid_value")}
 
 
+_BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail
+
 _READY_STATES = ["ready", "draining", "full", "engine_down"]
 _READY_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": _READY_STATES}}}}}
@@ -148,6 +150,12 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`);
         # Starlette names only the first route of the path (/v1/adapters has GET and POST).
         headers = exc.headers
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED and "json" in request.headers.get(
+                "content-type", ""):
+            # FastAPI's answer when json.loads fails other than by a syntax error: nesting past
+            # the recursion limit, an integer of more digits than Python converts.
+            return error(APIError(400, "malformed JSON in the request body (too deeply nested, or a number "
+                                       "too long)", code="invalid_json"))
         if exc.status_code == 405:
             path = request.scope.get("path", "")
             methods = sorted({m.upper() for template, item in app.openapi()["paths"].items()

@@ -83,7 +83,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     choice = svc.resolve_choice(body, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
-    refuse_if_full(raw, svc, tenant)
+    refuse_if_full(raw, svc, tenant, _num_prompts(body.prompt) * body.n)
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant.name)
     streams, headers = await _submit(raw, svc, tenant, requests)
@@ -192,6 +192,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
 
 
 # --- building engine requests --------------------------------------------------------------
+
+
+def _num_prompts(prompt) -> int:
+    """Prompts in a completions `prompt`: a string or a list of token ids is one."""
+    return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
 
 
 def _completion_inputs(svc: Service, prompt, echo: bool) -> tuple[list[list[int]], list[str]]:

@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+from safetensors.torch import load_file, save_file
 
 from peft_adapters import make_peft_adapter
 from server_process import ServerProcess
@@ -26,6 +27,10 @@ CHAT = [{"role": "user", "content": "Hello world, hello tokens!"}]
 def uploads(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uploads")
     make_peft_adapter(tiny_llama_dir, root / "mine", seed=4, r=4, lora_alpha=4, target_modules=["q_proj"])
+    nan = make_peft_adapter(tiny_llama_dir, root / "nanny", seed=5, r=4, lora_alpha=4, target_modules=["q_proj"])
+    weights = load_file(nan / "adapter_model.safetensors")  # listed at start; fails its first full load
+    next(iter(weights.values()))[0, 0] = float("nan")
+    save_file(weights, nan / "adapter_model.safetensors")
     return root
 
 
@@ -187,18 +192,6 @@ def test_a_streamed_chat_gives_every_tokens_logprobs(server):
         assert len(streamed) == whole["usage"]["completion_tokens"] == 32
 
 
-def test_every_streamed_completion_chunk_carries_usage_when_asked(server):
-    """Before: completions chunks had no `usage` key (chat chunks had `"usage": null`); OpenAI's
-    stream_options: every chunk but the last carries a null usage."""
-    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=120,
-                      json={"model": BASE, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True}},
-                      headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
-        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and len(chunks) >= 2
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
-
-
 @pytest.mark.parametrize("model", ["mine", "nope"])
 def test_adapter_id_with_a_model_other_than_the_base_is_a_400(server, model):
     """Before: 404 "The model `mine` does not exist." for an adapter that does exist (and is
@@ -232,3 +225,16 @@ def test_too_many_prompts_are_refused_before_they_are_tokenized(server):
     r = post(server, "/v1/completions", {"model": BASE, "prompt": many, "max_tokens": 1})
     assert_error(r, 400, "n", "too_many_generations")
     assert time.monotonic() - started < 1.0  # ~0.15 s now; 2.6 s tokenizing first (2-core dev machine)
+
+
+def test_an_adapter_failure_mid_stream_is_the_unstreamed_error_object(server):
+    """Before: the SSE error event said `type: server_error` for what the unstreamed request
+    answers as a client error (400 `invalid_request_error`, `adapter_invalid`)."""
+    body = {"model": "nanny", "messages": CHAT, "max_tokens": 2}
+    whole = post(server, "/v1/chat/completions", body)
+    assert_error(whole, 400, None, "adapter_invalid")
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200  # the role chunk went first
+    assert events[-1]["error"] == {**whole.json()["error"], "message": events[-1]["error"]["message"]}

@@ -27,7 +27,6 @@ from server.api.responses import (
     finish_reason,
     merge,
     sse,
-    sse_error,
     usage,
 )
 from server.api.schemas import (
@@ -93,7 +92,6 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     if body.stream:
         async def events() -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
             prompt_tokens = completion_tokens = 0
             offsets = [0] * len(streams)  # each choice's text_offset goes on from its last chunk
             async for index, out in _guarded(merge(streams)):
@@ -115,7 +113,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                     if index % body.n == 0:  # a prompt counts once, whatever its number of choices
                         prompt_tokens += out.num_prompt_tokens
                     completion_tokens += out.num_output_tokens
-                yield sse({**chunk.model_dump(), **extra})
+                yield sse(chunk.model_dump())  # no `usage: null`: not nullable in CreateCompletionResponse
             if include_usage:
                 yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
@@ -312,7 +310,7 @@ async def _guarded(stream: AsyncIterator):
         async for item in stream:
             yield item
     except RequestFailedError as exc:
-        yield 0, sse_error(str(exc), exc.code or "internal_error")
+        yield 0, sse(failure(exc).body())  # the error object the same failure gets unstreamed
 
 
 async def _collect(raw: Request, streams: list[LeasedStream]) -> list[ChoiceAccumulator]:
@@ -351,11 +349,16 @@ async def _until_disconnect(raw: Request, work):
     try:
         return task.result()
     except RequestFailedError as exc:
-        if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
-            raise APIError(400, str(exc), code=exc.code) from exc
-        if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
-            raise APIError(503, str(exc), code=exc.code) from exc
-        raise APIError(500, str(exc), code=exc.code or "internal_error") from exc
+        raise failure(exc) from exc
+
+
+def failure(exc: RequestFailedError) -> APIError:
+    """The OpenAI error of a request the engine failed (an HTTP status, or an SSE error event)."""
+    if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
+        return APIError(400, str(exc), code=exc.code)
+    if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
+        return APIError(503, str(exc), code=exc.code)
+    return APIError(500, str(exc), code=exc.code or "internal_error")
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):

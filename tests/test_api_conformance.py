@@ -238,3 +238,19 @@ def test_an_adapter_failure_mid_stream_is_the_unstreamed_error_object(server):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert r.status_code == 200  # the role chunk went first
     assert events[-1]["error"] == {**whole.json()["error"], "message": events[-1]["error"]["message"]}
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_without_the_json_content_type_says_so(server, content_type):
+    """Before: "body: Input should be a valid dictionary or object to extract fields from", the
+    answer to `curl -d '{...}'` without `-H 'content-type: application/json'`."""
+    headers = {"Authorization": f"Bearer {KEYS['acme']}", **({"content-type": content_type} if content_type else {})}
+    body = json.dumps({"model": BASE, "prompt": "Hello", "max_tokens": 2})
+    r = httpx.post(server.base_url + "/v1/completions", content=body, headers=headers, timeout=30)
+    assert_error(r, 400, None, "invalid_request")
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    assert (content_type or "no Content-Type") in r.json()["error"]["message"]
+    r = httpx.post(server.base_url + "/v1/completions", json=[1, 2], timeout=30,
+                   headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert_error(r, 400, None, "invalid_request")
+    assert r.json()["error"]["message"] == "the request body must be a JSON object"

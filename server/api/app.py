@@ -44,6 +44,7 @@ _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "u
                                       "literal_error", "enum"], "invalid_value")}
 
 
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}  # a body that is not a JSON object
 _BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail
 
 _READY_STATES = ["ready", "draining", "full", "engine_down"]
@@ -133,11 +134,17 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         return error(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             return error(APIError(400, "malformed JSON in the request body", code="invalid_json"))
         first = problems[0] if problems else {}
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+            # FastAPI parses JSON only when the Content-Type says so: `curl -d` without `-H` sends
+            # a form type, and the body then reaches validation as bytes.
+            sent = request.headers.get("content-type") or "no Content-Type"
+            how = "" if "json" in sent else f" sent with Content-Type: application/json (this one: {sent})"
+            return error(APIError(400, f"the request body must be a JSON object{how}", code="invalid_request"))
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body') or 'body'}: {p.get('msg')}"

@@ -90,11 +90,12 @@ class LeasedStream:
         self._lease.end(self._index, self._prompt_tokens + self._generated)
 
 
-def refuse_if_full(raw: Request, svc: Service, tenant: Tenant) -> None:
+def refuse_if_full(raw: Request, svc: Service, tenant: Tenant, generations: int = 1) -> None:
     """503 at once, before a request's prompts are read and tokenised, when the engine's queue is
-    already full: under a burst each refusal then costs the server little more than its parsing."""
+    already full: under a burst each refusal then costs the server little more than its parsing.
+    `generations` (prompts x n) over the whole queue is a 400 as early, whatever it would cost to tokenise."""
     try:
-        svc.check_capacity(1)
+        svc.check_capacity(generations)
     except APIError as exc:
         if exc.code == "overloaded":
             raw.app.state.metrics.tenant_requests.labels(tenant.name, "overloaded").inc()

@@ -33,10 +33,19 @@ from server.tenants.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
-# Pydantic error types (raised in schemas.py) that deserve their own OpenAI error code.
+# Pydantic error types that deserve their own OpenAI error code: ours (schemas.py), and a
+# value of the right type out of its range (docs/limits.md); the rest (a missing field, a
+# wrong type) are `invalid_request`.
 _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "unsupported",
-                     "invalid_unicode": "invalid_unicode"}
+                     "invalid_unicode": "invalid_unicode", "invalid_value": "invalid_value",
+                     **dict.fromkeys(["greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                                      "multiple_of", "finite_number", "too_short", "too_long",
+                                      "string_too_short", "string_too_long", "string_pattern_mismatch",
+                                      "literal_error", "enum"], "invalid_value")}
 
+
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}  # a body that is not a JSON object
+_BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail
 
 _READY_STATES = ["ready", "draining", "full", "engine_down"]
 _READY_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
@@ -125,11 +134,17 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         return error(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             return error(APIError(400, "malformed JSON in the request body", code="invalid_json"))
         first = problems[0] if problems else {}
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+            # FastAPI parses JSON only when the Content-Type says so: `curl -d` without `-H` sends
+            # a form type, and the body then reaches validation as bytes.
+            sent = request.headers.get("content-type") or "no Content-Type"
+            how = "" if "json" in sent else f" sent with Content-Type: application/json (this one: {sent})"
+            return error(APIError(400, f"the request body must be a JSON object{how}", code="invalid_request"))
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body') or 'body'}: {p.get('msg')}"
@@ -142,6 +157,12 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         # Keeps the exception's headers: a 405 must say which methods are allowed (`Allow`);
         # Starlette names only the first route of the path (/v1/adapters has GET and POST).
         headers = exc.headers
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED and "json" in request.headers.get(
+                "content-type", ""):
+            # FastAPI's answer when json.loads fails other than by a syntax error: nesting past
+            # the recursion limit, an integer of more digits than Python converts.
+            return error(APIError(400, "malformed JSON in the request body (too deeply nested, or a number "
+                                       "too long)", code="invalid_json"))
         if exc.status_code == 405:
             path = request.scope.get("path", "")
             methods = sorted({m.upper() for template, item in app.openapi()["paths"].items()

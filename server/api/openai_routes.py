@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from server.adapters.registry import AdapterRef
 from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers, refuse_if_full
 from server.api.auth import tenant_of
-from server.api.errors import APIError, bad_request
+from server.api.errors import APIError, bad_request, model_not_found
 from server.api.openapi import error_responses, generation_responses
 from server.api.responses import (
     ChoiceAccumulator,
@@ -27,7 +27,6 @@ from server.api.responses import (
     finish_reason,
     merge,
     sse,
-    sse_error,
     usage,
 )
 from server.api.schemas import (
@@ -41,6 +40,7 @@ from server.api.schemas import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ModelCard,
     ModelList,
     new_id,
 )
@@ -64,6 +64,17 @@ async def list_models(svc: Service = Depends(service), tenant: Tenant = Depends(
     return ModelList(data=svc.model_cards(tenant.name))
 
 
+@router.get("/v1/models/{model:path}", responses=error_responses(401, 404))
+async def retrieve_model(model: str, svc: Service = Depends(service), tenant: Tenant = Depends(tenant_of)) -> ModelCard:
+    """One card of the listing (OpenAI's retrieve; `:path`, as a base model's name may hold a `/`);
+    another tenant's adapter answers 404 exactly as a missing one."""
+    await svc.engine.refresh_adapters()
+    for card in svc.model_cards(tenant.name):
+        if card.id == model:
+            return card
+    raise model_not_found(model)
+
+
 @router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, raw: Request, response: Response,
                             svc: Service = Depends(service),
@@ -71,7 +82,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     choice = svc.resolve_choice(body, tenant.name)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
-    refuse_if_full(raw, svc, tenant)
+    refuse_if_full(raw, svc, tenant, _num_prompts(body.prompt) * body.n)
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant.name)
     streams, headers = await _submit(raw, svc, tenant, requests)
@@ -82,6 +93,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
         async def events() -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             prompt_tokens = completion_tokens = 0
+            offsets = [0] * len(streams)  # each choice's text_offset goes on from its last chunk
             async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
                     yield out
@@ -90,15 +102,18 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                 p_idx = index // body.n
                 if prefix[p_idx] and out.num_output_tokens == len(out.token_ids):  # first output
                     text = prefix[p_idx] + text
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(out.logprobs, svc.tokenizer.token_text, offsets[index])
+                    if logprobs.tokens:
+                        offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
                 chunk = CompletionResponse(id=rid, model=body.model, choices=[CompletionChoice(
-                    index=index, text=text, finish_reason=finish_reason(out),
-                    logprobs=completion_logprobs(out.logprobs, svc.tokenizer.token_text)
-                    if body.logprobs is not None else None)])
+                    index=index, text=text, finish_reason=finish_reason(out), logprobs=logprobs)])
                 if out.finished:
                     if index % body.n == 0:  # a prompt counts once, whatever its number of choices
                         prompt_tokens += out.num_prompt_tokens
                     completion_tokens += out.num_output_tokens
-                yield sse(chunk.model_dump())
+                yield sse(chunk.model_dump())  # no `usage: null`: not nullable in CreateCompletionResponse
             if include_usage:
                 yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
                                              usage=usage(prompt_tokens, completion_tokens)).model_dump())
@@ -127,7 +142,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
     prompt = await run_in_threadpool(_chat_prompt, svc, messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    requests = _requests(svc, body, [prompt], max_tokens, top, choice, tenant.name)
+    # The engine names the completions fields; the client sent these.
+    names = {"prompt": "messages", "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None
+             else "max_tokens"}
+    requests = _requests(svc, body, [prompt], max_tokens, top, choice, tenant.name, names)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("chatcmpl")
@@ -145,8 +163,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                 if isinstance(out, str):
                     yield out
                     return
-                if not out.text and not out.finished:
-                    continue
+                if not out.text and not out.finished and not (top is not None and out.logprobs):
+                    continue  # nothing to say yet (text held back); a token's logprobs are never dropped
                 chunk = ChatCompletionChunk(id=rid, model=body.model, choices=[ChatChunkChoice(
                     index=index, delta=DeltaMessage(content=out.text or None),
                     finish_reason=finish_reason(out),
@@ -167,10 +185,16 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                    logprobs=chat_logprobs(a.logprobs, svc.tokenizer.token_text) if top is not None else None)
         for i, a in enumerate(acc)
     ]
-    return ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=_total_usage(acc, 1))
+    # One prompt however many choices: counted once, as when streamed and as OpenAI bills it.
+    return ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=_total_usage(acc, body.n))
 
 
 # --- building engine requests --------------------------------------------------------------
+
+
+def _num_prompts(prompt) -> int:
+    """Prompts in a completions `prompt`: a string or a list of token ids is one."""
+    return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
 
 
 def _completion_inputs(svc: Service, prompt, echo: bool) -> tuple[list[list[int]], list[str]]:
@@ -209,7 +233,10 @@ def _message(m) -> dict:
 
 
 def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-              choice: AdapterRef | Mixture | Route | None, tenant: str) -> list[GenerationRequest]:
+              choice: AdapterRef | Mixture | Route | None, tenant: str,
+              names: dict[str, str] | None = None) -> list[GenerationRequest]:
+    """One engine request per prompt per choice, validated (400 naming the field: `names` maps the
+    engine's field names to the request's)."""
     adapter = choice if isinstance(choice, AdapterRef) else None
     experts = choice if isinstance(choice, (Mixture, Route)) else None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -241,7 +268,9 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
         for r in requests:
             svc.engine.validate(r)
     except InvalidRequestError as exc:
-        raise invalid_request(exc) from exc
+        error = invalid_request(exc)
+        error.param = (names or {}).get(error.param, error.param)
+        raise error from exc
     return requests
 
 
@@ -281,7 +310,7 @@ async def _guarded(stream: AsyncIterator):
         async for item in stream:
             yield item
     except RequestFailedError as exc:
-        yield 0, sse_error(str(exc), exc.code or "internal_error")
+        yield 0, sse(failure(exc).body())  # the error object the same failure gets unstreamed
 
 
 async def _collect(raw: Request, streams: list[LeasedStream]) -> list[ChoiceAccumulator]:
@@ -320,11 +349,16 @@ async def _until_disconnect(raw: Request, work):
     try:
         return task.result()
     except RequestFailedError as exc:
-        if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
-            raise APIError(400, str(exc), code=exc.code) from exc
-        if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
-            raise APIError(503, str(exc), code=exc.code) from exc
-        raise APIError(500, str(exc), code=exc.code or "internal_error") from exc
+        raise failure(exc) from exc
+
+
+def failure(exc: RequestFailedError) -> APIError:
+    """The OpenAI error of a request the engine failed (an HTTP status, or an SSE error event)."""
+    if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
+        return APIError(400, str(exc), code=exc.code)
+    if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
+        return APIError(503, str(exc), code=exc.code)
+    return APIError(500, str(exc), code=exc.code or "internal_error")
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):

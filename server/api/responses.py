@@ -115,6 +115,3 @@ def sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
 
-
-def sse_error(message: str, code: str = "internal_error") -> str:
-    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})

@@ -65,15 +65,15 @@ class RequestBody(BaseModel):
         if bad is not None:
             raise _refuse([("invalid_unicode", "contains a lone surrogate (not valid Unicode text)", bad)])
         try:
-            return handler(data)
+            body = handler(data)
         except ValidationError as exc:
             # An unknown field is most often an OpenAI feature this server lacks (tools,
             # response_format...): say so, rather than pydantic's generic "extra input".
             errors = exc.errors()
             unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
-            if unknown:
-                raise _refuse([("unsupported_field", f"`{loc[-1]}` is not supported by this server", loc)
-                               for loc in unknown]) from None
+            if unknown:  # located at the field, not inside pydantic's union-branch tags
+                raise _refuse([("unsupported_field", f"`{loc[-1]}` is not supported by this server",
+                                _field_path(loc)) for loc in unknown]) from None
             if all(_field_path(e["loc"]) == e["loc"] for e in errors):
                 raise
             # Report `prompt`, not `prompt.list[constrained-int].0`: the client named no union
@@ -86,6 +86,15 @@ class RequestBody(BaseModel):
             raise _refuse([("invalid_value", msgs[0] if len(msgs) == 1 else
                             "matches none of the accepted forms: " + " | ".join(msgs), loc)
                            for loc, msgs in by_field.items()]) from None
+        conflicts = body.conflicts()
+        if conflicts:
+            raise _refuse([("invalid_value", message, (name,)) for name, message in conflicts])
+        return body
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        """(field, why) for fields whose value is valid alone but not with the others': the
+        client asked for something it would not get, so a 400 names the field."""
+        return []
 
 
 def _field_path(loc: tuple) -> tuple:
@@ -183,6 +192,11 @@ class _SamplingFields(RequestBody):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
+    def conflicts(self) -> list[tuple[str, str]]:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            return [("stream_options", "only allowed when stream is true")]
+        return []
+
 
 class CompletionRequest(_SamplingFields):
     prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | \
@@ -221,6 +235,12 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     response_format: Annotated[TextFormat | None, _only('response_format {"type": "text"}', {"type": "text"})] = None
     tool_choice: Annotated[Literal["none"] | None, _only('tool_choice "none"', "none")] = None
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        found = super().conflicts()
+        if self.top_logprobs is not None and not self.logprobs:  # OpenAI: top_logprobs needs logprobs true
+            found.append(("top_logprobs", "only allowed when logprobs is true"))
+        return found
 
 
 # --- responses --------------------------------------------------------------------------

@@ -35,9 +35,9 @@ class Service:
         `model` names the base or an adapter (as in vLLM); or `adapter_id` names the adapter
         with `model` = the base. A tenant sees its own adapters, then the shared ones; another
         tenant's adapter answers exactly as one that does not exist."""
-        if adapter_id:
-            if model != self.base_model:
-                raise model_not_found(model)
+        if adapter_id is not None:  # "" too: a name no adapter has, not "no adapter"
+            if model != self.base_model:  # as with `adapters` / `route`: not a 404 for an existing `model`
+                raise bad_request(f"with `adapter_id`, `model` must be the base model `{self.base_model}`", "model")
             name, param = adapter_id, "adapter_id"
         elif model == self.base_model:
             return None

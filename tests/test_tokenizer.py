@@ -19,3 +19,42 @@ def test_a_prompt_ending_mid_character_does_not_leak_into_the_completion(tmp_pat
     stream = tok.stream(prompt)
     pieces = [stream.step(tok.backend, t) for t in tok.encode(" world", add_special_tokens=False)]
     assert "".join(p for p in pieces if p) == " world"
+
+
+TEXT = "Hello wörld, 日本語のテキスト 🙂 Ça va?"
+
+
+def test_token_bytes_are_the_bytes_each_token_stands_for_byte_level(default_model_dir):
+    """Byte-level BPE (the default model): each piece through GPT-2's byte table as transformers
+    has it, and a text's tokens' bytes concatenated are the text's UTF-8, though most of these
+    tokens are parts of characters whose text alone is U+FFFD."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = Tokenizer(default_model_dir)
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    added = set(tok.backend.get_added_tokens_decoder())
+    for token_id in range(tok.vocab_size):
+        piece = tok.backend.id_to_token(token_id)
+        expected = tok.token_text(token_id).encode() if token_id in added else bytes(byte_of[c] for c in piece)
+        assert tok.token_bytes(token_id) == expected, (token_id, piece)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert any(tok.token_text(i).endswith("\ufffd") for i in ids)  # the case that matters
+    assert b"".join(map(tok.token_bytes, ids)) == TEXT.encode()
+
+
+def test_token_bytes_of_sentencepiece_with_byte_fallback(tmp_path):
+    """SentencePiece-style pieces (U+2581 for a space, `<0xNN>` for bytes outside the vocabulary)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ("\u2581", "H", "e", "l", "o", "w", "r", "d", ",", "C", "a", "v", "?", "\u2581Hello", "\u2581va"):
+        vocab.setdefault(piece, len(vocab))
+    model = models.BPE(vocab=vocab, merges=[], byte_fallback=True)
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    ids = tok.encode("Hello wörld, 日本 Ça va?", add_special_tokens=False)
+    assert any(tok.backend.id_to_token(i).startswith("<0x") for i in ids)
+    assert b"".join(map(tok.token_bytes, ids)) == "Hello wörld, 日本 Ça va?".encode()

@@ -168,7 +168,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                 chunk = ChatCompletionChunk(id=rid, model=body.model, choices=[ChatChunkChoice(
                     index=index, delta=DeltaMessage(content=out.text or None),
                     finish_reason=finish_reason(out),
-                    logprobs=chat_logprobs(out.logprobs, svc.tokenizer.token_text) if top is not None else None)])
+                    logprobs=chat_logprobs(out.logprobs, svc.tokenizer) if top is not None else None)])
                 if out.finished:
                     completion_tokens += out.num_output_tokens
                 yield sse({**chunk.model_dump(), **extra})
@@ -182,7 +182,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
     acc = await _collect(raw, streams)
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
-                   logprobs=chat_logprobs(a.logprobs, svc.tokenizer.token_text) if top is not None else None)
+                   logprobs=chat_logprobs(a.logprobs, svc.tokenizer) if top is not None else None)
         for i, a in enumerate(acc)
     ]
     # One prompt however many choices: counted once, as when streamed and as OpenAI bills it.

@@ -17,6 +17,7 @@ from server.api.schemas import (
 )
 from server.engine.output_processor import RequestOutput
 from server.engine.sampler import TokenLogprobs
+from server.model.tokenizer import Tokenizer
 
 _DONE = object()
 
@@ -99,10 +100,10 @@ def completion_logprobs(items: list[TokenLogprobs], token_text: Callable[[int], 
     return result
 
 
-def chat_logprobs(items: list[TokenLogprobs], token_text: Callable[[int], str]) -> ChatChoiceLogprobs:
+def chat_logprobs(items: list[TokenLogprobs], tokenizer: Tokenizer) -> ChatChoiceLogprobs:
     def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = token_text(token_id)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        return TopLogprob(token=tokenizer.token_text(token_id), logprob=logprob,
+                          bytes=list(tokenizer.token_bytes(token_id)))
 
     content = []
     for lp in items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import cached_property
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,36 @@ class Tokenizer:
         """The text of one token on its own (for logprobs' `token` fields)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (logprobs' `bytes` fields): exact also for a token that
+        holds part of a multi-byte character, whose text alone decodes to U+FFFD."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None or token_id in self._added_ids or self._piece_bytes is None:
+            return self.token_text(token_id).encode()
+        try:
+            return self._piece_bytes(piece)
+        except (KeyError, ValueError):  # a piece outside the scheme: its decoded text
+            return self.token_text(token_id).encode()
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.get_added_tokens_decoder())
+
+    @cached_property
+    def _piece_bytes(self) -> Callable[[str], bytes] | None:
+        """A vocabulary piece -> its bytes, by the decoder's scheme: byte-level BPE (GPT-2's
+        byte-to-character table) or SentencePiece with byte fallback (`<0xNN>` pieces, U+2581 for
+        spaces); None for any other (the decoded text is the best there is)."""
+        state = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
+        kinds = {d.get("type") for d in state.get("decoders", [state])}
+        if "ByteLevel" in kinds:
+            table = {c: b for b, c in _bytes_to_chars().items()}
+            return lambda piece: bytes(table[c] for c in piece)
+        if "ByteFallback" in kinds:
+            return lambda piece: (bytes([int(piece[3:5], 16)]) if len(piece) == 6 and piece.startswith("<0x")
+                                  else piece.replace("\u2581", " ").encode())
+        return None
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> str:
         if self._template is None:
@@ -112,6 +143,14 @@ class Tokenizer:
         while tail and self._tok.decode(tail, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
             tail.pop()
         return DecodeStream(ids=tail, skip_special_tokens=skip_special_tokens)
+
+
+def _bytes_to_chars() -> dict[int, str]:
+    """Byte-level BPE's alphabet: each byte as the printable character its pieces spell it with
+    (printable Latin-1 bytes stand for themselves, the rest take code points from 256 up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def _token_text(value: Any) -> str | None:

@@ -24,6 +24,7 @@ MODEL = "tiny"
 ADMIN = "admin-secret-key"
 ACME, METERED, BETA, PAIR = "lmx-acme-key-1", "lmx-metered-key-1", "lmx-beta-key-1", "lmx-pair-key-1"
 TOKENS_PER_MINUTE = 300  # 5 tokens/s back into the bucket
+CAPPED, CAPPED_TOKENS_PER_MINUTE = "key-capped", 200  # under the tiny model's 512-token context
 
 
 def tenants_toml(*, beta: bool = True, acme_keys: tuple[str, ...] = (ACME,)) -> str:
@@ -41,6 +42,10 @@ requests_per_minute = 1000
 [tenants.pair]
 keys = ["{hash_key(PAIR)}"]
 max_concurrent = 2
+
+[tenants.capped]
+keys = ["{hash_key(CAPPED)}"]
+tokens_per_minute = {CAPPED_TOKENS_PER_MINUTE}
 """
     if beta:
         text += f'\n[tenants.beta]\nkeys = ["{hash_key(BETA)}"]\n'
@@ -151,6 +156,17 @@ def test_tokens_quota_gives_429_with_retry_after_then_success_after_waiting(serv
     assert_openai_error(complete(server, METERED, max_tokens=TOKENS_PER_MINUTE), 400, "request_too_large")
 
 
+def test_without_max_tokens_generations_share_the_tenants_minute_of_tokens(server):
+    """Before: a generation without max_tokens reserved the rest of the context (512 tokens with
+    the prompt), over `capped`'s 200 tokens per minute: every chat that left max_tokens out was a
+    400. Now the two choices each run to an equal share of the minute, prompt included."""
+    r = client(server, CAPPED).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                       n=2, extra_body={"ignore_eos": True})
+    assert [c.finish_reason for c in r.choices] == ["length"] * 2
+    share = CAPPED_TOKENS_PER_MINUTE // 2
+    assert r.usage.completion_tokens == 2 * (share - r.usage.prompt_tokens)  # the prompt counts once in usage
+
+
 def test_every_choice_frees_its_place_however_the_request_ends(server):
     """`pair` may run 2 generations at once and queue none: any place not given back would
     turn the next n=2 request into a 429."""
@@ -198,7 +214,7 @@ def test_reload_by_admin_call_and_sighup_with_a_stream_running_across(server, te
             tenants_file.write_text(tenants_toml(beta=False, acme_keys=(new_acme,)))
             resp = _admin_reload(server)
             assert resp.status_code == 200, resp.text
-            assert resp.json() == {"status": "ok", "tenants": ["acme", "metered", "pair"]}
+            assert resp.json() == {"status": "ok", "tenants": ["acme", "capped", "metered", "pair"]}
             assert_openai_error(complete(server, ACME), 401, "invalid_api_key")
             assert_openai_error(complete(server, BETA), 401, "invalid_api_key")
             assert complete(server, new_acme).status_code == 200

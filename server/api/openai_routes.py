@@ -84,7 +84,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     refuse_if_full(raw, svc, tenant, _num_prompts(body.prompt) * body.n)
     prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
-    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant.name)
+    requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("cmpl")
@@ -145,7 +145,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
     # The engine names the completions fields; the client sent these.
     names = {"prompt": "messages", "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None
              else "max_tokens"}
-    requests = _requests(svc, body, [prompt], max_tokens, top, choice, tenant.name, names)
+    requests = _requests(svc, body, [prompt], max_tokens, top, choice, tenant, names)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("chatcmpl")
@@ -233,17 +233,24 @@ def _message(m) -> dict:
 
 
 def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-              choice: AdapterRef | Mixture | Route | None, tenant: str,
+              choice: AdapterRef | Mixture | Route | None, tenant: Tenant,
               names: dict[str, str] | None = None) -> list[GenerationRequest]:
     """One engine request per prompt per choice, validated (400 naming the field: `names` maps the
-    engine's field names to the request's)."""
+    engine's field names to the request's). Without `max_tokens` a generation may run to the end
+    of the context, and no further than the tenant's tokens per minute allow (each of the
+    request's generations an equal share): a request the quota could never admit otherwise."""
     adapter = choice if isinstance(choice, AdapterRef) else None
     experts = choice if isinstance(choice, (Mixture, Route)) else None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     rid = new_id("req")
     requests = []
+    per_minute = tenant.limits.tokens_per_minute
+    share = None if per_minute is None else int(per_minute) // (len(prompts) * body.n)
     for p_idx, prompt in enumerate(prompts):
-        limit = max_tokens if max_tokens is not None else max(1, svc.max_model_len - len(prompt))
+        limit = max_tokens
+        if limit is None:
+            room = svc.max_model_len - len(prompt)
+            limit = max(1, room if share is None else min(room, share - len(prompt)))
         params = SamplingParams(
             max_tokens=limit,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -263,7 +270,7 @@ def _requests(svc: Service, body, prompts: list[list[int]], max_tokens: int | No
         for i in range(body.n):
             choice_params = replace(params, seed=params.seed + i) if params.seed is not None and i else params
             requests.append(GenerationRequest(f"{rid}-{p_idx * body.n + i}", prompt, choice_params,
-                                              adapter=adapter, tenant=tenant, experts=experts))
+                                              adapter=adapter, tenant=tenant.name, experts=experts))
     try:
         for r in requests:
             svc.engine.validate(r)

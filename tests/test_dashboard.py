@@ -11,21 +11,6 @@ from prometheus_client.metrics import MetricWrapperBase
 from deploy_files import DASHBOARD, DEPLOY, yaml_docs
 from server.metrics import CountedHistogram, Metrics
 
-
-# Announced by the adapter-cache work before it lands in server/metrics.py: (type, labels).
-# Once a name is defined in the code, the code's definition is the one checked.
-PENDING_METRICS = {
-    "loramux_adapter_cache_hits": ("counter", ()),
-    "loramux_adapter_cache_misses": ("counter", ()),
-    "loramux_adapter_loads": ("counter", ("result",)),
-    "loramux_adapter_evictions": ("counter", ("tier",)),
-    "loramux_adapter_load_seconds": ("histogram", ()),
-    "loramux_adapters_resident": ("gauge", ("tier",)),
-    "loramux_step_adapters": ("histogram", ()),
-    "loramux_adapter_slot_writes": ("counter", ()),
-}
-
-
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"instance", "job"}
 
@@ -44,7 +29,7 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
             found[value._name] = (value._type, tuple(value._labelnames))
         elif isinstance(value, CountedHistogram):
             found[value.name] = ("histogram", ())
-    return {**PENDING_METRICS, **found}
+    return found
 
 
 def series_names() -> dict[str, tuple[str, set[str]]]:

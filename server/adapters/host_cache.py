@@ -10,7 +10,8 @@ rather than failing requests. Each load also computes what is derived from the w
 (`prepare`: the manager's DoRA rescale against the base weights) on the loader thread.
 
 `in_place`: the loader thread also writes each adapter it loads into the device pool
-(LoraSlots.write_in_place: in place on CPU, an overlapped host -> device copy on a GPU), so a
+(LoraSlots.write_in_place: a copy on the loader thread on CPU, an overlapped host -> device copy
+on a GPU), so a
 step activates it without a copy; an adapter this cache evicts or drops leaves the pool with it.
 """
 

@@ -92,8 +92,8 @@ class AdapterManager:
         # The pool is filled from the host cache, so it never needs more slots than that holds.
         self._slots = LoraSlots.sized(arch, cfg.lora_pool_memory, cfg.max_lora_rank, lora_dtype, device, metrics,
                                       max_slots=max(1, cfg.max_cpu_loras), page_rank=page_rank)
-        # Loads are written into the pool by the loader thread (on CPU in place; on a GPU copied on a
-        # stream of their own, overlapped with the steps): a step activates them without a copy.
+        # Loads are written into the pool by the loader thread (on a GPU on a copy stream of its own,
+        # overlapped with the steps): a step activates them without a copy.
         self._cache = HostAdapterCache(self._registry, cfg.max_cpu_loras, cfg.cpu_lora_cache_memory, metrics,
                                        on_loaded, prepare=self._prepare, in_place=self._slots,
                                        loaders=cfg.adapter_loaders or (1 if device.type == "cpu" else 4))

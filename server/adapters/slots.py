@@ -29,8 +29,8 @@ untouched pages take no memory.
 
 The host cache's loader thread writes each adapter it loads straight into the pool
 (`write_in_place`: free pages, else those of the least recently used adapters that no step and
-no kept request uses), so activating it is a lookup, not a copy. On CPU, where the pool and the
-host cache are the same memory, that is the whole story. On a GPU the write is the host -> device
+no kept request uses), so activating it is a lookup, not a copy. On CPU that write is a plain copy
+on the loader thread, and that is the whole story. On a GPU the write is the host -> device
 copy: it runs on a CUDA stream of its own, overlapped with the steps on the compute stream, and
 the loader thread waits for it (the engine never does) before the adapter counts as resident, so
 a step launched afterwards reads finished weights. The engine thread's `activate` and a loader's

@@ -1,11 +1,12 @@
 """The engine core process (`--engine-process on`): `LLMEngine` and nothing of HTTP.
 
-Its main thread owns the engine and loops: take every message waiting on the input channel,
-run one step while there is work, send that step's outputs as one message. It sleeps in a
+Its engine-loop thread (`loramux-engine-core`; the main thread only joins it) owns the engine and
+loops: take every message waiting on the input channel, run one step while there is work, send
+that step's outputs as one message. It sleeps in a
 ZeroMQ poll when there is nothing to run, and is woken by the next message (or by an adapter
 load finishing: the loader sends a wake message on an in-process socket of the same poll).
 Named calls that change what a step sees (an adapter unregister, tenant weights) run on the
-main thread between steps; registration I/O (admin loads, uploads), registry snapshots and
+engine-loop thread between steps; registration I/O (admin loads, uploads), registry snapshots and
 metric scrapes run on a worker thread, which answers on its own socket, so a step never waits
 for a disk read. The core never detokenises: its outputs carry token ids, and the server
 process turns them into text and finds stop strings (server/engine/detokenizer.py); a request a

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .mixture import LoraRows, MixTable, RouteTable
-from .segments import upload
+from .upload import upload
 
 # Routed (and mixture) tokens run dense (against every routing (mixture) expert of the step,
 # kernels/mixture.py) while that is at most this many times the (token, expert) pairs they need:

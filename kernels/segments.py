@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from .upload import upload
+
 # Token-tile heights (BLOCK_M) the Triton kernels may pick; a tile table is prebuilt for each
 # so that a launch's grid is exactly the number of non-empty tiles (no idle programs).
 TILE_SIZES: tuple[int, ...] = (16, 32, 64)
@@ -24,17 +26,6 @@ TILE_SIZES: tuple[int, ...] = (16, 32, 64)
 # at decode, the window won at W = 2 S and lost at W = 4 S (loadtest/bench_kernels.py --pool).
 WINDOW_SLACK = 3.0
 LAYOUTS: tuple[str, ...] = ("torch", "triton")
-
-
-def upload(buf: array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A host array (typecode matching dtype, non-empty) as a new tensor on `device`, in one copy.
-    To a GPU through pinned memory, asynchronously: a copy from pageable memory would make the
-    host wait for everything queued on the stream (a synchronisation per step). The pinned block
-    goes back to torch's caching host allocator, which reuses it only after the copy has run."""
-    host = torch.frombuffer(buf, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device, copy=True)  # copy: never alias the caller's array
 
 
 @dataclass(frozen=True, eq=False)  # identity semantics: fields are tensors

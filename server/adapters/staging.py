@@ -11,16 +11,17 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.upload import to_device
+
 
 def stage(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     """`tensors` (on the host, any shapes) as views, in order and shape, of one `dtype` tensor on
     `device` that a single non-blocking copy from pinned memory filled; values cast to `dtype`.
-    Off CUDA the tensors themselves: nothing to move. The pinned block goes back to torch's
-    caching host allocator, which reuses it only after the copy has run."""
+    Off CUDA the tensors themselves: nothing to move."""
     if device.type != "cuda" or not tensors:
         return list(tensors)
     sizes = [t.numel() for t in tensors]
     host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
     torch.cat([t.reshape(-1).to(dtype) for t in tensors], out=host)
-    flat = host.to(device, non_blocking=True)
+    flat = to_device(host, device)
     return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.upload import to_device
 from server.engine.request import SamplingParams, Sequence
 
 
@@ -33,15 +34,6 @@ class Sampler:
         self.device = device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
-
-    def _upload(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Per-row host values (a list, or a CPU tensor) on the device without waiting for it: on
-        CUDA a blocking copy from pageable memory would synchronise with the step's forward still
-        queued on the stream (one wait per parameter tensor); from pinned memory it queues instead."""
-        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits [B, V] float32, one row per sequence (in `seqs` order) -> B next tokens."""
@@ -70,7 +62,7 @@ class Sampler:
         all those rows at once (one topk, three small reads back, not three per row).
         raw [B, V] log-softmax, tokens [B] (device)."""
         rows = [r for r, p in enumerate(params) if p.logprobs is not None]
-        idx = self._upload(rows, torch.int64)
+        idx = _rows(rows, torch.int64, self.device)
         sub = raw.index_select(0, idx)
         chosen = sub.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
         k = max(params[r].logprobs for r in rows)
@@ -86,11 +78,11 @@ class Sampler:
         V = logits.shape[1]
         out_counts = self._counts([seqs[i].output_token_ids for i in rows], V)
         all_seen = self._counts([seqs[i].token_ids for i in rows], V) > 0
-        idx = self._upload(rows, torch.int64)
+        idx = _rows(rows, torch.int64, self.device)
         sub = logits[idx]
-        rep = self._upload([seqs[i].params.repetition_penalty for i in rows], torch.float32)[:, None]
-        freq = self._upload([seqs[i].params.frequency_penalty for i in rows], torch.float32)[:, None]
-        pres = self._upload([seqs[i].params.presence_penalty for i in rows], torch.float32)[:, None]
+        rep = _rows([seqs[i].params.repetition_penalty for i in rows], torch.float32, self.device)[:, None]
+        freq = _rows([seqs[i].params.frequency_penalty for i in rows], torch.float32, self.device)[:, None]
+        pres = _rows([seqs[i].params.presence_penalty for i in rows], torch.float32, self.device)[:, None]
         # HF repetition penalty: shrink seen tokens' logits towards zero.
         penalized = torch.where(sub > 0, sub / rep, sub * rep)
         sub = torch.where(all_seen, penalized, sub)
@@ -105,22 +97,23 @@ class Sampler:
             if toks:
                 padded[r, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
         counts = torch.zeros(len(token_lists), vocab + 1, device=self.device)
-        counts.scatter_add_(1, self._upload(padded), torch.ones_like(padded, dtype=torch.float32,
+        counts.scatter_add_(1, to_device(padded, self.device), torch.ones_like(padded, dtype=torch.float32,
                                                                      device=self.device))
         return counts[:, :vocab]
 
     # --- random sampling -----------------------------------------------------------------
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        temps = self._upload([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32)[:, None]
+        temps = _rows([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32,
+                      self.device)[:, None]
         scaled = logits / temps
         if any(p.top_k > 0 for p in params):
-            scaled = _top_k(scaled, [p.top_k if p.top_k > 0 else 0 for p in params], self._upload)
+            scaled = _top_k(scaled, [p.top_k if p.top_k > 0 else 0 for p in params])
         if any(p.top_p < 1.0 for p in params):
-            scaled = _top_p(scaled, [p.top_p for p in params], self._upload)
+            scaled = _top_p(scaled, [p.top_p for p in params])
         probs = torch.softmax(scaled, dim=-1)
         if any(p.min_p > 0 for p in params):
-            mins = self._upload([p.min_p for p in params], torch.float32)[:, None]
+            mins = _rows([p.min_p for p in params], torch.float32, self.device)[:, None]
             probs = probs.masked_fill(probs < mins * probs.max(dim=-1, keepdim=True).values, 0.0)
 
         noise = torch.empty_like(probs)
@@ -129,7 +122,7 @@ class Sampler:
             if params[row].seed is not None and not greedy[row]:
                 noise[row].exponential_(generator=self._rng(seq))
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_rows = self._upload(greedy, torch.bool)
+        greedy_rows = _rows(greedy, torch.bool, self.device)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if any(greedy) else sampled
 
     def _rng(self, seq: Sequence) -> torch.Generator:
@@ -140,25 +133,30 @@ class Sampler:
         return seq.rng
 
 
-def _top_k(logits: torch.Tensor, ks: list[int], upload) -> torch.Tensor:
+def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
     V = logits.shape[1]
     k_max = min(max(ks), V)
     kth = logits.topk(k_max, dim=-1).values  # [B, k_max], descending
-    k = upload([min(k, V) if k > 0 else k_max for k in ks], torch.int64)
+    k = _rows([min(k, V) if k > 0 else k_max for k in ks], torch.int64, logits.device)
     threshold = kth.gather(1, (k - 1)[:, None])
-    off = upload([k <= 0 for k in ks], torch.bool)[:, None]
+    off = _rows([k <= 0 for k in ks], torch.bool, logits.device)[:, None]
     return logits.masked_fill((logits < threshold) & ~off, float("-inf"))
 
 
-def _top_p(logits: torch.Tensor, ps: list[float], upload) -> torch.Tensor:
+def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     # Keep the smallest prefix whose mass reaches p (always at least the top token).
     mass_before = probs.cumsum(dim=-1) - probs
-    p = upload([p if p < 1.0 else 2.0 for p in ps], torch.float32)[:, None]  # 1.0: keep all
+    p = _rows([p if p < 1.0 else 2.0 for p in ps], torch.float32, logits.device)[:, None]  # 1.0: keep all
     drop_sorted = mass_before >= p
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _rows(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-row host values on the device without waiting for the step still queued there."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 __all__ = ["Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]

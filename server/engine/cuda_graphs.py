@@ -119,16 +119,16 @@ class DecodeGraphs:
     """
 
     def __init__(self, model: DecoderModel, kv_cache, attention: AttentionBackend, lora: LoraBackend | None,
-                 lora_slots: LoraSlots | None, *, max_num_seqs: int, max_model_len: int, scratch_block: int,
-                 capture: bool, sizes: Sequence[int] | None = None):
+                 lora_slots: LoraSlots | None, *, ladder: Sequence[int], max_model_len: int, scratch_block: int,
+                 capture: bool):
         """kv_cache: the runner's KVCache, holding `scratch_block` beyond the allocator's blocks;
-        sizes: the batch sizes to capture (None: the default ladder, see batch_ladder)."""
+        ladder: the batch sizes to capture, ascending (batch_ladder)."""
         self.model = model
         self.kv = kv_cache
         self.attention = attention
         self.lora = lora if lora_slots is not None else None
         self.slots = lora_slots
-        self.ladder = batch_ladder(max_num_seqs, sizes)
+        self.ladder = tuple(ladder)
         self.max_size = self.ladder[-1]
         self.block_size = kv_cache.block_size
         self.width = -(-max_model_len // self.block_size)

@@ -100,7 +100,7 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens: capping max_model_len from %d", capped, max_len)
             max_len = capped
 
-        cuda_graphs.batch_ladder(sc.max_num_seqs, mc.cuda_graph_sizes)  # a bad --cuda-graph-sizes fails on any device
+        ladder = cuda_graphs.batch_ladder(sc.max_num_seqs, mc.cuda_graph_sizes)  # a bad --cuda-graph-sizes fails anywhere
         t0 = time.perf_counter()
         attention = select_attention(mc.attention_backend, arch, device, dtype)  # may build the C++ kernel (~15 s, once)
         lora_backend = select_lora(config.lora.lora_backend, device) if config.lora.enabled else None
@@ -122,9 +122,8 @@ class LLMEngine:
             tg = time.perf_counter()
             graphs = cuda_graphs.DecodeGraphs(
                 self.model, self.kv_cache, attention, lora_backend,
-                self.adapters.pool if self.adapters else None, max_num_seqs=sc.max_num_seqs,
-                max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda",
-                sizes=mc.cuda_graph_sizes)
+                self.adapters.pool if self.adapters else None, ladder=ladder,
+                max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda")
             log.info("CUDA graphs: decode batch sizes %s, %s, captured in %.1fs", list(graphs.ladder),
                      "with and without LoRA" if graphs.lora else "no LoRA", time.perf_counter() - tg)
         else:

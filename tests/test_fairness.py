@@ -66,12 +66,26 @@ def served(model_dir: Path, tmp_path: Path, scheduling: str) -> tuple[dict[str, 
     return w, counters
 
 
+def backlogged(w: dict[str, float], counters: dict[str, float]) -> bool:
+    """Whether each tenant's VTC counter at the cut is what it was served plus at most what was in
+    flight (SLACK) and one lift's worth (U): a tenant whose queue ran dry is lifted further."""
+    return all(counters[t] - w[t] <= SLACK + U for t in w)
+
+
 @pytest.mark.slow  # two server starts and two ~10 s runs: about 1.5 min on the shared 2 cores
 def test_vtc_gives_the_light_tenant_its_fair_share_and_fcfs_starves_it(tiny_llama_dir, tmp_path):
     vtc, counters = served(tiny_llama_dir, tmp_path, "vtc")
+    if not backlogged(vtc, counters):
+        # The bound holds while both tenants are backlogged. A client-side stall long enough for a
+        # tenant's queue to run dry shows as a counter lifted far above what that tenant was served
+        # (once under CI load: b charged 3890, served 2320); such a run cannot judge VTC: again.
+        print(f"not backlogged throughout: served {vtc}, counters {counters}; measuring again")
+        (tmp_path / "again").mkdir()
+        vtc, counters = served(tiny_llama_dir, tmp_path / "again", "vtc")
     fcfs, fcfs_counters = served(tiny_llama_dir, tmp_path, "fcfs")
     report = f"vtc {vtc} (server counters {counters}), fcfs {fcfs}, bound {BOUND}"
     print(report)
+    assert backlogged(vtc, counters), report
     assert abs(vtc["a"] - vtc["b"]) <= BOUND, report
     assert vtc["b"] >= (vtc["a"] + vtc["b"]) / 2 - BOUND / 2, report  # the same, as b's fair half
     # The server's own counters agree (the paper's lemma: backlogged tenants' counters differ by at most U).

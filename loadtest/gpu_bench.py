@@ -132,7 +132,11 @@ class TokenCountError(AssertionError):
     """A run returned other than the requested number of tokens."""
 
 
-def engine_time(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> float:
+def engine_time(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,
+                async_scheduling: bool = False) -> float:
+    """Seconds for `engine` to give every prompt `new_tokens` greedy tokens (one adapter or None per
+    prompt), scheduling synchronously or asynchronously (--async-scheduling) for this run."""
+    engine.async_scheduling = async_scheduling
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     ids = [f"g{time.monotonic_ns()}-{i}" for i in range(len(prompts))]

@@ -79,7 +79,8 @@ def render_markdown(res: dict) -> str:
     lines += ["| system | adapters | streams | tok/s | floor tok/s | vs floor | vs own base-only | tokens | row s | status |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = res["rows"]
-    order = {"loramux": 0, "loramux --no-lora": 1, "loramux --enforce-eager": 2, "transformers": 3, "peft": 4}
+    order = {"loramux": 0, "loramux --no-lora": 1, "loramux --enforce-eager": 2, "loramux --async-scheduling": 3,
+             "transformers": 4, "peft": 5}
     for r in sorted(rows, key=lambda r: (order.get(r["system"], 9), r["adapters"], r["streams"])):
         base_system = "transformers" if r["system"] == "peft" else r["system"]
         own = _ratio(r["tok_s"], _tps(rows, base_system, 0, r["streams"])) if r["adapters"] else None
@@ -96,6 +97,15 @@ def render_markdown(res: dict) -> str:
             graphs = _tps(rows, "loramux", r["adapters"], r["streams"])
             lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(graphs)} | {_num(r['tok_s'])} | "
                          f"{_num(_ratio(graphs, r['tok_s']), '.2f')} |")
+    lines += ["", "## Async scheduling", "", "Decode tok/s of `loramux --async-scheduling` (step N+1 scheduled and "
+              "launched before step N's tokens are taken in) over loramux (synchronous), same engine, adapters and "
+              "streams.", "", "| adapters | streams | async tok/s | sync tok/s | async / sync |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["system"] == "loramux --async-scheduling":
+            sync = _tps(rows, "loramux", r["adapters"], r["streams"])
+            lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(r['tok_s'])} | {_num(sync)} | "
+                         f"{_num(_ratio(r['tok_s'], sync), '.2f')} |")
     lines += ["", "## Targets (issue 10)", "", "| target | read as | goal | value | met |",
               "| --- | --- | --- | --- | --- |"]
     for g in res["targets"]:

@@ -26,7 +26,7 @@ class Unit:
     """One benchmark row: `system` decoding `streams` sequences over `adapters` distinct adapters
     (0: base model only)."""
 
-    system: str  # loramux | loramux --no-lora | loramux --enforce-eager | transformers | peft
+    system: str  # loramux [--no-lora | --enforce-eager | --async-scheduling] | transformers | peft
     adapters: int
     streams: int
 
@@ -117,7 +117,8 @@ class Bench:
         if unit.system.startswith("loramux"):
             engine = self.engine(lora=unit.system != "loramux --no-lora",
                                  eager=unit.system.endswith("--enforce-eager"))
-            run = lambda n: gb.engine_time(engine, prompts, rows, n)  # noqa: E731
+            overlap = unit.system.endswith("--async-scheduling")  # the same engine, scheduling ahead
+            run = lambda n: gb.engine_time(engine, prompts, rows, n, async_scheduling=overlap)  # noqa: E731
         elif unit.system == "transformers":
             model = self.hf()
             if "peft" in self.objects:  # PEFT wrapped the same modules: run them bare
@@ -154,9 +155,13 @@ def units(plan: Plan) -> list[Unit]:
              Unit("transformers", 0, B), Unit("transformers", 0, 1),
              # what the CUDA graphs bring: the same engine, every step eager
              Unit("loramux --enforce-eager", 0, 1), Unit("loramux --enforce-eager", few, B),
-             Unit("loramux --enforce-eager", 0, B)]
+             Unit("loramux --enforce-eager", 0, B),
+             # what overlapping the host's work with the GPU's brings
+             Unit("loramux --async-scheduling", 0, 1), Unit("loramux --async-scheduling", few, B),
+             Unit("loramux --async-scheduling", 0, B)]
     rest = [Unit("loramux", a, s) for a in (0, *plan.adapter_counts) for s in plan.streams]
     rest += [Unit("loramux --no-lora", 0, s) for s in plan.streams]
+    rest += [Unit("loramux --async-scheduling", a, plan.streams[-1]) for a in (0, plan.adapter_counts[0])]
     rest += [Unit("transformers", 0, s) for s in plan.streams]
     rest += [Unit("peft", a, s) for a in plan.adapter_counts for s in plan.streams]
     return first + [u for u in rest if u not in first]

@@ -144,6 +144,9 @@ FLAGS = [
          "waiting requests (in scheduling order) whose adapters are loaded ahead of admission"),
     Flag("max-wait-steps", "scheduler.max_wait_steps", int,
          "steps a request may be passed over because of its adapter before it goes first (starvation bound)"),
+    Flag("async-scheduling", "scheduler.async_scheduling", _bool, "schedule and launch each step before taking "
+         "in the previous one's tokens, so the host's work overlaps the GPU's (as vLLM); same tokens",
+         switch=True),
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
     Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
     Flag("lora-pool-memory", "lora.lora_pool_memory", parse_bytes, "device adapter pool size: bytes or e.g. "

@@ -47,6 +47,9 @@ class SchedulerConfig:
     vtc_output_weight: float = 2.0  # VTC cost of an output token (w_q)
     prefetch_window: int = 16  # waiting requests, in policy order, whose adapters are loaded ahead
     max_wait_steps: int = 32  # steps a request may be passed over for its adapter before it goes first
+    # Schedule and launch step N+1 before taking in step N's tokens (vLLM's --async-scheduling):
+    # the host's scheduling and output work overlaps the device's step instead of idling it.
+    async_scheduling: bool = False
 
     PENDING_PER_SEQ = 3
 

@@ -147,7 +147,7 @@ ADAPTERS = {  # different ranks; "b" on every projection
 JOBS = [("a", 5, 7), ("b", 9, 6), (None, 4, 9), ("c", 7, 4), ("a", 11, 7), (None, 6, 5)]
 
 
-def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, **lora):
+def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, async_scheduling: bool = False, **lora):
     from server.config import Config
     from server.engine.engine import LLMEngine
 
@@ -165,6 +165,7 @@ def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, **lora):
     cfg.model.enforce_eager = not graphs
     cfg.cache.kv_cache_memory = 1 << 20
     cfg.scheduler.max_num_seqs = 8
+    cfg.scheduler.async_scheduling = async_scheduling
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
     cfg.lora.max_lora_rank = 8
@@ -231,6 +232,26 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
     assert e_tokens == tokens and not eager.runner.graph_steps
     for got, want in zip(logprobs, e_logprobs):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+@needs_interp
+def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_llama_dir, adapter_dirs,
+                                                                           monkeypatch):
+    """Async scheduling: a decode step is launched before the host has the tokens it decodes; the
+    graph's ids of those rows are written on the device from the step before. PEFT's tokens."""
+    from peft_adapters import peft_greedy
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for _, n, _ in JOBS]
+    expected = [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
+                for (a, _, new), p in zip(JOBS, prompts)]
+    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch, async_scheduling=True)
+    warm(engine, adapter_dirs)
+    tokens, logprobs = _run(engine, JOBS, prompts)
+    assert tokens == [e[0] for e in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=2e-4)
+    assert {with_lora for _, with_lora in engine.runner.graph_steps} == {True, False}, engine.runner.graph_steps
 
 
 @needs_interp

@@ -40,6 +40,8 @@ def expected_rows() -> set[tuple[str, int, int]]:
     rows |= {("peft", a, s) for a in p.adapter_counts for s in p.streams}
     B, A = p.target_streams, p.adapter_counts[0]
     rows |= {("loramux --enforce-eager", 0, 1), ("loramux --enforce-eager", 0, B), ("loramux --enforce-eager", A, B)}
+    rows |= {("loramux --async-scheduling", a, s) for a, s in [(0, 1), (A, B), (0, B), (0, p.streams[-1]),
+                                                                (A, p.streams[-1])]}
     return rows
 
 
@@ -52,8 +54,8 @@ def test_smoke_run_writes_every_table(tmp_path):
     B, A = SMOKE_PLAN.target_streams, SMOKE_PLAN.adapter_counts[0]
     tests = res["tests"]
     assert tests["exit"] == 0 and tests["failed"] == tests["errors"] == 0
-    # tests/test_gpu_engine.py: 9 tests, skipped without CUDA (passed with it)
-    assert tests["passed"] + tests["skipped"] == 9, tests
+    # tests/test_gpu_engine.py: 15 tests, skipped without CUDA (12 passed with it, 3 skipped)
+    assert tests["passed"] + tests["skipped"] == 15, tests
     assert (tmp_path / tests["log"]).is_file()
 
     rows = {(r["system"], r["adapters"], r["streams"]): r for r in res["rows"]}
@@ -69,9 +71,12 @@ def test_smoke_run_writes_every_table(tmp_path):
     assert res["floor"]["copy_bytes_per_s"] > 0
     assert {"random weights on the device", "engine, LoRA enabled", "engine, --no-lora",
             "engine, LoRA enabled, --enforce-eager"} <= set(res["setup"])
-    # the graphs-vs-eager table: one line per eager row, with both rates
-    for a, s in [(0, 1), (A, B), (0, B)]:
-        assert re.search(rf"^\| {a or 'base'} \| {s} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", md, re.M), (a, s)
+    # the graphs-vs-eager and async-vs-sync tables: one line per eager or async row, with both rates
+    for title in ("## CUDA graphs", "## Async scheduling"):
+        table = md.split(title, 1)[1].split("\n## ", 1)[0]
+        for a, s in [(0, 1), (A, B), (0, B)]:
+            assert re.search(rf"^\| {a or 'base'} \| {s} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", table, re.M), \
+                (title, a, s)
 
     assert len(res["targets"]) == 5
     for t in res["targets"]:

@@ -27,13 +27,14 @@ ADAPTERS = {
 
 
 def gpu_engine(model_dir: Path, adapters: dict[str, Path], dtype: str, enforce_eager: bool = False,
-               max_num_seqs: int = 128, page_rank: int | None = None) -> LLMEngine:
+               max_num_seqs: int = 128, page_rank: int | None = None, async_scheduling: bool = False) -> LLMEngine:
     """With max rank 64 the triton backend's pool is paged (page rank 16) unless `page_rank` is 64."""
     cfg = Config()
     cfg.model.device = "cuda"
     cfg.model.dtype = dtype
     cfg.model.enforce_eager = enforce_eager
     cfg.scheduler.max_num_seqs = max_num_seqs
+    cfg.scheduler.async_scheduling = async_scheduling
     cfg.cache.kv_cache_memory = 64 << 20
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in adapters.items()}
@@ -107,13 +108,17 @@ GRAPH_NEW = [12, 9, 14, 6, 18, 10, 16, 7]
 
 @pytest.mark.parametrize("page_rank", [None, 64], ids=["paged", "unpaged"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_decode_graphs_and_eager_equal_peft(tiny_llama_dir, gpu_adapters, enforce_eager, page_rank):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_decode_graphs_and_eager_equal_peft(tiny_llama_dir, gpu_adapters, enforce_eager, page_rank,
+                                            async_scheduling):
+    if async_scheduling and (page_rank is not None or enforce_eager):
+        pytest.skip("async scheduling: one run, on graphs over the paged pool (its eager steps are the prefills)")
     g = torch.Generator().manual_seed(4)
     jobs = [(n, torch.randint(2, 320, (4 + 5 * i,), generator=g).tolist()) for i, n in enumerate(GRAPH_JOBS)]
     expected = [peft_greedy(tiny_llama_dir, gpu_adapters[a] if a else None, p, n)[0]
                 for (a, p), n in zip(jobs, GRAPH_NEW)]
     engine = gpu_engine(tiny_llama_dir, gpu_adapters, "float32", enforce_eager=enforce_eager, max_num_seqs=12,
-                        page_rank=page_rank)
+                        page_rank=page_rank, async_scheduling=async_scheduling)
     assert engine.adapters.pool.paged == (page_rank is None)
     runner = engine.runner
     assert (runner.graphs is None) == enforce_eager
@@ -152,12 +157,14 @@ SAMPLED = [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
-def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling, async_scheduling):
     """A whole engine step that decodes on a graph (without logprobs) synchronises with the device
     once, reading the sampled tokens: scheduling, activation of resident adapters, the input copy,
     the replay, the logits and the sampling parameters' upload are queued without waiting (torch's
-    sync debug mode counts). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row."""
-    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8)
+    sync debug mode counts). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row.
+    Async: the read is of the step before, after this one is queued (or, with penalties, before it)."""
+    engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8, async_scheduling=async_scheduling)
     jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
     run(engine, jobs, 3)  # adapters resident, kernels compiled
     for i, (adapter, prompt) in enumerate(jobs):

@@ -29,14 +29,19 @@ import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.segments import fill_static, static_len
+from kernels.upload import to_device
 from server.adapters.slots import LoraSlots
 from server.engine.backends import AttentionBackend, LoraBackend
 from server.engine.backends.attention import GraphTensors
 from server.model.decoder import DecoderModel
+
+if TYPE_CHECKING:
+    from server.engine.model_runner import Pending
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +213,11 @@ class DecodeGraphs:
         return graph_size(self.ladder, batch)
 
     def replay(self, ids: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]],
-               lora: LoraLayout | None) -> tuple[torch.Tensor, int]:
+               lora: LoraLayout | None, pending: Pending | None = None) -> tuple[torch.Tensor, int]:
         """One decode step of B <= max_size rows: row r decodes token ids[r] at positions[r] of the
         sequence whose block table is tables[r]. `lora`: the segments of the LoRA rows (the first
-        ones), or None for a step of base-only rows. -> (logits [B, vocab] float32, graph size).
+        ones), or None for a step of base-only rows. `pending`: rows whose token the previous step
+        sampled, written over ids[r] on the device. -> (logits [B, vocab] float32, graph size).
         Host work O(B + blocks)."""
         size = self.size_for(len(ids))
         if size is None:
@@ -221,6 +227,10 @@ class DecodeGraphs:
         self._dev[:lay.length].copy_(self._host_tensor[:lay.length], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if pending is not None:  # the ids are the buffer's first `size` entries
+            rows, srcs = to_device(torch.tensor(pending.rows + pending.srcs, dtype=torch.int32),
+                                   self._dev.device).split(len(pending.rows))
+            pending.write(self._dev, rows, srcs)
         hidden = self.graphs[(size, lora is not None)].run()
         return self.model.logits(hidden[:len(ids)]), size
 

@@ -26,7 +26,7 @@ from server.engine.backends import select_attention, select_lora
 from server.engine.detokenizer import TextProcessor
 from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
 from server.engine.kv_cache import BlockAllocator
-from server.engine.model_runner import KVCache, ModelRunner
+from server.engine.model_runner import KVCache, ModelRunner, StepResult
 from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
 from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus
@@ -142,6 +142,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(eos, max_len)
         self.text = TextProcessor(self.tokenizer) if detokenize else None
         self._seqs: dict[str, Sequence] = {}
+        # Async scheduling: the step launched last, whose tokens the host has not taken in yet.
+        self.async_scheduling = sc.async_scheduling
+        self._in_flight: StepResult | None = None
+        self._penalised = 0  # unfinished sequences with penalties: while any, no step stays in flight
         self._adapter_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # running, waiting: gauge labels
         self._adapters_published = -1  # the scheduler's adapters_version they were made at
         self.info = EngineInfo(
@@ -176,6 +180,7 @@ class LLMEngine:
             request = replace(request, experts=replace(request.experts, adapters=self._acquire_all(request)))
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
+        self._penalised += request.params.has_penalties
         if self.text is not None:
             self.text.add(seq.request_id, request.prompt_token_ids, request.params)
         self.scheduler.add(seq)
@@ -236,7 +241,7 @@ class LLMEngine:
             self.metrics.tenant_vtc.labels(tenant).set(value)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     @property
     def num_unfinished(self) -> int:
@@ -244,8 +249,14 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then take in the tokens of the step before it (async
+        scheduling: the device runs step N+1 while the host turns step N's tokens into outputs and
+        schedules N+2) or of this one (synchronous). Outputs of every step taken in."""
         t0 = time.perf_counter()
         outputs = self._poll_adapters() if self.adapters else []
+        if self._in_flight is not None and self._penalised:  # penalties read each token on the host
+            outputs += self._take(self._take_in_flight())
+        had_in_flight = self._in_flight is not None
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.on_preempted(len(sched.preempted))
@@ -256,36 +267,78 @@ class LLMEngine:
                 seq.first_scheduled_time = now
                 self.metrics.on_scheduled(seq.request.tenant, now - seq.request.arrival_time)
         self.publish_gauges()  # admissions and preemptions show now, not after the model step
-        self.idle = sched.is_empty
+        self.idle = sched.is_empty and not had_in_flight
+        launched = None
         if not sched.is_empty:
-            outputs += self._run(sched.chunks)
+            launched, failed = self._launch(sched.chunks)
+            outputs += failed
+        if self._in_flight is not None:
+            outputs += self._take(self._take_in_flight())
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._take(launched)
+        if not sched.is_empty:
             self.metrics.step_time.observe(time.perf_counter() - t0)
             self.metrics.step_tokens.observe(sched.num_tokens)
         self.publish_gauges()
         return outputs
 
-    def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
-        """Execute `chunks` and apply the results. If that raises, run each half on its own, so
-        a failure (a bug a request's data triggers) fails only the sequences that cause it and
-        the rest of the step still gets its tokens; the failing path costs O(k log B) passes."""
+    def _launch(self, chunks: list[ScheduledChunk]) -> tuple[StepResult | None, list[RequestOutput]]:
+        """Queue `chunks` on the device, reading pending tokens from the step in flight. If that
+        raises, take the step in flight in, then run each half on its own, synchronously, so a
+        failure (a bug a request's data triggers) fails only the sequences that cause it and the
+        rest of the step still gets its tokens; the failing path costs O(k log B) passes.
+        -> (the launched step, or None when it failed and ran apart; outputs of what ran apart)."""
         names = {a for c in chunks for a in c.seq.adapters}
         try:
             lora = self.adapters.activate(names) if names else None
-            result = self.runner.execute(chunks, lora)
+            result = self.runner.execute(chunks, lora, self._in_flight)
         except Exception as exc:
+            outputs = self._take(self._take_in_flight()) if self._in_flight is not None else []
+            chunks = [c for c in chunks if not c.seq.is_finished]
             if len(chunks) > 1:
                 mid = len(chunks) // 2
-                return self._run(chunks[:mid]) + self._run(chunks[mid:])
-            log.exception("request %s failed inside an engine step", chunks[0].seq.request_id)
-            return [self._fail(chunks[0].seq, exc)]
+                for half in (chunks[:mid], chunks[mid:]):
+                    launched, failed = self._launch(half)
+                    outputs += failed + (self._take(launched) if launched is not None else [])
+            elif chunks:
+                log.exception("request %s failed inside an engine step", chunks[0].seq.request_id)
+                outputs.append(self._fail(chunks[0].seq, exc))
+            return None, outputs
         self.metrics.step_adapters.observe(len(names))
         self.metrics.on_lora_tokens(experts_per_token(chunks))
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
+            if chunk.samples:
+                chunk.seq.num_pending += 1
+        return result, []
 
+    def _take_in_flight(self) -> StepResult:
+        result, self._in_flight = self._in_flight, None
+        return result
+
+    def _take(self, result: StepResult) -> list[RequestOutput]:
+        """Wait for `result`'s tokens and apply them: each sequence's token, its output, its end.
+        A sequence that ended while the step ran (aborted, or stopped by the step before) drops
+        its token."""
+        if result.tokens is None:
+            return []
+        live = [seq for seq in result.sampled if not seq.is_finished]
+        try:
+            sampled = result.tokens.output()
+        except Exception as exc:  # an error the device reports only now: the step is lost
+            log.exception("an engine step failed while its tokens were read back")
+            for seq in result.sampled:
+                seq.num_pending -= 1
+            return [self._fail(seq, exc) for seq in live]
         outputs = []
         now = time.monotonic()
-        for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
+        for seq, token, logprobs in zip(result.sampled, sampled.token_ids, sampled.logprobs):
+            seq.num_pending -= 1
+            if seq.is_finished:
+                continue
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -302,7 +355,7 @@ class LLMEngine:
             if out.finished:
                 self._finish(seq, out.finish_reason)
             outputs.append(out)
-        self.metrics.on_generated(Counter(seq.request.tenant for seq in result.sampled))
+        self.metrics.on_generated(Counter(seq.request.tenant for seq in live))
         return outputs
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
@@ -337,6 +390,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
+        self._penalised -= seq.params.has_penalties
         if self.text is not None:
             self.text.remove(seq.request_id)
         del self._seqs[seq.request_id]

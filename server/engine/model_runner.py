@@ -21,7 +21,7 @@ from kernels import RowPlan
 from server.adapters.manager import StepLora
 from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, StepBatch
 from server.engine.request import Mixture, Sequence
-from server.engine.sampler import Sampler, SamplerOutput
+from server.engine.sampler import SampledStep, Sampler
 from server.engine.scheduler import ScheduledChunk
 from server.engine.step_upload import StepUpload
 from server.model.decoder import DecoderModel
@@ -32,8 +32,34 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepResult:
-    sampled: list[Sequence]  # sequences that got a new token this step, in `output` order
-    output: SamplerOutput
+    sampled: list[Sequence]  # sequences that get a new token from this step, in `tokens` order
+    tokens: SampledStep | None  # None: no chunk sampled
+
+    def rows(self) -> dict[Sequence, int]:
+        """Each sampled sequence's row of `tokens.tokens`."""
+        return {seq: row for row, seq in enumerate(self.sampled)}
+
+
+@dataclass
+class Pending:
+    """The rows of a step whose input token is still on the device: row `rows[i]` reads token
+    `srcs[i]` of the previous step's `tokens` [B_prev] (async scheduling)."""
+
+    rows: list[int]
+    srcs: list[int]
+    tokens: torch.Tensor
+
+    @staticmethod
+    def of(rows: list[int], seqs: list[Sequence], prev: StepResult | None) -> Pending | None:
+        """Rows `rows` of a step decode seqs[i]'s pending token, which `prev` sampled. O(B)."""
+        if not rows:
+            return None
+        row_of = prev.rows()
+        return Pending(rows, [row_of[seq] for seq in seqs], prev.tokens.tokens)
+
+    def write(self, ids: torch.Tensor, rows: torch.Tensor, srcs: torch.Tensor) -> None:
+        """ids[rows] = tokens[srcs], on the device (`rows`, `srcs`: these lists uploaded)."""
+        ids[rows.long()] = self.tokens[srcs.long()].to(ids.dtype)
 
 
 class KVCache:
@@ -70,12 +96,15 @@ class ModelRunner:
         self.eager_steps = 0
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None) -> StepResult:
-        """Run one step. `step_lora`: every chunk's adapters placed in device slots (see
-        AdapterManager.activate); tokens are laid out single-adapter ones grouped by slot, then
-        mixtures and routes, base-only tokens last."""
+    def execute(self, chunks: list[ScheduledChunk], step_lora: StepLora | None = None,
+                prev: StepResult | None = None) -> StepResult:
+        """Queue one step; its tokens come back through `StepResult.tokens`. `step_lora`: every
+        chunk's adapters placed in device slots (see AdapterManager.activate); tokens are laid out
+        single-adapter ones grouped by slot, then mixtures and routes, base-only tokens last.
+        `prev`: the step before, if the host has not taken its tokens yet: a decode of a sequence
+        whose last token is pending reads it from `prev` on the device."""
         if self.graphs is not None:
-            result = self._replay(chunks, step_lora)
+            result = self._replay(chunks, step_lora, prev)
             if result is not None:
                 return result
         self.eager_steps += 1
@@ -89,9 +118,16 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        pend_rows: list[int] = []
+        pend_seqs: list[Sequence] = []
         for row, chunk in enumerate(chunks):
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            if start < len(seq.token_ids):
+                ids.extend(seq.token_ids[start:start + n])
+            else:  # a decode of a pending token: `prev` has it on the device
+                pend_rows.append(len(ids))
+                pend_seqs.append(seq)
+                ids.append(0)
             positions.extend(range(start, start + n))
             token_seq.extend([row] * n)
             query_lens.append(n)
@@ -104,8 +140,12 @@ class ModelRunner:
         tables = list(chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table))
                                           for c in chunks))
 
+        pending = Pending.of(pend_rows, pend_seqs, prev)
         bs = self.kv.block_size
-        ids_t, pos_t, seq_t, tables_t, rows_t = self.upload([ids, positions, token_seq, tables, sample_rows])
+        ids_t, pos_t, seq_t, tables_t, rows_t, pend_t, src_t = self.upload(
+            [ids, positions, token_seq, tables, sample_rows, pend_rows, pending.srcs if pending else []])
+        if pending is not None:
+            pending.write(ids_t, pend_t, src_t)
         tables_t = tables_t.view(len(chunks), max_blocks)
         pos_l = pos_t.long()
         # on the device: each token's cache slot, and the positions it attends to
@@ -115,11 +155,12 @@ class ModelRunner:
             token_seq=seq_t, token_ctx=pos_t + 1, slot_mapping=slots, block_size=bs))
         hidden = self.model.forward(ids_t.long(), pos_l, attn, self.kv.tensor, lora_step)
         if not sampled:
-            return StepResult([], SamplerOutput([], []))
+            return StepResult([], None)
         logits = self.model.logits(hidden[rows_t.long()])
         return StepResult(sampled, self.sampler.sample(logits, sampled))
 
-    def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None) -> StepResult | None:
+    def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None,
+                prev: StepResult | None) -> StepResult | None:
         """Run the step as a captured decode graph if it is one a graph can run: every chunk a
         one-token decode that samples, at most the largest graph's rows, every LoRA row a single
         adapter that is not DoRA (mixtures, routes, DoRA, prefill and mixed steps run eagerly).
@@ -150,8 +191,16 @@ class ModelRunner:
             if seg_slots:
                 lora = (seg_lens, seg_slots, [step_lora.slot_rank[s] for s in seg_slots])
         seqs = [c.seq for c in chunks]
-        logits, size = graphs.replay([s.token_ids[c.start] for s, c in zip(seqs, chunks)],
-                                     [c.start for c in chunks], [s.block_table for s in seqs], lora)
+        ids: list[int] = []
+        pend: list[int] = []  # rows decoding a pending token: `prev` has it on the device
+        for r, c in enumerate(chunks):
+            if c.start < len(c.seq.token_ids):
+                ids.append(c.seq.token_ids[c.start])
+            else:
+                ids.append(0)
+                pend.append(r)
+        logits, size = graphs.replay(ids, [c.start for c in chunks], [s.block_table for s in seqs], lora,
+                                     Pending.of(pend, [seqs[r] for r in pend], prev))
         self.graph_steps[(size, lora is not None)] += 1
         return StepResult(seqs, self.sampler.sample(logits, seqs))
 

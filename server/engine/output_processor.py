@@ -51,7 +51,7 @@ class OutputProcessor:
         reason: FinishReason | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = FinishReason.STOP
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = FinishReason.LENGTH
         return RequestOutput(
             request_id=seq.request_id, token_ids=[token],

@@ -145,6 +145,9 @@ class Sequence:
     num_prompt_tokens: int
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Tokens sampled by a step still in flight (async scheduling): each holds the position past
+    # `token_ids` that it will fill; the next step reads it on the device (0 or 1 when scheduling).
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -180,10 +183,10 @@ class Sequence:
     def experts(self) -> Experts | None:
         return self.request.experts
 
-
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Positions the sequence has: its known tokens and the pending ones."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
@@ -195,7 +198,13 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def all_sampled(self) -> bool:
+        """Whether steps have sampled all `max_tokens` of it (some may be pending): another step
+        would compute a token past its end."""
+        return self.num_output_tokens + self.num_pending >= self.params.max_tokens
 
     @property
     def is_finished(self) -> bool:

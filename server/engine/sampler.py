@@ -29,17 +29,60 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+class SampledStep:
+    """One step's sampled tokens: on the device at once (`tokens`, [B] int64: the next step may
+    read them there before the host has them), on the host from `output()`. On a GPU their copy
+    to pinned host memory is queued behind the step, so nothing waits until `output()`."""
+
+    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprob_ks: list[int],
+                 chosen: torch.Tensor | None, top_vals: torch.Tensor | None, top_ids: torch.Tensor | None):
+        self.tokens = tokens
+        self._rows, self._ks = logprob_rows, logprob_ks
+        host = _to_host([t for t in (tokens, chosen, top_vals, top_ids) if t is not None])
+        self._host, self._ready = host
+        self._output: SamplerOutput | None = None
+
+    def output(self) -> SamplerOutput:
+        """The tokens and logprobs as host values (waits for the step on a GPU; once)."""
+        if self._output is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            token_list = self._host[0].tolist()
+            logprobs: list[TokenLogprobs | None] = [None] * len(token_list)
+            if self._rows:
+                chosen, vals, ids = (t.tolist() for t in self._host[1:])
+                for i, (r, n) in enumerate(zip(self._rows, self._ks)):
+                    logprobs[r] = TokenLogprobs(token_list[r], chosen[i], list(zip(ids[i][:n], vals[i][:n])))
+            self._output = SamplerOutput(token_list, logprobs)
+        return self._output
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Device tensors -> their host copies, queued into pinned memory on a GPU, and the event
+    after the copies (None off CUDA: the tensors are on the host already)."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [B, V] float32, one row per sequence (in `seqs` order) -> B next tokens."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+        """logits [B, V] float32, one row per sequence (in `seqs` order) -> B next tokens. Queues
+        the work and the copy back; reads nothing from the device (penalties read `seqs`' tokens
+        on the host: their sequences must have none pending)."""
         params = [s.params for s in seqs]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if rows else None
 
         if any(p.has_penalties for p in params):
             logits = logits.clone()
@@ -50,27 +93,20 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample_random(logits, seqs, greedy)
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        if raw_logprobs is not None:
-            self._logprobs(raw_logprobs, tokens, params, token_list, logprobs)
-        return SamplerOutput(token_list, logprobs)
+        if raw_logprobs is None:
+            return SampledStep(tokens, [], [], None, None, None)
+        ks = [params[r].logprobs for r in rows]
+        return SampledStep(tokens, rows, ks, *self._logprobs(raw_logprobs, tokens, rows, max(ks)))
 
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, params: list, token_list: list[int],
-                  out: list[TokenLogprobs | None]) -> None:
-        """Fill `out` for the rows that asked for logprobs: the chosen token's and the top-k, for
-        all those rows at once (one topk, three small reads back, not three per row).
-        raw [B, V] log-softmax, tokens [B] (device)."""
-        rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `rows`, all at once: the chosen token's logprob [R] and the top-k values and ids
+        [R, k]. raw [B, V] log-softmax, tokens [B] (device)."""
         idx = _rows(rows, torch.int64, self.device)
         sub = raw.index_select(0, idx)
-        chosen = sub.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
-        k = max(params[r].logprobs for r in rows)
-        vals, ids = sub.topk(k, dim=-1) if k > 0 else (sub[:, :0], sub[:, :0])
-        vals, ids = vals.tolist(), ids.tolist()
-        for i, r in enumerate(rows):
-            n = params[r].logprobs
-            out[r] = TokenLogprobs(token_list[r], chosen[i], list(zip(ids[i][:n], vals[i][:n])))
+        chosen = sub.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1)
+        vals, ids = sub.topk(k, dim=-1) if k > 0 else (sub[:, :0], sub[:, :0].long())
+        return chosen, vals, ids
 
     # --- penalties ---------------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -159,4 +195,4 @@ def _rows(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
-__all__ = ["Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]
+__all__ = ["SampledStep", "Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]

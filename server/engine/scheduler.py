@@ -200,8 +200,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            pages = self._adapter_room(seq, adapters)
-            if pages is None:
+            pages = self._adapter_room(seq, adapters) if not seq.all_sampled else None
+            if pages is None:  # or it ends when its pending token arrives: nothing to compute
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)

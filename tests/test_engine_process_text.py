@@ -1,15 +1,16 @@
 """The text level (detokenisation, stop strings) runs in the server process when the engine core has
 a process of its own: what clients get there is compared with a server of the same build in the
 thread mode (`--engine-process off`), and a stop string found by the server retires the request
-in the core."""
+in the core. A third server runs its core with `--async-scheduling` (a step launched before the
+previous one's tokens are taken in): its answers are the same."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-# the fixtures `roots`, `tenants`, `server` and `client` come from there
-from engine_process_servers import ALPHA, BASE, client, roots, server, start, tenants, wait_for  # noqa: F401
+# the fixtures `roots`, `tenants` and `server` come from there
+from engine_process_servers import ALPHA, BASE, roots, server, start, tenants, wait_for  # noqa: F401
 
 
 # --- the text level in the server process: the same answers as in-process ----------------------
@@ -23,9 +24,18 @@ def thread_server(tiny_llama_dir, tenants, roots, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def both(server, thread_server) -> dict[str, openai.OpenAI]:
+def async_server(tiny_llama_dir, tenants, roots, tmp_path_factory):
+    srv = start(tiny_llama_dir, tmp_path_factory.mktemp("logs"), tenants, roots, "async.log", "on",
+                "--async-scheduling")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def both(server, thread_server, async_server) -> dict[str, openai.OpenAI]:
+    """Clients of the engine-process ("on"), thread ("off") and async-scheduling ("async") servers."""
     return {mode: openai.OpenAI(base_url=srv.base_url + "/v1", api_key=ALPHA, max_retries=0, timeout=60)
-            for mode, srv in (("on", server), ("off", thread_server))}
+            for mode, srv in (("on", server), ("off", thread_server), ("async", async_server))}
 
 
 STOP_PROMPT = [5, 9, 13, 2, 7, 40, 41]
@@ -90,14 +100,14 @@ def test_stop_strings_give_the_same_text_reason_and_usage_in_both_modes(both, pi
     stop, include, end, used = stop_cases(pieces)[case]
     full = "".join(pieces)
     expected = ([full[:end]], ["stop"], len(STOP_PROMPT), used)
-    assert completion(both["off"], stream, stop, include) == expected
-    assert completion(both["on"], stream, stop, include) == expected
+    for mode in ("off", "on", "async"):
+        assert completion(both[mode], stream, stop, include) == expected, mode
 
 
 def test_n_choices_with_a_stop_string_in_both_modes(both, pieces):
     stop, include, end, used = stop_cases(pieces)["spanning"]
     full = "".join(pieces)
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "async"):
         for stream in (False, True):
             got = completion(both[mode], stream, stop, include, n=2)
             # The prompt counts once (streamed too), each choice's tokens count.
@@ -117,20 +127,22 @@ def test_chat_with_a_stop_string_and_logprobs_is_the_same_in_both_modes(both):
     assert len(text) > 6
     stop = text[3:5]
     answers = {mode: chat(c, [stop]) for mode, c in both.items()}
-    on, off = answers["on"], answers["off"]
+    off = answers["off"]
     assert off.choices[0].message.content == text[: text.index(stop)]
-    assert on.choices[0].message.content == off.choices[0].message.content
-    assert on.choices[0].finish_reason == off.choices[0].finish_reason == "stop"
-    assert on.usage == off.usage
-    assert on.choices[0].logprobs.model_dump() == off.choices[0].logprobs.model_dump()  # token strings too
-    assert len(on.choices[0].logprobs.content) == on.usage.completion_tokens
+    for mode in ("on", "async"):
+        on = answers[mode]
+        assert on.choices[0].message.content == off.choices[0].message.content, mode
+        assert on.choices[0].finish_reason == off.choices[0].finish_reason == "stop"
+        assert on.usage == off.usage
+        assert on.choices[0].logprobs.model_dump() == off.choices[0].logprobs.model_dump()  # token strings too
+        assert len(on.choices[0].logprobs.content) == on.usage.completion_tokens
 
 
 def test_free_text_and_unicode_are_the_same_in_both_modes(both):
     """Random tiny-model output: bytes of characters split across tokens, partial characters."""
     for prompt in ([250, 251, 252, 253], [200, 201, 202], "日本語のテキスト"):
-        answers = [completion_text(c, prompt) for c in (both["off"], both["on"])]
-        assert answers[0] == answers[1], prompt
+        answers = [completion_text(c, prompt) for c in (both["off"], both["on"], both["async"])]
+        assert answers[0] == answers[1] == answers[2], prompt
 
 
 def completion_text(client: openai.OpenAI, prompt) -> tuple[str, str]:
@@ -143,9 +155,13 @@ def completion_text(client: openai.OpenAI, prompt) -> tuple[str, str]:
     return whole, streamed
 
 
-def test_a_stop_string_retires_the_request_in_the_core(server, client, pieces):
+@pytest.mark.parametrize("scheduling", ["sync", "async"])
+def test_a_stop_string_retires_the_request_in_the_core(server, async_server, pieces, scheduling):
     """The server process finds the stop string; the core must stop generating for it at once (its KV
-    blocks come back) and count it as stopped, not run on to max_tokens nor count an abort."""
+    blocks come back) and count it as stopped, not run on to max_tokens nor count an abort. Async:
+    the step in flight when the core hears of it is dropped for it."""
+    server = async_server if scheduling == "async" else server
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=ALPHA, max_retries=0, timeout=60)
     stop = pieces[2] + pieces[3]
     idle = lambda text: (server.metric("loramux_kv_blocks_used", text=text) == 0  # noqa: E731
                          and server.metric("vllm:num_requests_running", text=text) == 0)

@@ -158,12 +158,14 @@ SAMPLED = [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
 
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling, async_scheduling):
-    """A whole engine step that decodes on a graph (without logprobs) synchronises with the device
-    once, reading the sampled tokens: scheduling, activation of resident adapters, the input copy,
-    the replay, the logits and the sampling parameters' upload are queued without waiting (torch's
-    sync debug mode counts). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row.
-    Async: the read is of the step before, after this one is queued (or, with penalties, before it)."""
+def test_a_graph_decode_step_waits_for_the_device_once_on_gpu(tiny_llama_dir, gpu_adapters, sampling,
+                                                              async_scheduling, monkeypatch):
+    """A whole engine step that decodes on a graph (without logprobs) waits for the device once, for
+    the sampled tokens' copy to the host: scheduling, activation of resident adapters, the input
+    copy, the replay, the logits and the sampling parameters' upload are queued without waiting.
+    Waits counted: torch's sync debug mode (implicit synchronisations) and CUDA event waits (which
+    it does not see). Sampled: temperature, top-k/p, min-p, a seed, penalties, and a greedy row.
+    Async: the step waits for the tokens of the step before it, not its own."""
     engine = gpu_engine(tiny_llama_dir, gpu_adapters, "bfloat16", max_num_seqs=8, async_scheduling=async_scheduling)
     jobs = [("r16-all", [5, 6, 7]), (None, [8, 9]), ("r4-qv", [10, 11, 12, 13])]
     run(engine, jobs, 3)  # adapters resident, kernels compiled
@@ -171,10 +173,21 @@ def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapte
         kw = SAMPLED[i] if sampling == "sampled" else dict(temperature=0.0)
         params = SamplingParams(max_tokens=5, ignore_eos=True, **kw)
         engine.add_request(GenerationRequest(f"s{i}", prompt, params, adapter=adapter))
-    engine.step()  # the prefills (eager)
+    from server.engine.sampler import SampledStep
+
     runner = engine.runner
+    event_waits = []
+    made: list[SampledStep] = []  # every step's sampled tokens, in launch order
+    taken: list[SampledStep] = []  # those the host waited for, in order
+    event_sync, init, output = torch.cuda.Event.synchronize, SampledStep.__init__, SampledStep.output
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda e: (event_waits.append(e), event_sync(e))[1])
+    monkeypatch.setattr(SampledStep, "__init__", lambda self, *a: (made.append(self), init(self, *a))[1])
+    monkeypatch.setattr(SampledStep, "output", lambda self: (taken.append(self), output(self))[1])
+    engine.step()  # the prefills (eager)
     for _ in range(2):
         graph_steps = sum(runner.graph_steps.values())
+        event_waits.clear()
+        taken.clear()
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -185,6 +198,8 @@ def test_a_graph_decode_step_synchronises_once_on_gpu(tiny_llama_dir, gpu_adapte
                 torch.cuda.set_sync_debug_mode("default")
         assert sum(runner.graph_steps.values()) == graph_steps + 1 and len(outs) == 3
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) == 1, syncs
+        assert len(syncs) + len(event_waits) == 1, (syncs, event_waits)
+        assert taken == [made[-2] if async_scheduling else made[-1]]
+    monkeypatch.undo()
     while engine.has_unfinished():
         engine.step()

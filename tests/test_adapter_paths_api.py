@@ -89,7 +89,7 @@ def models(server) -> list[str]:
 
 def test_admin_load_refuses_symlinked_files(server, layout):
     err = assert_clean_error(load(server, "linked", str(layout["uploads"] / "linked-out")), 400, layout)
-    assert err["code"] == "adapter_invalid" and "symbolic link" in err["message"]
+    assert err["code"] == "adapter_invalid" and "symbolic link" in err["message"] and err["param"] == "lora_path"
     assert "linked" not in models(server)
 
 
@@ -110,20 +110,20 @@ def test_admin_load_never_echoes_the_linked_file(server, layout):
 ])
 def test_admin_load_odd_paths_are_4xx(server, layout, path, status):
     err = assert_clean_error(load(server, "odd", str(layout["uploads"]) + "/" + path), status, layout)
-    assert err["code"].startswith("adapter_")
+    assert err["code"].startswith("adapter_") and err["param"] == "lora_path"
     assert "odd" not in models(server)
 
 
 def test_outside_the_roots_is_forbidden_without_naming_them(server, layout):
     for path in (layout["outside"] / "real", layout["uploads"] / ".." / "outside" / "real", "/etc", "relative"):
         err = assert_clean_error(load(server, "out", str(path)), 403, layout)
-        assert err["code"] == "adapter_forbidden"
+        assert err["code"] == "adapter_forbidden" and err["param"] == "lora_path"
 
 
 def test_base_model_name_is_reserved(server, layout):
     assert models(server).count(BASE) == 1  # the store's adapter named "tiny" was skipped
     err = assert_clean_error(load(server, BASE, str(layout["uploads"] / "fine")), 400, layout)  # as vLLM
-    assert err["code"] == "adapter_exists"
+    assert err["code"] == "adapter_exists" and err["param"] == "lora_name"
     assert models(server).count(BASE) == 1
 
 

@@ -22,7 +22,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.errors import EXISTS, AdapterError
+from server.adapters.errors import EXISTS, QUOTA, AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.safe_files import MAX_PATH_CHARS
 from server.adapters.store_layout import ADAPTER_NAME_RE
@@ -122,7 +122,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextR
         log.info("admin load of %r refused: %s", body.lora_name, exc.detail)
         if exc.code == EXISTS:  # vLLM answers a name already loaded with 400
             raise APIError(400, str(exc), param="lora_name", code=exc.code) from exc
-        raise adapter_error(exc) from exc
+        raise adapter_error(exc, None if exc.code == QUOTA else "lora_path") from exc
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -16,9 +16,10 @@ from server.model.tokenizer import Tokenizer
 _ADAPTER_STATUS = {NOT_FOUND: 404, FORBIDDEN: 403, QUOTA: 403, EXISTS: 409}
 
 
-def adapter_error(exc: AdapterError) -> APIError:
-    """AdapterError -> OpenAI error: unknown 404, forbidden path / over quota 403, name taken 409, else 400."""
-    return APIError(_ADAPTER_STATUS.get(exc.code, 400), str(exc), code=exc.code)
+def adapter_error(exc: AdapterError, param: str | None = None) -> APIError:
+    """AdapterError -> OpenAI error: unknown 404, forbidden path / over quota 403, name taken 409, else 400.
+    `param`: the request field at fault, if one is."""
+    return APIError(_ADAPTER_STATUS.get(exc.code, 400), str(exc), param=param, code=exc.code)
 
 
 @dataclass

@@ -131,6 +131,9 @@ FLAGS = [
          "smallest size that holds it, a batch above the largest runs eagerly"),
     Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
     Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
+    Flag("no-prefix-caching", "cache.prefix_caching", _bool, "compute every prompt in full: no reuse of the KV "
+         "blocks of a prefix another request of the same tenant and adapter computed", switch=True,
+         switch_value=False),
     Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),
     Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
          "tokens per engine step (prefill chunk + decodes)"),

@@ -31,6 +31,9 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: int = 2 * GiB  # bytes for the whole paged KV cache
+    # Reuse computed KV blocks of identical prompt prefixes (per tenant and adapter; as vLLM's
+    # automatic prefix caching, on by default there too).
+    prefix_caching: bool = True
 
 
 @dataclass

@@ -88,6 +88,10 @@ class VllmMetrics:
                                          registry=r)
         self.num_preemptions = Counter(v + "num_preemptions", "Cumulative number of preemption from the engine.",
                                        labels, registry=r)
+        self.prefix_cache_queries = Counter(v + "prefix_cache_queries", "Prefix cache queries, in terms of number "
+                                            "of queried tokens.", labels, registry=r)
+        self.prefix_cache_hits = Counter(v + "prefix_cache_hits", "Prefix cache hits, in terms of number of "
+                                         "cached tokens.", labels, registry=r)
         self.time_to_first_token = Histogram(v + "time_to_first_token_seconds",
                                              "Histogram of time to first token in seconds.", labels,
                                              buckets=_VLLM_TTFT_BUCKETS, registry=r)
@@ -213,7 +217,8 @@ class Metrics:
         v.kv_cache_usage_perc.labels(*self._engine_labels).set_function(self._kv_usage)
         v.gpu_cache_usage_perc.labels(*self._engine_labels).set_function(self._kv_usage)
         v.cache_config_info.labels(str(block_size), str(num_blocks), "0").set(1)
-        for counter in (v.prompt_tokens, v.generation_tokens, v.num_preemptions):
+        for counter in (v.prompt_tokens, v.generation_tokens, v.num_preemptions, v.prefix_cache_queries,
+                        v.prefix_cache_hits):
             counter.labels(*self._engine_labels)  # present (at 0) before the first request
         self.publish(self._state)
 
@@ -291,6 +296,11 @@ class Metrics:
     def on_preempted(self, n: int) -> None:
         self.preemptions.inc(n)
         self.vllm.num_preemptions.labels(*self._engine_labels).inc(n)
+
+    def on_prefix_cache(self, queried: int, hits: int) -> None:
+        """Sequences admitted: `queried` tokens looked up in the prefix cache, `hits` of them found."""
+        self.vllm.prefix_cache_queries.labels(*self._engine_labels).inc(queried)
+        self.vllm.prefix_cache_hits.labels(*self._engine_labels).inc(hits)
 
     def on_finish(self, tenant: str, adapter: str, reason: str, num_prompt_tokens: int, e2e: float,
                   tpot: float | None) -> None:

@@ -130,7 +130,7 @@ class LLMEngine:
             log.info("CUDA graphs off: %s", graphs_off)
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed), attention=attention,
                                   lora=lora_backend, graphs=graphs)
-        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching)
         self.scheduler = Scheduler(self.allocator, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    max_loras=self.adapters.step_limit if self.adapters else 0,
                                    max_lora_pages=self.adapters.step_pages if self.adapters else None,
@@ -260,6 +260,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.preempted:
             self.metrics.on_preempted(len(sched.preempted))
+        if sched.prefix_queried:
+            self.metrics.on_prefix_cache(sched.prefix_queried, sched.prefix_hits)
         now = time.monotonic()
         for chunk in sched.chunks:
             seq = chunk.seq
@@ -313,6 +315,7 @@ class LLMEngine:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             if chunk.samples:
                 chunk.seq.num_pending += 1
+            self.allocator.cache_computed(chunk.seq)
         return result, []
 
     def _take_in_flight(self) -> StepResult:

@@ -25,6 +25,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt: found in the prefix cache (OpenAI's usage.prompt_tokens_details)
     num_output_tokens: int = 0
     error: str | None = None
     error_code: str | None = None  # machine-readable, e.g. "adapter_invalid"
@@ -58,4 +59,5 @@ class OutputProcessor:
             logprobs=[logprobs] if logprobs is not None else [],
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
         )

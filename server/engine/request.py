@@ -157,6 +157,11 @@ class Sequence:
     # Every adapter this sequence needs resident and in the step's pool (distinct): its adapter,
     # its experts', or none (the base). Fixed with the request; read per sequence every step.
     adapters: tuple = field(init=False)
+    # The prefix cache's (server/engine/kv_cache.py): its full blocks' digests so far, and how
+    # many of its blocks are in the cache.
+    block_digests: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
 
     def __post_init__(self) -> None:
         experts, adapter = self.request.experts, self.request.adapter

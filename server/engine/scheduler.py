@@ -76,6 +76,9 @@ class StepAdapters:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # The prefix cache, over the sequences admitted this step: tokens looked up, tokens found.
+    prefix_queried: int = 0
+    prefix_hits: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -298,9 +301,16 @@ class Scheduler:
                 if from_policy:
                     continue
                 break  # overdue: hold admissions until running sequences free an adapter place
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.allocator.can_allocate(self.allocator.blocks_needed(seq, n), self.watermark):
+            prefix = self.allocator.cached_prefix(seq)
+            n = min(seq.num_uncomputed_tokens - len(prefix) * self.allocator.block_size, budget)
+            if not self.allocator.can_allocate(self.allocator.blocks_to_admit(seq, prefix, n), self.watermark):
                 break
+            if self.allocator.prefix_caching:
+                self.allocator.take_prefix(seq, prefix)
+                out.prefix_queried += seq.num_tokens
+                out.prefix_hits += seq.num_computed_tokens
+                if not seq.num_preemptions:
+                    seq.num_cached_prompt_tokens = seq.num_computed_tokens
             self.waiting.remove(seq)
             self._passed_over.pop(id(seq), None)
             self._count(seq, SeqStatus.WAITING, -1)

@@ -1,0 +1,241 @@
+"""The KV block allocator and its prefix cache (server/engine/kv_cache.py): blocks of computed
+tokens are found again by a later sequence of the same tenant and adapter, never across them;
+the last prompt token is always computed; free space is used before cached blocks, and cached
+ones are evicted oldest first, a sequence's tail before its head. Then the engine: greedy tokens
+with prefix hits equal transformers' and PEFT's (an adapter's request never reads the base's
+blocks), through preemption and async scheduling, and the hits show in vLLM's counters."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapters.registry import AdapterRef
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.kv_cache import BlockAllocator
+from server.engine.request import GenerationRequest, SamplingParams, Sequence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+BS = 4
+
+
+def seq(tokens: list[int], tenant: str = "default", adapter: AdapterRef | None = None) -> Sequence:
+    return Sequence.from_request(GenerationRequest("r", tokens, SamplingParams(), adapter=adapter, tenant=tenant))
+
+
+def computed(alloc: BlockAllocator, s: Sequence) -> Sequence:
+    """`s` admitted with its cached prefix, the rest of its prompt computed and registered."""
+    alloc.take_prefix(s, alloc.cached_prefix(s))
+    n = s.num_tokens - s.num_computed_tokens
+    alloc.grow(s, n)
+    s.num_computed_tokens += n
+    alloc.cache_computed(s)
+    return s
+
+
+def test_a_computed_prefix_is_found_in_its_namespace_only():
+    alloc = BlockAllocator(16, BS, prefix_caching=True)
+    prompt = list(range(10, 21))  # 11 tokens: blocks [0, 4), [4, 8) full, 3 tokens in a third
+    first = computed(alloc, seq(prompt))
+    assert first.num_cached_blocks == 2 and alloc.num_cached == 2
+
+    same = seq(prompt[:9] + [99, 98])  # the same two full blocks, then other tokens
+    assert alloc.cached_prefix(same) == first.block_table[:2]
+    assert alloc.cached_prefix(seq(prompt[:3] + [7] + prompt[4:])) == []  # differs in block 0
+    assert alloc.cached_prefix(seq(prompt[:5] + [7] + prompt[6:])) == first.block_table[:1]
+    v1, v2 = AdapterRef(None, "a", 1), AdapterRef(None, "a", 2)
+    assert alloc.cached_prefix(seq(prompt, tenant="other")) == []
+    assert alloc.cached_prefix(seq(prompt, adapter=v1)) == []
+    computed(alloc, seq(prompt, adapter=v1))
+    assert len(alloc.cached_prefix(seq(prompt, adapter=v1))) == 2
+    assert alloc.cached_prefix(seq(prompt, adapter=v2)) == []  # a reloaded adapter's K/V differ
+
+    # the last token is always computed: a prompt of exactly two blocks reuses one
+    exact = seq(prompt[:8])
+    assert alloc.cached_prefix(exact) == first.block_table[:1]
+    alloc.take_prefix(exact, alloc.cached_prefix(exact))
+    assert exact.num_computed_tokens == BS and exact.num_uncomputed_tokens == BS
+
+
+def test_shared_blocks_are_held_until_their_last_holder_frees_them():
+    alloc = BlockAllocator(8, BS, prefix_caching=True)
+    a = computed(alloc, seq(list(range(9))))  # 3 blocks, 2 cached
+    b = seq(list(range(8)) + [50, 51, 52, 53])
+    prefix = alloc.cached_prefix(b)
+    assert alloc.blocks_to_admit(b, prefix, 4) == 1  # held by a: only the third block is new
+    computed(alloc, b)
+    assert b.block_table[:2] == a.block_table[:2] and alloc.num_used == 4
+    alloc.free(a)
+    assert alloc.num_used == 3  # a's third block is free; the two shared ones b still holds
+    alloc.free(b)
+    assert alloc.num_used == 0 and alloc.num_free == 8 and alloc.num_cached == 3  # b's third block too
+    c = seq(list(range(8)) + [50, 51, 52, 53, 54])
+    prefix = alloc.cached_prefix(c)
+    assert len(prefix) == 3 and alloc.blocks_to_admit(c, prefix, 1) == 3 + 1  # cached, held by none: used up
+
+
+def test_empty_blocks_go_first_then_cached_ones_oldest_first_tail_before_head():
+    alloc = BlockAllocator(6, BS, prefix_caching=True)
+    a = computed(alloc, seq(list(range(9))))  # blocks a0 a1 cached, a2 not
+    a_blocks = list(a.block_table)
+    b = computed(alloc, seq(list(range(100, 109))))
+    b_blocks = list(b.block_table)
+    alloc.free(a)
+    alloc.free(b)
+    assert alloc.num_cached == 4 and alloc.num_free == 6
+    s = seq(list(range(200, 224)))
+
+    def take(blocks: int) -> None:  # `blocks` more blocks for s
+        s.num_computed_tokens = len(s.block_table) * BS
+        alloc.grow(s, blocks * BS)
+    take(2)  # the two blocks holding nothing, before any cached one
+    assert sorted(s.block_table) == sorted([a_blocks[2], b_blocks[2]]) and alloc.num_cached == 4
+    take(1)  # a's tail cached block (a was freed first; its tail before its head)
+    assert s.block_table[-1] == a_blocks[1] and alloc.num_cached == 3
+    assert alloc.cached_prefix(seq(list(range(9)))) == a_blocks[:1]
+    take(2)
+    assert s.block_table[-2:] == [a_blocks[0], b_blocks[1]]
+    assert alloc.cached_prefix(seq(list(range(9)))) == [] and alloc.num_cached == 1
+
+
+def test_off_nothing_is_cached():
+    alloc = BlockAllocator(8, BS)
+    a = computed(alloc, seq(list(range(9))))
+    assert alloc.num_cached == 0 and alloc.cached_prefix(seq(list(range(9)))) == []
+    alloc.free(a)
+    assert alloc.num_free == 8
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+def make(model_dir: Path, *, prefix_caching: bool = True, async_scheduling: bool = False, kv_bytes: int = 8 << 20,
+         adapters: dict[str, Path] | None = None) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.cache.kv_cache_memory = kv_bytes
+    cfg.cache.prefix_caching = prefix_caching
+    cfg.scheduler.async_scheduling = async_scheduling
+    cfg.scheduler.max_num_seqs = 4
+    cfg.scheduler.max_num_batched_tokens = 48
+    cfg.lora.enabled = adapters is not None
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
+    cfg.lora.max_lora_rank = 8
+    return LLMEngine(cfg, model_dir)
+
+
+def run(engine: LLMEngine, waves: list[list[GenerationRequest]], cached: dict[str, int] | None = None,
+        ) -> dict[str, list[int]]:
+    """Each wave submitted once the one before has finished; every request's tokens (and into
+    `cached`, the prompt tokens its outputs say the prefix cache held)."""
+    got: dict[str, list[int]] = {}
+    for wave in waves:
+        for r in wave:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.error is None, out.error
+                got.setdefault(out.request_id, []).extend(out.token_ids)
+                if cached is not None:
+                    cached[out.request_id] = out.num_cached_tokens
+    assert engine.allocator.num_used == 0
+    return got
+
+
+def counter(engine: LLMEngine, name: str) -> float:
+    return engine.metrics.registry.get_sample_value(name, {"model_name": engine.info.model_name, "engine": "0"})
+
+
+SYSTEM = 37  # shared prompt tokens: 2 full blocks of 16, and 5 tokens in a third
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(2, 320, (SYSTEM,), generator=g).tolist()
+    return [system + torch.randint(2, 320, (3 + 4 * i,), generator=g).tolist() for i in range(n)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_greedy_tokens_with_prefix_hits_equal_transformers(tiny_llama_dir, async_scheduling):
+    """Three waves over a shared system prompt: the later waves find its blocks (and a whole earlier
+    prompt, asked again), compute only the rest, and decode exactly transformers' tokens."""
+    from test_engine import hf_greedy
+
+    ps = prompts(5, seed=21)
+    new = 12
+    greedy = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    reqs = [GenerationRequest(f"r{i}", p, greedy) for i, p in enumerate(ps)]
+    waves = [reqs[:1], reqs[1:4], [reqs[4], replace(reqs[0], request_id="again")]]
+    engine = make(tiny_llama_dir, async_scheduling=async_scheduling)
+    got = run(engine, waves)
+    expected = hf_greedy(tiny_llama_dir, ps, new, stop_at_eos=False)
+    assert [got[f"r{i}"] for i in range(5)] == expected and got["again"] == expected[0]
+    hits = counter(engine, "vllm:prefix_cache_hits_total")
+    # the system prompt's 2 full blocks, for each request after the first (its third block differs)
+    assert hits == 5 * 2 * 16, hits
+    assert counter(engine, "vllm:prefix_cache_queries_total") == sum(len(p) for p in ps) + len(ps[0])
+
+    off = make(tiny_llama_dir, prefix_caching=False)
+    assert run(off, waves) == got
+    assert counter(off, "vllm:prefix_cache_hits_total") == counter(off, "vllm:prefix_cache_queries_total") == 0
+
+
+def test_an_adapter_request_never_reads_the_base_models_blocks(tiny_llama_dir, tmp_path):
+    """The same prompt on the base, then on an adapter (on k/v: its K/V differ), then on the base
+    again: PEFT's and transformers' tokens; only the last one hits."""
+    from peft_adapters import make_peft_adapter, peft_greedy
+
+    adapter = make_peft_adapter(tiny_llama_dir, tmp_path / "kv", seed=5, std=0.2, r=8, lora_alpha=16,
+                                target_modules=["k_proj", "v_proj"])
+    p = prompts(1, seed=22)[0]
+    new = 10
+    greedy = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    engine = make(tiny_llama_dir, adapters={"kv": adapter})
+    cached: dict[str, int] = {}
+    got = run(engine, [[GenerationRequest("base", p, greedy)], [GenerationRequest("lora", p, greedy, adapter="kv")],
+                       [GenerationRequest("base2", p, greedy)]], cached)
+    assert cached == {"base": 0, "lora": 0, "base2": 2 * 16}
+    assert got["lora"] == peft_greedy(tiny_llama_dir, adapter, p, new)[0]
+    assert got["base"] == got["base2"] == peft_greedy(tiny_llama_dir, None, p, new)[0]
+    assert got["lora"] != got["base"]  # the adapter changes the answer: reading the base's K/V would show
+    assert counter(engine, "vllm:prefix_cache_hits_total") == 2 * 16
+
+
+def test_preemption_with_cached_blocks_keeps_transformers_tokens(tiny_llama_dir):
+    """A cache too small for the batch: sequences are preempted, their cached blocks evicted or
+    found again when they come back; every request still gets transformers' tokens."""
+    from server.engine.model_runner import KVCache
+    from test_engine import hf_greedy
+
+    probe = make(tiny_llama_dir)
+    arch = probe.info.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, probe.info.block_size, arch.num_kv_heads, arch.head_dim,
+                                        torch.float32)
+    ps = prompts(6, seed=23)
+    new = 24
+    engine = make(tiny_llama_dir, kv_bytes=10 * per_block)
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def counted():
+        out = schedule()
+        preempted.extend(out.preempted)
+        return out
+    engine.scheduler.schedule = counted
+    greedy = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    got = run(engine, [[GenerationRequest(f"r{i}", p, greedy) for i, p in enumerate(ps)]])
+    assert preempted, "nothing was preempted"
+    assert [got[f"r{i}"] for i in range(6)] == hf_greedy(tiny_llama_dir, ps, new, stop_at_eos=False)
+    assert counter(engine, "vllm:prefix_cache_hits_total") > 0
+
+
+def test_the_flag_turns_it_off():
+    from server.cli import build_config, make_parser
+
+    assert build_config(make_parser().parse_args(["serve"])).cache.prefix_caching is True
+    assert build_config(make_parser().parse_args(["serve", "--no-prefix-caching"])).cache.prefix_caching is False

@@ -236,8 +236,9 @@ class DecodeGraphs:
 
     def _fill(self, lay: _Layout, ids, positions, tables, lora: LoraLayout | None) -> None:
         """Write one step's inputs into the pinned buffer, once the previous step's copy out of
-        it is done. It normally is (that step's sampled tokens reached the host after it, in stream
-        order), but a step whose sampling failed before reading anything back is retried at once."""
+        it is done. It normally is (that copy comes first in its step, and the step before it was
+        read back: at once, or with async scheduling before this one is launched), but a step whose
+        sampling failed before reading anything back is retried at once."""
         if self._copied is not None and not self._copied.query():
             self._copied.synchronize()
         h, bs, w, size = self._host, self.block_size, self.width, lay.size

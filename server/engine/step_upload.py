@@ -33,7 +33,7 @@ class StepUpload:
             return list(torch.frombuffer(flat, dtype=torch.int32).split(sizes)) if flat else \
                 [torch.empty(0, dtype=torch.int32) for _ in parts]
         n = len(flat)
-        if not self._copied.query():  # normally done: the last step read its tokens back after it
+        if not self._copied.query():  # normally done: it leads its step, whose predecessor was read back
             self._copied.synchronize()
         if self._host.numel() < n:
             self._host = torch.empty(max(n, 2 * self._host.numel()), dtype=torch.int32, pin_memory=True)

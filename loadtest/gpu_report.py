@@ -52,6 +52,22 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _beside_loramux(rows: list[dict], title: str, system: str, names: tuple[str, str], system_first: bool,
+                    intro: str) -> list[str]:
+    """A table of `system`'s rows beside loramux's (defaults) at the same adapters and streams:
+    tok/s of names[0] over names[1] (`system` is names[0] when `system_first`)."""
+    lines = ["", f"## {title}", "", intro, "",
+             f"| adapters | streams | {names[0]} tok/s | {names[1]} tok/s | {names[0]} / {names[1]} |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["system"] == system:
+            default = _tps(rows, "loramux", r["adapters"], r["streams"])
+            a, b = (r["tok_s"], default) if system_first else (default, r["tok_s"])
+            lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(a)} | {_num(b)} | "
+                         f"{_num(_ratio(a, b), '.2f')} |")
+    return lines
+
+
 def render_markdown(res: dict) -> str:
     env = res["environment"]
     lines = ["# loramux GPU check", "",
@@ -88,24 +104,13 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {r['system']} | {r['adapters'] or 'base'} | {r['streams']} | {_num(r['tok_s'])} | "
                      f"{_num(r['floor_tok_s'])} | {_num(_ratio(r['tok_s'], r['floor_tok_s']), '.2f')} | "
                      f"{_num(own, '.2f')} | {tokens} | {_num(r['seconds'])} | {r['status']} |")
-    lines += ["", "## CUDA graphs", "", "Decode tok/s of loramux (CUDA graphs for decode steps, the default) over "
-              "`loramux --enforce-eager` (every step eager), same adapters and streams.", "",
-              "| adapters | streams | graphs tok/s | eager tok/s | graphs / eager |",
-              "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["system"] == "loramux --enforce-eager":
-            graphs = _tps(rows, "loramux", r["adapters"], r["streams"])
-            lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(graphs)} | {_num(r['tok_s'])} | "
-                         f"{_num(_ratio(graphs, r['tok_s']), '.2f')} |")
-    lines += ["", "## Async scheduling", "", "Decode tok/s of `loramux --async-scheduling` (step N+1 scheduled and "
-              "launched before step N's tokens are taken in) over loramux (synchronous), same engine, adapters and "
-              "streams.", "", "| adapters | streams | async tok/s | sync tok/s | async / sync |",
-              "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["system"] == "loramux --async-scheduling":
-            sync = _tps(rows, "loramux", r["adapters"], r["streams"])
-            lines.append(f"| {r['adapters'] or 'base'} | {r['streams']} | {_num(r['tok_s'])} | {_num(sync)} | "
-                         f"{_num(_ratio(r['tok_s'], sync), '.2f')} |")
+    lines += _beside_loramux(rows, "CUDA graphs", "loramux --enforce-eager", ("graphs", "eager"), False,
+                             "Decode tok/s of loramux (CUDA graphs for decode steps, the default) over "
+                             "`loramux --enforce-eager` (every step eager), same adapters and streams.")
+    lines += _beside_loramux(rows, "Async scheduling", "loramux --async-scheduling", ("async", "sync"), True,
+                             "Decode tok/s of `loramux --async-scheduling` (step N+1 scheduled and launched before "
+                             "step N's tokens are taken in) over loramux (synchronous), same engine, adapters and "
+                             "streams.")
     lines += ["", "## Targets (issue 10)", "", "| target | read as | goal | value | met |",
               "| --- | --- | --- | --- | --- |"]
     for g in res["targets"]:

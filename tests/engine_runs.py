@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
+
+
+def cpu_engine(model_dir: Path, adapters: dict[str, Path] | None = None, *, kv_bytes: int = 8 << 20,
+               max_num_seqs: int = 4, max_num_batched_tokens: int = 32, async_scheduling: bool = False,
+               prefix_caching: bool = True) -> LLMEngine:
+    """A float32 CPU engine over `model_dir` serving `adapters` (name -> PEFT directory, max rank 8;
+    None: --no-lora); prompts longer than `max_num_batched_tokens` are chunked."""
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.model.device = "cpu"
+    cfg.cache.kv_cache_memory = kv_bytes
+    cfg.cache.prefix_caching = prefix_caching
+    cfg.scheduler.async_scheduling = async_scheduling
+    cfg.scheduler.max_num_seqs = max_num_seqs
+    cfg.scheduler.max_num_batched_tokens = max_num_batched_tokens
+    cfg.lora.enabled = adapters is not None
+    cfg.lora.adapters_dir = None
+    cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
+    cfg.lora.max_lora_rank = 8
+    return LLMEngine(cfg, model_dir)
 
 
 def greedy_with_logprobs(engine: LLMEngine, jobs: list[tuple[str | None, list[int]]],

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
+
+from engine_runs import cpu_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,18 +40,8 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 
 def make(model_dir: Path, async_scheduling: bool, adapters: dict[str, Path] | None = None,
          kv_bytes: int = 8 << 20, max_num_seqs: int = 4) -> LLMEngine:
-    cfg = Config()
-    cfg.model.dtype = "float32"
-    cfg.model.device = "cpu"
-    cfg.cache.kv_cache_memory = kv_bytes
-    cfg.scheduler.async_scheduling = async_scheduling
-    cfg.scheduler.max_num_seqs = max_num_seqs
-    cfg.scheduler.max_num_batched_tokens = 32  # prompts longer than this are chunked
-    cfg.lora.enabled = adapters is not None
-    cfg.lora.adapters_dir = None
-    cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
-    cfg.lora.max_lora_rank = 8
-    return LLMEngine(cfg, model_dir)
+    return cpu_engine(model_dir, adapters, kv_bytes=kv_bytes, max_num_seqs=max_num_seqs,
+                      async_scheduling=async_scheduling)
 
 
 @dataclass

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from server.adapters.registry import AdapterRef
-from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.kv_cache import BlockAllocator
 from server.engine.request import GenerationRequest, SamplingParams, Sequence
+
+from engine_runs import cpu_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BS = 4
@@ -114,19 +115,8 @@ def test_off_nothing_is_cached():
 
 def make(model_dir: Path, *, prefix_caching: bool = True, async_scheduling: bool = False, kv_bytes: int = 8 << 20,
          adapters: dict[str, Path] | None = None) -> LLMEngine:
-    cfg = Config()
-    cfg.model.dtype = "float32"
-    cfg.model.device = "cpu"
-    cfg.cache.kv_cache_memory = kv_bytes
-    cfg.cache.prefix_caching = prefix_caching
-    cfg.scheduler.async_scheduling = async_scheduling
-    cfg.scheduler.max_num_seqs = 4
-    cfg.scheduler.max_num_batched_tokens = 48
-    cfg.lora.enabled = adapters is not None
-    cfg.lora.adapters_dir = None
-    cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
-    cfg.lora.max_lora_rank = 8
-    return LLMEngine(cfg, model_dir)
+    return cpu_engine(model_dir, adapters, kv_bytes=kv_bytes, max_num_batched_tokens=48,
+                      async_scheduling=async_scheduling, prefix_caching=prefix_caching)
 
 
 def run(engine: LLMEngine, waves: list[list[GenerationRequest]], cached: dict[str, int] | None = None,

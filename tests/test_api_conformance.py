@@ -7,6 +7,7 @@ codes and params, and retrieving one model. Each test failed on the code before 
 from __future__ import annotations
 
 import json
+import random
 
 import httpx
 import openai
@@ -253,3 +254,88 @@ def test_a_json_body_without_the_json_content_type_says_so(server, content_type)
                    headers={"Authorization": f"Bearer {KEYS['acme']}"})
     assert_error(r, 400, None, "invalid_request")
     assert r.json()["error"]["message"] == "the request body must be a JSON object"
+
+
+# --- usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache held ------
+
+BLOCK = 16  # the server's default --block-size: only whole blocks are reused, never the last token
+
+
+def token_prompt(length: int, seed: int) -> list[int]:
+    """A prompt of `length` token ids no other test sends (ids above <s> and </s>)."""
+    return random.Random(seed).choices(range(2, 320), k=length)
+
+
+def cacheable(num_prompt_tokens: int) -> int:
+    """The prompt tokens a repeat finds cached: its whole blocks before its last token."""
+    return (num_prompt_tokens - 1) // BLOCK * BLOCK
+
+
+def complete(client: openai.OpenAI, prompt, stream: bool, **extra):
+    """A completion's usage, from the response or (stream) from its final usage chunk."""
+    if not stream:
+        return client.completions.create(model=BASE, prompt=prompt, max_tokens=2, **extra).usage
+    chunks = list(client.completions.create(model=BASE, prompt=prompt, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}, **extra))
+    return chunks[-1].usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(server, stream):
+    """Before: no `prompt_tokens_details` in usage, so a client could not see what the prefix
+    cache saved. A repeated prompt of 45 tokens finds its first two blocks (32 tokens) cached;
+    the cache is the tenant's own, so another tenant's same prompt finds nothing."""
+    prompt = token_prompt(45, seed=10 + stream)
+    first, second = (complete(client_of(server), prompt, stream) for _ in range(2))
+    assert (first.prompt_tokens, first.prompt_tokens_details.cached_tokens) == (45, 0)
+    assert (second.prompt_tokens, second.prompt_tokens_details.cached_tokens) == (45, cacheable(45)) == (45, 32)
+    assert complete(client_of(server, "beta"), prompt, stream).prompt_tokens_details.cached_tokens == 0
+
+
+def test_cached_tokens_count_each_prompt_once_whatever_n(server):
+    """Before: absent. Counted as `prompt_tokens` is: a request's prompts summed, each once
+    however many choices it has; the body's shape is OpenAI's, `{"cached_tokens": N}`."""
+    a, b = token_prompt(45, seed=20), token_prompt(50, seed=21)
+    client = client_of(server)
+    for prompt in (a, b):
+        complete(client, prompt, stream=False)
+    expected = cacheable(45) + cacheable(50)
+    assert expected == 32 + 48
+    for stream in (False, True):
+        got = complete(client, [a, b], stream, n=2)
+        assert (got.prompt_tokens, got.prompt_tokens_details.cached_tokens) == (95, expected), stream
+    body = post(server, "/v1/completions", {"model": BASE, "prompt": a, "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": cacheable(45)}
+
+
+def test_chat_usage_reports_cached_prompt_tokens(server):
+    """Before: absent in chat usage too, streamed or not."""
+    client = client_of(server)
+    messages = [{"role": "user", "content": "Prefix caching keeps the blocks of this sentence, all of them."}]
+    first = client.chat.completions.create(model=BASE, messages=messages, max_tokens=2).usage
+    assert first.prompt_tokens >= 40 and first.prompt_tokens_details.cached_tokens == 0
+    expected = cacheable(first.prompt_tokens)
+    chunks = list(client.chat.completions.create(model=BASE, messages=messages, max_tokens=2, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model=BASE, messages=messages, max_tokens=2, n=2).usage
+    for usage in (chunks[-1].usage, whole):
+        assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (first.prompt_tokens, expected)
+
+
+def test_without_prefix_caching_nothing_is_cached(tiny_llama_dir, tmp_path_factory):
+    """Before: absent. A server started with --no-prefix-caching computes every prompt in full
+    and says so: 0, the field still present (OpenAI sends it on every response)."""
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", BASE, "--dtype", "float32",
+                         "--kv-cache-memory", "8MiB", "--num-threads", "1", "--no-prefix-caching"],
+                        tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = token_prompt(45, seed=30)
+        for stream in (False, True, False):
+            assert complete(client, prompt, stream).prompt_tokens_details.cached_tokens == 0
+        messages = [{"role": "user", "content": "Prefix caching keeps the blocks of this sentence, all of them."}]
+        for _ in range(2):
+            usage = client.chat.completions.create(model=BASE, messages=messages, max_tokens=2).usage
+            assert usage.prompt_tokens >= 40 and usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        srv.stop()

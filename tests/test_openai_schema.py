@@ -51,6 +51,8 @@ REQUIRED: dict[str, dict[str, tuple | set]] = {
 }
 # Optional fields we send, with the types the document allows when present.
 OPTIONAL: dict[str, dict[str, tuple | set]] = {
+    "CompletionUsage": {"prompt_tokens_details": OBJ},
+    "CompletionUsage.prompt_tokens_details": {"cached_tokens": INT},
     "ChatCompletionStreamResponseDelta": {"role": {"developer", "system", "user", "assistant", "tool"},
                                           "content": (str, NULL), "refusal": (str, NULL)},
     "CreateCompletionResponse.choices[].logprobs": {"text_offset": LIST, "token_logprobs": LIST, "tokens": LIST,
@@ -75,6 +77,10 @@ def conforms(obj: dict, name: str, optional: bool = False) -> None:
 def usage_conforms(usage: dict) -> None:
     conforms(usage, "CompletionUsage")
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    conforms(usage, "CompletionUsage", optional=True)
+    details = usage["prompt_tokens_details"]  # optional in the document; we send it always, as OpenAI does
+    conforms(details, "CompletionUsage.prompt_tokens_details", optional=True)
+    assert 0 <= details["cached_tokens"] < usage["prompt_tokens"]  # never the prompt's last token
 
 
 def completion_conforms(body: dict, finished: bool) -> None:
@@ -336,6 +342,13 @@ def test_openapi_documents_400_not_422_and_error_bodies(openapi):
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert "401" in openapi["paths"]["/v1/models"]["get"]["responses"]
     assert "HTTPValidationError" not in openapi["components"]["schemas"]
+
+
+def test_openapi_documents_the_cached_prompt_tokens(openapi):
+    schemas = openapi["components"]["schemas"]
+    details = schemas["Usage"]["properties"]["prompt_tokens_details"]
+    assert "prompt_tokens_details" in schemas["Usage"]["required"]
+    assert schemas[details["$ref"].rsplit("/", 1)[1]]["required"] == ["cached_tokens"]
 
 
 def test_openapi_documents_the_enforced_limits(openapi):

@@ -22,6 +22,7 @@ from server.api.errors import APIError, bad_request, model_not_found
 from server.api.openapi import error_responses, generation_responses
 from server.api.responses import (
     ChoiceAccumulator,
+    cached_tokens,
     chat_logprobs,
     completion_logprobs,
     finish_reason,
@@ -93,6 +94,7 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
         async def events() -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             prompt_tokens = completion_tokens = 0
+            cached = [0] * len(prompts)  # each prompt's, from its first choice (as prompt_tokens)
             offsets = [0] * len(streams)  # each choice's text_offset goes on from its last chunk
             async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
@@ -100,6 +102,8 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                     return
                 text = out.text
                 p_idx = index // body.n
+                if index % body.n == 0:
+                    cached[p_idx] = cached_tokens(cached[p_idx], out)
                 if prefix[p_idx] and out.num_output_tokens == len(out.token_ids):  # first output
                     text = prefix[p_idx] + text
                 logprobs = None
@@ -115,8 +119,8 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                     completion_tokens += out.num_output_tokens
                 yield sse(chunk.model_dump())  # no `usage: null`: not nullable in CreateCompletionResponse
             if include_usage:
-                yield sse(CompletionResponse(id=rid, model=body.model, choices=[],
-                                             usage=usage(prompt_tokens, completion_tokens)).model_dump())
+                total = usage(prompt_tokens, completion_tokens, sum(cached))
+                yield sse(CompletionResponse(id=rid, model=body.model, choices=[], usage=total).model_dump())
             yield sse("[DONE]")
 
         return EngineStreamResponse(events(), streams, headers)
@@ -158,11 +162,13 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                 first = ChatCompletionChunk(id=rid, model=body.model, choices=[
                     ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                 yield sse({**first.model_dump(), **extra})
-            completion_tokens = 0
+            completion_tokens = cached = 0
             async for index, out in _guarded(merge(streams)):
                 if isinstance(out, str):
                     yield out
                     return
+                if index == 0:  # the one prompt counts once, from its first choice
+                    cached = cached_tokens(cached, out)
                 if not out.text and not out.finished and not (top is not None and out.logprobs):
                     continue  # nothing to say yet (text held back); a token's logprobs are never dropped
                 chunk = ChatCompletionChunk(id=rid, model=body.model, choices=[ChatChunkChoice(
@@ -174,7 +180,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                 yield sse({**chunk.model_dump(), **extra})
             if include_usage:
                 yield sse(ChatCompletionChunk(id=rid, model=body.model, choices=[],
-                                              usage=usage(len(prompt), completion_tokens)).model_dump())
+                                              usage=usage(len(prompt), completion_tokens, cached)).model_dump())
             yield sse("[DONE]")
 
         return EngineStreamResponse(events(), streams, headers)
@@ -369,5 +375,6 @@ def failure(exc: RequestFailedError) -> APIError:
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):
-    prompt = sum(a.prompt_tokens for i, a in enumerate(acc) if i % n == 0)
-    return usage(prompt, sum(a.completion_tokens for a in acc))
+    firsts = acc[::n]  # a prompt counts once, whatever its number of choices
+    return usage(sum(a.prompt_tokens for a in firsts), sum(a.completion_tokens for a in acc),
+                 sum(a.cached_tokens for a in firsts))

@@ -12,6 +12,7 @@ from server.api.schemas import (
     ChatChoiceLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
@@ -67,12 +68,14 @@ class ChoiceAccumulator:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.logprobs.extend(out.logprobs)
         self.prompt_tokens = out.num_prompt_tokens
+        self.cached_tokens = cached_tokens(self.cached_tokens, out)
         self.completion_tokens = out.num_output_tokens
         if out.finished:
             self.finish_reason = finish_reason(out)
@@ -82,9 +85,16 @@ def finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason.value if out.finish_reason is not None else None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def cached_tokens(so_far: int, out: RequestOutput) -> int:
+    """A request's prompt tokens found in the prefix cache, given its value so far and its next
+    output. Each output carries the same value, but a last output made by an abort may lack it."""
+    return max(so_far, out.num_cached_tokens)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def completion_logprobs(items: list[TokenLogprobs], token_text: Callable[[int], str],

@@ -275,10 +275,17 @@ class _ResponseBody(BaseModel):
     model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
 
+class PromptTokensDetails(_ResponseBody):
+    cached_tokens: int  # of the prompt tokens: those whose KV the prefix cache already held
+
+
 class Usage(_ResponseBody):
+    """Tokens of a request: each prompt counted once, whatever `n`; every choice's output."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails  # optional in OpenAI's schema; sent always, as OpenAI does
 
 
 class CompletionLogprobs(_ResponseBody):

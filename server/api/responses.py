@@ -87,7 +87,8 @@ def finish_reason(out: RequestOutput) -> str | None:
 
 def cached_tokens(so_far: int, out: RequestOutput) -> int:
     """A request's prompt tokens found in the prefix cache, given its value so far and its next
-    output. Each output carries the same value, but a last output made by an abort may lack it."""
+    output. Each output carries the same value, except outputs made where the engine's sequence
+    is not at hand (a request's end found outside the engine's step: some carry 0)."""
     return max(so_far, out.num_cached_tokens)
 
 

@@ -208,7 +208,8 @@ class LLMEngine:
         self._finish(seq, reason)
         self.publish_gauges()  # no step may follow (the last client left): gauges must not go stale
         return RequestOutput(request_id, finished=True, finish_reason=reason,
-                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                             num_cached_tokens=seq.num_cached_prompt_tokens)
 
     def set_tenant_weights(self, weights: dict[str, float]) -> None:
         """Fair-share weights by tenant name (engine thread only; a tenant not listed weighs 1).

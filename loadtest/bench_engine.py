@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from server.config import Config
-from server.engine.engine import LLMEngine, resolve_dtype
+from server.engine.device import resolve_dtype
+from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 
 QUESTIONS = [

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from server.config import Config
-from server.engine.engine import LLMEngine, resolve_device, resolve_dtype
+from server.engine.device import resolve_device, resolve_dtype
+from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
 
 RANK = 16

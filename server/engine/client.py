@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from server.adapters.manager import AdapterManager
     from server.config import Config
     from server.engine.async_engine import RequestStream
-    from server.engine.engine import EngineInfo
+    from server.engine.engine_info import EngineInfo
     from server.metrics import Metrics
     from server.model.tokenizer import Tokenizer
 

@@ -33,7 +33,7 @@ from server.engine.async_engine import EngineDeadError, EngineOverloadedError, R
 from server.engine.client import ENGINE_GONE
 from server.engine.core_process import CoreReady, run_core
 from server.engine.detokenizer import TextProcessor
-from server.engine.engine import validate_request
+from server.engine.engine_info import validate_request
 from server.engine.output_processor import RequestOutput, failed_output
 from server.engine.remote_adapters import RemoteAdapters
 from server.engine.request import FinishReason, GenerationRequest

@@ -29,7 +29,9 @@ import zmq
 from server.adapters.registry import AdapterEntry, AdapterRef, RegistryChanges
 from server.config import Config
 from server.engine import wire
-from server.engine.engine import EngineInfo, LLMEngine, resolve_device
+from server.engine.device import resolve_device
+from server.engine.engine import LLMEngine
+from server.engine.engine_info import EngineInfo
 from server.engine.output_processor import RequestOutput
 from server.engine.request import FinishReason
 from server.metrics import Metrics

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,11 +19,13 @@ import torch
 from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
-from server.config import Config, LoraConfig
+from server.config import Config
 from server.engine import cuda_graphs
 from server.engine.backends import select_attention, select_lora
 from server.engine.detokenizer import TextProcessor
-from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found, validate_experts
+from server.engine.device import resolve_device, resolve_dtype
+from server.engine.engine_info import EngineInfo, validate_request
+from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner, StepResult
 from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
@@ -39,39 +40,6 @@ from server.model.loading import base_linear_weight, load_weights
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 —
-    on AVX2-only CPUs bf16 GEMMs are emulated and ~4x slower than fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if fast_bf16 else torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}: use auto, bfloat16 or float32")
-    return table[name]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model_name: str
-    model_dir: Path
-    arch: ModelArch
-    dtype: torch.dtype
-    device: torch.device
-    max_model_len: int
-    num_blocks: int
-    block_size: int
 
 
 class LLMEngine:
@@ -411,29 +379,3 @@ class LLMEngine:
 def _label(adapter: AdapterRef | None) -> str:
     """An adapter's metric label: its name, `tenant/name` for a tenant's own, "" for the base."""
     return "" if adapter is None else str(adapter)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def validate_request(request: GenerationRequest, info: EngineInfo, lora: LoraConfig, adapters) -> None:
-    """Raise InvalidRequestError for what can never run, from the engine's fixed facts (`info`),
-    the LoRA limits and the adapters (the manager, or its replica in the server process when the
-    engine runs in its own: server/engine/remote_adapters.py)."""
-    request.params.validate()
-    n = len(request.prompt_token_ids)
-    max_len = info.max_model_len
-    if n == 0:
-        raise InvalidRequestError("the prompt is empty", "prompt")
-    if n + request.params.max_tokens > max_len:
-        raise InvalidRequestError(
-            f"this model's maximum context length is {max_len} tokens; the request has {n} prompt "
-            f"tokens and max_tokens {request.params.max_tokens}", "max_tokens" if n < max_len else "prompt")
-    vocab = info.arch.vocab_size
-    if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-    if request.adapter is not None and (adapters is None or not adapters.exists(request.adapter)):
-        raise not_found(request.adapter)
-    if request.experts is not None:
-        validate_experts(request, lora, adapters)

@@ -229,3 +229,25 @@ def test_the_flag_turns_it_off():
 
     assert build_config(make_parser().parse_args(["serve"])).cache.prefix_caching is True
     assert build_config(make_parser().parse_args(["serve", "--no-prefix-caching"])).cache.prefix_caching is False
+
+
+def test_vtc_charges_the_prompt_tokens_computed_not_those_the_cache_held():
+    """A hit is not computed: VTC charges its tenant only the prompt tokens after the cached prefix
+    (and the sampled token), as docs/architecture.md says; after a preemption nothing again."""
+    from server.engine.policies import VTCPolicy
+    from server.engine.scheduler import Scheduler, SchedulerOutput
+
+    alloc = BlockAllocator(16, BS, prefix_caching=True)
+    policy = VTCPolicy(input_weight=1.0, output_weight=2.0)
+    sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=64, policy=policy)
+    prompt = list(range(10, 21))  # 11 tokens: two full blocks
+    computed(alloc, seq(prompt))  # computed before, by another sequence of the tenant
+    s = seq(prompt)
+    sched.add(s)
+    chunk, = sched.schedule().chunks
+    assert (chunk.start, chunk.num_tokens) == (2 * BS, 3)
+    assert policy.counter["default"] == 3 * 1.0 + 2.0
+    s.num_computed_tokens += 3  # the step ran
+    sched._preempt(s, SchedulerOutput())
+    chunk, = sched.schedule().chunks  # back, past the same cached prefix: its prompt was paid for
+    assert (chunk.start, chunk.num_tokens) == (2 * BS, 3) and policy.counter["default"] == 5.0 + 2.0

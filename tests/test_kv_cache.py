@@ -251,3 +251,33 @@ def test_vtc_charges_the_prompt_tokens_computed_not_those_the_cache_held():
     sched._preempt(s, SchedulerOutput())
     chunk, = sched.schedule().chunks  # back, past the same cached prefix: its prompt was paid for
     assert (chunk.start, chunk.num_tokens) == (2 * BS, 3) and policy.counter["default"] == 5.0 + 2.0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_lost_at_read_back_leaves_no_block_cached(tiny_llama_dir, monkeypatch, async_scheduling):
+    """A step whose tokens cannot be read back (a device fault shows only then) may not have written
+    the K/V of the blocks registered at its launch: none of them may be found again. The same
+    prompt asked after it computes its blocks anew and gets transformers' tokens."""
+    from server.engine.sampler import SampledStep
+    from test_engine import hf_greedy
+
+    output, faults = SampledStep.output, [1]
+
+    def faulty(self):
+        if faults:
+            faults.pop()
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty)
+    p = prompts(1, seed=24)[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = make(tiny_llama_dir, async_scheduling=async_scheduling)
+    engine.add_request(GenerationRequest("lost", p, greedy))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finish_reason.value for o in outs if o.finished] == ["error"]
+    assert engine.allocator.num_cached == 0
+    cached: dict[str, int] = {}
+    got = run(engine, [[GenerationRequest("again", p, greedy)]], cached)
+    assert cached == {"again": 0} and got["again"] == hf_greedy(tiny_llama_dir, [p], 6, stop_at_eos=False)[0]

@@ -229,3 +229,55 @@ def test_the_flag_turns_it_off():
 
     assert build_config(make_parser().parse_args(["serve"])).cache.prefix_caching is True
     assert build_config(make_parser().parse_args(["serve", "--no-prefix-caching"])).cache.prefix_caching is False
+
+
+def test_vtc_charges_the_prompt_tokens_computed_not_those_the_cache_held():
+    """A hit is not computed: VTC charges its tenant only the prompt tokens after the cached prefix
+    (and the sampled token), as docs/architecture.md says; after a preemption nothing again."""
+    from server.engine.policies import VTCPolicy
+    from server.engine.scheduler import Scheduler, SchedulerOutput
+
+    alloc = BlockAllocator(16, BS, prefix_caching=True)
+    policy = VTCPolicy(input_weight=1.0, output_weight=2.0)
+    sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=64, policy=policy)
+    prompt = list(range(10, 21))  # 11 tokens: two full blocks
+    computed(alloc, seq(prompt))  # computed before, by another sequence of the tenant
+    s = seq(prompt)
+    sched.add(s)
+    chunk, = sched.schedule().chunks
+    assert (chunk.start, chunk.num_tokens) == (2 * BS, 3)
+    assert policy.counter["default"] == 3 * 1.0 + 2.0
+    s.num_computed_tokens += 3  # the step ran
+    sched._preempt(s, SchedulerOutput())
+    chunk, = sched.schedule().chunks  # back, past the same cached prefix: its prompt was paid for
+    assert (chunk.start, chunk.num_tokens) == (2 * BS, 3) and policy.counter["default"] == 5.0 + 2.0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_lost_at_read_back_leaves_no_block_cached(tiny_llama_dir, monkeypatch, async_scheduling):
+    """A step whose tokens cannot be read back (a device fault shows only then) may not have written
+    the K/V of the blocks registered at its launch: none of them may be found again. The same
+    prompt asked after it computes its blocks anew and gets transformers' tokens."""
+    from server.engine.sampler import SampledStep
+    from test_engine import hf_greedy
+
+    output, faults = SampledStep.output, [1]
+
+    def faulty(self):
+        if faults:
+            faults.pop()
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty)
+    p = prompts(1, seed=24)[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = make(tiny_llama_dir, async_scheduling=async_scheduling)
+    engine.add_request(GenerationRequest("lost", p, greedy))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finish_reason.value for o in outs if o.finished] == ["error"]
+    assert engine.allocator.num_cached == 0
+    cached: dict[str, int] = {}
+    got = run(engine, [[GenerationRequest("again", p, greedy)]], cached)
+    assert cached == {"again": 0} and got["again"] == hf_greedy(tiny_llama_dir, [p], 6, stop_at_eos=False)[0]

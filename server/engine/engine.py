@@ -302,6 +302,7 @@ class LLMEngine:
             sampled = result.tokens.output()
         except Exception as exc:  # an error the device reports only now: the step is lost
             log.exception("an engine step failed while its tokens were read back")
+            self.allocator.forget_cached()  # the blocks its launch registered may hold no K/V
             for seq in result.sampled:
                 seq.num_pending -= 1
             return [self._fail(seq, exc) for seq in live]

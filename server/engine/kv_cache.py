@@ -147,6 +147,14 @@ class BlockAllocator:
                 self._digest_of[block] = digests[i]
         seq.num_cached_blocks = full
 
+    def forget_cached(self) -> None:
+        """Unregister every block (after a device fault: a lost step may not have written the K/V
+        it was credited with). Held blocks stay with their holders; idle ones become empty."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._digest_of.clear()
+
     def _digests(self, seq: Sequence, n: int) -> list[bytes]:
         """The digests of `seq`'s first `n` blocks (n <= its full blocks of known tokens), kept on
         the sequence and extended as it grows."""

@@ -4,7 +4,9 @@ Language Models" (OSDI 2024).
 Each tenant has a counter of the service it received, in virtual tokens:
     counter += (w_p * prompt tokens computed + w_q * output tokens generated) / tenant weight
 charged per scheduled chunk, so a chunked prefill is paid chunk by chunk, as computed. Tokens
-recomputed after a preemption are not charged again: the server chose to redo them.
+recomputed after a preemption are not charged again: the server chose to redo them; nor are
+those a prefix-cache hit holds (server/engine/kv_cache.py): a chunk's tokens before its start
+are not computed.
   - Admission: the waiting tenant with the lowest counter goes next, FIFO within the tenant.
   - A tenant that returns from idle (nothing waiting or running) is lifted to the lowest
     counter among active tenants (to the last tenant to leave when none is active), so
@@ -99,7 +101,7 @@ class VTCPolicy(SchedulingPolicy):
 
     # --- accounting ----------------------------------------------------------------------
     def on_scheduled(self, seq: Sequence, start: int, num_tokens: int, samples: bool) -> None:
-        charged = self._prompt_charged.get(seq.request_id, 0)
+        charged = max(self._prompt_charged.get(seq.request_id, 0), start)  # before `start`: cached
         prompt_end = min(start + num_tokens, seq.num_prompt_tokens)
         cost = 0.0
         if prompt_end > charged:

@@ -1,0 +1,104 @@
+"""Prefix caching over random workloads (server/engine/kv_cache.py): requests sharing system
+prompts (whole, cut mid-block, exactly at a block's end, asked again), over the base and two
+adapters and two tenants, arriving as others run, aborted, stopped by stop ids, with seeded
+sampling and penalties, over a KV cache small enough to preempt. With the cache on, sync or
+async, every request gets the tokens, logprobs' token ids and finish it gets with the cache off;
+the cache is hit, and after every step the allocator's reference counts and free lists match the
+block tables (and every block is back at the end: test_async_scheduling's `drive` checks)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from server.engine.request import GenerationRequest, SamplingParams
+
+from engine_runs import cpu_engine
+from test_async_scheduling import adapter_dirs, drive  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def shared_prefix_workload(seed: int) -> list[tuple[int, int | None, GenerationRequest]]:
+    """(arrival step, abort once it has this many tokens or None, request)."""
+    rnd = random.Random(seed)
+    systems = [[rnd.randint(2, 319) for _ in range(n)] for n in (5, 16, 32, 47)]
+    work: list[tuple[int, int | None, GenerationRequest]] = []
+    for i in range(rnd.randint(12, 18)):
+        if work and rnd.random() < 0.3:  # a prompt asked again, maybe by another tenant or adapter
+            prompt = list(rnd.choice(work)[2].prompt_token_ids)
+        else:  # a system prompt, whole or cut (at a block's end, just past it, anywhere), and a question
+            system = rnd.choice(systems)
+            cut = rnd.choice([len(system), len(system), 15, 16, 17, 32, rnd.randint(1, len(system))])
+            prompt = system[:cut] + [rnd.randint(2, 319) for _ in range(rnd.choice([0, 0, 1, 5, 16, 21]))]
+        kind, n = rnd.random(), rnd.randint(1, 24)
+        if kind < 0.5:
+            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=rnd.choice([None, 2]))
+        elif kind < 0.9:
+            sp = SamplingParams(max_tokens=n, temperature=0.9, top_k=rnd.choice([0, 30]), top_p=rnd.choice([1.0, 0.9]),
+                                seed=rnd.randint(0, 1000), ignore_eos=True, logprobs=rnd.choice([None, 3]))
+        else:
+            sp = SamplingParams(max_tokens=n, temperature=0.8, seed=rnd.randint(0, 1000), repetition_penalty=1.2,
+                                frequency_penalty=0.3, ignore_eos=True)
+        if rnd.random() < 0.2:
+            sp = replace(sp, stop_token_ids=tuple(rnd.randint(2, 319) for _ in range(30)))
+        abort = rnd.choice([0, 1, 2, 5]) if rnd.random() < 0.25 else None
+        work.append((rnd.randint(0, 30), abort, GenerationRequest(
+            f"r{i}", prompt, sp, adapter=rnd.choice([None, None, None, "a", "b"]),
+            tenant=rnd.choice(["t1", "t1", "t1", "t2"]))))
+    return work
+
+
+def check_blocks(engine) -> None:
+    """The allocator's books match the sequences: each block's reference count is the number of
+    block tables holding it; the blocks none holds are each free or evictable (cached) once."""
+    alloc = engine.allocator
+    holders = Counter(b for s in engine._seqs.values() for b in s.block_table)
+    assert alloc._refs == [holders[b] for b in range(alloc.num_blocks)]
+    idle = [*alloc._free, *alloc._evictable]
+    assert sorted(idle) == [b for b in range(alloc.num_blocks) if not holders[b]]
+    assert set(alloc._evictable) <= set(alloc._digest_of) and not set(alloc._free) & set(alloc._digest_of)
+
+
+def test_random_shared_prefix_workloads_equal_the_engine_without_the_cache(tiny_llama_dir, adapter_dirs):  # noqa: F811
+    from server.engine.model_runner import KVCache
+    from server.engine.policies import VTCPolicy
+
+    arch = cpu_engine(tiny_llama_dir).info.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, 16, arch.num_kv_heads, arch.head_dim, torch.float32)
+    hits = preempted = 0
+    configs = ((1, 9, 4, False), (2, 8, 6, True), (3, 12, 4, True), (4, 20, 4, False), (5, 40, 4, False),
+               (6, 40, 6, True))  # (seed, KV blocks, max_num_seqs, vtc)
+    for seed, blocks, max_num_seqs, vtc in configs:
+        work = shared_prefix_workload(seed)
+        got = {}
+        for caching, async_scheduling in ((False, False), (True, False), (True, True)):
+            engine = cpu_engine(tiny_llama_dir, adapter_dirs, kv_bytes=blocks * per_block, max_num_seqs=max_num_seqs,
+                                async_scheduling=async_scheduling, prefix_caching=caching)
+            if vtc:
+                engine.scheduler.policy = VTCPolicy(input_weight=1.0, output_weight=2.0)
+            schedule = engine.scheduler.schedule
+
+            def counted(schedule=schedule):
+                nonlocal preempted
+                out = schedule()
+                preempted += len(out.preempted)
+                return out
+            engine.scheduler.schedule = counted
+            step = engine.step
+
+            def checked(step=step, engine=engine):
+                outputs = step()
+                check_blocks(engine)
+                return outputs
+            engine.step = checked
+            got[caching, async_scheduling] = drive(engine, work)
+            hits += engine.metrics.registry.get_sample_value(
+                "vllm:prefix_cache_hits_total", {"model_name": engine.info.model_name, "engine": "0"})
+        assert got[True, False] == got[False, False], seed
+        assert got[True, True] == got[False, False], seed
+    assert hits and preempted, (hits, preempted)

@@ -281,3 +281,21 @@ def test_a_step_lost_at_read_back_leaves_no_block_cached(tiny_llama_dir, monkeyp
     cached: dict[str, int] = {}
     got = run(engine, [[GenerationRequest("again", p, greedy)]], cached)
     assert cached == {"again": 0} and got["again"] == hf_greedy(tiny_llama_dir, [p], 6, stop_at_eos=False)[0]
+
+
+def test_a_tenant_gone_from_the_table_takes_the_prefix_cache_with_it(tiny_llama_dir):
+    """A tenant is its name in the cache's namespace: once a reload drops it, a new tenant given
+    the same name must not find its blocks. Weights changing alone keep the cache."""
+    engine = make(tiny_llama_dir)
+    p = prompts(1, seed=24)[0]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})
+    cached: dict[str, int] = {}
+    run(engine, [[GenerationRequest("a1", p, greedy, tenant="acme")]])
+    engine.set_tenant_weights({"acme": 2.0, "initech": 1.0})
+    run(engine, [[GenerationRequest("a2", p, greedy, tenant="acme")]], cached)
+    assert cached["a2"] == 2 * 16
+    engine.set_tenant_weights({"initech": 1.0})  # acme removed ...
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})  # ... and the name given again
+    run(engine, [[GenerationRequest("a3", p, greedy, tenant="acme")]], cached)
+    assert cached["a3"] == 0

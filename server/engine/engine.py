@@ -114,6 +114,7 @@ class LLMEngine:
         self.async_scheduling = sc.async_scheduling
         self._in_flight: StepResult | None = None
         self._penalised = 0  # unfinished sequences with penalties: while any, no step stays in flight
+        self._tenants: set[str] | None = None  # the configured tenants, once the server has named them
         self._adapter_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # running, waiting: gauge labels
         self._adapters_published = -1  # the scheduler's adapters_version they were made at
         self.info = EngineInfo(
@@ -180,8 +181,13 @@ class LLMEngine:
                              num_cached_tokens=seq.num_cached_prompt_tokens)
 
     def set_tenant_weights(self, weights: dict[str, float]) -> None:
-        """Fair-share weights by tenant name (engine thread only; a tenant not listed weighs 1).
-        Counters of tenants that are gone and idle are dropped, with their metric series."""
+        """Fair-share weights by tenant name, every configured tenant listed (engine thread only;
+        a tenant not listed weighs 1). Counters of tenants that are gone and idle are dropped, with
+        their metric series; if a tenant is gone, so is the prefix cache (a tenant is its name in
+        the cache's namespace, and the name may come back for someone else)."""
+        if self._tenants is not None and self._tenants - weights.keys():
+            self.allocator.forget_cached()
+        self._tenants = set(weights)
         policy = self.scheduler.policy
         before = set(policy.counters())
         policy.set_weights(weights)

@@ -141,8 +141,8 @@ def test_the_first_tokens_come_one_step_later_and_the_last_step_is_taken_in(tiny
 
 
 def test_seeded_sampling_penalties_and_stop_tokens_equal_the_synchronous_engine(tiny_llama_dir, adapter_dirs):
-    """Seeded top-k/top-p sampling with logprobs, a request with penalties (its steps wait for
-    the previous one's tokens) and stop token ids that end some requests early: the async engine
+    """Seeded top-k/top-p sampling with logprobs, a request with penalties (its pending token
+    counted on the device) and stop token ids that end some requests early: the async engine
     gives the synchronous engine's tokens, logprobs and finish reasons. The extra step a stopped
     request was already scheduled in gives it nothing."""
     sampled = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, logprobs=3, ignore_eos=True)

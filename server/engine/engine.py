@@ -113,7 +113,6 @@ class LLMEngine:
         # Async scheduling: the step launched last, whose tokens the host has not taken in yet.
         self.async_scheduling = sc.async_scheduling
         self._in_flight: StepResult | None = None
-        self._penalised = 0  # unfinished sequences with penalties: while any, no step stays in flight
         self._tenants: set[str] | None = None  # the configured tenants, once the server has named them
         self._adapter_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # running, waiting: gauge labels
         self._adapters_published = -1  # the scheduler's adapters_version they were made at
@@ -149,7 +148,6 @@ class LLMEngine:
             request = replace(request, experts=replace(request.experts, adapters=self._acquire_all(request)))
         seq = Sequence.from_request(request)
         self._seqs[request.request_id] = seq
-        self._penalised += request.params.has_penalties
         if self.text is not None:
             self.text.add(seq.request_id, request.prompt_token_ids, request.params)
         self.scheduler.add(seq)
@@ -229,8 +227,6 @@ class LLMEngine:
         schedules N+2) or of this one (synchronous). Outputs of every step taken in."""
         t0 = time.perf_counter()
         outputs = self._poll_adapters() if self.adapters else []
-        if self._in_flight is not None and self._penalised:  # penalties read each token on the host
-            outputs += self._take(self._take_in_flight())
         had_in_flight = self._in_flight is not None
         sched = self.scheduler.schedule()
         if sched.preempted:
@@ -369,7 +365,6 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
-        self._penalised -= seq.params.has_penalties
         if self.text is not None:
             self.text.remove(seq.request_id)
         del self._seqs[seq.request_id]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels import RowPlan
+from kernels.upload import to_device
 from server.adapters.manager import StepLora
 from server.engine.backends import AttentionBackend, LoraBackend, LoraStep, StepBatch
 from server.engine.request import Mixture, Sequence
@@ -43,23 +44,35 @@ class StepResult:
 @dataclass
 class Pending:
     """The rows of a step whose input token is still on the device: row `rows[i]` reads token
-    `srcs[i]` of the previous step's `tokens` [B_prev] (async scheduling)."""
+    `srcs[i]` of the previous step's `tokens` [B_prev] (async scheduling); it is sampled row
+    `sampled[i]` of this step (a pending token's decode samples)."""
 
     rows: list[int]
+    sampled: list[int]
     srcs: list[int]
     tokens: torch.Tensor
 
     @staticmethod
-    def of(rows: list[int], seqs: list[Sequence], prev: StepResult | None) -> Pending | None:
-        """Rows `rows` of a step decode seqs[i]'s pending token, which `prev` sampled. O(B)."""
+    def of(rows: list[int], sampled: list[int], seqs: list[Sequence], prev: StepResult | None) -> Pending | None:
+        """Rows `rows` (sampled rows `sampled`) of a step decode seqs[i]'s pending token, which
+        `prev` sampled. O(B)."""
         if not rows:
             return None
         row_of = prev.rows()
-        return Pending(rows, [row_of[seq] for seq in seqs], prev.tokens.tokens)
+        return Pending(rows, sampled, [row_of[seq] for seq in seqs], prev.tokens.tokens)
 
     def write(self, ids: torch.Tensor, rows: torch.Tensor, srcs: torch.Tensor) -> None:
         """ids[rows] = tokens[srcs], on the device (`rows`, `srcs`: these lists uploaded)."""
         ids[rows.long()] = self.tokens[srcs.long()].to(ids.dtype)
+
+    def last_tokens(self, num_sampled: int) -> torch.Tensor:
+        """[num_sampled] int64 on the device: each sampled row's pending token (its sequence's
+        last, not on the host yet), -1 for the others: what penalties count besides the host's."""
+        device = self.tokens.device
+        at, src = to_device(torch.tensor(self.sampled + self.srcs, dtype=torch.int64), device).split(len(self.srcs))
+        out = torch.full((num_sampled,), -1, dtype=torch.int64, device=device)
+        out[at] = self.tokens[src]
+        return out
 
 
 class KVCache:
@@ -119,6 +132,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         pend_rows: list[int] = []
+        pend_sampled: list[int] = []
         pend_seqs: list[Sequence] = []
         for row, chunk in enumerate(chunks):
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
@@ -126,6 +140,7 @@ class ModelRunner:
                 ids.extend(seq.token_ids[start:start + n])
             else:  # a decode of a pending token: `prev` has it on the device
                 pend_rows.append(len(ids))
+                pend_sampled.append(len(sampled))
                 pend_seqs.append(seq)
                 ids.append(0)
             positions.extend(range(start, start + n))
@@ -140,7 +155,7 @@ class ModelRunner:
         tables = list(chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table))
                                           for c in chunks))
 
-        pending = Pending.of(pend_rows, pend_seqs, prev)
+        pending = Pending.of(pend_rows, pend_sampled, pend_seqs, prev)
         bs = self.kv.block_size
         ids_t, pos_t, seq_t, tables_t, rows_t, pend_t, src_t = self.upload(
             [ids, positions, token_seq, tables, sample_rows, pend_rows, pending.srcs if pending else []])
@@ -157,7 +172,7 @@ class ModelRunner:
         if not sampled:
             return StepResult([], None)
         logits = self.model.logits(hidden[rows_t.long()])
-        return StepResult(sampled, self.sampler.sample(logits, sampled))
+        return StepResult(sampled, self.sampler.sample(logits, sampled, pending))
 
     def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None,
                 prev: StepResult | None) -> StepResult | None:
@@ -199,10 +214,10 @@ class ModelRunner:
             else:
                 ids.append(0)
                 pend.append(r)
-        logits, size = graphs.replay(ids, [c.start for c in chunks], [s.block_table for s in seqs], lora,
-                                     Pending.of(pend, [seqs[r] for r in pend], prev))
+        pending = Pending.of(pend, pend, [seqs[r] for r in pend], prev)
+        logits, size = graphs.replay(ids, [c.start for c in chunks], [s.block_table for s in seqs], lora, pending)
         self.graph_steps[(size, lora is not None)] += 1
-        return StepResult(seqs, self.sampler.sample(logits, seqs))
+        return StepResult(seqs, self.sampler.sample(logits, seqs, pending))
 
     def _group_by_slot(self, chunks: list[ScheduledChunk], step_lora: StepLora
                        ) -> tuple[list[ScheduledChunk], LoraStep]:

@@ -9,11 +9,15 @@ on what else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.upload import to_device
 from server.engine.request import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from server.engine.model_runner import Pending
 
 
 @dataclass
@@ -76,17 +80,17 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], pending: Pending | None = None) -> SampledStep:
         """logits [B, V] float32, one row per sequence (in `seqs` order) -> B next tokens. Queues
-        the work and the copy back; reads nothing from the device (penalties read `seqs`' tokens
-        on the host: their sequences must have none pending)."""
+        the work and the copy back; reads nothing from the device. `pending`: the rows whose
+        sequence's last token is still on the device (penalties count it there)."""
         params = [s.params for s in seqs]
         rows = [r for r, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if rows else None
 
         if any(p.has_penalties for p in params):
             logits = logits.clone()
-            self._apply_penalties(logits, seqs)
+            self._apply_penalties(logits, seqs, pending)
 
         greedy = [p.greedy for p in params]
         if all(greedy):
@@ -109,12 +113,18 @@ class Sampler:
         return chosen, vals, ids
 
     # --- penalties ---------------------------------------------------------------------
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], pending: Pending | None) -> None:
         rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         V = logits.shape[1]
         out_counts = self._counts([seqs[i].output_token_ids for i in rows], V)
-        all_seen = self._counts([seqs[i].token_ids for i in rows], V) > 0
+        all_counts = self._counts([seqs[i].token_ids for i in rows], V)
         idx = _rows(rows, torch.int64, self.device)
+        if pending is not None:  # an output token the host does not have yet: count it on the device
+            last = pending.last_tokens(len(seqs)).index_select(0, idx)[:, None]
+            known = (last >= 0).to(torch.float32)
+            for counts in (out_counts, all_counts):
+                counts.scatter_add_(1, last.clamp(min=0), known)
+        all_seen = all_counts > 0
         sub = logits[idx]
         rep = _rows([seqs[i].params.repetition_penalty for i in rows], torch.float32, self.device)[:, None]
         freq = _rows([seqs[i].params.frequency_penalty for i in rows], torch.float32, self.device)[:, None]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from itertools import islice
 
 from server.engine.request import Sequence
 
@@ -105,9 +106,9 @@ class BlockAllocator:
         sequence, then O(hits)."""
         if not self.prefix_caching:
             return []
-        digests = self._digests(seq, (seq.num_tokens - 1) // self.block_size)
+        n = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for digest in digests:
+        for digest in islice(self._digests(seq, n), n):
             block = self._cached.get(digest)
             if block is None:
                 break
@@ -156,8 +157,8 @@ class BlockAllocator:
         self._digest_of.clear()
 
     def _digests(self, seq: Sequence, n: int) -> list[bytes]:
-        """The digests of `seq`'s first `n` blocks (n <= its full blocks of known tokens), kept on
-        the sequence and extended as it grows."""
+        """`seq`'s block digests, at least its first `n` blocks' (n <= its full blocks of known
+        tokens): kept on the sequence, extended as it grows, never recomputed."""
         digests = seq.block_digests
         bs = self.block_size
         parent = digests[-1] if digests else namespace_digest(seq)
@@ -166,4 +167,4 @@ class BlockAllocator:
             h.update(array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes())
             parent = h.digest()
             digests.append(parent)
-        return digests[:n]
+        return digests

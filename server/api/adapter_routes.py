@@ -86,7 +86,7 @@ async def list_adapters(request: Request, caller: Caller = Depends(caller_of)) -
 
 # 400: a missing part, a bad name or bad files; 401: key; 403: over quota, or a tenant naming another
 # tenant; 409: the name is taken; 413: body over --max-body-bytes.
-@router.post("/v1/adapters", responses=error_responses(400, 401, 403, 409, 413))
+@router.post("/v1/adapters", responses=error_responses(400, 401, 403, 409, 413, 503))
 async def upload_adapter(
     request: Request,
     name: Annotated[str, Form(description="the adapter id")],

@@ -111,7 +111,7 @@ class UnloadAdapterRequest(RequestBody):
 # 400: invalid body, LoRA off, bad name or files, name already loaded (as vLLM); 401/403: admin
 # key / admin API off, or a path outside the allowed roots; 404: no such directory.
 @router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)], response_class=PlainTextResponse,
-             responses={**_PLAIN, **_json_errors(400, 401, 403, 404, 413)})
+             responses={**_PLAIN, **_json_errors(400, 401, 403, 404, 413, 503)})
 async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextResponse:
     manager = manager_of(request)
     owner = check_tenant(request, body.tenant)
@@ -135,13 +135,13 @@ async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> PlainT
 
 
 @router.post("/v1/adapters/{name}/pin", dependencies=[Depends(require_admin)],
-             responses=error_responses(400, 401, 403, 404))
+             responses=error_responses(400, 401, 403, 404, 503))
 async def pin_adapter(name: str, request: Request, tenant: str | None = None) -> ModelCard:
     return await _set_pinned(request, name, tenant, True)
 
 
 @router.post("/v1/adapters/{name}/unpin", dependencies=[Depends(require_admin)],
-             responses=error_responses(400, 401, 403, 404))
+             responses=error_responses(400, 401, 403, 404, 503))
 async def unpin_adapter(name: str, request: Request, tenant: str | None = None) -> ModelCard:
     return await _set_pinned(request, name, tenant, False)
 

@@ -24,7 +24,7 @@ from server.api.openai_routes import router as openai_router
 from server.api.service import Service
 from server.api.shutdown import Drain, DrainGate
 from server.config import Config
-from server.engine.async_engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.client import EngineClient
 from server.engine.engine import LLMEngine
 from server.metrics import Metrics, exposition
@@ -132,6 +132,12 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
         return error(exc)
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(_request: Request, _exc: EngineDeadError) -> JSONResponse:
+        # Any route that needs the engine (an admin load, a pin, an upload: calls to the core)
+        # while it is dead or not answering: the server cannot serve this now, not a server bug.
+        return error(APIError(503, "the engine is not running", code="engine_unavailable"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

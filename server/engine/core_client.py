@@ -9,7 +9,10 @@ queue. A stop string found here ends the request for its client at once, and a F
 retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls
 carry a call id and are answered on the same channel. When the core dies, every waiting
 request and call fails at once (in-flight streams end with an error, new requests get 503),
-never a hang.
+never a hang. When it stops answering (it sends a heartbeat every second), the server counts it
+as not running until it speaks again: /health and /ready answer 503, new requests and calls
+get a fast 503, and calls and admissions already waiting fail; streams in flight wait, and go
+on if it resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900.0  # model load, plus the C++ kernel build on a first start
 _WATCH_MS = 500  # no message for this long: check that the core is still alive
 REPLICA_REFRESH_S = 1.0
+# No message from the core for this long (it sends one every core_process.HEARTBEAT_S, from a
+# thread of its own, whatever its steps take): it is stopped or frozen.
+HEARTBEAT_TIMEOUT_S = 10.0
 
 
 class ProcessEngine:
@@ -78,6 +85,8 @@ class ProcessEngine:
         self._pending = 0
         self._closed = False
         self._dead = False
+        self._silent = False  # no message for HEARTBEAT_TIMEOUT_S: not running until the core speaks again
+        self._heard = time.monotonic()  # when the core's last message came
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -109,6 +118,7 @@ class ProcessEngine:
     def start(self) -> None:
         """In the server's event loop (the app's lifespan): start reading the core's messages."""
         self._loop = asyncio.get_running_loop()
+        self._heard = time.monotonic()
         self._aout = zmq.asyncio.Socket.from_socket(self._out)
         self._tasks = [self._loop.create_task(self._read(), name="loramux-core-reader")]
         if self.adapters is not None:
@@ -137,7 +147,7 @@ class ProcessEngine:
 
     @property
     def is_running(self) -> bool:
-        return not self._dead and self._proc.is_alive()
+        return not self._dead and not self._silent and self._proc.is_alive()
 
     @property
     def num_pending(self) -> int:
@@ -234,8 +244,14 @@ class ProcessEngine:
                     if not self._proc.is_alive():
                         self._on_death()
                         return
+                    if not self._silent and time.monotonic() - self._heard > HEARTBEAT_TIMEOUT_S:
+                        self._on_silence()
                     continue
                 kind, payload = await self._aout.recv_multipart()
+                self._heard = time.monotonic()
+                if self._silent:
+                    self._silent = False
+                    log.warning("the engine core process answers again: serving resumes")
                 if kind == wire.OUTPUTS:
                     self._deliver(wire.decode_outputs(payload))
                 elif kind == wire.ADMITTED:
@@ -269,12 +285,14 @@ class ProcessEngine:
             sink.put_nowait(out)
 
     async def _refresh_replica(self) -> None:
-        while self.is_running:
+        while not self._dead:
             await asyncio.sleep(REPLICA_REFRESH_S)
+            if not self.is_running:
+                continue  # dead (the loop ends) or silent (the refreshes go on once it answers again)
             try:
                 await self.adapters.refresh_async()
             except EngineDeadError:
-                return
+                continue
             except Exception:  # pragma: no cover - keep the last replica
                 log.exception("adapter registry refresh failed")
 
@@ -286,15 +304,28 @@ class ProcessEngine:
                   self._proc.exitcode)
         self._fail_everything("the engine process exited")
 
+    def _on_silence(self) -> None:
+        """The core is alive but silent: refuse new work (is_running is False) and fail what waits
+        for an answer (admissions, calls: each would hang its HTTP request). Streams in flight keep
+        their places: their outputs come if the core resumes; if it never does, /health's 503 gets
+        the server restarted."""
+        self._silent = True
+        log.error("the engine core process (pid %s) sent nothing for %.0f s: answering 503 until it does",
+                  self._proc.pid, HEARTBEAT_TIMEOUT_S)
+        self._fail_waiters(EngineDeadError("the engine is not responding"))
+
+    def _fail_waiters(self, error: EngineDeadError) -> None:
+        for future in [*self._admissions.values(), *self._calls.values()]:
+            _settle(future, None, error)
+        self._admissions.clear()
+
     def _fail_everything(self, message: str) -> None:
         for rid, sink in list(self._sinks.items()):
             sink.put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ERROR, error=message,
                                           error_code=ENGINE_GONE))
         self._sinks.clear()
         self._text.clear()
-        for future in [*self._admissions.values(), *self._calls.values()]:
-            _settle(future, None, EngineDeadError(message))
-        self._admissions.clear()
+        self._fail_waiters(EngineDeadError(message))
 
 
 def _settle(future: asyncio.Future | None, result: Any, error: Any) -> None:

@@ -42,6 +42,7 @@ _WAKE_ADDR = "inproc://loramux-wake"
 _IDLE_POLL_MS = 500  # nothing to run: also how often a core whose server died notices it
 _LOADS_POLL_MS = 50  # everything waits on adapter loads (a finished load wakes us sooner)
 _ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")
+HEARTBEAT_S = 1.0  # how often the core says it is alive (the server's timeout: core_client.HEARTBEAT_TIMEOUT_S)
 
 
 @dataclass
@@ -138,11 +139,14 @@ class EngineCore:
         self._live: set[str] = set()  # admitted, not finished, not aborted
         self._stop = False
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-core-io")
+        self._stopped = threading.Event()  # ends the heartbeat
         self._local = threading.local()  # each worker thread's own output socket
         engine.wake = self._wake
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
+        heartbeat = threading.Thread(target=self._heartbeat, name="loramux-core-heartbeat", daemon=True)
+        heartbeat.start()
         try:
             while not self._stop:
                 busy = self.engine.has_unfinished()
@@ -161,6 +165,8 @@ class EngineCore:
                 self._send_outputs(outputs)
         finally:
             self._fail_all("the server is shutting down")
+            self._stopped.set()
+            heartbeat.join()
             self._workers.submit(self._close_worker_socket)  # the context ends only once every socket is closed
             self._workers.shutdown(wait=True)
             self._in.close(linger=0)
@@ -276,6 +282,23 @@ class EngineCore:
         self._live.clear()
         if failed:
             self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(failed)])
+
+    def _heartbeat(self) -> None:
+        """Every HEARTBEAT_S, an empty outputs message (nothing new, but alive), from a thread of its
+        own with its own socket, so a long step never delays it: only a core that stopped running
+        altogether (SIGSTOP, a frozen interpreter, a swap storm) falls silent, and the server then
+        answers 503 instead of letting requests and probes hang (core_client.ProcessEngine._read)."""
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.connect(self._out_addr)
+        beat = wire.encode_outputs([])
+        try:
+            while not self._stopped.wait(HEARTBEAT_S):
+                try:
+                    sock.send_multipart([wire.OUTPUTS, beat], zmq.NOBLOCK)
+                except zmq.Again:  # the server is not reading: it will see it in what follows
+                    pass
+        finally:
+            sock.close(linger=0)
 
     def _wake(self) -> None:
         """From an adapter loader thread: end the main loop's poll (a socket of its own: zmq

@@ -119,20 +119,20 @@ def test_nan_weights_fail_at_first_use_and_others_keep_serving(server, client):
     assert serves(client)
 
 
-@pytest.mark.parametrize("name,path,status,code", [
-    ("p", "pickled", 400, "adapter_unsupported"),
-    ("t", "truncated", 400, "adapter_invalid"),
-    ("o", "other-base", 400, "adapter_incompatible"),
-    ("r", "too-big-rank", 400, "adapter_unsupported"),
-    ("../escape", "gamma", 400, "adapter_invalid"),
-    ("missing", "does-not-exist", 404, "adapter_not_found"),
+@pytest.mark.parametrize("name,path,status,code,param", [
+    ("p", "pickled", 400, "adapter_unsupported", "lora_path"),
+    ("t", "truncated", 400, "adapter_invalid", "lora_path"),
+    ("o", "other-base", 400, "adapter_incompatible", "lora_path"),
+    ("r", "too-big-rank", 400, "adapter_unsupported", "lora_path"),
+    ("../escape", "gamma", 400, "adapter_invalid", "lora_name"),  # the name is at fault, not the path
+    ("missing", "does-not-exist", 404, "adapter_not_found", "lora_path"),
 ])
-def test_admin_load_refusals(server, client, uploads, name, path, status, code):
+def test_admin_load_refusals(server, client, uploads, name, path, status, code, param):
     r = httpx.post(server.base_url + "/v1/load_lora_adapter", json={"lora_name": name,
                                                                     "lora_path": str(uploads / path)})
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["code"] == code and err["message"]
+    assert err["code"] == code and err["message"] and err["param"] == param, err
     assert name not in {m.id for m in client.models.list().data}
     assert serves(client)
 
@@ -190,7 +190,8 @@ def test_admin_load_use_unload(server, client, tiny_llama_dir, uploads):
     with pytest.raises(openai.NotFoundError):
         greedy_text(client, "gamma", "hello")
     again = httpx.post(server.base_url + "/v1/unload_lora_adapter", json={"lora_name": "gamma"})
-    assert again.status_code == 404 and again.json()["error"]["code"] == "adapter_not_found"
+    assert again.status_code == 404
+    assert (again.json()["error"]["code"], again.json()["error"]["param"]) == ("adapter_not_found", "lora_name")
 
 
 def test_more_adapters_than_slots_in_concurrent_requests(server):

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from server.adapters.errors import EXISTS, QUOTA, AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.safe_files import MAX_PATH_CHARS
-from server.adapters.store_layout import ADAPTER_NAME_RE
+from server.adapters.store_layout import ADAPTER_NAME_RE, validate_adapter_name
 from server.api.auth import bearer_token
 from server.api.errors import APIError
 from server.api.openapi import STATUS_TEXT, error_responses
@@ -82,13 +82,15 @@ def check_tenant(request: Request, tenant: str | None) -> str | None:
     return tenant
 
 
-async def unregister(request: Request, owner: str | None, name: str, *, delete_files: bool) -> None:
-    """Unregister on the engine thread (between steps; it never waits for requests to finish)."""
+async def unregister(request: Request, owner: str | None, name: str, *, delete_files: bool,
+                     param: str | None = None) -> None:
+    """Unregister on the engine thread (between steps; it never waits for requests to finish).
+    `param`: the body field that named the adapter, if one did."""
     svc: Service = request.app.state.service
     try:
         await svc.engine.unregister_adapter(owner, name, delete_files=delete_files)
     except AdapterError as exc:
-        raise adapter_error(exc) from exc
+        raise adapter_error(exc, param) from exc
     except EngineDeadError as exc:
         raise APIError(503, "the engine is not running", code="engine_unavailable") from exc
 
@@ -116,6 +118,10 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextR
     manager = manager_of(request)
     owner = check_tenant(request, body.tenant)
     try:
+        validate_adapter_name(body.lora_name)  # also checked by the registry; here, to name the field
+    except AdapterError as exc:
+        raise adapter_error(exc, "lora_name") from exc
+    try:
         await run_in_threadpool(manager.load_path, owner, body.lora_name, body.lora_path, pinned=body.pinned)
     except AdapterError as exc:
         # The client sees str(exc) (file names only); the full path stays in the server log.
@@ -130,7 +136,8 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextR
              responses={**_PLAIN, **_json_errors(400, 401, 403, 404, 413, 503)})
 async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> PlainTextResponse:
     manager_of(request)
-    await unregister(request, check_tenant(request, body.tenant), body.lora_name, delete_files=False)
+    await unregister(request, check_tenant(request, body.tenant), body.lora_name, delete_files=False,
+                     param="lora_name")
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 

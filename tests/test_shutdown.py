@@ -188,3 +188,40 @@ def test_a_second_signal_aborts_at_once(long_model_dir, tmp_path):
         assert srv.proc.wait(15) == 0, srv.log()
     finally:
         srv.stop()
+
+
+def test_a_request_still_queued_when_the_drain_ends_gets_shutting_down_with_retry_after(long_model_dir, tmp_path):
+    """A request waiting in its tenant's queue when the shutdown timeout runs out cannot run here
+    any more: it gets the same fast 503 `shutting_down` + Retry-After as a request arriving
+    during the drain, so its client retries on another replica."""
+    from server.tenants import hash_key
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.t]\nkeys = ["{hash_key("k")}"]\nmax_concurrent = 1\nmax_queued = 4\n')
+    srv = start(long_model_dir, tmp_path / "server.log", "--tenants", str(tenants), "--shutdown-timeout", "1")
+    answers: dict[str, httpx.Response] = {}
+
+    def post(name: str) -> None:
+        body = {"model": "tiny", "prompt": name, "max_tokens": CONTEXT - 16, "ignore_eos": True}
+        answers[name] = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60,
+                                   headers={"Authorization": "Bearer k"})
+
+    try:
+        threads = [threading.Thread(target=post, args=(name,)) for name in ("running", "queued")]
+        threads[0].start()
+        wait_for(lambda: srv.metric("loramux_requests_running") == 1, 30, "the first request to run")
+        threads[1].start()
+        time.sleep(1.0)  # in the tenant's queue (max_concurrent 1) behind a ~13 s generation
+        assert "queued" not in answers
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert answers["running"].status_code == 200
+        assert answers["running"].json()["choices"][0]["finish_reason"] == "abort"
+        queued = answers["queued"]
+        assert queued.status_code == 503, queued.text
+        assert queued.json()["error"]["code"] == "shutting_down"
+        assert queued.headers["retry-after"] == "1"
+        assert srv.proc.wait(15) == 0, srv.log()
+    finally:
+        srv.stop()

@@ -18,6 +18,7 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.api.service import Service, overloaded
+from server.api.shutdown import shutting_down
 from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
 from server.engine.output_processor import RequestOutput
 from server.engine.request import GenerationRequest, InvalidRequestError
@@ -139,6 +140,8 @@ async def admit(raw: Request, svc: Service, tenant: Tenant, requests: list[Gener
             metrics.tenant_requests.labels(tenant.name, "overloaded").inc()
             raise overloaded(str(exc)) from exc
         if isinstance(exc, EngineDeadError):
+            if raw.app.state.drain.draining:  # it waited in its tenant's queue past the shutdown timeout
+                raise shutting_down() from exc
             raise APIError(503, "the engine is not running", code="engine_unavailable") from exc
         raise
     return streams, lease

@@ -3,7 +3,8 @@
 Draining: /ready turns 503 (so a load balancer stops routing here), new HTTP requests get a
 fast 503 with `Retry-After` while the listener stays open, and the requests already in
 flight, streams included, run to their end. After `--shutdown-timeout` seconds whatever is
-left is aborted: each stream still gets a last chunk (finish_reason "abort") and `[DONE]`.
+left is aborted: each stream still gets a last chunk (finish_reason "abort") and `[DONE]`, and a
+request still waiting in its tenant's queue gets the same 503 as a new one.
 Then uvicorn closes the listener, the lifespan stops the engine and the process exits 0.
 A second signal cuts the wait short (abort now).
 """
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 UNGATED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 RETRY_AFTER_S = 1  # another replica can take the retry at once
 FLUSH_S = 5.0  # after the abort: time for the last chunks to reach the clients
+
+
+def shutting_down() -> APIError:
+    """What a request gets that this draining server will not run (`Connection: close`, so a
+    client's pooled connection to this replica is dropped too)."""
+    return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down",
+                    headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
 @dataclass
@@ -65,8 +73,7 @@ class Drain:
 
 
 class DrainGate:
-    """ASGI middleware: counts the requests in flight, and refuses new ones with 503 while draining
-    (`Connection: close`, so a client's pooled connection to this replica is dropped too)."""
+    """ASGI middleware: counts the requests in flight, and refuses new ones while draining (`shutting_down`)."""
 
     def __init__(self, app: ASGIApp, drain: Drain, on_error: ErrorResponder):
         self.app = app
@@ -78,10 +85,7 @@ class DrainGate:
             await self.app(scope, receive, send)
             return
         if self.drain.draining:
-            response = self.on_error(APIError(503, "the server is shutting down; retry on another replica",
-                                              code="shutting_down",
-                                              headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}))
-            await response(scope, receive, send)
+            await self.on_error(shutting_down())(scope, receive, send)
             return
         self.drain.in_flight += 1
         try:

@@ -84,6 +84,18 @@ def test_top_logprobs_without_logprobs_is_a_400(server, extra):
     assert_error(r, 400, "top_logprobs", "invalid_value")
 
 
+@pytest.mark.parametrize("max_tokens", [2, 5])
+def test_max_tokens_together_with_max_completion_tokens_is_a_400(server, max_tokens):
+    """Before: max_tokens was silently ignored (200 with max_completion_tokens' length); OpenAI
+    answers 400 naming max_tokens (deprecated in favour of max_completion_tokens), equal values too."""
+    r = post(server, "/v1/chat/completions", {"model": BASE, "messages": CHAT, "max_tokens": max_tokens,
+                                              "max_completion_tokens": 2})
+    assert_error(r, 400, "max_tokens", "invalid_value")
+    for field in ("max_tokens", "max_completion_tokens"):  # each alone is fine
+        ok = post(server, "/v1/chat/completions", {"model": BASE, "messages": CHAT, field: 2, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2, ok.text
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": CHAT}),
     ("/v1/completions", {"prompt": "Hello"}),

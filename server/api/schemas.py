@@ -240,6 +240,9 @@ class ChatCompletionRequest(_SamplingFields):
         found = super().conflicts()
         if self.top_logprobs is not None and not self.logprobs:  # OpenAI: top_logprobs needs logprobs true
             found.append(("top_logprobs", "only allowed when logprobs is true"))
+        if self.max_tokens is not None and self.max_completion_tokens is not None:  # as OpenAI answers
+            found.append(("max_tokens", "not allowed together with max_completion_tokens (max_tokens is "
+                                        "deprecated: give max_completion_tokens alone)"))
         return found
 
 

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from engine_process_servers import ADMIN, ALPHA, BASE, core_pid, roots, start, tenants, wait_for  # noqa: F401
+from engine_process_servers import ADMIN, ALPHA, BASE, alive, core_pid, roots, start, tenants, wait_for  # noqa: F401
 from server.engine.core_client import HEARTBEAT_TIMEOUT_S
 
 AUTH = {"Authorization": f"Bearer {ALPHA}"}
@@ -96,4 +96,46 @@ def test_adapter_routes_of_a_dead_core_are_503_not_500(tiny_llama_dir, tmp_path,
         assert r.json()["error"]["code"] == "engine_unavailable"
         assert "Traceback" not in srv.log()
     finally:
+        srv.stop()
+
+
+def test_a_shutdown_with_a_frozen_core_ends_the_streams_with_an_error_and_exits(tiny_llama_dir, tmp_path, tenants,
+                                                                              roots):
+    """SIGTERM while the core is frozen: the drain cannot finish the streams, and the core cannot
+    answer the abort; each stream still ends with the error event (not a cut connection), and
+    the server stops the frozen core and exits 0 without waiting on it."""
+    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "frozen-shutdown.log", "on", "--shutdown-timeout", "1")
+    pid = core_pid(srv)
+    lines: list[str] = []
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": BASE, "prompt": "in flight", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        started.set()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        os.kill(pid, signal.SIGSTOP)
+        assert wait_for(lambda: httpx.get(srv.base_url + "/health", timeout=2).status_code == 503,
+                        timeout=HEARTBEAT_TIMEOUT_S + 10)
+        signalled = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        reader.join(30)
+        assert not errors, errors
+        assert '"engine_unavailable"' in lines[-1], lines[-3:]
+        assert srv.proc.wait(30) == 0, srv.log()
+        assert time.monotonic() - signalled < 10, "the server waited on its frozen core"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGCONT)
         srv.stop()

@@ -125,11 +125,11 @@ class ProcessEngine:
             self._tasks.append(self._loop.create_task(self._refresh_replica(), name="loramux-replica"))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._proc.is_alive():
+        if self._proc.is_alive() and not self._silent:  # a silent core would not read the STOP
             self._send(wire.STOP, b"")
             self._proc.join(timeout)
         if self._proc.is_alive():
-            log.warning("the engine core did not stop in %.0f s: terminating it", timeout)
+            log.warning("the engine core did not stop: terminating it")
             self._proc.kill()
             self._proc.join(5)
         for task in self._tasks:
@@ -144,6 +144,8 @@ class ProcessEngine:
     def close(self) -> None:
         self._closed = True
         self._send(wire.ABORT_ALL, b"")
+        if self._silent:  # it would never answer the abort: end the streams here (with an error event)
+            self._fail_everything("the engine is not responding")
 
     @property
     def is_running(self) -> bool:

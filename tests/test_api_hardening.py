@@ -229,3 +229,33 @@ def test_requests_racing_an_unload_of_their_adapter_get_200_or_404_never_500(tin
     finally:
         srv.stop()
     assert set(statuses) <= {200, 404}, sorted(statuses)
+
+
+def test_a_chat_template_failing_on_a_clients_message_is_a_400(tmp_path_factory):
+    """A template that checks a message field the client sent with another type (here Mistral's
+    `tool_call_id|length` on a number) raises a plain Python error, not a Jinja one. Before: 500
+    internal_error, as if the server were broken; it is this request's messages: 400 naming them."""
+    import json
+
+    model = save_tiny_model(tmp_path_factory.mktemp("tiny-template"), "llama")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m.tool_call_id is defined and m.tool_call_id|length != 9 %}"
+        "{{ raise_exception('tool call ids are 9 characters') }}{% endif %}"
+        "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    srv = ServerProcess(["--model", str(model), *ARGS, "--kv-cache-memory", "8MiB", "--no-lora"],
+                        tmp_path_factory.mktemp("logs") / "template.log")
+    try:
+        def chat(tool_call_id) -> httpx.Response:
+            messages = [{"role": "tool", "content": "42", "tool_call_id": tool_call_id}]
+            return httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": messages, "max_tokens": 2})
+
+        for bad in (123, "short"):  # a Python error in the template; the template's own refusal
+            r = chat(bad)
+            assert r.status_code == 400, r.text
+            assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("messages", "invalid_value")
+        assert chat("123456789").status_code == 200
+    finally:
+        srv.stop()

@@ -221,6 +221,8 @@ def _chat_prompt(svc: Service, messages: list[dict], add_generation_prompt: bool
         text = svc.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from exc
+    except Exception as exc:  # the template's own code on a value the client sent (e.g. `|length` of a number)
+        raise bad_request(f"the chat template failed on these messages ({type(exc).__name__})", "messages") from exc
     return _encode(svc, text, "messages", add_special_tokens=False)
 
 

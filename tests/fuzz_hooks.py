@@ -35,7 +35,7 @@ def map_body(ctx, body: Any) -> Any:
     body = dict(body)
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
-    if body.get("max_tokens") is None:
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS  # unset means "up to the context": too slow here
     for field in ("max_tokens", "max_completion_tokens"):
         if _is_int(body.get(field)):

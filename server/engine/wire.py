@@ -24,7 +24,7 @@ CALL = b"call"  # pickle((call id, method name, args, kwargs))
 STOP = b"stop"
 # core -> server
 READY = b"ready"  # pickle(CoreReady)
-OUTPUTS = b"out"  # msgpack(list[RequestOutput])
+OUTPUTS = b"out"  # msgpack(list[RequestOutput]); an empty list is the core's heartbeat
 ADMITTED = b"admitted"  # pickle((request id, error or None))
 REPLY = b"reply"  # pickle((call id, result, error or None))
 

@@ -299,3 +299,33 @@ def test_a_tenant_gone_from_the_table_takes_the_prefix_cache_with_it(tiny_llama_
     engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})  # ... and the name given again
     run(engine, [[GenerationRequest("a3", p, greedy, tenant="acme")]], cached)
     assert cached["a3"] == 0
+
+
+def test_a_prompt_whose_cached_prefix_fills_the_cache_is_admitted_again(tiny_llama_dir):
+    """A prompt as long as the cache allows, asked again once the first has finished: its cached
+    prefix is every block but one, idle, and admitting it takes them all. With nothing else
+    running, the admission watermark (blocks kept back for running sequences to grow) must not
+    keep it out: it did, forever (an idle engine with a request it never runs)."""
+    from server.engine.model_runner import KVCache
+    from test_engine import hf_greedy
+
+    probe = make(tiny_llama_dir)
+    arch = probe.info.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, 16, arch.num_kv_heads, arch.head_dim, torch.float32)
+    engine = make(tiny_llama_dir, kv_bytes=8 * per_block)  # 128 tokens: max_model_len
+    assert engine.info.max_model_len == 128 and engine.scheduler.watermark == 1
+    p = torch.randint(2, 320, (120,), generator=torch.Generator().manual_seed(25)).tolist()
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cached: dict[str, int] = {}
+    got: dict[str, list[int]] = {}
+    for rid in ("first", "again"):
+        engine.add_request(GenerationRequest(rid, p, greedy))
+        for _ in range(40):  # bounded: a request never admitted would spin here
+            for out in engine.step():
+                got.setdefault(rid, []).extend(out.token_ids)
+                cached[rid] = out.num_cached_tokens
+            if not engine.has_unfinished():
+                break
+        assert not engine.has_unfinished(), f"{rid} was never admitted"
+    assert cached == {"first": 0, "again": 7 * 16}
+    assert got["first"] == got["again"] == hf_greedy(tiny_llama_dir, [p], 8, stop_at_eos=False)[0]

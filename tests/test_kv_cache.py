@@ -329,3 +329,20 @@ def test_a_prompt_whose_cached_prefix_fills_the_cache_is_admitted_again(tiny_lla
         assert not engine.has_unfinished(), f"{rid} was never admitted"
     assert cached == {"first": 0, "again": 7 * 16}
     assert got["first"] == got["again"] == hf_greedy(tiny_llama_dir, [p], 8, stop_at_eos=False)[0]
+
+
+def test_blocks_a_removed_tenants_running_request_computes_after_the_reload_stay_its_own(tiny_llama_dir):
+    """A reload drops a tenant while its request waits: the request runs on, and the blocks it
+    computes after the reload must not be found by a new tenant given the same name (they were:
+    the reload emptied the cache, then the old request filled it again under the name)."""
+    engine = make(tiny_llama_dir)
+    p = torch.randint(2, 320, (150,), generator=torch.Generator().manual_seed(26)).tolist()
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})
+    engine.add_request(GenerationRequest("old", p, greedy, tenant="acme"))
+    engine.set_tenant_weights({"initech": 1.0})  # acme removed ...
+    run(engine, [[]])  # ... its request computes the rest of its prompt
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})  # ... and the name given to someone else
+    cached: dict[str, int] = {}
+    run(engine, [[GenerationRequest("new", p, greedy, tenant="acme")]], cached)
+    assert cached["new"] == 0

@@ -31,9 +31,10 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 def namespace_digest(seq: Sequence) -> bytes:
     """The digest "before" `seq`'s first block: what its K/V depend on besides its tokens (its
-    tenant, and its adapter version, mixture or route; reprs of frozen dataclasses)."""
+    tenant, and its adapter version, mixture or route; reprs of frozen dataclasses), and the
+    cache's epoch when it arrived (`BlockAllocator.forget_cached`)."""
     r = seq.request
-    return hashlib.sha256(repr((r.tenant, r.adapter, r.experts)).encode()).digest()
+    return hashlib.sha256(repr((r.tenant, r.adapter, r.experts, seq.cache_epoch)).encode()).digest()
 
 
 class BlockAllocator:
@@ -48,6 +49,7 @@ class BlockAllocator:
         self._cached: dict[bytes, int] = {}  # digest -> the block holding that content
         self._digest_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none, oldest first
+        self.epoch = 0  # bumped by forget_cached; a sequence's namespace holds the one it arrived in
 
     @property
     def num_free(self) -> int:
@@ -150,7 +152,10 @@ class BlockAllocator:
 
     def forget_cached(self) -> None:
         """Unregister every block (after a device fault: a lost step may not have written the K/V
-        it was credited with). Held blocks stay with their holders; idle ones become empty."""
+        it was credited with; or a tenant removed, whose name may come back for someone else).
+        Held blocks stay with their holders; idle ones become empty. Sequences that arrived
+        before keep their epoch: what they compute after is found by none that arrive after."""
+        self.epoch += 1
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._cached.clear()

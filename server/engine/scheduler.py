@@ -140,6 +140,7 @@ class Scheduler:
 
     # --- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        seq.cache_epoch = self.allocator.epoch
         seq.status = SeqStatus.WAITING
         self._count(seq, SeqStatus.WAITING, 1)
         self.waiting.append(seq)

@@ -346,3 +346,27 @@ def test_blocks_a_removed_tenants_running_request_computes_after_the_reload_stay
     cached: dict[str, int] = {}
     run(engine, [[GenerationRequest("new", p, greedy, tenant="acme")]], cached)
     assert cached["new"] == 0
+
+
+def test_an_adapter_loaded_again_under_its_name_never_reads_the_old_weights_blocks(tiny_llama_dir, tmp_path):
+    """Unload an adapter and load other weights under the same name: the same prompt on it must
+    compute its blocks anew (the cache's namespace is the adapter's version, not its name) and
+    give PEFT's tokens for the new weights."""
+    from peft_adapters import make_peft_adapter, peft_greedy
+
+    kw = dict(std=0.2, r=8, lora_alpha=16, target_modules=["k_proj", "v_proj"])
+    old = make_peft_adapter(tiny_llama_dir, tmp_path / "old", seed=6, **kw)
+    new = make_peft_adapter(tiny_llama_dir, tmp_path / "new", seed=7, **kw)
+    engine = make(tiny_llama_dir, adapters={"kv": old})
+    engine.adapters._registry.allowed_roots = [tmp_path.resolve()]  # as --allowed-adapter-roots
+    p = prompts(1, seed=27)[0]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cached: dict[str, int] = {}
+    got = run(engine, [[GenerationRequest("old", p, greedy, adapter="kv")],
+                       [GenerationRequest("old2", p, greedy, adapter="kv")]], cached)
+    engine.adapters.unregister(None, "kv")
+    engine.adapters.load_path(None, "kv", str(new))
+    got |= run(engine, [[GenerationRequest("new", p, greedy, adapter="kv")]], cached)
+    assert cached == {"old": 0, "old2": 2 * 16, "new": 0}
+    assert got["old"] == got["old2"] == peft_greedy(tiny_llama_dir, old, p, 8)[0]
+    assert got["new"] == peft_greedy(tiny_llama_dir, new, p, 8)[0] != got["old"]

@@ -111,6 +111,65 @@ def test_off_nothing_is_cached():
     assert alloc.num_free == 8
 
 
+
+def test_random_operations_keep_the_books_and_never_serve_another_content():
+    """Random admissions (with their cached prefix), decodes, frees and cache resets over tiny
+    pools: after each, reference counts equal the block tables holding each block, every idle block
+    is free or evictable once, the digest maps are each other's inverse, a decode never writes a
+    shared block, and a block found in the cache holds exactly the tokens (and tenant) asked for."""
+    import random
+    from collections import Counter
+
+    for seed in range(300):
+        rnd = random.Random(seed)
+        bs = rnd.choice([1, 2, 4])
+        alloc = BlockAllocator(rnd.randint(1, 12), bs, prefix_caching=True)
+        written: dict[int, tuple] = {}  # block -> (tenant, the tokens whose K/V it holds)
+        live: list[Sequence] = []
+        common = [rnd.randint(0, 3) for _ in range(20)]
+        for _ in range(150):
+            r = rnd.random()
+            if r < 0.3 and len(live) < 6:
+                n = rnd.randint(1, 20)
+                shared = common[:rnd.randint(0, n)]
+                s = seq(shared + [rnd.randint(0, 3) for _ in range(n - len(shared))], tenant=rnd.choice("ab"))
+                s.cache_epoch = alloc.epoch
+                prefix = alloc.cached_prefix(s)
+                need = alloc.blocks_to_admit(s, prefix, n - len(prefix) * bs)
+                if not alloc.can_allocate(need):
+                    continue
+                free_before = alloc.num_free
+                alloc.take_prefix(s, prefix)
+                for i, b in enumerate(prefix):
+                    assert written[b] == (s.request.tenant, tuple(s.token_ids[i * bs:(i + 1) * bs]))
+                alloc.grow(s, n - s.num_computed_tokens)
+                assert free_before - alloc.num_free == need
+                for i in range(len(prefix), len(s.block_table)):
+                    written[s.block_table[i]] = (s.request.tenant, tuple(s.token_ids[i * bs:(i + 1) * bs]))
+                s.num_computed_tokens = n
+                alloc.cache_computed(s)
+                live.append(s)
+            elif r < 0.5 and live:  # a decode: one more token computed
+                s = rnd.choice(live)
+                if not alloc.can_allocate(alloc.blocks_needed(s, 1)):
+                    continue
+                s.token_ids.append(rnd.randint(0, 3))
+                alloc.grow(s, 1)
+                i = s.num_computed_tokens // bs
+                assert alloc._refs[s.block_table[i]] == 1
+                written[s.block_table[i]] = (s.request.tenant, tuple(s.token_ids[i * bs:s.num_computed_tokens + 1]))
+                s.num_computed_tokens += 1
+                alloc.cache_computed(s)
+            elif r < 0.8 and live:
+                alloc.free(live.pop(rnd.randrange(len(live))))
+            elif r < 0.82:
+                alloc.forget_cached()
+            holders = Counter(b for s in live for b in s.block_table)
+            assert alloc._refs == [holders[b] for b in range(alloc.num_blocks)]
+            assert sorted([*alloc._free, *alloc._evictable]) == [b for b in range(alloc.num_blocks) if not holders[b]]
+            assert set(alloc._evictable) <= set(alloc._digest_of) and not set(alloc._free) & set(alloc._digest_of)
+            assert {b: d for d, b in alloc._cached.items()} == alloc._digest_of
+
 # --- the engine ----------------------------------------------------------------------------------
 
 def make(model_dir: Path, *, prefix_caching: bool = True, async_scheduling: bool = False, kv_bytes: int = 8 << 20,

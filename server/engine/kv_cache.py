@@ -7,7 +7,8 @@ tables this allocator hands out.
 Prefix caching (as vLLM's automatic prefix caching): a block whose `block_size` tokens are all
 computed is registered under a digest of everything its K/V depend on: the tokens before it (the
 previous block's digest), its own tokens, and the sequence's cache namespace (its tenant and its
-adapter version, or its mixture or route: an adapter's K/V differ from the base's). A sequence
+adapter version, or its mixture or route: an adapter's K/V differ from the base's; and the cache's
+epoch when it was queued, which `forget_cached` ends). A sequence
 admitted later whose prompt starts with the same blocks, in the same namespace, takes them
 instead of computing them. A block no sequence holds stays cached until its space is needed:
 free blocks holding nothing are used first, then cached ones, least recently freed first (a

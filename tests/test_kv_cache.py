@@ -429,3 +429,52 @@ def test_an_adapter_loaded_again_under_its_name_never_reads_the_old_weights_bloc
     assert cached == {"old": 0, "old2": 2 * 16, "new": 0}
     assert got["old"] == got["old2"] == peft_greedy(tiny_llama_dir, old, p, 8)[0]
     assert got["new"] == peft_greedy(tiny_llama_dir, new, p, 8)[0] != got["old"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_lost_at_read_back_ends_every_request_that_reads_what_it_wrote(tiny_llama_dir, monkeypatch,
+                                                                                async_scheduling):
+    """A lost step (its tokens cannot be read back) may not have written its K/V (simulated: the
+    cache is wiped when the fault shows). Besides the request it sampled for, it held a prompt
+    mid-prefill, and (async) the step launched after it continued that prompt and admitted another
+    one onto the blocks it had just registered: all of them end in error instead of running on
+    over K/V that is not there (they ran on, to tokens transformers does not give); a request that
+    arrives after the fault (sync) runs. The same prompts asked after get transformers' tokens."""
+    from server.engine.sampler import SampledStep
+    from test_engine import hf_greedy
+
+    output, faults = SampledStep.output, [1]
+    engine = make(tiny_llama_dir, async_scheduling=async_scheduling)
+
+    def faulty(self):
+        if faults:
+            faults.pop()
+            engine.kv_cache.tensor.normal_(0.0, 30.0)  # what the lost writes leave: not the K/V
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty)
+    g = torch.Generator().manual_seed(28)
+    short = torch.randint(2, 320, (7,), generator=g).tolist()
+    long = torch.randint(2, 320, (60,), generator=g).tolist()  # 41 tokens with short's 7 (budget 48), then 19
+    twin = long[:40] + torch.randint(2, 320, (5,), generator=g).tolist()  # starts with 2 of long's blocks
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request(GenerationRequest("short", short, greedy))
+    engine.add_request(GenerationRequest("long", long, greedy))
+    finish: dict[str, str] = {}
+    tokens: dict[str, list[int]] = {}
+    for step in range(40):
+        if step == 1:  # sync: after the lost step was taken in; async: admitted by the step after it
+            engine.add_request(GenerationRequest("twin", twin, greedy))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason.value
+        if step and not engine.has_unfinished():
+            break
+    ps = [short, long, twin]
+    expected = hf_greedy(tiny_llama_dir, ps, 5, stop_at_eos=False)
+    assert finish == {"short": "error", "long": "error", "twin": "error" if async_scheduling else "length"}
+    assert async_scheduling or tokens["twin"] == expected[2]
+    assert engine.allocator.num_used == 0
+    got = run(engine, [[GenerationRequest(f"again{i}", p, greedy) for i, p in enumerate(ps)]])
+    assert [got[f"again{i}"] for i in range(3)] == expected

@@ -120,13 +120,13 @@ def experts_workload(seed: int) -> list[tuple[int, int | None, GenerationRequest
         work.append((at, abort, r))
         if rnd.random() < 0.25:
             for i in range(1, 3):
-                seed_i = None if r.params.seed is None else r.params.seed + i
-                work.append((at, None, replace(r, request_id=f"{r.request_id}-{i}", params=replace(r.params, seed=seed_i))))
+                params = replace(r.params, seed=None if r.params.seed is None else r.params.seed + i)
+                work.append((at, None, replace(r, request_id=f"{r.request_id}-{i}", params=params)))
     return work
 
 
-def test_mixtures_routes_choices_and_a_reload_equal_the_engine_without_the_cache(tiny_llama_dir, adapter_dirs,  # noqa: F811
-                                                                                  tmp_path):
+def test_mixtures_routes_choices_and_a_reload_equal_the_engine_without_the_cache(
+        tiny_llama_dir, adapter_dirs, tmp_path):  # noqa: F811
     """As above, with mixtures and routes (their namespace: every expert's version and the weights),
     n > 1 choices of one prompt admitted together, prefill chunks shorter than a block, and adapter
     "b" unloaded and loaded again with other weights while its requests run (the old version

@@ -111,6 +111,65 @@ def test_off_nothing_is_cached():
     assert alloc.num_free == 8
 
 
+
+def test_random_operations_keep_the_books_and_never_serve_another_content():
+    """Random admissions (with their cached prefix), decodes, frees and cache resets over tiny
+    pools: after each, reference counts equal the block tables holding each block, every idle block
+    is free or evictable once, the digest maps are each other's inverse, a decode never writes a
+    shared block, and a block found in the cache holds exactly the tokens (and tenant) asked for."""
+    import random
+    from collections import Counter
+
+    for seed in range(300):
+        rnd = random.Random(seed)
+        bs = rnd.choice([1, 2, 4])
+        alloc = BlockAllocator(rnd.randint(1, 12), bs, prefix_caching=True)
+        written: dict[int, tuple] = {}  # block -> (tenant, the tokens whose K/V it holds)
+        live: list[Sequence] = []
+        common = [rnd.randint(0, 3) for _ in range(20)]
+        for _ in range(150):
+            r = rnd.random()
+            if r < 0.3 and len(live) < 6:
+                n = rnd.randint(1, 20)
+                shared = common[:rnd.randint(0, n)]
+                s = seq(shared + [rnd.randint(0, 3) for _ in range(n - len(shared))], tenant=rnd.choice("ab"))
+                s.cache_epoch = alloc.epoch
+                prefix = alloc.cached_prefix(s)
+                need = alloc.blocks_to_admit(s, prefix, n - len(prefix) * bs)
+                if not alloc.can_allocate(need):
+                    continue
+                free_before = alloc.num_free
+                alloc.take_prefix(s, prefix)
+                for i, b in enumerate(prefix):
+                    assert written[b] == (s.request.tenant, tuple(s.token_ids[i * bs:(i + 1) * bs]))
+                alloc.grow(s, n - s.num_computed_tokens)
+                assert free_before - alloc.num_free == need
+                for i in range(len(prefix), len(s.block_table)):
+                    written[s.block_table[i]] = (s.request.tenant, tuple(s.token_ids[i * bs:(i + 1) * bs]))
+                s.num_computed_tokens = n
+                alloc.cache_computed(s)
+                live.append(s)
+            elif r < 0.5 and live:  # a decode: one more token computed
+                s = rnd.choice(live)
+                if not alloc.can_allocate(alloc.blocks_needed(s, 1)):
+                    continue
+                s.token_ids.append(rnd.randint(0, 3))
+                alloc.grow(s, 1)
+                i = s.num_computed_tokens // bs
+                assert alloc._refs[s.block_table[i]] == 1
+                written[s.block_table[i]] = (s.request.tenant, tuple(s.token_ids[i * bs:s.num_computed_tokens + 1]))
+                s.num_computed_tokens += 1
+                alloc.cache_computed(s)
+            elif r < 0.8 and live:
+                alloc.free(live.pop(rnd.randrange(len(live))))
+            elif r < 0.82:
+                alloc.forget_cached()
+            holders = Counter(b for s in live for b in s.block_table)
+            assert alloc._refs == [holders[b] for b in range(alloc.num_blocks)]
+            assert sorted([*alloc._free, *alloc._evictable]) == [b for b in range(alloc.num_blocks) if not holders[b]]
+            assert set(alloc._evictable) <= set(alloc._digest_of) and not set(alloc._free) & set(alloc._digest_of)
+            assert {b: d for d, b in alloc._cached.items()} == alloc._digest_of
+
 # --- the engine ----------------------------------------------------------------------------------
 
 def make(model_dir: Path, *, prefix_caching: bool = True, async_scheduling: bool = False, kv_bytes: int = 8 << 20,
@@ -299,3 +358,123 @@ def test_a_tenant_gone_from_the_table_takes_the_prefix_cache_with_it(tiny_llama_
     engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})  # ... and the name given again
     run(engine, [[GenerationRequest("a3", p, greedy, tenant="acme")]], cached)
     assert cached["a3"] == 0
+
+
+def test_a_prompt_whose_cached_prefix_fills_the_cache_is_admitted_again(tiny_llama_dir):
+    """A prompt as long as the cache allows, asked again once the first has finished: its cached
+    prefix is every block but one, idle, and admitting it takes them all. With nothing else
+    running, the admission watermark (blocks kept back for running sequences to grow) must not
+    keep it out: it did, forever (an idle engine with a request it never runs)."""
+    from server.engine.model_runner import KVCache
+    from test_engine import hf_greedy
+
+    probe = make(tiny_llama_dir)
+    arch = probe.info.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, 16, arch.num_kv_heads, arch.head_dim, torch.float32)
+    engine = make(tiny_llama_dir, kv_bytes=8 * per_block)  # 128 tokens: max_model_len
+    assert engine.info.max_model_len == 128 and engine.scheduler.watermark == 1
+    p = torch.randint(2, 320, (120,), generator=torch.Generator().manual_seed(25)).tolist()
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cached: dict[str, int] = {}
+    got: dict[str, list[int]] = {}
+    for rid in ("first", "again"):
+        engine.add_request(GenerationRequest(rid, p, greedy))
+        for _ in range(40):  # bounded: a request never admitted would spin here
+            for out in engine.step():
+                got.setdefault(rid, []).extend(out.token_ids)
+                cached[rid] = out.num_cached_tokens
+            if not engine.has_unfinished():
+                break
+        assert not engine.has_unfinished(), f"{rid} was never admitted"
+    assert cached == {"first": 0, "again": 7 * 16}
+    assert got["first"] == got["again"] == hf_greedy(tiny_llama_dir, [p], 8, stop_at_eos=False)[0]
+
+
+def test_blocks_a_removed_tenants_running_request_computes_after_the_reload_stay_its_own(tiny_llama_dir):
+    """A reload drops a tenant while its request waits: the request runs on, and the blocks it
+    computes after the reload must not be found by a new tenant given the same name (they were:
+    the reload emptied the cache, then the old request filled it again under the name)."""
+    engine = make(tiny_llama_dir)
+    p = torch.randint(2, 320, (150,), generator=torch.Generator().manual_seed(26)).tolist()
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})
+    engine.add_request(GenerationRequest("old", p, greedy, tenant="acme"))
+    engine.set_tenant_weights({"initech": 1.0})  # acme removed ...
+    run(engine, [[]])  # ... its request computes the rest of its prompt
+    engine.set_tenant_weights({"acme": 1.0, "initech": 1.0})  # ... and the name given to someone else
+    cached: dict[str, int] = {}
+    run(engine, [[GenerationRequest("new", p, greedy, tenant="acme")]], cached)
+    assert cached["new"] == 0
+
+
+def test_an_adapter_loaded_again_under_its_name_never_reads_the_old_weights_blocks(tiny_llama_dir, tmp_path):
+    """Unload an adapter and load other weights under the same name: the same prompt on it must
+    compute its blocks anew (the cache's namespace is the adapter's version, not its name) and
+    give PEFT's tokens for the new weights."""
+    from peft_adapters import make_peft_adapter, peft_greedy
+
+    kw = dict(std=0.2, r=8, lora_alpha=16, target_modules=["k_proj", "v_proj"])
+    old = make_peft_adapter(tiny_llama_dir, tmp_path / "old", seed=6, **kw)
+    new = make_peft_adapter(tiny_llama_dir, tmp_path / "new", seed=7, **kw)
+    engine = make(tiny_llama_dir, adapters={"kv": old})
+    engine.adapters._registry.allowed_roots = [tmp_path.resolve()]  # as --allowed-adapter-roots
+    p = prompts(1, seed=27)[0]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cached: dict[str, int] = {}
+    got = run(engine, [[GenerationRequest("old", p, greedy, adapter="kv")],
+                       [GenerationRequest("old2", p, greedy, adapter="kv")]], cached)
+    engine.adapters.unregister(None, "kv")
+    engine.adapters.load_path(None, "kv", str(new))
+    got |= run(engine, [[GenerationRequest("new", p, greedy, adapter="kv")]], cached)
+    assert cached == {"old": 0, "old2": 2 * 16, "new": 0}
+    assert got["old"] == got["old2"] == peft_greedy(tiny_llama_dir, old, p, 8)[0]
+    assert got["new"] == peft_greedy(tiny_llama_dir, new, p, 8)[0] != got["old"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_lost_at_read_back_ends_every_request_that_reads_what_it_wrote(tiny_llama_dir, monkeypatch,
+                                                                                async_scheduling):
+    """A lost step (its tokens cannot be read back) may not have written its K/V (simulated: the
+    cache is wiped when the fault shows). Besides the request it sampled for, it held a prompt
+    mid-prefill, and (async) the step launched after it continued that prompt and admitted another
+    one onto the blocks it had just registered: all of them end in error instead of running on
+    over K/V that is not there (they ran on, to tokens transformers does not give); a request that
+    arrives after the fault (sync) runs. The same prompts asked after get transformers' tokens."""
+    from server.engine.sampler import SampledStep
+    from test_engine import hf_greedy
+
+    output, faults = SampledStep.output, [1]
+    engine = make(tiny_llama_dir, async_scheduling=async_scheduling)
+
+    def faulty(self):
+        if faults:
+            faults.pop()
+            engine.kv_cache.tensor.normal_(0.0, 30.0)  # what the lost writes leave: not the K/V
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty)
+    g = torch.Generator().manual_seed(28)
+    short = torch.randint(2, 320, (7,), generator=g).tolist()
+    long = torch.randint(2, 320, (60,), generator=g).tolist()  # 41 tokens with short's 7 (budget 48), then 19
+    twin = long[:40] + torch.randint(2, 320, (5,), generator=g).tolist()  # starts with 2 of long's blocks
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request(GenerationRequest("short", short, greedy))
+    engine.add_request(GenerationRequest("long", long, greedy))
+    finish: dict[str, str] = {}
+    tokens: dict[str, list[int]] = {}
+    for step in range(40):
+        if step == 1:  # sync: after the lost step was taken in; async: admitted by the step after it
+            engine.add_request(GenerationRequest("twin", twin, greedy))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason.value
+        if step and not engine.has_unfinished():
+            break
+    ps = [short, long, twin]
+    expected = hf_greedy(tiny_llama_dir, ps, 5, stop_at_eos=False)
+    assert finish == {"short": "error", "long": "error", "twin": "error" if async_scheduling else "length"}
+    assert async_scheduling or tokens["twin"] == expected[2]
+    assert engine.allocator.num_used == 0
+    got = run(engine, [[GenerationRequest(f"again{i}", p, greedy) for i, p in enumerate(ps)]])
+    assert [got[f"again{i}"] for i in range(3)] == expected

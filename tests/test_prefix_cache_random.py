@@ -102,3 +102,61 @@ def test_random_shared_prefix_workloads_equal_the_engine_without_the_cache(tiny_
         assert got[True, False] == got[False, False], seed
         assert got[True, True] == got[False, False], seed
     assert hits and preempted, (hits, preempted)
+
+
+def experts_workload(seed: int) -> list[tuple[int, int | None, GenerationRequest]]:
+    """shared_prefix_workload with some requests made mixtures or routes over the two adapters, and
+    some asked as n > 1 choices (copies arriving together, seed + i, as the API sends them)."""
+    from server.engine.request import Mixture, Route
+
+    rnd = random.Random(seed + 1000)
+    work = []
+    for at, abort, r in shared_prefix_workload(seed):
+        x = rnd.random()
+        if x < 0.2:
+            r = replace(r, adapter=None, experts=Mixture(("a", "b"), (rnd.choice([0.5, -0.7, 1.0]), 1.0)))
+        elif x < 0.3:
+            r = replace(r, adapter=None, experts=Route(("a", "b"), top_k=1, temperature=1.0))
+        work.append((at, abort, r))
+        if rnd.random() < 0.25:
+            for i in range(1, 3):
+                params = replace(r.params, seed=None if r.params.seed is None else r.params.seed + i)
+                work.append((at, None, replace(r, request_id=f"{r.request_id}-{i}", params=params)))
+    return work
+
+
+def test_mixtures_routes_choices_and_a_reload_equal_the_engine_without_the_cache(
+        tiny_llama_dir, adapter_dirs, tmp_path):  # noqa: F811
+    """As above, with mixtures and routes (their namespace: every expert's version and the weights),
+    n > 1 choices of one prompt admitted together, prefill chunks shorter than a block, and adapter
+    "b" unloaded and loaded again with other weights while its requests run (the old version
+    drains): the cache on, sync or async, gives every request what the engine without it gives."""
+    import shutil
+
+    from server.engine.model_runner import KVCache
+
+    other = shutil.copytree(adapter_dirs["a"], tmp_path / "b2")  # "b" again, with a's weights
+    arch = cpu_engine(tiny_llama_dir).info.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, 16, arch.num_kv_heads, arch.head_dim, torch.float32)
+    for seed, blocks, budget, reload_at in ((11, 12, 13, 4), (12, 40, 8, 9), (13, 9, 32, 2)):
+        work = experts_workload(seed)
+        got = {}
+        for caching, async_scheduling in ((False, False), (True, False), (True, True)):
+            engine = cpu_engine(tiny_llama_dir, adapter_dirs, kv_bytes=blocks * per_block, max_num_seqs=4,
+                                max_num_batched_tokens=budget, async_scheduling=async_scheduling,
+                                prefix_caching=caching)
+            engine.adapters._registry.allowed_roots = [tmp_path.resolve()]  # as --allowed-adapter-roots
+            step, steps = engine.step, [0]
+
+            def checked(step=step, engine=engine, steps=steps):
+                if steps[0] == reload_at:
+                    engine.adapters.unregister(None, "b")
+                    engine.adapters.load_path(None, "b", str(other))
+                steps[0] += 1
+                outputs = step()
+                check_blocks(engine)
+                return outputs
+            engine.step = checked
+            got[caching, async_scheduling] = drive(engine, work)
+        assert got[True, False] == got[False, False], seed
+        assert got[True, True] == got[False, False], seed

@@ -316,3 +316,18 @@ def test_adapters_by_status_follow_every_change_of_status():
             assert sched.adapters_version != seen[2]
         seen = (running, waiting, sched.adapters_version)
     assert preemptions > 0, "the test meant to cover preemptions"
+
+
+def test_a_first_chunk_needing_every_block_is_admitted_when_nothing_runs():
+    """A prompt that fits the cache only whole (every block), with a token budget that takes it in
+    one chunk: the admission watermark keeps blocks back for running sequences to grow, so with
+    none running it must not apply (it did: the request waited forever, and fcfs everyone behind it)."""
+    alloc = BlockAllocator(8, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=64)
+    assert sched.watermark == 1
+    big = Sequence.from_request(GenerationRequest("big", list(range(2, 32)), SamplingParams(max_tokens=2)))
+    small = Sequence.from_request(GenerationRequest("small", [5, 6], SamplingParams(max_tokens=2)))
+    sched.add(big)
+    sched.add(small)
+    chunk, = sched.schedule().chunks
+    assert chunk.seq is big and chunk.num_tokens == 30 and alloc.num_free == 0

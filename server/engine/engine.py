@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -246,7 +246,7 @@ class LLMEngine:
             launched, failed = self._launch(sched.chunks)
             outputs += failed
         if self._in_flight is not None:
-            outputs += self._take(self._take_in_flight())
+            outputs += self._take(self._take_in_flight(), then=launched.seqs if launched is not None else ())
         if launched is not None:
             if self.async_scheduling:
                 self._in_flight = launched
@@ -269,7 +269,8 @@ class LLMEngine:
             lora = self.adapters.activate(names) if names else None
             result = self.runner.execute(chunks, lora, self._in_flight)
         except Exception as exc:
-            outputs = self._take(self._take_in_flight()) if self._in_flight is not None else []
+            outputs = self._take(self._take_in_flight(), then=[c.seq for c in chunks]) \
+                if self._in_flight is not None else []
             chunks = [c for c in chunks if not c.seq.is_finished]
             if len(chunks) > 1:
                 mid = len(chunks) // 2
@@ -293,10 +294,11 @@ class LLMEngine:
         result, self._in_flight = self._in_flight, None
         return result
 
-    def _take(self, result: StepResult) -> list[RequestOutput]:
+    def _take(self, result: StepResult, then: Iterable[Sequence] = ()) -> list[RequestOutput]:
         """Wait for `result`'s tokens and apply them: each sequence's token, its output, its end.
         A sequence that ended while the step ran (aborted, or stopped by the step before) drops
-        its token."""
+        its token. `then`: the sequences of the step launched (or launching) after `result` (async),
+        which read its tokens and K/V."""
         if result.tokens is None:
             return []
         live = [seq for seq in result.sampled if not seq.is_finished]
@@ -307,7 +309,11 @@ class LLMEngine:
             self.allocator.forget_cached()  # the blocks its launch registered may hold no K/V
             for seq in result.sampled:
                 seq.num_pending -= 1
-            return [self._fail(seq, exc) for seq in live]
+            # Its K/V may be missing: every request it wrote for ends, and every one the step
+            # after it ran (that step continued its prompts and admitted others onto the blocks
+            # it registered).
+            lost = [*result.seqs, *then]
+            return [self._fail(seq, exc) for seq in lost if not seq.is_finished]
         outputs = []
         now = time.monotonic()
         for seq, token, logprobs in zip(result.sampled, sampled.token_ids, sampled.logprobs):

@@ -7,7 +7,8 @@ tables this allocator hands out.
 Prefix caching (as vLLM's automatic prefix caching): a block whose `block_size` tokens are all
 computed is registered under a digest of everything its K/V depend on: the tokens before it (the
 previous block's digest), its own tokens, and the sequence's cache namespace (its tenant and its
-adapter version, or its mixture or route: an adapter's K/V differ from the base's). A sequence
+adapter version, or its mixture or route: an adapter's K/V differ from the base's; and the cache's
+epoch when it was queued, which `forget_cached` ends). A sequence
 admitted later whose prompt starts with the same blocks, in the same namespace, takes them
 instead of computing them. A block no sequence holds stays cached until its space is needed:
 free blocks holding nothing are used first, then cached ones, least recently freed first (a
@@ -31,9 +32,10 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 def namespace_digest(seq: Sequence) -> bytes:
     """The digest "before" `seq`'s first block: what its K/V depend on besides its tokens (its
-    tenant, and its adapter version, mixture or route; reprs of frozen dataclasses)."""
+    tenant, and its adapter version, mixture or route; reprs of frozen dataclasses), and the
+    cache's epoch when it arrived (`BlockAllocator.forget_cached`)."""
     r = seq.request
-    return hashlib.sha256(repr((r.tenant, r.adapter, r.experts)).encode()).digest()
+    return hashlib.sha256(repr((r.tenant, r.adapter, r.experts, seq.cache_epoch)).encode()).digest()
 
 
 class BlockAllocator:
@@ -48,6 +50,7 @@ class BlockAllocator:
         self._cached: dict[bytes, int] = {}  # digest -> the block holding that content
         self._digest_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none, oldest first
+        self.epoch = 0  # bumped by forget_cached; a sequence's namespace holds the one it arrived in
 
     @property
     def num_free(self) -> int:
@@ -150,7 +153,10 @@ class BlockAllocator:
 
     def forget_cached(self) -> None:
         """Unregister every block (after a device fault: a lost step may not have written the K/V
-        it was credited with). Held blocks stay with their holders; idle ones become empty."""
+        it was credited with; or a tenant removed, whose name may come back for someone else).
+        Held blocks stay with their holders; idle ones become empty. Sequences that arrived
+        before keep their epoch: what they compute after is found by none that arrive after."""
+        self.epoch += 1
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._cached.clear()

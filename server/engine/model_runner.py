@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 class StepResult:
     sampled: list[Sequence]  # sequences that get a new token from this step, in `tokens` order
     tokens: SampledStep | None  # None: no chunk sampled
+    unsampled: list[Sequence] = field(default_factory=list)  # the step's other sequences (mid-prefill)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """Every sequence whose K/V this step writes."""
+        return self.sampled + self.unsampled
 
     def rows(self) -> dict[Sequence, int]:
         """Each sampled sequence's row of `tokens.tokens`."""
@@ -131,6 +137,7 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        unsampled: list[Sequence] = []
         pend_rows: list[int] = []
         pend_sampled: list[int] = []
         pend_seqs: list[Sequence] = []
@@ -150,6 +157,8 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
+            else:
+                unsampled.append(seq)
 
         max_blocks = max(len(c.seq.block_table) for c in chunks)
         tables = list(chain.from_iterable(c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table))
@@ -170,9 +179,9 @@ class ModelRunner:
             token_seq=seq_t, token_ctx=pos_t + 1, slot_mapping=slots, block_size=bs))
         hidden = self.model.forward(ids_t.long(), pos_l, attn, self.kv.tensor, lora_step)
         if not sampled:
-            return StepResult([], None)
+            return StepResult([], None, unsampled)
         logits = self.model.logits(hidden[rows_t.long()])
-        return StepResult(sampled, self.sampler.sample(logits, sampled, pending))
+        return StepResult(sampled, self.sampler.sample(logits, sampled, pending), unsampled)
 
     def _replay(self, chunks: list[ScheduledChunk], step_lora: StepLora | None,
                 prev: StepResult | None) -> StepResult | None:

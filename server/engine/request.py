@@ -162,6 +162,7 @@ class Sequence:
     block_digests: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
+    cache_epoch: int = 0  # the prefix cache's epoch when it was queued (part of its namespace)
 
     def __post_init__(self) -> None:
         experts, adapter = self.request.experts, self.request.adapter

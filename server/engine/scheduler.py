@@ -140,6 +140,7 @@ class Scheduler:
 
     # --- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        seq.cache_epoch = self.allocator.epoch
         seq.status = SeqStatus.WAITING
         self._count(seq, SeqStatus.WAITING, 1)
         self.waiting.append(seq)
@@ -303,7 +304,10 @@ class Scheduler:
                 break  # overdue: hold admissions until running sequences free an adapter place
             prefix = self.allocator.cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens - len(prefix) * self.allocator.block_size, budget)
-            if not self.allocator.can_allocate(self.allocator.blocks_to_admit(seq, prefix, n), self.watermark):
+            # The watermark is room for running sequences to grow: with none, a first chunk (or a
+            # cached prefix) needing all of the cache would otherwise never be admitted.
+            reserve = self.watermark if self.running else 0
+            if not self.allocator.can_allocate(self.allocator.blocks_to_admit(seq, prefix, n), reserve):
                 break
             if self.allocator.prefix_caching:
                 self.allocator.take_prefix(seq, prefix)

@@ -88,3 +88,30 @@ def test_reload_of_a_draining_name_serves_the_new_version_to_new_requests(engine
     assert tokens["old"] == peft_greedy(tiny_llama_dir, versions["v1"], PROMPT, NEW)[0]
     assert tokens["new"] == peft_greedy(tiny_llama_dir, versions["v2"], PROMPT, NEW)[0]
     assert manager.residency(old_ref) == (False, False) and manager.residency(new_ref)[0]
+
+
+def finished(engine: LLMEngine, adapter: str) -> float:
+    value = engine.metrics.registry.get_sample_value(
+        "loramux_requests_total", {"finish_reason": "length", "adapter": adapter})
+    return value or 0.0
+
+
+def test_retiring_a_drained_version_keeps_the_live_versions_series(engine, versions):
+    """Metrics label an adapter by name, so the old version, retired when its last request ends,
+    must not take the series of the version now serving that name with it (before: the old
+    version's retirement removed every `adapter="bot"` series, the new version's counts included)."""
+    manager = engine.adapters
+    manager.load_path(None, "bot", str(versions["v1"]))
+    engine.add_request(GenerationRequest("old", PROMPT, SamplingParams(max_tokens=3 * NEW, temperature=0.0,
+                                                                      ignore_eos=True), adapter="bot"))
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens, steps=3)
+    manager.unregister(None, "bot")
+    manager.load_path(None, "bot", str(versions["v2"]))
+    engine.add_request(GenerationRequest("new", PROMPT, SamplingParams(max_tokens=2, temperature=0.0,
+                                                                      ignore_eos=True), adapter="bot"))
+    while "new" not in tokens or len(tokens["new"]) < 2:
+        drain(engine, tokens, steps=1)
+    assert "old" in engine._seqs and finished(engine, "bot") == 1  # v2's request counted, v1 still draining
+    drain(engine, tokens)  # v1's last request ends: v1 is retired
+    assert finished(engine, "bot") == 2

@@ -318,7 +318,8 @@ class AdapterManager:
         self._cache.drop(ref)
         self._slots.evict(ref)
         self._registry.retire(ref)
-        self._metrics.forget_adapter(str(ref))
+        if self._registry.get(*ref.key) is None:  # series are by name: a newer version may serve it now
+            self._metrics.forget_adapter(str(ref))
         if entry is not None and self._store is not None:
             self._store.remove_trashed(entry.summary.where)
         log.info("adapter %s retired", ref)

@@ -6,10 +6,12 @@ Reference outputs come from PEFT (greedy, fp32), never from this server.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from server.adapters.store_layout import CONFIG_NAME, WEIGHTS_NAME
 from server.config import Config
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams
@@ -115,3 +117,31 @@ def test_retiring_a_drained_version_keeps_the_live_versions_series(engine, versi
     assert "old" in engine._seqs and finished(engine, "bot") == 1  # v2's request counted, v1 still draining
     drain(engine, tokens)  # v1's last request ends: v1 is retired
     assert finished(engine, "bot") == 2
+
+
+def test_a_queued_request_keeps_a_deleted_store_adapter_and_a_reupload_serves_new_ones(tiny_llama_dir, versions,
+                                                                                     tmp_path):
+    """A store adapter, listed but never read, is deleted (files to the trash) while a request for it
+    waits, and the name is uploaded again with other weights: the waiting request runs wholly on the
+    old weights (read from the trash), a new one wholly on the new ones, and the trash is emptied."""
+    store = tmp_path / "store"
+    shutil.copytree(versions["v1"], store / "bot")
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", "cpu", 8 << 20
+    cfg.lora.adapters_dir = str(store)
+    engine = LLMEngine(cfg, tiny_llama_dir)
+    manager = engine.adapters
+    old_ref = manager.lookup(None, "bot")
+    assert manager.residency(old_ref) == (False, False)
+    submit(engine, "old", "bot")  # queued: no step has run, so no load has started
+    manager.unregister(None, "bot", delete_files=True)
+    assert not (store / "bot").exists()
+    files = {name: (versions["v2"] / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    manager.upload(None, "bot", files)
+    submit(engine, "new", "bot")
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens)
+    assert tokens["old"] == peft_greedy(tiny_llama_dir, versions["v1"], PROMPT, NEW)[0]
+    assert tokens["new"] == peft_greedy(tiny_llama_dir, versions["v2"], PROMPT, NEW)[0]
+    assert manager.residency(old_ref) == (False, False)
+    assert not any((store / ".trash").iterdir())  # the old files went with the old version

@@ -7,6 +7,7 @@ Reference outputs come from PEFT (greedy, fp32), never from this server.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,41 @@ def test_a_queued_request_keeps_a_deleted_store_adapter_and_a_reupload_serves_ne
     assert tokens["new"] == peft_greedy(tiny_llama_dir, versions["v2"], PROMPT, NEW)[0]
     assert manager.residency(old_ref) == (False, False)
     assert not any((store / ".trash").iterdir())  # the old files went with the old version
+
+
+def test_files_changed_under_a_loaded_version_are_refused_not_mixed(tiny_llama_dir, versions, tmp_path):
+    """A version is one set of files: the prefix cache keeps a version's KV, so a store adapter
+    whose files are overwritten in place after its first load, and read again once the host cache
+    evicted it, would serve its prompt's cached blocks from the old weights and the rest from the
+    new ones. Its reload is refused instead (400 adapter_invalid, naming what to do), and the
+    files it was registered with are what it served."""
+    store = tmp_path / "store"
+    shutil.copytree(versions["v1"], store / "bot")
+    shutil.copytree(versions["v2"], store / "other")
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", "cpu", 8 << 20
+    cfg.lora.adapters_dir, cfg.lora.max_cpu_loras = str(store), 1
+    engine = LLMEngine(cfg, tiny_llama_dir)
+    prompt = [(7 * i) % 200 + 3 for i in range(40)]  # two whole 16-token blocks to cache
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outs: dict[str, list] = {}
+
+    def run(rid: str, adapter: str) -> None:
+        engine.add_request(GenerationRequest(rid, prompt, params, adapter=adapter))
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+            if engine.idle:
+                time.sleep(0.01)
+
+    run("first", "bot")
+    assert [t for o in outs["first"] for t in o.token_ids] == peft_greedy(tiny_llama_dir, versions["v1"], prompt, 4)[0]
+    run("evict", "other")  # one adapter in the host cache: bot is evicted
+    ref = engine.adapters.lookup(None, "bot")
+    assert engine.adapters.residency(ref) == (False, False)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):  # overwritten in place, same name, same version
+        (store / "bot" / name).write_bytes((versions["v2"] / name).read_bytes())
+    run("second", "bot")
+    last = outs["second"][-1]
+    assert last.error_code == "adapter_invalid", [t for o in outs["second"] for t in o.token_ids]
+    assert "changed on disk" in last.error

@@ -114,6 +114,9 @@ class AdapterSummary:
     base_model_name_or_path: str | None
     inspected: bool = True
     use_dora: bool | None = None  # DoRA (PEFT use_dora); None: listed, not read yet
+    # the files read (OpenAdapterDir.identity); None: listed, not read yet. A version is one set of
+    # files: a later load that finds others is refused (host_cache), never served under its name.
+    files_id: tuple[int, ...] | None = None
 
 
 def listed_summary(where: AdapterDir, name: str) -> AdapterSummary:
@@ -173,7 +176,7 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
         name=name, where=files.where, rank=max(header[k.a.tensor].shape[0] for k in pairs.values()),
         target_modules=tuple(m for m in arch.lora_targets if m in present), num_params=num_params,
         file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
-        use_dora=spec.use_dora,
+        use_dora=spec.use_dora, files_id=files.identity(),
     )
     return _Plan(summary, spec, weights_file, weights_fd, pairs)
 

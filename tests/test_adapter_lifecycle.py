@@ -184,3 +184,23 @@ def test_files_changed_under_a_loaded_version_are_refused_not_mixed(tiny_llama_d
     last = outs["second"][-1]
     assert last.error_code == "adapter_invalid", [t for o in outs["second"] for t in o.token_ids]
     assert "changed on disk" in last.error
+
+
+def test_a_failed_reread_of_a_resident_version_fails_none_of_its_requests(engine, versions, tmp_path):
+    """An admin load hands its parsed adapter to the host cache; a request that arrives between
+    its registration and that hand-over makes the scheduler start a load of the same version too.
+    If that second read fails (here: the files were removed meanwhile), the version is still
+    resident and its requests run on (before: every request holding it failed, running ones too)."""
+    path = Path(shutil.copytree(versions["v1"], versions["v1"].parent / f"bot-{tmp_path.name}"))  # an allowed root
+    manager = engine.adapters
+    ref = manager.load_path(None, "bot", str(path)).ref
+    submit(engine, "old", "bot")
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens, steps=3)
+    assert manager.residency(ref)[0] and 0 < len(tokens["old"]) < NEW
+    (path / WEIGHTS_NAME).unlink()  # parsed once by the admin load: the server needs it no more
+    cache = manager._cache  # the racing load, started as the scheduler's prefetch would have
+    cache._loading.add(ref)
+    cache._pool.submit(cache._load, ref).result(timeout=60)
+    drain(engine, tokens)  # asserts no output carries an error
+    assert tokens["old"] == peft_greedy(engine.info.model_dir, versions["v1"], PROMPT, NEW)[0]

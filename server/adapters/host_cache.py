@@ -145,6 +145,8 @@ class HostAdapterCache:
                 break
             self._loading.discard(done.ref)
             if done.adapter is None:
+                if done.ref in self._resident:  # a second read of a version already here (an admin load's
+                    continue                    # hand-over raced a prefetch): its requests have their weights
                 failed[done.ref] = done.error
                 continue
             if self.registry.version(done.ref) is None:  # retired while it loaded

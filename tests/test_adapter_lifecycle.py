@@ -204,3 +204,29 @@ def test_a_failed_reread_of_a_resident_version_fails_none_of_its_requests(engine
     cache._pool.submit(cache._load, ref).result(timeout=60)
     drain(engine, tokens)  # asserts no output carries an error
     assert tokens["old"] == peft_greedy(engine.info.model_dir, versions["v1"], PROMPT, NEW)[0]
+
+
+def test_deleting_a_store_adapter_that_is_a_symlink_removes_the_link_only(tiny_llama_dir, versions, tmp_path):
+    """An adapter directory of the store may be a symlink to another directory of the store (the
+    README allows it). Deleting that adapter takes its name out of the store, not the directory
+    it points to (before: the target went to the trash and was removed, files of the adapter
+    served under the target's own name included)."""
+    store = tmp_path / "store"
+    shutil.copytree(versions["v1"], store / "base-bot")
+    (store / "alias").symlink_to("base-bot", target_is_directory=True)
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device, cfg.cache.kv_cache_memory = "float32", "cpu", 8 << 20
+    cfg.lora.adapters_dir = str(store)
+    engine = LLMEngine(cfg, tiny_llama_dir)
+    manager = engine.adapters
+    assert {e.name for e in manager.entries()} == {"alias", "base-bot"}
+    submit(engine, "via-alias", "alias")
+    manager.unregister(None, "alias", delete_files=True)
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens)  # the draining version retires when its request ends
+    assert tokens["via-alias"] == peft_greedy(tiny_llama_dir, versions["v1"], PROMPT, NEW)[0]
+    assert not (store / "alias").exists() and not (store / "alias").is_symlink()
+    assert {CONFIG_NAME, WEIGHTS_NAME} <= {p.name for p in (store / "base-bot").iterdir()}
+    submit(engine, "direct", "base-bot")
+    drain(engine, tokens)
+    assert tokens["direct"] == tokens["via-alias"]

@@ -217,7 +217,7 @@ class AdapterManager:
         entry = self._registry.remove(owner, name)
         stored = entry.source in ("store", "upload")  # never files an admin merely pointed at
         if delete_files and stored and self._store is not None and self._store.holds(entry.summary.where):
-            self._registry.move(entry.ref, self._store.trash(entry.summary.where))
+            self._registry.move(entry.ref, self._store.take_out(owner, name, entry.summary.where))
         if not self._users[entry.ref]:
             self._retire(entry.ref)
         else:

@@ -9,6 +9,9 @@ backtrack exponentially (or with a high polynomial degree) before matching:
 
 * an unbounded repeat whose body holds another unbounded repeat or an alternation
   (`(a+)+`, `(a|a)*`): exponential;
+* the same under a bounded repeat of more than `MAX_AMBIGUOUS_REPEATS` (`(.|.){1,64}x` is
+  2^n on an n-character name, `(.*){8}x` n^8), and any repeat (more than once) of a body
+  holding an unbounded or wide repeat (`(.*){2}`, `(.{0,40}){8}`);
 * more than `MAX_UNBOUNDED_REPEATS` unbounded repeats in one pattern
   (`.*.*.*.*.*.*x` is O(n^k));
 * back-references (matching with them is NP-hard in general);
@@ -38,6 +41,9 @@ MAX_PATTERN_CHARS = 512
 MAX_UNBOUNDED_REPEATS = 4
 # A bounded repeat this wide backtracks like an unbounded one.
 _WIDE_REPEAT = 64
+# A repeat of an ambiguous body (an alternation, or a repeat) may repeat this often at most: 2^4
+# ways to split a name is cheap, 2^30 (a 30-character module name) is minutes.
+MAX_AMBIGUOUS_REPEATS = 4
 
 _REPEATS = {_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT}
 if hasattr(_sre_constants, "POSSESSIVE_REPEAT"):
@@ -81,17 +87,25 @@ def _unsafe_reason(pattern: str) -> str | None:
     for op, av in _walk(parsed):
         if op is _sre_constants.GROUPREF or op is _sre_constants.GROUPREF_EXISTS:
             return "back-references are not allowed"
-        if op in _REPEATS and _is_wide(av):
-            unbounded += 1
-            body = av[2]
-            for inner_op, inner_av in _walk(body):
-                if inner_op is _sre_constants.BRANCH:
-                    return "alternation inside an unbounded repeat (catastrophic backtracking)"
-                if inner_op in _REPEATS and _is_wide(inner_av):
-                    return "nested unbounded repeats (catastrophic backtracking)"
+        if op not in _REPEATS or _times(av) <= 1:
+            continue
+        wide = _is_wide(av)
+        unbounded += wide
+        many = wide or _times(av) > MAX_AMBIGUOUS_REPEATS
+        for inner_op, inner_av in _walk(av[2]):
+            if inner_op is _sre_constants.BRANCH and many:
+                return "alternation inside a repeat (catastrophic backtracking)"
+            if inner_op in _REPEATS and (_is_wide(inner_av) or (many and _times(inner_av) > 1)):
+                return "nested repeats (catastrophic backtracking)"
     if unbounded > MAX_UNBOUNDED_REPEATS:
         return f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats (slow backtracking)"
     return None
+
+
+def _times(repeat_av: tuple) -> float:
+    """The most times a repeat repeats (inf: unbounded)."""
+    hi = repeat_av[1]
+    return float("inf") if hi is _sre_constants.MAXREPEAT else hi
 
 
 def _is_wide(repeat_av: tuple) -> bool:

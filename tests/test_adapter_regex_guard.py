@@ -25,6 +25,8 @@ KEY = "model.layers.12.self_attn.q_proj"
     r"(.*){8}x",  # before: accepted (the outer repeat is bounded)
     r"(.{0,40}){8}x",
     r"(\w+\.){1,10}x",
+    "(.|.)" * 30 + "x",  # no repeat at all: 2^30 ways (before: accepted)
+    r"(a|b|.){1,4}(a|b|.){1,4}(a|b|.){1,4}x",
     r"(.*)*x", r"(\w|_\w)*x",  # refused before too
 ])
 def test_catastrophic_patterns_are_refused(pattern):
@@ -36,6 +38,8 @@ def test_catastrophic_patterns_are_refused(pattern):
     r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj", r".*layers\.(0|1|2|3)\..*",
     r"^(?!.*vision).*(q_proj|v_proj)", r".*\.layers\.[02]\.(self_attn\.(q|o)_proj|mlp\.gate_proj)",
     r"(q|k){2}_proj", r"model\.layers\.\d{1,3}\..*", r"layers\.[0-9]{1,2}\.mlp\..*",
+    r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    r".*\.layers\.(0|1|2|3|4|5|6|7|8|9|10|11)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj",
 ])
 def test_what_configs_write_is_accepted_and_quick(pattern):
     regex = compile_config_regex(pattern, what="target_modules", path=Path("adapter_config.json"))

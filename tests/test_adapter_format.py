@@ -104,6 +104,17 @@ def test_parsed_deltas_equal_peft(case, tmp_path):
         assert sorted(ours.modules) == [(0, "k_proj"), (0, "up_proj"), (2, "k_proj"), (2, "up_proj")]
 
 
+def test_fan_in_fan_out_on_linear_layers_is_served_as_peft_serves_it(tmp_path):
+    """PEFT turns fan_in_fan_out off for nn.Linear targets (every family served here) with a warning,
+    and its unmerged forward is lora_B(lora_A(x)) either way: a config saying true is served like
+    PEFT serves it (before: refused as adapter_unsupported)."""
+    path = make_adapter(LLAMA, tmp_path / "fifo", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    edit_config(path, fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        peft_lora_layers(LLAMA, path)  # the oracle loads it too
+    assert_matches_peft(LLAMA, path)
+
+
 @pytest.mark.parametrize("targets,want", [(None, ["q_proj", "v_proj"]), ("all-linear", None),
                                           ("ALL-LINEAR", None)])
 def test_config_target_shorthands(tmp_path, targets, want):

@@ -207,7 +207,7 @@ def test_weights_for_modules_the_config_does_not_target(adapter):
 
 
 @pytest.mark.parametrize("changes,code,needle", [
-    ({"fan_in_fan_out": True}, "adapter_unsupported", "fan_in_fan_out"),
+    ({"fan_in_fan_out": "yes"}, "adapter_invalid", "fan_in_fan_out must be true or false"),
     ({"bias": "all"}, "adapter_unsupported", 'bias="all"'),
     ({"bias": "lora_only"}, "adapter_unsupported", 'bias="lora_only"'),
     ({"modules_to_save": ["lm_head"]}, "adapter_unsupported", "modules_to_save"),

@@ -133,3 +133,33 @@ def test_slot_groups_name_the_groups_each_slot_adapts(tiny_llama_dir, four):
             assert not slots.a[group][:, 0].any() and not slots.b[group][:, 0].any(), (name, group)
     slots.evict("p3")
     assert slots.slot_groups[0] == frozenset()
+
+
+def test_two_writers_of_one_adapter_leave_one_slot_and_leak_none(tiny_llama_dir, four):
+    """An admin load hands its parsed adapter to the pool (`offer`) while a loader, started by a
+    request that arrived once the name was registered, writes the same version: whichever commits
+    second must give its slot back (before: it overwrote the first one's entry, and that slot and
+    its pages were lost to the pool for good)."""
+    w = _weights(tiny_llama_dir, four)
+    slots = LoraSlots(ModelArch.from_dir(tiny_llama_dir), 3, 16, torch.float32, torch.device("cpu"), Metrics())
+    release, writing = threading.Event(), threading.Event()
+    write = slots._write
+
+    def slow_write(slot, adapter):
+        if threading.current_thread() is not threading.main_thread():
+            writing.set()
+            assert release.wait(30)
+        write(slot, adapter)
+
+    slots._write = slow_write
+    first = threading.Thread(target=slots.write_in_place, args=("p1", w["p1"]))
+    first.start()
+    assert writing.wait(30)
+    assert slots.write_in_place("p1", w["p1"])  # the other writer, done first
+    release.set()
+    first.join(30)
+    assert not first.is_alive()
+    slots.book.check()  # every slot and page free or held exactly once
+    assert slots.num_resident == 1 and slots.book.free_pages == 2
+    placed = slots.activate({"p0": w["p0"], "p1": w["p1"], "p2": w["p2"]})  # the whole pool is usable
+    assert all(_slot_holds(slots, placed[n], w[n]) for n in ("p0", "p1", "p2"))

@@ -60,6 +60,18 @@ def test_the_stored_form_is_a_sha256_hex_digest():
     ('[defaults]\nweight = 2', "defaults"),
     ('', "no tenants"),
     ('[tenants.acme\n', "invalid TOML"),
+    # Non-finite or mistyped limits are mistakes too, named like the others (before: inf or nan
+    # in an integer limit raised OverflowError / ValueError out of the parser, and a nan or a
+    # string rate was taken as is).
+    ('[tenants.acme]\nmax_concurrent = inf', "tenants.acme.max_concurrent"),
+    ('[tenants.acme]\nmax_queued = nan', "tenants.acme.max_queued"),
+    ('[tenants.acme]\nmax_adapter_bytes = inf', "tenants.acme.max_adapter_bytes"),
+    ('[tenants.acme]\nmax_adapter_bytes = "infGiB"', "tenants.acme.max_adapter_bytes"),
+    ('[tenants.acme]\nrequests_per_minute = nan', "tenants.acme.requests_per_minute"),
+    ('[tenants.acme]\ntokens_per_minute = inf', "tenants.acme.tokens_per_minute"),
+    ('[tenants.acme]\nrequests_per_minute = "600"', "tenants.acme.requests_per_minute"),
+    ('[tenants.acme]\nmax_adapters = true', "tenants.acme.max_adapters"),
+    ('[defaults]\ntokens_per_minute = -inf', "defaults.tokens_per_minute"),
 ])
 def test_a_bad_file_is_refused_naming_what_is_wrong(tmp_path, text, names):
     with pytest.raises(TenantFileError, match=names.replace(".", r"\.")):

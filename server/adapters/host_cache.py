@@ -145,6 +145,8 @@ class HostAdapterCache:
                 break
             self._loading.discard(done.ref)
             if done.adapter is None:
+                if done.ref in self._resident:  # a second read of a version already here (an admin load's
+                    continue                    # hand-over raced a prefetch): its requests have their weights
                 failed[done.ref] = done.error
                 continue
             if self.registry.version(done.ref) is None:  # retired while it loaded
@@ -208,6 +210,11 @@ class HostAdapterCache:
             # Re-opened through safe_files: the files are re-checked (no symlinks, inside the root) now.
             summary, parsed = parse_peft_adapter(entry.summary.where, r.arch, name=ref.name, max_rank=r.max_rank,
                                                  max_bytes=r.max_bytes)
+            if entry.summary.files_id is not None and summary.files_id != entry.summary.files_id:
+                # Requests and the prefix cache know this version by its first files: new ones under
+                # the same version would mix the two (cached blocks from the old weights).
+                raise AdapterError(INVALID, "its files changed on disk since this version was loaded; register it "
+                                   "again to serve them (unload and load it, or restart the server)")
             r.record_summary(ref, summary)  # a lazily registered adapter is now fully known
             adapter = self.prepare(parsed) if self.prepare is not None else parsed
             if self.in_place is not None:

@@ -217,7 +217,7 @@ class AdapterManager:
         entry = self._registry.remove(owner, name)
         stored = entry.source in ("store", "upload")  # never files an admin merely pointed at
         if delete_files and stored and self._store is not None and self._store.holds(entry.summary.where):
-            self._registry.move(entry.ref, self._store.trash(entry.summary.where))
+            self._registry.move(entry.ref, self._store.take_out(owner, name, entry.summary.where))
         if not self._users[entry.ref]:
             self._retire(entry.ref)
         else:
@@ -318,7 +318,8 @@ class AdapterManager:
         self._cache.drop(ref)
         self._slots.evict(ref)
         self._registry.retire(ref)
-        self._metrics.forget_adapter(str(ref))
+        if self._registry.get(*ref.key) is None:  # series are by name: a newer version may serve it now
+            self._metrics.forget_adapter(str(ref))
         if entry is not None and self._store is not None:
             self._store.remove_trashed(entry.summary.where)
         log.info("adapter %s retired", ref)

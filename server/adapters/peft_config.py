@@ -20,6 +20,7 @@ minus the `base_model.model.` prefix and the `.lora_A.weight` suffix).
   the file order is alphabetical, which can differ from the order used in training.
 * scale = alpha / r, or alpha / sqrt(r) with `use_rslora`.
 * `use_dora`: DoRA (a magnitude vector per module besides A and B; see dora.py).
+* `fan_in_fan_out`: ignored, as PEFT ignores it on nn.Linear layers (the only kind served).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _UNSUPPORTED_WHEN_SET = {
     "lora_bias": "a bias on lora_B is not served; only bias-free LoRA",
     "modules_to_save": "whole replacement modules are not served; only LoRA deltas",
-    "fan_in_fan_out": "transposed (Conv1D, GPT-2 style) weights do not fit Llama-family Linear layers",
     "layer_replication": "replicating layers changes the base model's layer stack",
     "target_parameters": "LoRA on raw nn.Parameters is not served",
     "trainable_token_indices": "trainable tokens modify the embedding matrix",
@@ -68,7 +68,8 @@ _UNSUPPORTED_WHEN_SET = {
 # Fields we read, or know to be irrelevant at inference time.
 _KNOWN_FIELDS = set(_UNSUPPORTED_WHEN_SET) | {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "use_dora", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "bias",
+    "inference_mode", "r", "use_dora", "fan_in_fan_out", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "bias",
     "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
@@ -171,6 +172,14 @@ def parse_lora_config(cfg: Mapping[str, Any], *, path: Path, model_type: str) ->
     alpha = cfg.get("lora_alpha", 8)
     if not _is_number(alpha):
         raise AdapterError(INVALID, f"lora_alpha must be a finite number, got {_show(alpha)}", path=path)
+    fan_in_fan_out = cfg.get("fan_in_fan_out")
+    fan_in_fan_out = False if fan_in_fan_out is None else fan_in_fan_out  # null: PEFT's default
+    if not isinstance(fan_in_fan_out, bool):
+        raise AdapterError(INVALID, f"fan_in_fan_out must be true or false, got {_show(fan_in_fan_out)}", path=path)
+    if fan_in_fan_out:
+        # It transposes a Conv1D base weight only; every base layer served is an nn.Linear, for which
+        # PEFT turns it off (with a warning), and LoRA's forward lora_B(lora_A(x)) never depended on it.
+        log.info("%s: fan_in_fan_out=true ignored on Linear layers, as PEFT does", path)
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise AdapterError(INVALID, f"use_rslora must be true or false, got {_show(use_rslora)}", path=path)

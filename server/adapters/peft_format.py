@@ -44,6 +44,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The largest |value| an adapter may put in the device pool (A, and B times its scale): float16's
+# largest, so every pool dtype holds it, and products in the kernels stay far inside the float
+# range. Trained LoRA weights are O(1) (the demo adapters' largest is 0.15). Past it the pool
+# would hold infinities, and the dense mixture path's 0 * inf (an expert a token does not use)
+# is NaN in other requests of the step.
+MAX_SERVED_VALUE = float(torch.finfo(torch.float16).max)
 DEFAULT_MAX_BYTES = 2 * 1024**3  # 2 GiB: a rank-64 all-linear adapter of a 70B model is ~1.7 GB in fp16
 MAX_CONFIG_BYTES = 4 * 1024**2  # a 10k-entry rank_pattern fits comfortably
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -108,6 +114,9 @@ class AdapterSummary:
     base_model_name_or_path: str | None
     inspected: bool = True
     use_dora: bool | None = None  # DoRA (PEFT use_dora); None: listed, not read yet
+    # the files read (OpenAdapterDir.identity); None: listed, not read yet. A version is one set of
+    # files: a later load that finds others is refused (host_cache), never served under its name.
+    files_id: tuple[int, ...] | None = None
 
 
 def listed_summary(where: AdapterDir, name: str) -> AdapterSummary:
@@ -167,7 +176,7 @@ def _plan(files: OpenAdapterDir, arch: ModelArch, name: str, max_rank: int, max_
         name=name, where=files.where, rank=max(header[k.a.tensor].shape[0] for k in pairs.values()),
         target_modules=tuple(m for m in arch.lora_targets if m in present), num_params=num_params,
         file_bytes=os.fstat(weights_fd).st_size, base_model_name_or_path=base if isinstance(base, str) else None,
-        use_dora=spec.use_dora,
+        use_dora=spec.use_dora, files_id=files.identity(),
     )
     return _Plan(summary, spec, weights_file, weights_fd, pairs)
 
@@ -224,17 +233,37 @@ def parse_peft_adapter(
 
     keys = sorted(plan.pairs, key=lambda lm: (lm[0], arch.lora_targets.index(lm[1])))
     ab = [(tensors[plan.pairs[key].a.tensor], tensors[plan.pairs[key].b.tensor]) for key in keys]
+    scales = [plan.spec.scale_for(plan.pairs[key].a.module_key) for key in keys]
+    for key, (a, b), scale in zip(keys, ab, scales):
+        _check_served_range(plan.pairs[key], a, b, scale, plan)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for key, (a, b), prototype in zip(keys, ab, top_right_singular_vectors(ab)):
+    for key, (a, b), scale, prototype in zip(keys, ab, scales, top_right_singular_vectors(ab)):
         k = plan.pairs[key]
         modules[key] = LoraModuleWeights(
-            a=a, b=b, scale=plan.spec.scale_for(k.a.module_key), prototype=prototype,
+            a=a, b=b, scale=scale, prototype=prototype,
             magnitude=tensors[k.magnitude.tensor] if k.magnitude is not None else None,
         )
     s = plan.summary
     return s, LoraAdapter(modules=MappingProxyType(modules), target_modules=s.target_modules, rank=s.rank,
                           num_params=s.num_params, nbytes=sum(w.nbytes for w in modules.values()),
                           use_dora=plan.spec.use_dora)
+
+
+def _check_served_range(k: _ModuleKeys, a: torch.Tensor, b: torch.Tensor, scale: float, plan: _Plan) -> None:
+    """AdapterError unless A and scale * B (what the pool holds) are within MAX_SERVED_VALUE."""
+    largest_a = float(a.abs().max()) if a.numel() else 0.0
+    if largest_a > MAX_SERVED_VALUE:
+        raise AdapterError(INVALID, f"tensor {k.a.tensor!r} reaches {largest_a:.3g}; lora_A values must be at "
+                           f"most {MAX_SERVED_VALUE:g} in magnitude", path=plan.weights_file)
+    largest_b = float(b.abs().max()) if b.numel() else 0.0
+    # the scale alone too: the pool multiplies B by it in float32, and 0 * inf is NaN
+    if abs(scale) > MAX_SERVED_VALUE or largest_b * abs(scale) > MAX_SERVED_VALUE:
+        source = "alpha_pattern" if any(e.regex.match(k.a.module_key) for e in plan.spec.alpha_pattern) \
+            else "lora_alpha"
+        raise AdapterError(INVALID, f"{k.a.module_key}: lora_B * scale reaches {largest_b * abs(scale):.3g} (scale "
+                           f"{scale:.3g} from {source} and {plan.spec.rank_source(k.a.module_key)}); served "
+                           f"values must be at most {MAX_SERVED_VALUE:g} in magnitude",
+                           path=plan.spec.path)
 
 
 def _weights_fd(files: OpenAdapterDir) -> int:

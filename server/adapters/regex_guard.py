@@ -9,8 +9,14 @@ backtrack exponentially (or with a high polynomial degree) before matching:
 
 * an unbounded repeat whose body holds another unbounded repeat or an alternation
   (`(a+)+`, `(a|a)*`): exponential;
+* the same under a bounded repeat of more than `MAX_AMBIGUOUS_REPEATS` (`(.|.){1,64}x` is
+  2^n on an n-character name, `(.*){8}x` n^8), and any repeat (more than once) of a body
+  holding an unbounded or wide repeat (`(.*){2}`, `(.{0,40}){8}`);
 * more than `MAX_UNBOUNDED_REPEATS` unbounded repeats in one pattern
   (`.*.*.*.*.*.*x` is O(n^k));
+* more than `MAX_WAYS` ways to try through its alternations (each alternation multiplies the
+  ways by its choices, a bounded repeat raises them to its count): `(.|.)(.|.)...x`, 30 of
+  them, is 2^30 ways on a 31-character name even without a repeat;
 * back-references (matching with them is NP-hard in general);
 * patterns longer than `MAX_PATTERN_CHARS`.
 
@@ -38,6 +44,11 @@ MAX_PATTERN_CHARS = 512
 MAX_UNBOUNDED_REPEATS = 4
 # A bounded repeat this wide backtracks like an unbounded one.
 _WIDE_REPEAT = 64
+# A repeat of an ambiguous body (an alternation, or a repeat) may repeat this often at most: 2^4
+# ways to split a name is cheap, 2^30 (a 30-character module name) is minutes.
+MAX_AMBIGUOUS_REPEATS = 4
+# Real configs choose among a handful of names (`(q_proj|k_proj|v_proj)`, `(0|1|2)`): a few ways.
+MAX_WAYS = 4096
 
 _REPEATS = {_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT}
 if hasattr(_sre_constants, "POSSESSIVE_REPEAT"):
@@ -81,17 +92,48 @@ def _unsafe_reason(pattern: str) -> str | None:
     for op, av in _walk(parsed):
         if op is _sre_constants.GROUPREF or op is _sre_constants.GROUPREF_EXISTS:
             return "back-references are not allowed"
-        if op in _REPEATS and _is_wide(av):
-            unbounded += 1
-            body = av[2]
-            for inner_op, inner_av in _walk(body):
-                if inner_op is _sre_constants.BRANCH:
-                    return "alternation inside an unbounded repeat (catastrophic backtracking)"
-                if inner_op in _REPEATS and _is_wide(inner_av):
-                    return "nested unbounded repeats (catastrophic backtracking)"
+        if op not in _REPEATS or _times(av) <= 1:
+            continue
+        wide = _is_wide(av)
+        unbounded += wide
+        many = wide or _times(av) > MAX_AMBIGUOUS_REPEATS
+        for inner_op, inner_av in _walk(av[2]):
+            if inner_op is _sre_constants.BRANCH and many:
+                return "alternation inside a repeat (catastrophic backtracking)"
+            if inner_op in _REPEATS and (_is_wide(inner_av) or (many and _times(inner_av) > 1)):
+                return "nested repeats (catastrophic backtracking)"
     if unbounded > MAX_UNBOUNDED_REPEATS:
         return f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats (slow backtracking)"
+    if _ways(parsed) > MAX_WAYS:
+        return f"more than {MAX_WAYS} ways through its alternations (catastrophic backtracking)"
     return None
+
+
+def _ways(sub) -> float:
+    """An upper bound of the paths a backtracking match may try through `sub`'s alternations:
+    a sequence multiplies, an alternation adds its choices' ways, a bounded repeat raises its
+    body's ways to its count (an unbounded repeat holds no alternation: refused above)."""
+    ways = 1.0
+    for op, av in sub:
+        if op is _sre_constants.BRANCH:
+            ways *= sum(_ways(choice) for choice in av[1])
+        elif op in _REPEATS:
+            inner = _ways(av[2])
+            if inner > 1.0:
+                if inner > MAX_WAYS or _times(av) > _WIDE_REPEAT:
+                    return float("inf")
+                ways *= inner ** _times(av)  # at most 4096^64: a float
+        else:
+            ways *= max((_ways(child) for child in _subpatterns(av)), default=1.0)
+        if ways > MAX_WAYS:
+            return ways
+    return ways
+
+
+def _times(repeat_av: tuple) -> float:
+    """The most times a repeat repeats (inf: unbounded)."""
+    hi = repeat_av[1]
+    return float("inf") if hi is _sre_constants.MAXREPEAT else hi
 
 
 def _is_wide(repeat_av: tuple) -> bool:

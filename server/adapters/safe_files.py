@@ -81,6 +81,7 @@ class OpenAdapterDir:
     def __init__(self, where: AdapterDir):
         self.where = where
         self._fds: list[int] = []
+        self.opened: dict[str, int] = {}  # file name -> its descriptor, for what was read
         self.fd = self._walk()
 
     def __enter__(self) -> OpenAdapterDir:
@@ -121,7 +122,17 @@ class OpenAdapterDir:
         self._fds.append(fd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO/device since the stat
             raise AdapterError(INVALID, "is not a regular file", path=file_path)
+        self.opened[name] = fd
         return fd
+
+    def identity(self) -> tuple[int, ...]:
+        """What tells the files opened so far apart from any later content under their names:
+        (device, inode, size, mtime in ns) of each, by name."""
+        out: list[int] = []
+        for name in sorted(self.opened):
+            st = os.fstat(self.opened[name])
+            out += [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+        return tuple(out)
 
     def _walk(self) -> int:
         where = self.where

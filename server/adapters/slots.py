@@ -270,7 +270,10 @@ class LoraSlots:
                 raise
         else:
             with self._lock:
-                self.book.commit(name, slot)
+                if name in self.book:  # another writer of this adapter (an admin load, a loader) was first
+                    self._release(slot)
+                else:
+                    self.book.commit(name, slot)
                 self._publish()
             return True
         finally:

@@ -97,6 +97,21 @@ class AdapterStore:
     def discard(self, staged: AdapterDir) -> None:
         shutil.rmtree(staged.path, ignore_errors=True)
 
+    def take_out(self, owner: str | None, name: str, where: AdapterDir) -> AdapterDir:
+        """Take (owner, name), whose files `where` holds, out of the store's namespace; returns where
+        its files lie now (for a version still draining). The entry under its name goes: a directory
+        to the trash, a symlink (to another adapter's directory: the store allows them) unlinked
+        alone, its target untouched."""
+        place = self.root.joinpath(*self.parts_of(owner, name))
+        if place.is_symlink():
+            place.unlink()
+            _fsync_dir(place.parent)
+            return where
+        if place != where.path:  # not where its name says (cannot happen through this class): leave it
+            log.warning("adapter store: %s is not at %s; its files are left in place", name, place)
+            return where
+        return self.trash(where)
+
     def trash(self, where: AdapterDir) -> AdapterDir:
         """Move a stored adapter out of the servable namespace; returns where it now lies."""
         trash = self.root / TRASH_DIR

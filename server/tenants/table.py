@@ -18,6 +18,7 @@ one tenant, `default`, with no key and no limits.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -115,16 +116,26 @@ def _limits(table: dict[str, Any], base: TenantLimits, where: str) -> TenantLimi
     for key, raw in table.items():
         if key not in _LIMIT_TYPES:
             continue
-        try:
-            value = parse_bytes(raw) if key == "max_adapter_bytes" else float(raw) if "minute" in key else raw
-        except (TypeError, ValueError):
-            raise TenantFileError(f"{where}.{key}: not a number: {raw!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise TenantFileError(f"{where}.{key}: must be a number >= 0, got {raw!r}")
-        if key.startswith("max_") and value != int(value):
-            raise TenantFileError(f"{where}.{key}: must be an integer, got {raw!r}")
-        values[key] = int(value) if key.startswith("max_") else value
+        values[key] = _limit(key, raw, f"{where}.{key}")
     return replace(base, **values)
+
+
+def _limit(key: str, raw: Any, where: str) -> int | float:
+    """One limit's value: a finite number >= 0 (an integer for `max_*`); only `max_adapter_bytes`
+    may be a size string ("2GiB"). TOML's inf and nan are mistakes, not "unlimited"."""
+    value = raw
+    if key == "max_adapter_bytes" and isinstance(raw, str):
+        try:
+            value = parse_bytes(raw)
+        except (ValueError, OverflowError):
+            raise TenantFileError(f"{where}: not a size: {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TenantFileError(f"{where}: must be a finite number >= 0, got {raw!r}")
+    if key.startswith("max_"):
+        if value != int(value):
+            raise TenantFileError(f"{where}: must be an integer, got {raw!r}")
+        return int(value)
+    return float(value)
 
 
 def parse_tenants(data: dict[str, Any]) -> TenantTable:

@@ -262,8 +262,6 @@ def test_add_key_refuses_to_edit_a_broken_file(tmp_path):
     assert path.read_text() == "[tenants.acme\n"
 
 
-@pytest.mark.xfail(strict=True, reason="needs server/api/admin_routes.py is_admin to compare bytes: "
-                   "hmac.compare_digest(token.encode(), admin_key.encode()) (lead: apply, then drop this mark)")
 def test_a_key_with_non_ascii_bytes_is_a_401_on_every_route(server):
     """Header values are latin-1: a key holding byte 0xe9 must be refused like any wrong key, on
     tenant routes and admin routes alike (before: the admin-key comparison, which also decides

@@ -78,6 +78,14 @@ def test_a_bad_file_is_refused_naming_what_is_wrong(tmp_path, text, names):
         load_tenants(write(tmp_path, text))
 
 
+def test_a_file_that_is_not_utf8_is_refused_not_raised(tmp_path):
+    """(Before: UnicodeDecodeError out of load_tenants, so a reload answered 500.)"""
+    path = tmp_path / "tenants.toml"
+    path.write_bytes(b"[tenants.caf\xe9]\n")
+    with pytest.raises(TenantFileError, match="not UTF-8"):
+        load_tenants(path)
+
+
 def test_one_key_cannot_belong_to_two_tenants():
     h = hash_key(KEY_A)
     with pytest.raises(TenantFileError, match="two tenants"):

@@ -55,7 +55,8 @@ def is_admin(request: Request) -> bool:
     if admin_key is None:
         return request.app.state.tenants.open_access
     token = bearer_token(request)
-    return bool(token) and hmac.compare_digest(token, admin_key)
+    # bytes: compare_digest refuses str holding non-ASCII characters (a header may carry any latin-1 byte)
+    return bool(token) and hmac.compare_digest(token.encode(), admin_key.encode())
 
 
 def require_admin(request: Request) -> None:

@@ -182,9 +182,11 @@ def parse_tenants(data: dict[str, Any]) -> TenantTable:
 def load_tenants(path: str | Path) -> TenantTable:
     """Read and validate a tenants file; TenantFileError on any problem (the old table stays in force)."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise TenantFileError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise TenantFileError(f"{path}: not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise TenantFileError(f"{path}: invalid TOML: {exc}") from None
     try:

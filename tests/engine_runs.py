@@ -12,9 +12,10 @@ from server.engine.request import GenerationRequest, SamplingParams
 
 def cpu_engine(model_dir: Path, adapters: dict[str, Path] | None = None, *, kv_bytes: int = 8 << 20,
                max_num_seqs: int = 4, max_num_batched_tokens: int = 32, async_scheduling: bool = False,
-               prefix_caching: bool = True) -> LLMEngine:
+               prefix_caching: bool = True, adapter_roots: tuple[Path, ...] = ()) -> LLMEngine:
     """A float32 CPU engine over `model_dir` serving `adapters` (name -> PEFT directory, max rank 8;
-    None: --no-lora); prompts longer than `max_num_batched_tokens` are chunked."""
+    None: --no-lora); prompts longer than `max_num_batched_tokens` are chunked; admin loads may
+    read under `adapter_roots` (--allowed-adapter-roots)."""
     cfg = Config()
     cfg.model.dtype = "float32"
     cfg.model.device = "cpu"
@@ -27,6 +28,7 @@ def cpu_engine(model_dir: Path, adapters: dict[str, Path] | None = None, *, kv_b
     cfg.lora.adapters_dir = None
     cfg.lora.lora_modules = {n: str(p) for n, p in (adapters or {}).items()}
     cfg.lora.max_lora_rank = 8
+    cfg.lora.allowed_adapter_roots = [str(p) for p in adapter_roots]
     return LLMEngine(cfg, model_dir)
 
 

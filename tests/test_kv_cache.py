@@ -173,9 +173,10 @@ def test_random_operations_keep_the_books_and_never_serve_another_content():
 # --- the engine ----------------------------------------------------------------------------------
 
 def make(model_dir: Path, *, prefix_caching: bool = True, async_scheduling: bool = False, kv_bytes: int = 8 << 20,
-         adapters: dict[str, Path] | None = None) -> LLMEngine:
+         adapters: dict[str, Path] | None = None, adapter_roots: tuple[Path, ...] = ()) -> LLMEngine:
     return cpu_engine(model_dir, adapters, kv_bytes=kv_bytes, max_num_batched_tokens=48,
-                      async_scheduling=async_scheduling, prefix_caching=prefix_caching)
+                      async_scheduling=async_scheduling, prefix_caching=prefix_caching,
+                      adapter_roots=adapter_roots)
 
 
 def run(engine: LLMEngine, waves: list[list[GenerationRequest]], cached: dict[str, int] | None = None,
@@ -416,8 +417,7 @@ def test_an_adapter_loaded_again_under_its_name_never_reads_the_old_weights_bloc
     kw = dict(std=0.2, r=8, lora_alpha=16, target_modules=["k_proj", "v_proj"])
     old = make_peft_adapter(tiny_llama_dir, tmp_path / "old", seed=6, **kw)
     new = make_peft_adapter(tiny_llama_dir, tmp_path / "new", seed=7, **kw)
-    engine = make(tiny_llama_dir, adapters={"kv": old})
-    engine.adapters._registry.allowed_roots = [tmp_path.resolve()]  # as --allowed-adapter-roots
+    engine = make(tiny_llama_dir, adapters={"kv": old}, adapter_roots=(tmp_path,))
     p = prompts(1, seed=27)[0]
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     cached: dict[str, int] = {}

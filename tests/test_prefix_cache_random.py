@@ -144,8 +144,7 @@ def test_mixtures_routes_choices_and_a_reload_equal_the_engine_without_the_cache
         for caching, async_scheduling in ((False, False), (True, False), (True, True)):
             engine = cpu_engine(tiny_llama_dir, adapter_dirs, kv_bytes=blocks * per_block, max_num_seqs=4,
                                 max_num_batched_tokens=budget, async_scheduling=async_scheduling,
-                                prefix_caching=caching)
-            engine.adapters._registry.allowed_roots = [tmp_path.resolve()]  # as --allowed-adapter-roots
+                                prefix_caching=caching, adapter_roots=(tmp_path,))
             step, steps = engine.step, [0]
 
             def checked(step=step, engine=engine, steps=steps):

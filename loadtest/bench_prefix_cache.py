@@ -10,7 +10,13 @@ time, output tok/s, and the prompt tokens computed per request (the rest came fr
 then the ratios, and how many requests got the same tokens from both (all of them in float32,
 which is checked; in bf16 a different split of the prompt's computation may flip a near tie).
 
+With `--cold` every round starts from an empty cache (the burst brings a system prompt the
+server has not seen), and a third engine runs beside the two: the cache without same-step
+sharing (`Scheduler._shares_this_step` never deferring: each sequence admitted in the burst's
+first step computes the system prompt itself, as before that rule).
+
     python -m loadtest.bench_prefix_cache --system-tokens 512 --requests 16 --max-tokens 16 --rounds 3
+    python -m loadtest.bench_prefix_cache --system-tokens 512 --requests 16 --max-tokens 16 --rounds 3 --cold
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ PARAGRAPH = ("You are the support assistant of a company that sells garden tools
              "politely, name the product when you can, never invent prices, and say when you do not know. ")
 
 
-def make_engine(prefix_caching: bool, requests: int, dtype: str) -> LLMEngine:
+def make_engine(prefix_caching: bool, requests: int, dtype: str, same_step: bool = True) -> LLMEngine:
     cfg = Config()
     cfg.model.dtype = dtype
     cfg.cache.prefix_caching = prefix_caching
     cfg.scheduler.max_num_seqs = max(cfg.scheduler.max_num_seqs, requests)
     cfg.lora.enabled = False
-    return LLMEngine(cfg, _default_model(), detokenize=False)
+    engine = LLMEngine(cfg, _default_model(), detokenize=False)
+    if not same_step:  # the peer: the scheduler before same-step sharing
+        engine.scheduler._shares_this_step = lambda seq, prefix: False
+    return engine
 
 
 def prompts(engine: LLMEngine, system_tokens: int, n: int) -> list[list[int]]:
@@ -51,8 +60,11 @@ def prompts(engine: LLMEngine, system_tokens: int, n: int) -> list[list[int]]:
                        add_special_tokens=False) for i in range(n)]
 
 
-def round_(engine: LLMEngine, ps: list[list[int]], new: int) -> dict:
-    """One round on a worker thread (as the engine core steps; see bench_engine_process)."""
+def round_(engine: LLMEngine, ps: list[list[int]], new: int, cold: bool = False) -> dict:
+    """One round on a worker thread (as the engine core steps; see bench_engine_process);
+    `cold`: from an empty prefix cache."""
+    if cold:
+        engine.allocator.forget_cached()
     out: list[dict] = []
     worker = threading.Thread(target=lambda: out.append(_round(engine, ps, new)))
     worker.start()
@@ -95,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="the engines' --dtype (float32: the tokens must be equal)")
+    ap.add_argument("--cold", action="store_true", help="every round from an empty cache, beside the cache "
+                    "without same-step sharing")
     args = ap.parse_args(argv)
 
-    engines = {name: make_engine(on, args.requests, args.dtype) for name, on in (("cache", True), ("no cache", False))}
+    systems = [("cache", True, True), ("no cache", False, True)]
+    if args.cold:
+        systems.insert(1, ("cache, no same-step sharing", True, False))
+    engines = {name: make_engine(on, args.requests, args.dtype, same_step) for name, on, same_step in systems}
     ps = prompts(engines["cache"], args.system_tokens, args.requests)
     print(f"{cpu_name()}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{engines['cache'].info.dtype}; prompts {min(map(len, ps))}-{max(map(len, ps))} tokens")
@@ -106,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         round_(engine, ps, args.max_tokens)  # untimed: kernels warm, the cache holds the system prompt
     for _ in range(args.rounds):
         for name, engine in engines.items():
-            results[name].append(round_(engine, ps, args.max_tokens))
+            results[name].append(round_(engine, ps, args.max_tokens, args.cold))
     # fp32: the same tokens. bf16: computing a prompt's suffix alone rounds differently from
     # computing it with its prefix (as any change of chunking does), and a near tie can flip.
     same = [a == b for a, b in zip(results["cache"][0]["tokens"], results["no cache"][0]["tokens"])]
-    if engines["cache"].info.dtype == torch.float32 and not all(same):
+    if engines["cache"].info.dtype == torch.float32 and not (
+            all(same) and all(r[0]["tokens"] == results["cache"][0]["tokens"] for r in results.values())):
         raise AssertionError("the prefix cache changed the tokens")
 
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("ttft", "wall", "tok_s", "computed")}
@@ -119,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- |")
     for name, m in med.items():
         print(f"| {name} | {m['ttft']:.3f} | {m['wall']:.2f} | {m['tok_s']:.1f} | {m['computed']:.0f} |")
-    c, n = med["cache"], med["no cache"]
-    print(f"cache / no cache: TTFT {c['ttft'] / n['ttft']:.2f}x, throughput {c['tok_s'] / n['tok_s']:.2f}x "
-          f"(medians of {args.rounds} rounds); {sum(same)} of {len(same)} requests with the same tokens")
+    c = med["cache"]
+    for peer in list(med)[1:]:
+        p = med[peer]
+        print(f"cache / {peer}: TTFT {c['ttft'] / p['ttft']:.2f}x, throughput {c['tok_s'] / p['tok_s']:.2f}x "
+              f"(medians of {args.rounds} rounds)")
+    print(f"{sum(same)} of {len(same)} requests with the same tokens with the cache and without")
     return 0
 
 

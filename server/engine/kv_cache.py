@@ -118,6 +118,25 @@ class BlockAllocator:
             hits.append(block)
         return hits
 
+    def digests_completed(self, seq: Sequence, start: int, num_tokens: int) -> list[bytes]:
+        """Digests of `seq`'s blocks that computing its tokens [start, start + num_tokens) fills
+        (blocks of known tokens only); [] without prefix caching."""
+        if not self.prefix_caching:
+            return []
+        first = start // self.block_size
+        full = min(start + num_tokens, len(seq.token_ids)) // self.block_size
+        return self._digests(seq, full)[first:full] if full > first else []
+
+    def tokens_in_step(self, seq: Sequence, prefix: list[int], filling: set[bytes]) -> int:
+        """Prompt tokens of `seq` right after its cached `prefix` (from `cached_prefix`) that the
+        blocks the step fills (`filling`, their digests) will hold once it has run."""
+        n = (seq.num_tokens - 1) // self.block_size  # the blocks `cached_prefix` looked up
+        digests = seq.block_digests
+        i = len(prefix)
+        while i < n and digests[i] in filling:
+            i += 1
+        return (i - len(prefix)) * self.block_size
+
     def blocks_to_admit(self, seq: Sequence, prefix: list[int], num_new_tokens: int) -> int:
         """Free blocks that admitting `seq` with the cached `prefix` and `num_new_tokens` tokens
         after it uses up: its new blocks, and the prefix blocks no sequence holds."""

@@ -7,7 +7,8 @@ Plain Python over `Sequence` objects, no tensors, no I/O. Each step
      yet scheduled this step is preempted (blocks freed, recomputed later) — never fail;
   3. waiting sequences are admitted while the token budget, `max_num_seqs`, the KV blocks and
      the step's adapter budget (distinct adapters, and the pool pages they take) allow; a long
-     prompt is chunked;
+     prompt is chunked; with prefix caching, a sequence whose next prompt blocks this step
+     computes for another waits a step and takes them cached (`_shares_this_step`);
   4. adapters are prefetched for the next `prefetch_window` waiting sequences (residency.py).
 Which sequence is admitted next and which is preempted is the policy's choice
 (server/engine/policies: fcfs or vtc); the policy is also told every chunk scheduled.
@@ -44,6 +45,12 @@ from server.engine.kv_cache import BlockAllocator
 from server.engine.policies.base import SchedulingPolicy
 from server.engine.residency import AdapterState, Residency
 from server.engine.request import FinishReason, Sequence, SeqStatus
+
+
+# A waiting sequence defers to a step computing at least this many of its prompt tokens for
+# another (`Scheduler._shares_this_step`): past a few hundred tokens a prefill is compute-bound
+# on a GPU, so sharing them saves more than the step of latency it costs.
+SHARE_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ class Scheduler:
         # Keep a few blocks back when admitting, so running sequences can grow a block each
         # step without immediately preempting what was just admitted.
         self.watermark = max(1, allocator.num_blocks // 100)
+        self._filling: set[bytes] | None = None  # per step: see schedule()
 
     # --- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -200,6 +208,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         adapters = StepAdapters()
+        # Digests of the prompt blocks this step fills, when someone waits who may share them.
+        self._filling = set() if self.waiting and self.allocator.prefix_caching else None
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -241,6 +251,8 @@ class Scheduler:
         self.allocator.grow(seq, n)
         chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
         out.chunks.append(chunk)
+        if self._filling is not None and chunk.start < seq.num_prompt_tokens:
+            self._filling.update(self.allocator.digests_completed(seq, chunk.start, n))
         self.policy.on_scheduled(seq, chunk.start, n, chunk.samples)
         step.names.update(seq.adapters)
         step.pages += pages  # `_adapter_room`'s count for them
@@ -303,6 +315,9 @@ class Scheduler:
                     continue
                 break  # overdue: hold admissions until running sequences free an adapter place
             prefix = self.allocator.cached_prefix(seq)
+            if self._filling and self._shares_this_step(seq, prefix):
+                skip.add(id(seq))  # not passed over: it runs next step, on those blocks
+                continue
             n = min(seq.num_uncomputed_tokens - len(prefix) * self.allocator.block_size, budget)
             # The watermark is room for running sequences to grow: with none, a first chunk (or a
             # cached prefix) needing all of the cache would otherwise never be admitted.
@@ -325,6 +340,17 @@ class Scheduler:
             budget -= n
         for seq in passed:
             self._passed_over[id(seq)] = self._passed_over.get(id(seq), 0) + 1
+
+    def _shares_this_step(self, seq: Sequence, prefix: list[int]) -> bool:
+        """Whether `seq` should wait one step for prompt blocks this step computes for another
+        sequence (`n` choices of one prompt, a burst on a new system prompt) rather than compute
+        them again beside it: when they are at least half of what it has left to compute, or
+        `SHARE_MIN_TOKENS`. Waiting, it finds them cached next step; admitted now, it would
+        duplicate them (blocks are cached once their step has run: a step's sequences never
+        read each other's K/V, so a failing one fails alone)."""
+        shared = self.allocator.tokens_in_step(seq, prefix, self._filling)
+        left = seq.num_uncomputed_tokens - len(prefix) * self.allocator.block_size
+        return shared > 0 and (shared >= SHARE_MIN_TOKENS or 2 * shared >= left)
 
     def _overdue(self) -> list[Sequence]:
         """Waiting sequences past the bound, longest passed over first (queue order on ties)."""

@@ -268,3 +268,26 @@ def test_adapter_for_the_other_projection_layout_is_refused(tmp_path, adapter_on
         inspect_peft_adapter(adapter, arch, name="x", max_rank=8)
     assert err.value.code == "adapter_unsupported"
     assert f"decoder projections {', '.join(arch.lora_targets)} is served" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_tied_embeddings_by_the_family_default_when_config_omits_the_key(tmp_path, model_type):
+    """Hub Gemma 2/3 configs leave out `tie_word_embeddings` (older transformers saved only values
+    that differ from the defaults, and tied is the default for Gemma) and their checkpoints have no
+    lm_head.weight: transformers ties them; the server refused them for a missing lm_head."""
+    import transformers
+
+    from engine_runs import cpu_engine
+
+    model_dir = save_tiny_model(tmp_path / "m", model_type, seed=3, num_hidden_layers=1, head_dim=16,
+                                tie_word_embeddings=True)
+    cfg_file = model_dir / "config.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items()
+                                    if k != "tie_word_embeddings"}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    prompt = torch.randint(2, 320, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = greedy(model, prompt, 6)
+    tokens, logprobs = greedy_with_logprobs(cpu_engine(model_dir), [(None, prompt)], 6)
+    assert tokens[0] == expected[0]
+    assert logprobs[0] == pytest.approx(expected[1], abs=2e-4)

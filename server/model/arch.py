@@ -158,7 +158,7 @@ class ModelArch:
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.tied_by_default)),
             qkv_bias=family.bias == "qkv" or attention_bias,
             o_bias=family.bias == "attention_bias" and attention_bias,
             family=family,

@@ -58,6 +58,9 @@ class Family:
     activation_key: str = "hidden_act"
     bias: str = "attention_bias"  # "attention_bias": q/k/v/o bias iff the config says; "qkv": always q/k/v
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
+    # transformers' default for a config.json without `tie_word_embeddings` (hub configs saved as a
+    # diff against the defaults leave it out where it is the default: Gemma's checkpoints, tied)
+    tied_by_default: bool = False
     softcapping: bool = False  # honours attn_logit_softcapping / final_logit_softcapping
     query_pre_attn_scalar: bool = False  # attention scale = query_pre_attn_scalar ** -0.5
     # Sliding windows: "none" (refused if set), "all" (every layer, if `sliding_window`), or
@@ -111,12 +114,13 @@ FAMILIES: tuple[Family, ...] = (
            default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window"),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), _SPLIT,
            norms=_GEMMA_NORMS, norm_offset=1.0, norm_rounds_before_scale=False, activation_key="hidden_activation",
-           embed_scale=True, softcapping=True,
+           embed_scale=True, tied_by_default=True, softcapping=True,
            query_pre_attn_scalar=True, sliding="layer_types", default_layer_types=_alternating_layer_type),
     Family("gemma3_text", "Gemma 3 (text)", ("Gemma3ForCausalLM",), ("gemma3_text",), _SPLIT,
            norms=replace(_GEMMA_NORMS, q="self_attn.q_norm", k="self_attn.k_norm"), norm_offset=1.0,
            norm_rounds_before_scale=False,
-           activation_key="hidden_activation", embed_scale=True, softcapping=True, query_pre_attn_scalar=True,
+           activation_key="hidden_activation", embed_scale=True, tied_by_default=True, softcapping=True,
+           query_pre_attn_scalar=True,
            sliding="layer_types", default_layer_types=_gemma3_layer_type, per_layer_rope=True,
            local_rope_theta_key="rope_local_base_freq"),
     Family("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), _FUSED, bias="none", sliding="all",

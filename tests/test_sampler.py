@@ -84,3 +84,15 @@ def test_a_pending_last_token_is_penalised_as_if_on_the_host():
     sampler._apply_penalties(want, known, None)
     sampler._apply_penalties(got, short, pending)
     assert torch.allclose(got, want) and not torch.allclose(got, logits)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-6])
+@pytest.mark.parametrize("extra", [{}, dict(top_p=0.9), dict(top_k=3), dict(min_p=0.1)], ids=str)
+def test_a_tiny_positive_temperature_samples_the_top_token(temperature, extra):
+    """temperature -> 0 is greedy. A positive temperature the validator accepts (a JSON 1e-39) made
+    logits / temperature overflow to inf and the softmax NaN, and the NaN row picked token 0;
+    vLLM samples a temperature under 1e-5 greedily, as here."""
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0], [0.5, -1.0, 2.5, 2.0]])
+    seqs = [seq_with([1, 2], [], temperature=temperature, seed=s, **extra) for s in (0, 1)]
+    tokens = Sampler(torch.device("cpu")).sample(logits, seqs).output().token_ids
+    assert tokens == [1, 2]

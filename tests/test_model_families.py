@@ -291,3 +291,36 @@ def test_tied_embeddings_by_the_family_default_when_config_omits_the_key(tmp_pat
     tokens, logprobs = greedy_with_logprobs(cpu_engine(model_dir), [(None, prompt)], 6)
     assert tokens[0] == expected[0]
     assert logprobs[0] == pytest.approx(expected[1], abs=2e-4)
+
+
+FAMILY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_a_config_without_optional_keys_reads_as_transformers_defaults_it(model_type):
+    """A config.json may leave out any key its family's config class has a default for (hand-written
+    configs, or hub ones saved as a diff); transformers fills the class's defaults, which differ by
+    family (Gemma: tied, soft-capped, head_dim 256, gelu; Gemma 3's global RoPE base 1e6; Phi-3's
+    eps 1e-5): ours must read the same model, not a generic fallback."""
+    import transformers
+
+    from server.model.families import family_named
+
+    minimal = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=320)
+    hf = transformers.AutoConfig.for_model(model_type, **minimal)
+    arch = ModelArch.from_hf_config(dict(minimal, model_type=model_type))
+    family = family_named(model_type)
+    assert arch.tie_word_embeddings == hf.tie_word_embeddings
+    assert arch.rms_norm_eps == hf.rms_norm_eps
+    assert arch.max_position_embeddings == hf.max_position_embeddings
+    assert arch.head_dim == (getattr(hf, "head_dim", None) or 16)
+    assert arch.activation == getattr(hf, family.activation_key)
+    assert arch.attn_softcap == getattr(hf, "attn_logit_softcapping", None)
+    assert arch.final_softcap == getattr(hf, "final_logit_softcapping", None)
+    assert arch.attn_scale == pytest.approx((getattr(hf, "query_pre_attn_scalar", None) or arch.head_dim) ** -0.5)
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * 4
+    window = getattr(hf, "sliding_window", None)
+    assert arch.layer_windows == tuple(window if t == "sliding_attention" else None for t in types)
+    params = hf.rope_parameters
+    assert [r.theta for r in arch.layer_ropes] == [params.get(t, params)["rope_theta"] for t in types]

@@ -118,6 +118,7 @@ class ModelArch:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or model_type!r}: loramux runs {supported()}")
         where = f"{family.display} checkpoint"
+        cfg = {**family.config_defaults, **cfg}  # a key left out means the family's default (an explicit null stays)
         activation = cfg.get(family.activation_key) or "silu"
         if activation not in SUPPORTED_ACTIVATIONS:
             raise UnsupportedModelError(f"{where}: unsupported {family.activation_key} {activation!r}; "
@@ -158,7 +159,7 @@ class ModelArch:
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.tied_by_default)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family.bias == "qkv" or attention_bias,
             o_bias=family.bias == "attention_bias" and attention_bias,
             family=family,

@@ -46,8 +46,9 @@ CASES = {
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24), SPLIT),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.5,
                               final_logit_softcapping=6.0, tie_word_embeddings=True), SPLIT),
+    # attn_logit_softcapping: in Gemma 3's config class, unused by its attention (transformers ignores it)
     "gemma3-text": ("gemma3_text", dict(
-        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True, attn_logit_softcapping=2.0,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
                          "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0)}), SPLIT),

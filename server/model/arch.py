@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.model.families import (
-    GROUP_COMPONENTS, GROUP_INPUT, SUPPORTED_ACTIVATIONS, SUPPORTED_LAYER_TYPES, Family, family_for, supported,
+    GROUP_COMPONENTS, GROUP_INPUT, SOFTCAP_KEYS, SUPPORTED_ACTIVATIONS, SUPPORTED_LAYER_TYPES, Family, family_for,
+    supported,
 )
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
@@ -135,9 +136,9 @@ class ModelArch:
         attention_bias = bool(cfg.get("attention_bias", False))
         if family.bias == "none" and attention_bias:
             raise UnsupportedModelError(f"{where}: unsupported option attention_bias=true")
-        softcaps = (cfg.get("attn_logit_softcapping"), cfg.get("final_logit_softcapping"))
-        if not family.softcapping and any(softcaps):
+        if not family.softcaps and any(cfg.get(k) for k in SOFTCAP_KEYS):
             raise UnsupportedModelError(f"{where}: logit soft-capping is not part of this family")
+        softcaps = [float(cfg[k]) if k in family.softcaps and cfg.get(k) else None for k in SOFTCAP_KEYS]
 
         types = _layer_types(cfg, family, num_layers, where)
         ropes = _ropes_by_layer_type(cfg, family, where)
@@ -168,8 +169,8 @@ class ModelArch:
             activation=activation,
             attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5
             if family.query_pre_attn_scalar and cfg.get("query_pre_attn_scalar") else head_dim ** -0.5,
-            attn_softcap=float(softcaps[0]) if softcaps[0] else None,
-            final_softcap=float(softcaps[1]) if softcaps[1] else None,
+            attn_softcap=softcaps[0],
+            final_softcap=softcaps[1],
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos),
             name=str(cfg.get("_name_or_path") or ""),

@@ -27,6 +27,7 @@ GROUP_INPUT = {"qkv": "hidden", "o": "q", "gate_up": "hidden", "down": "intermed
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SOFTCAP_KEYS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class Family:
     # fallbacks: what a config.json that leaves a key out means (hub configs saved as a diff against
     # the defaults leave out `tie_word_embeddings` where it is the default: Gemma's, tied).
     config_defaults: dict[str, object] = field(default_factory=dict)
-    softcapping: bool = False  # honours attn_logit_softcapping / final_logit_softcapping
+    # The soft-caps transformers applies for this family, of SOFTCAP_KEYS; a family with none refuses
+    # them. Gemma 3's config class has attn_logit_softcapping but its attention never reads it: ignored.
+    softcaps: tuple[str, ...] = ()
     query_pre_attn_scalar: bool = False  # attention scale = query_pre_attn_scalar ** -0.5
     # Sliding windows: "none" (refused if set), "all" (every layer, if `sliding_window`), or
     # "layer_types" (per `layer_types`; `default_layer_types(cfg, i)` when the config has none).
@@ -122,15 +125,15 @@ FAMILIES: tuple[Family, ...] = (
            config_defaults={**_QWEN_DEFAULTS, "head_dim": 128}),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), _SPLIT,
            norms=_GEMMA_NORMS, norm_offset=1.0, norm_rounds_before_scale=False, activation_key="hidden_activation",
-           embed_scale=True, softcapping=True, query_pre_attn_scalar=True, sliding="layer_types",
+           embed_scale=True, softcaps=SOFTCAP_KEYS, query_pre_attn_scalar=True, sliding="layer_types",
            default_layer_types=_alternating_layer_type,
            config_defaults={**_GEMMA_DEFAULTS, "max_position_embeddings": 8192, "attn_logit_softcapping": 50.0,
                             "final_logit_softcapping": 30.0}),
     Family("gemma3_text", "Gemma 3 (text)", ("Gemma3ForCausalLM",), ("gemma3_text",), _SPLIT,
            norms=replace(_GEMMA_NORMS, q="self_attn.q_norm", k="self_attn.k_norm"), norm_offset=1.0,
-           norm_rounds_before_scale=False, activation_key="hidden_activation", embed_scale=True, softcapping=True,
-           query_pre_attn_scalar=True, sliding="layer_types", default_layer_types=_gemma3_layer_type, per_layer_rope=True,
-           local_rope_theta_key="rope_local_base_freq",
+           norm_rounds_before_scale=False, activation_key="hidden_activation", embed_scale=True,
+           softcaps=("final_logit_softcapping",), query_pre_attn_scalar=True, sliding="layer_types",
+           default_layer_types=_gemma3_layer_type, per_layer_rope=True, local_rope_theta_key="rope_local_base_freq",
            config_defaults={**_GEMMA_DEFAULTS, "max_position_embeddings": 131072, "rope_theta": 1000000.0}),
     Family("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), _FUSED, bias="none", sliding="all",
            peft_default_targets=None, config_defaults={"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}),

@@ -30,6 +30,17 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it for
+    training masks (TRL's assistant_only_loss); rendering it is rendering its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)  # the `generation` name
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: Any = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
@@ -50,13 +61,17 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = _load_chat_template(model_dir, cfg)
         self._template = None
+        self._template_error: str | None = None  # why the template does not compile (chat fails, the rest serves)
         if self.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
             env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as exc:
+                self._template_error = f"this model's chat template does not parse: {exc}"
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +138,7 @@ class Tokenizer:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> str:
         if self._template is None:
-            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+            raise ChatTemplateError(self._template_error or "this model has no chat template; use /v1/completions")
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

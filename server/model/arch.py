@@ -124,6 +124,11 @@ class ModelArch:
         if activation not in SUPPORTED_ACTIVATIONS:
             raise UnsupportedModelError(f"{where}: unsupported {family.activation_key} {activation!r}; "
                                         f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+        quantization = cfg.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise UnsupportedModelError(f"{where}: quantized checkpoints are not supported (quant_method "
+                                        f"{method!r}); serve the unquantized model")
         if cfg.get("mlp_bias"):
             raise UnsupportedModelError(f"{where}: unsupported option mlp_bias=true")
         if cfg.get("use_bidirectional_attention"):

@@ -307,15 +307,15 @@ def test_a_config_without_optional_keys_reads_as_transformers_defaults_it(model_
 
     from server.model.families import family_named
 
-    minimal = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=320)
+    minimal = dict(hidden_size=256, intermediate_size=112, num_hidden_layers=4, num_attention_heads=32, vocab_size=320)
     hf = transformers.AutoConfig.for_model(model_type, **minimal)
     arch = ModelArch.from_hf_config(dict(minimal, model_type=model_type))
     family = family_named(model_type)
     assert arch.tie_word_embeddings == hf.tie_word_embeddings
     assert arch.rms_norm_eps == hf.rms_norm_eps
     assert arch.max_position_embeddings == hf.max_position_embeddings
-    assert arch.head_dim == (getattr(hf, "head_dim", None) or 16)
+    assert arch.head_dim == (getattr(hf, "head_dim", None) or 8)
+    assert arch.num_kv_heads == hf.num_key_value_heads
     assert arch.activation == getattr(hf, family.activation_key)
     assert arch.attn_softcap == getattr(hf, "attn_logit_softcapping", None)
     assert arch.final_softcap == getattr(hf, "final_logit_softcapping", None)

@@ -104,9 +104,9 @@ def _gemma3_layer_type(cfg: dict, i: int) -> str:
     return "sliding_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) else "full_attention"
 
 
-_QWEN_DEFAULTS = {"max_position_embeddings": 32768, "sliding_window": 4096}
-_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-                   "query_pre_attn_scalar": 256, "sliding_window": 4096}
+_QWEN_DEFAULTS = {"max_position_embeddings": 32768, "sliding_window": 4096, "num_key_value_heads": 32}
+_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "num_key_value_heads": 4,
+                   "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096}
 
 _GEMMA_NORMS = Norms(mlp_in="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
                      mlp_out="post_feedforward_layernorm")
@@ -115,7 +115,7 @@ _GEMMA_NORMS = Norms(mlp_in="pre_feedforward_layernorm", attn_out="post_attentio
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "Llama 2/3/3.x, SmolLM", ("LlamaForCausalLM",), ("llama",), _SPLIT),
     Family("mistral", "Mistral", ("MistralForCausalLM",), ("mistral",), _SPLIT, bias="none", sliding="all",
-           config_defaults={"max_position_embeddings": 131072, "sliding_window": 4096}),
+           config_defaults={"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8}),
     Family("qwen2", "Qwen2/2.5", ("Qwen2ForCausalLM",), ("qwen2",), _SPLIT, bias="qkv", sliding="layer_types",
            default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window",
            config_defaults=_QWEN_DEFAULTS),

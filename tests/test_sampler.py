@@ -96,3 +96,19 @@ def test_a_tiny_positive_temperature_samples_the_top_token(temperature, extra):
     seqs = [seq_with([1, 2], [], temperature=temperature, seed=s, **extra) for s in (0, 1)]
     tokens = Sampler(torch.device("cpu")).sample(logits, seqs).output().token_ids
     assert tokens == [1, 2]
+
+
+def test_a_failed_step_leaves_seeded_neighbours_as_if_alone():
+    """A row whose seed no generator takes fails the step (the engine then reruns the others
+    without it). The seeded rows before it had already drawn their noise, so on the rerun they
+    drew again: their tokens depended on who shared the failed batch."""
+    from dataclasses import replace
+
+    logits = torch.zeros(1, 1000)  # flat: every draw of the noise picks another token
+    alone = Sampler(torch.device("cpu")).sample(logits, [seq_with([1], [], seed=5)]).output().token_ids
+    seeded, poison = seq_with([1], [], seed=5), seq_with([2], [], seed=1)
+    poison.request.params = replace(poison.params, seed=2**64)  # past validation, as test_engine's poison
+    sampler = Sampler(torch.device("cpu"))
+    with pytest.raises(ValueError):
+        sampler.sample(logits.repeat(2, 1), [seeded, poison])
+    assert sampler.sample(logits, [seeded]).output().token_ids == alone

@@ -171,11 +171,14 @@ class Sampler:
             mins = _rows([p.min_p for p in params], torch.float32, self.device)[:, None]
             probs = probs.masked_fill(probs < mins * probs.max(dim=-1, keepdim=True).values, 0.0)
 
+        # Every seeded row's generator first: one that cannot be made fails the step before any
+        # row has drawn, so the rows rerun without it draw what they would have drawn alone.
+        seeded = [(row, self._rng(seq)) for row, seq in enumerate(seqs)
+                  if params[row].seed is not None and not greedy[row]]
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self._generator)
-        for row, seq in enumerate(seqs):
-            if params[row].seed is not None and not greedy[row]:
-                noise[row].exponential_(generator=self._rng(seq))
+        for row, rng in seeded:
+            noise[row].exponential_(generator=rng)
         sampled = (probs / noise).argmax(dim=-1)
         greedy_rows = _rows(greedy, torch.bool, self.device)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if any(greedy) else sampled

@@ -112,3 +112,20 @@ def test_a_failed_step_leaves_seeded_neighbours_as_if_alone():
     with pytest.raises(ValueError):
         sampler.sample(logits.repeat(2, 1), [seeded, poison])
     assert sampler.sample(logits, [seeded]).output().token_ids == alone
+
+
+def test_logprobs_are_the_models_before_penalties_and_temperature():
+    """vLLM's default (logprobs_mode raw_logprobs): the log-softmax of the model's logits, whatever
+    temperature, top-k/p and penalties then do to the draw; the sampled token's and the top ones'."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 12, generator=g) * 3
+    seqs = [seq_with([4, 4], [4, 7], temperature=0.4, top_k=3, repetition_penalty=2.0, frequency_penalty=1.0,
+                     logprobs=3, seed=1),
+            seq_with([1], [], temperature=0.0, presence_penalty=2.0, logprobs=0)]
+    out = Sampler(torch.device("cpu")).sample(logits, seqs).output()
+    raw = torch.log_softmax(logits, dim=-1)
+    for row, lp in enumerate(out.logprobs):
+        assert lp.logprob == pytest.approx(raw[row, out.token_ids[row]].item())
+        k = seqs[row].params.logprobs
+        assert [t for t, _ in lp.top] == raw[row].topk(k).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(raw[row].topk(k).values.tolist())

@@ -120,15 +120,15 @@ class ModelArch:
                 f"unsupported architecture {archs or model_type!r}: loramux runs {supported()}")
         where = f"{family.display} checkpoint"
         cfg = {**family.config_defaults, **cfg}  # a key left out means the family's default (an explicit null stays)
-        activation = cfg.get(family.activation_key) or "silu"
-        if activation not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: unsupported {family.activation_key} {activation!r}; "
-                                        f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
         quantization = cfg.get("quantization_config")
         if quantization:
             method = quantization.get("quant_method") if isinstance(quantization, dict) else None
             raise UnsupportedModelError(f"{where}: quantized checkpoints are not supported (quant_method "
                                         f"{method!r}); serve the unquantized model")
+        activation = cfg.get(family.activation_key) or "silu"
+        if activation not in SUPPORTED_ACTIVATIONS:
+            raise UnsupportedModelError(f"{where}: unsupported {family.activation_key} {activation!r}; "
+                                        f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
         if cfg.get("mlp_bias"):
             raise UnsupportedModelError(f"{where}: unsupported option mlp_bias=true")
         if cfg.get("use_bidirectional_attention"):

@@ -66,8 +66,8 @@ class _Checkpoint:
             t = handle.get_tensor(name)
         # An 8-bit or integer weight is a quantized one: cast without its scales it is a wrong weight.
         if t.dtype not in _FLOATS:
-            raise UnsupportedModelError(f"{name}: dtype {t.dtype} is not a 16/32-bit float (a quantized "
-                                        f"checkpoint? loramux loads float16, bfloat16 and float32 weights)")
+            raise UnsupportedModelError(f"{name}: dtype {t.dtype} is not a 16-, 32- or 64-bit float (a "
+                                        f"quantized checkpoint? loramux loads float16, bfloat16 and float32 weights)")
         return t
 
 

@@ -95,3 +95,25 @@ def test_a_template_that_does_not_parse_fails_chat_only(tmp_path):
     assert tok.encode("Hello") == tok.backend.encode("Hello").ids
     with pytest.raises(ChatTemplateError, match="chat template does not parse: unexpected '}'"):
         tok.render_chat(MESSAGES)
+
+
+@pytest.mark.parametrize("config, special_map", [
+    ({}, {"bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
+                        "single_word": False}, "eos_token": "</s>"}),
+    ({"bos_token": None, "eos_token": "<s>"}, {"bos_token": "<s>", "eos_token": "</s>"}),
+], ids=["only-in-the-map", "the-map-wins"])
+def test_special_tokens_map_json_names_bos_and_eos_as_transformers_reads_it(tmp_path, config, special_map):
+    """Checkpoints saved by older transformers keep bos/eos in special_tokens_map.json, which
+    transformers reads over tokenizer_config.json: the template's `bos_token` rendered empty and
+    the EOS fallback was missing."""
+    import transformers
+
+    byte_level_tokenizer(320).save(str(tmp_path / "tokenizer.json"))
+    config = dict(config, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                                        "{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = Tokenizer(tmp_path)
+    assert tok.render_chat(MESSAGES, add_generation_prompt=False) == hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert tok.eos_token_id == hf.eos_token_id

@@ -54,10 +54,11 @@ class Tokenizer:
         if not tok_file.is_file():
             raise UnsupportedModelError(f"{model_dir}: no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(tok_file))
-        cfg_file = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
+        cfg = _read_json(model_dir / "tokenizer_config.json")
+        # As transformers: special_tokens_map.json (older checkpoints keep them only there) wins.
+        specials = {**cfg, **_read_json(model_dir / "special_tokens_map.json")}
+        self.bos_token = _token_text(specials.get("bos_token"))
+        self.eos_token = _token_text(specials.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = _load_chat_template(model_dir, cfg)
         self._template = None
@@ -166,6 +167,10 @@ def _bytes_to_chars() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:

@@ -117,3 +117,12 @@ def test_special_tokens_map_json_names_bos_and_eos_as_transformers_reads_it(tmp_
     tok = Tokenizer(tmp_path)
     assert tok.render_chat(MESSAGES, add_generation_prompt=False) == hf.apply_chat_template(MESSAGES, tokenize=False)
     assert tok.eos_token_id == hf.eos_token_id
+
+
+def test_named_templates_without_a_default_fail_chat_as_transformers_does(tmp_path):
+    """transformers refuses to pick among named templates with no "default" (one may be for tools,
+    one for RAG); the first of the list was used instead, silently."""
+    named = [{"name": "tool_use", "template": "T{{ messages[0]['content'] }}"}, {"name": "rag", "template": "R"}]
+    tok = Tokenizer(_with_template(tmp_path, named))
+    with pytest.raises(ChatTemplateError, match="named chat templates \\(tool_use, rag\\) and none is 'default'"):
+        tok.render_chat(MESSAGES)

@@ -60,9 +60,9 @@ class Tokenizer:
         self.bos_token = _token_text(specials.get("bos_token"))
         self.eos_token = _token_text(specials.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template = _load_chat_template(model_dir, cfg)
+        # _template_error: why there is a template but no usable one (chat fails, the rest serves)
+        self.chat_template, self._template_error = _load_chat_template(model_dir, cfg)
         self._template = None
-        self._template_error: str | None = None  # why the template does not compile (chat fails, the rest serves)
         if self.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
@@ -179,12 +179,17 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-def _load_chat_template(model_dir: Path, cfg: dict) -> str | None:
+def _load_chat_template(model_dir: Path, cfg: dict) -> tuple[str | None, str | None]:
+    """The chat template, or None and why (named templates, none of them "default": as transformers,
+    no guess among templates meant for tools, RAG, ...)."""
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text()
+        return jinja_file.read_text(), None
     template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
+    if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template
+        if "default" not in named:
+            return None, (f"this model has named chat templates ({', '.join(map(str, named))}) and none is "
+                          f"'default'; use /v1/completions")
+        template = named["default"]
+    return template, None

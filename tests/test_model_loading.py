@@ -28,7 +28,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32):
 
 
 def rewrite(tiny: Path, to: Path, edit) -> Path:
-    """A copy of `tiny` whose tensors dict went through `edit` (and the config through `edit.config`)."""
+    """A copy of `tiny` (its config and its tensors, edited in place by `edit`)."""
     to.mkdir()
     tensors = load_file(str(tiny / "model.safetensors"))
     edit(tensors)
@@ -58,7 +58,8 @@ def test_a_mis_shaped_tensor_is_named_with_both_shapes(tiny, tmp_path):
     def cut(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:16].clone()
 
-    with pytest.raises(UnsupportedModelError, match=r"k_proj.weight: shape \(16, 64\) does not match config \(32, 64\)"):
+    with pytest.raises(UnsupportedModelError, match=r"k_proj.weight: shape \(16, 64\) does not match config "
+                                                    r"\(32, 64\)"):
         load(rewrite(tiny, tmp_path / "c", cut))
 
 

@@ -46,8 +46,9 @@ CASES = {
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24), SPLIT),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.5,
                               final_logit_softcapping=6.0, tie_word_embeddings=True), SPLIT),
+    # attn_logit_softcapping: in Gemma 3's config class, unused by its attention (transformers ignores it)
     "gemma3-text": ("gemma3_text", dict(
-        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True, attn_logit_softcapping=2.0,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
                          "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0)}), SPLIT),
@@ -268,3 +269,59 @@ def test_adapter_for_the_other_projection_layout_is_refused(tmp_path, adapter_on
         inspect_peft_adapter(adapter, arch, name="x", max_rank=8)
     assert err.value.code == "adapter_unsupported"
     assert f"decoder projections {', '.join(arch.lora_targets)} is served" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_tied_embeddings_by_the_family_default_when_config_omits_the_key(tmp_path, model_type):
+    """Hub Gemma 2/3 configs leave out `tie_word_embeddings` (older transformers saved only values
+    that differ from the defaults, and tied is the default for Gemma) and their checkpoints have no
+    lm_head.weight: transformers ties them; the server refused them for a missing lm_head."""
+    import transformers
+
+    from engine_runs import cpu_engine
+
+    model_dir = save_tiny_model(tmp_path / "m", model_type, seed=3, num_hidden_layers=1, head_dim=16,
+                                tie_word_embeddings=True)
+    cfg_file = model_dir / "config.json"
+    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items()
+                                    if k != "tie_word_embeddings"}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    prompt = torch.randint(2, 320, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = greedy(model, prompt, 6)
+    tokens, logprobs = greedy_with_logprobs(cpu_engine(model_dir), [(None, prompt)], 6)
+    assert tokens[0] == expected[0]
+    assert logprobs[0] == pytest.approx(expected[1], abs=2e-4)
+
+
+FAMILY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_a_config_without_optional_keys_reads_as_transformers_defaults_it(model_type):
+    """A config.json may leave out any key its family's config class has a default for (hand-written
+    configs, or hub ones saved as a diff); transformers fills the class's defaults, which differ by
+    family (Gemma: tied, soft-capped, head_dim 256, gelu; Gemma 3's global RoPE base 1e6; Phi-3's
+    eps 1e-5): ours must read the same model, not a generic fallback."""
+    import transformers
+
+    from server.model.families import family_named
+
+    minimal = dict(hidden_size=256, intermediate_size=112, num_hidden_layers=4, num_attention_heads=32, vocab_size=320)
+    hf = transformers.AutoConfig.for_model(model_type, **minimal)
+    arch = ModelArch.from_hf_config(dict(minimal, model_type=model_type))
+    family = family_named(model_type)
+    assert arch.tie_word_embeddings == hf.tie_word_embeddings
+    assert arch.rms_norm_eps == hf.rms_norm_eps
+    assert arch.max_position_embeddings == hf.max_position_embeddings
+    assert arch.head_dim == (getattr(hf, "head_dim", None) or 8)
+    assert arch.num_kv_heads == hf.num_key_value_heads
+    assert arch.activation == getattr(hf, family.activation_key)
+    assert arch.attn_softcap == getattr(hf, "attn_logit_softcapping", None)
+    assert arch.final_softcap == getattr(hf, "final_logit_softcapping", None)
+    assert arch.attn_scale == pytest.approx((getattr(hf, "query_pre_attn_scalar", None) or arch.head_dim) ** -0.5)
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * 4
+    window = getattr(hf, "sliding_window", None)
+    assert arch.layer_windows == tuple(window if t == "sliding_attention" else None for t in types)
+    params = hf.rope_parameters
+    assert [r.theta for r in arch.layer_ropes] == [params.get(t, params)["rope_theta"] for t in types]

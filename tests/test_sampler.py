@@ -84,3 +84,48 @@ def test_a_pending_last_token_is_penalised_as_if_on_the_host():
     sampler._apply_penalties(want, known, None)
     sampler._apply_penalties(got, short, pending)
     assert torch.allclose(got, want) and not torch.allclose(got, logits)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-6])
+@pytest.mark.parametrize("extra", [{}, dict(top_p=0.9), dict(top_k=3), dict(min_p=0.1)], ids=str)
+def test_a_tiny_positive_temperature_samples_the_top_token(temperature, extra):
+    """temperature -> 0 is greedy. A positive temperature the validator accepts (a JSON 1e-39) made
+    logits / temperature overflow to inf and the softmax NaN, and the NaN row picked token 0;
+    vLLM samples a temperature under 1e-5 greedily, as here."""
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0], [0.5, -1.0, 2.5, 2.0]])
+    seqs = [seq_with([1, 2], [], temperature=temperature, seed=s, **extra) for s in (0, 1)]
+    tokens = Sampler(torch.device("cpu")).sample(logits, seqs).output().token_ids
+    assert tokens == [1, 2]
+
+
+def test_a_failed_step_leaves_seeded_neighbours_as_if_alone():
+    """A row whose seed no generator takes fails the step (the engine then reruns the others
+    without it). The seeded rows before it had already drawn their noise, so on the rerun they
+    drew again: their tokens depended on who shared the failed batch."""
+    from dataclasses import replace
+
+    logits = torch.zeros(1, 1000)  # flat: every draw of the noise picks another token
+    alone = Sampler(torch.device("cpu")).sample(logits, [seq_with([1], [], seed=5)]).output().token_ids
+    seeded, poison = seq_with([1], [], seed=5), seq_with([2], [], seed=1)
+    poison.request.params = replace(poison.params, seed=2**64)  # past validation, as test_engine's poison
+    sampler = Sampler(torch.device("cpu"))
+    with pytest.raises(ValueError):
+        sampler.sample(logits.repeat(2, 1), [seeded, poison])
+    assert sampler.sample(logits, [seeded]).output().token_ids == alone
+
+
+def test_logprobs_are_the_models_before_penalties_and_temperature():
+    """vLLM's default (logprobs_mode raw_logprobs): the log-softmax of the model's logits, whatever
+    temperature, top-k/p and penalties then do to the draw; the sampled token's and the top ones'."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 12, generator=g) * 3
+    seqs = [seq_with([4, 4], [4, 7], temperature=0.4, top_k=3, repetition_penalty=2.0, frequency_penalty=1.0,
+                     logprobs=3, seed=1),
+            seq_with([1], [], temperature=0.0, presence_penalty=2.0, logprobs=0)]
+    out = Sampler(torch.device("cpu")).sample(logits, seqs).output()
+    raw = torch.log_softmax(logits, dim=-1)
+    for row, lp in enumerate(out.logprobs):
+        assert lp.logprob == pytest.approx(raw[row, out.token_ids[row]].item())
+        k = seqs[row].params.logprobs
+        assert [t for t, _ in lp.top] == raw[row].topk(k).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(raw[row].topk(k).values.tolist())

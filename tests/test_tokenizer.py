@@ -6,8 +6,12 @@ tests/test_experts_parity.py's server test with random token-id prompts)."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from conftest import byte_level_tokenizer
-from server.model.tokenizer import Tokenizer
+from server.model.tokenizer import ChatTemplateError, Tokenizer
 
 
 def test_a_prompt_ending_mid_character_does_not_leak_into_the_completion(tmp_path):
@@ -58,3 +62,67 @@ def test_token_bytes_of_sentencepiece_with_byte_fallback(tmp_path):
     ids = tok.encode("Hello wörld, 日本 Ça va?", add_special_tokens=False)
     assert any(tok.backend.id_to_token(i).startswith("<0x") for i in ids)
     assert b"".join(map(tok.token_bytes, ids)) == "Hello wörld, 日本 Ça va?".encode()
+
+
+def _with_template(path, template: str):
+    byte_level_tokenizer(320).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "chat_template": template}))
+    return path
+
+
+MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"}]
+
+
+def test_a_template_with_generation_blocks_renders_as_transformers_renders_it(tmp_path):
+    """`{% generation %}` marks the assistant's text for training masks (TRL's assistant_only_loss);
+    transformers renders its body. The tag made the sandbox fail to compile: the server did not start."""
+    import transformers
+
+    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}</s>\n{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    path = _with_template(tmp_path, template)
+    want = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert Tokenizer(path).render_chat(MESSAGES, add_generation_prompt=True) == want
+
+
+def test_a_template_that_does_not_parse_fails_chat_only(tmp_path):
+    """As transformers (which compiles a template when it is applied): the model still serves
+    completions; a chat request gets the template's syntax error (a 400), not a server that won't start."""
+    tok = Tokenizer(_with_template(tmp_path, "{% for m in messages %}{{ m.content }"))
+    assert tok.encode("Hello") == tok.backend.encode("Hello").ids
+    with pytest.raises(ChatTemplateError, match="chat template does not parse: unexpected '}'"):
+        tok.render_chat(MESSAGES)
+
+
+@pytest.mark.parametrize("config, special_map", [
+    ({}, {"bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
+                        "single_word": False}, "eos_token": "</s>"}),
+    ({"bos_token": None, "eos_token": "<s>"}, {"bos_token": "<s>", "eos_token": "</s>"}),
+], ids=["only-in-the-map", "the-map-wins"])
+def test_special_tokens_map_json_names_bos_and_eos_as_transformers_reads_it(tmp_path, config, special_map):
+    """Checkpoints saved by older transformers keep bos/eos in special_tokens_map.json, which
+    transformers reads over tokenizer_config.json: the template's `bos_token` rendered empty and
+    the EOS fallback was missing."""
+    import transformers
+
+    byte_level_tokenizer(320).save(str(tmp_path / "tokenizer.json"))
+    config = dict(config, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                                        "{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = Tokenizer(tmp_path)
+    assert tok.render_chat(MESSAGES, add_generation_prompt=False) == hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert tok.eos_token_id == hf.eos_token_id
+
+
+def test_named_templates_without_a_default_fail_chat_as_transformers_does(tmp_path):
+    """transformers refuses to pick among named templates with no "default" (one may be for tools,
+    one for RAG); the first of the list was used instead, silently."""
+    named = [{"name": "tool_use", "template": "T{{ messages[0]['content'] }}"}, {"name": "rag", "template": "R"}]
+    tok = Tokenizer(_with_template(tmp_path, named))
+    with pytest.raises(ChatTemplateError, match="named chat templates \\(tool_use, rag\\) and none is 'default'"):
+        tok.render_chat(MESSAGES)

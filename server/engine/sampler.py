@@ -74,6 +74,15 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cud
     return host, ready
 
 
+# A temperature below this samples greedily (its limit; vLLM's threshold too): logits / 1e-39
+# overflow float32, and a softmax of infs is NaN.
+MIN_TEMPERATURE = 1e-5
+
+
+def _greedy(p: SamplingParams) -> bool:
+    return p.greedy or p.temperature < MIN_TEMPERATURE
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -92,7 +101,7 @@ class Sampler:
             logits = logits.clone()
             self._apply_penalties(logits, seqs, pending)
 
-        greedy = [p.greedy for p in params]
+        greedy = [_greedy(p) for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
@@ -162,11 +171,14 @@ class Sampler:
             mins = _rows([p.min_p for p in params], torch.float32, self.device)[:, None]
             probs = probs.masked_fill(probs < mins * probs.max(dim=-1, keepdim=True).values, 0.0)
 
+        # Every seeded row's generator first: one that cannot be made fails the step before any
+        # row has drawn, so the rows rerun without it draw what they would have drawn alone.
+        seeded = [(row, self._rng(seq)) for row, seq in enumerate(seqs)
+                  if params[row].seed is not None and not greedy[row]]
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self._generator)
-        for row, seq in enumerate(seqs):
-            if params[row].seed is not None and not greedy[row]:
-                noise[row].exponential_(generator=self._rng(seq))
+        for row, rng in seeded:
+            noise[row].exponential_(generator=rng)
         sampled = (probs / noise).argmax(dim=-1)
         greedy_rows = _rows(greedy, torch.bool, self.device)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if any(greedy) else sampled

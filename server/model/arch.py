@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.model.families import (
-    GROUP_COMPONENTS, GROUP_INPUT, SUPPORTED_ACTIVATIONS, SUPPORTED_LAYER_TYPES, Family, family_for, supported,
+    GROUP_COMPONENTS, GROUP_INPUT, SOFTCAP_KEYS, SUPPORTED_ACTIVATIONS, SUPPORTED_LAYER_TYPES, Family, family_for,
+    supported,
 )
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
@@ -118,6 +119,12 @@ class ModelArch:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or model_type!r}: loramux runs {supported()}")
         where = f"{family.display} checkpoint"
+        cfg = {**family.config_defaults, **cfg}  # a key left out means the family's default (an explicit null stays)
+        quantization = cfg.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise UnsupportedModelError(f"{where}: quantized checkpoints are not supported (quant_method "
+                                        f"{method!r}); serve the unquantized model")
         activation = cfg.get(family.activation_key) or "silu"
         if activation not in SUPPORTED_ACTIVATIONS:
             raise UnsupportedModelError(f"{where}: unsupported {family.activation_key} {activation!r}; "
@@ -134,9 +141,9 @@ class ModelArch:
         attention_bias = bool(cfg.get("attention_bias", False))
         if family.bias == "none" and attention_bias:
             raise UnsupportedModelError(f"{where}: unsupported option attention_bias=true")
-        softcaps = (cfg.get("attn_logit_softcapping"), cfg.get("final_logit_softcapping"))
-        if not family.softcapping and any(softcaps):
+        if not family.softcaps and any(cfg.get(k) for k in SOFTCAP_KEYS):
             raise UnsupportedModelError(f"{where}: logit soft-capping is not part of this family")
+        softcaps = [float(cfg[k]) if k in family.softcaps and cfg.get(k) else None for k in SOFTCAP_KEYS]
 
         types = _layer_types(cfg, family, num_layers, where)
         ropes = _ropes_by_layer_type(cfg, family, where)
@@ -167,8 +174,8 @@ class ModelArch:
             activation=activation,
             attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5
             if family.query_pre_attn_scalar and cfg.get("query_pre_attn_scalar") else head_dim ** -0.5,
-            attn_softcap=float(softcaps[0]) if softcaps[0] else None,
-            final_softcap=float(softcaps[1]) if softcaps[1] else None,
+            attn_softcap=softcaps[0],
+            final_softcap=softcaps[1],
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos),
             name=str(cfg.get("_name_or_path") or ""),

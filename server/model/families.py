@@ -13,7 +13,7 @@ case in tests/test_model_families.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 # Runtime fused linear -> its output components, in output order (widths come from ModelArch).
 GROUP_COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -27,6 +27,7 @@ GROUP_INPUT = {"qkv": "hidden", "o": "q", "gate_up": "hidden", "down": "intermed
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SOFTCAP_KEYS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,13 @@ class Family:
     activation_key: str = "hidden_act"
     bias: str = "attention_bias"  # "attention_bias": q/k/v/o bias iff the config says; "qkv": always q/k/v
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
-    softcapping: bool = False  # honours attn_logit_softcapping / final_logit_softcapping
+    # transformers' defaults of this family's config class where they differ from arch.py's generic
+    # fallbacks: what a config.json that leaves a key out means (hub configs saved as a diff against
+    # the defaults leave out `tie_word_embeddings` where it is the default: Gemma's, tied).
+    config_defaults: dict[str, object] = field(default_factory=dict)
+    # The soft-caps transformers applies for this family, of SOFTCAP_KEYS; a family with none refuses
+    # them. Gemma 3's config class has attn_logit_softcapping but its attention never reads it: ignored.
+    softcaps: tuple[str, ...] = ()
     query_pre_attn_scalar: bool = False  # attention scale = query_pre_attn_scalar ** -0.5
     # Sliding windows: "none" (refused if set), "all" (every layer, if `sliding_window`), or
     # "layer_types" (per `layer_types`; `default_layer_types(cfg, i)` when the config has none).
@@ -97,30 +104,39 @@ def _gemma3_layer_type(cfg: dict, i: int) -> str:
     return "sliding_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) else "full_attention"
 
 
+_QWEN_DEFAULTS = {"max_position_embeddings": 32768, "sliding_window": 4096, "num_key_value_heads": 32}
+_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "num_key_value_heads": 4,
+                   "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096}
+
 _GEMMA_NORMS = Norms(mlp_in="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
                      mlp_out="post_feedforward_layernorm")
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "Llama 2/3/3.x, SmolLM", ("LlamaForCausalLM",), ("llama",), _SPLIT),
-    Family("mistral", "Mistral", ("MistralForCausalLM",), ("mistral",), _SPLIT, bias="none", sliding="all"),
+    Family("mistral", "Mistral", ("MistralForCausalLM",), ("mistral",), _SPLIT, bias="none", sliding="all",
+           config_defaults={"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8}),
     Family("qwen2", "Qwen2/2.5", ("Qwen2ForCausalLM",), ("qwen2",), _SPLIT, bias="qkv", sliding="layer_types",
-           default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window"),
+           default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window",
+           config_defaults=_QWEN_DEFAULTS),
     Family("qwen3", "Qwen3", ("Qwen3ForCausalLM",), ("qwen3",), _SPLIT,
            norms=Norms(q="self_attn.q_norm", k="self_attn.k_norm"), sliding="layer_types",
-           default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window"),
+           default_layer_types=_qwen_layer_type, sliding_enabled_key="use_sliding_window",
+           config_defaults={**_QWEN_DEFAULTS, "head_dim": 128}),
     Family("gemma2", "Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), _SPLIT,
            norms=_GEMMA_NORMS, norm_offset=1.0, norm_rounds_before_scale=False, activation_key="hidden_activation",
-           embed_scale=True, softcapping=True,
-           query_pre_attn_scalar=True, sliding="layer_types", default_layer_types=_alternating_layer_type),
+           embed_scale=True, softcaps=SOFTCAP_KEYS, query_pre_attn_scalar=True, sliding="layer_types",
+           default_layer_types=_alternating_layer_type,
+           config_defaults={**_GEMMA_DEFAULTS, "max_position_embeddings": 8192, "attn_logit_softcapping": 50.0,
+                            "final_logit_softcapping": 30.0}),
     Family("gemma3_text", "Gemma 3 (text)", ("Gemma3ForCausalLM",), ("gemma3_text",), _SPLIT,
            norms=replace(_GEMMA_NORMS, q="self_attn.q_norm", k="self_attn.k_norm"), norm_offset=1.0,
-           norm_rounds_before_scale=False,
-           activation_key="hidden_activation", embed_scale=True, softcapping=True, query_pre_attn_scalar=True,
-           sliding="layer_types", default_layer_types=_gemma3_layer_type, per_layer_rope=True,
-           local_rope_theta_key="rope_local_base_freq"),
+           norm_rounds_before_scale=False, activation_key="hidden_activation", embed_scale=True,
+           softcaps=("final_logit_softcapping",), query_pre_attn_scalar=True, sliding="layer_types",
+           default_layer_types=_gemma3_layer_type, per_layer_rope=True, local_rope_theta_key="rope_local_base_freq",
+           config_defaults={**_GEMMA_DEFAULTS, "max_position_embeddings": 131072, "rope_theta": 1000000.0}),
     Family("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), _FUSED, bias="none", sliding="all",
-           peft_default_targets=None),
+           peft_default_targets=None, config_defaults={"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}),
 )
 
 

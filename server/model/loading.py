@@ -41,6 +41,9 @@ class ModelWeights:
     lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class _Checkpoint:
     """Name -> tensor over all safetensors shards of a directory."""
 
@@ -60,7 +63,12 @@ class _Checkpoint:
         if name not in self._where:
             raise UnsupportedModelError(f"checkpoint is missing tensor {name!r}")
         with safe_open(str(self._where[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+            t = handle.get_tensor(name)
+        # An 8-bit or integer weight is a quantized one: cast without its scales it is a wrong weight.
+        if t.dtype not in _FLOATS:
+            raise UnsupportedModelError(f"{name}: dtype {t.dtype} is not a 16-, 32- or 64-bit float (a "
+                                        f"quantized checkpoint? loramux loads float16, bfloat16 and float32 weights)")
+        return t
 
 
 def load_weights(path: str | Path, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> ModelWeights:

@@ -30,6 +30,17 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it for
+    training masks (TRL's assistant_only_loss); rendering it is rendering its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)  # the `generation` name
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: Any = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
@@ -43,20 +54,25 @@ class Tokenizer:
         if not tok_file.is_file():
             raise UnsupportedModelError(f"{model_dir}: no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(tok_file))
-        cfg_file = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
+        cfg = _read_json(model_dir / "tokenizer_config.json")
+        # As transformers: special_tokens_map.json (older checkpoints keep them only there) wins.
+        specials = {**cfg, **_read_json(model_dir / "special_tokens_map.json")}
+        self.bos_token = _token_text(specials.get("bos_token"))
+        self.eos_token = _token_text(specials.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template = _load_chat_template(model_dir, cfg)
+        # _template_error: why there is a template but no usable one (chat fails, the rest serves)
+        self.chat_template, self._template_error = _load_chat_template(model_dir, cfg)
         self._template = None
         if self.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
             env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as exc:
+                self._template_error = f"this model's chat template does not parse: {exc}"
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +139,7 @@ class Tokenizer:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> str:
         if self._template is None:
-            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+            raise ChatTemplateError(self._template_error or "this model has no chat template; use /v1/completions")
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
@@ -153,18 +169,27 @@ def _bytes_to_chars() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # older configs write AddedToken dicts
         return value.get("content")
     return value
 
 
-def _load_chat_template(model_dir: Path, cfg: dict) -> str | None:
+def _load_chat_template(model_dir: Path, cfg: dict) -> tuple[str | None, str | None]:
+    """The chat template, or None and why (named templates, none of them "default": as transformers,
+    no guess among templates meant for tools, RAG, ...)."""
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text()
+        return jinja_file.read_text(), None
     template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
+    if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template
+        if "default" not in named:
+            return None, (f"this model has named chat templates ({', '.join(map(str, named))}) and none is "
+                          f"'default'; use /v1/completions")
+        template = named["default"]
+    return template, None

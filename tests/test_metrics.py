@@ -356,3 +356,22 @@ def test_a_counted_histogram_exposes_what_one_observation_per_token_would():
                 if not s.name.endswith("_created")}
 
     assert samples(registry) == samples(ref_registry) and samples(registry)[("x_per_token_count", ())] == 64
+
+
+def test_the_server_process_adds_the_requests_in_transit_to_the_cores_queue():
+    """--engine-process on: the core counts the requests it has queued, the server process those it
+    sent that the core has not answered yet; the scrape sums both, for vLLM's gauge and ours."""
+    core, front = Metrics(), Metrics()
+    core.configure_engine(BASE, 16, 100, max_loras=None)
+    core.publish(core._state.__class__(running=2, waiting=3))
+    in_transit = [0]
+    front.count_in_transit(BASE, lambda: in_transit[0])
+    from server.metrics import exposition
+
+    for sent in (0, 4):
+        in_transit[0] = sent
+        fams = families(exposition(front.registry, list(core.registry.collect())).decode())
+        assert value(fams, "vllm:num_requests_waiting", model_name=BASE, engine="0") == 3 + sent
+        assert [s.labels for s in fams["vllm:num_requests_waiting"].samples] == [{"model_name": BASE, "engine": "0"}]
+        assert value(fams, "loramux_requests_waiting") == 3 + sent
+        assert value(fams, "vllm:num_requests_running") == 2

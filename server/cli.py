@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable
@@ -48,6 +49,44 @@ def _pairs(value: Any) -> dict[str, str]:
             raise ValueError(f"expected NAME=VALUE, got {item!r}")
         out[name] = rest
     return out
+
+
+def _int(low: int, high: int | None = None) -> Callable[[Any], int]:
+    """An integer in [low, high]: a value the engine cannot run (0 sequences, 0 tokens per step, a
+    block of 0 tokens, a port past 65535) is refused at start, not met as a hang or a traceback."""
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected an integer, got {value!r}")
+        number = int(value)
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"expected an integer {'>= ' + str(low) if high is None else f'from {low} to {high}'}, "
+                             f"got {value!r}")
+        return number
+    return convert
+
+
+def _size(value: Any) -> int:
+    """A byte size > 0 ('2GiB', '512MiB', a number)."""
+    size = parse_bytes(value)
+    if size < 1:
+        raise ValueError(f"expected a size > 0 (bytes, or e.g. 512MiB), got {value!r}")
+    return size
+
+
+def _choice(*names: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        name = str(value).strip().lower()
+        if name not in names:
+            raise ValueError(f"expected one of {', '.join(names)}, got {value!r}")
+        return name
+    return convert
+
+
+def _device(value: Any) -> str:
+    name = str(value).strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return name
 
 
 def _seconds(value: Any) -> float:
@@ -118,10 +157,10 @@ FLAGS = [
          "SmolLM2-135M-Instruct)"),
     Flag("served-model-name", "model.served_model_name", str, "`model` id of the base in the API"),
     Flag("dtype", "model.dtype", str, "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
-    Flag("device", "model.device", str, "auto | cpu | cuda"),
-    Flag("max-model-len", "model.max_model_len", int, "longest prompt + completion in tokens"),
+    Flag("device", "model.device", _device, "auto | cpu | cuda"),
+    Flag("max-model-len", "model.max_model_len", _int(1), "longest prompt + completion in tokens"),
     Flag("seed", "model.seed", int, "seed of unseeded sampling"),
-    Flag("num-threads", "model.num_threads", int, "torch CPU threads (default: all cores)"),
+    Flag("num-threads", "model.num_threads", _int(1), "torch CPU threads (default: all cores)"),
     Flag("attention-backend", "model.attention_backend", _backend("attention"),
          "auto | cpp | torch | triton (auto: cpp on CPU, triton on CUDA, else torch; chosen at start)"),
     Flag("enforce-eager", "model.enforce_eager", _bool, "run every step eagerly: no CUDA graphs for decode "
@@ -129,48 +168,48 @@ FLAGS = [
     Flag("cuda-graph-sizes", "model.cuda_graph_sizes", _sizes, "decode batch sizes to capture as CUDA graphs, e.g. "
          "1,8,64,256 (default: 1, 2, 4, 8, then every multiple of 8 up to --max-num-seqs); a batch replays the "
          "smallest size that holds it, a batch above the largest runs eagerly"),
-    Flag("block-size", "cache.block_size", int, "tokens per KV-cache block"),
-    Flag("kv-cache-memory", "cache.kv_cache_memory", parse_bytes, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
+    Flag("block-size", "cache.block_size", _int(1), "tokens per KV-cache block"),
+    Flag("kv-cache-memory", "cache.kv_cache_memory", _size, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
     Flag("no-prefix-caching", "cache.prefix_caching", _bool, "compute every prompt in full: no reuse of the KV "
          "blocks of a prefix another request of the same tenant and adapter computed", switch=True,
          switch_value=False),
-    Flag("max-num-seqs", "scheduler.max_num_seqs", int, "sequences running at once"),
-    Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
+    Flag("max-num-seqs", "scheduler.max_num_seqs", _int(1), "sequences running at once"),
+    Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", _int(1),
          "tokens per engine step (prefill chunk + decodes)"),
-    Flag("max-waiting", "scheduler.max_waiting", int, "requests pending in the engine (running + queued) before "
+    Flag("max-waiting", "scheduler.max_waiting", _int(1), "requests pending in the engine (running + queued) before "
          "new ones get an immediate HTTP 503 (None: 3 x --max-num-seqs)"),
     Flag("scheduling", "scheduler.scheduling", _scheduling, "admission policy: fcfs | vtc (fair share between "
          "tenants; default when --tenants or --api-keys is given, else fcfs); see docs/operator.md"),
     Flag("vtc-input-weight", "scheduler.vtc_input_weight", _cost, "VTC cost of a prompt token"),
     Flag("vtc-output-weight", "scheduler.vtc_output_weight", _cost, "VTC cost of an output token"),
-    Flag("prefetch-window", "scheduler.prefetch_window", int,
+    Flag("prefetch-window", "scheduler.prefetch_window", _int(1),
          "waiting requests (in scheduling order) whose adapters are loaded ahead of admission"),
-    Flag("max-wait-steps", "scheduler.max_wait_steps", int,
+    Flag("max-wait-steps", "scheduler.max_wait_steps", _int(0),
          "steps a request may be passed over because of its adapter before it goes first (starvation bound)"),
     Flag("async-scheduling", "scheduler.async_scheduling", _bool, "schedule and launch each step before taking "
          "in the previous one's tokens, so the host's work overlaps the GPU's (as vLLM); same tokens",
          switch=True),
     Flag("adapters-dir", "lora.adapters_dir", str, "adapter store scanned at start: one PEFT directory per adapter id"),
     Flag("lora-modules", "lora.lora_modules", _pairs, "NAME=PATH ... extra adapters to serve, as vLLM", nargs="+"),
-    Flag("lora-pool-memory", "lora.lora_pool_memory", parse_bytes, "device adapter pool size: bytes or e.g. "
+    Flag("lora-pool-memory", "lora.lora_pool_memory", _size, "device adapter pool size: bytes or e.g. "
          "2GiB; a step may use as many distinct adapters as their pages fit (see --lora-page-rank)"),
-    Flag("max-loras", "lora.max_loras", int, "optional limit on distinct adapters in one step (default: as "
+    Flag("max-loras", "lora.max_loras", _int(1), "optional limit on distinct adapters in one step (default: as "
          "many as the adapter pool holds)"),
-    Flag("max-cpu-loras", "lora.max_cpu_loras", int, "adapters kept parsed in host memory (LRU)"),
-    Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", parse_bytes, "bytes budget of that host cache"),
-    Flag("adapter-loaders", "lora.adapter_loaders", int, "threads loading adapters (read, check, place in the "
+    Flag("max-cpu-loras", "lora.max_cpu_loras", _int(1), "adapters kept parsed in host memory (LRU)"),
+    Flag("cpu-lora-cache-memory", "lora.cpu_lora_cache_memory", _size, "bytes budget of that host cache"),
+    Flag("adapter-loaders", "lora.adapter_loaders", _int(1), "threads loading adapters (read, check, place in the "
          "pool) in parallel; default 1 on CPU, 4 on a GPU"),
-    Flag("max-lora-rank", "lora.max_lora_rank", int, "largest adapter rank served"),
-    Flag("lora-page-rank", "lora.lora_page_rank", int, "adapter pool page rank: an adapter of rank r takes "
+    Flag("max-lora-rank", "lora.max_lora_rank", _int(1), "largest adapter rank served"),
+    Flag("lora-page-rank", "lora.lora_page_rank", _int(1), "adapter pool page rank: an adapter of rank r takes "
          "ceil(r / it) pages; must divide --max-lora-rank (default: the LoRA backend's; triton pages, torch "
          "does not)"),
-    Flag("adapter-metric-series", "lora.adapter_metric_series", int, "adapters with series of their own on the "
+    Flag("adapter-metric-series", "lora.adapter_metric_series", _int(0), "adapters with series of their own on the "
          "per-adapter metrics (first come; the rest share adapter=\"(other)\"; each costs ~80 series)"),
-    Flag("max-mixture-experts", "lora.max_mixture_experts", int, "most adapters in one request's `adapters` "
+    Flag("max-mixture-experts", "lora.max_mixture_experts", _int(1), "most adapters in one request's `adapters` "
          "mixture"),
-    Flag("max-mixture-rank", "lora.max_mixture_rank", int, "largest total rank of one mixture (an adapter whose "
+    Flag("max-mixture-rank", "lora.max_mixture_rank", _int(1), "largest total rank of one mixture (an adapter whose "
          "rank is not known yet counts --max-lora-rank)"),
-    Flag("max-route-experts", "lora.max_route_experts", int, "most experts one `route` request chooses among "
+    Flag("max-route-experts", "lora.max_route_experts", _int(1), "most experts one `route` request chooses among "
          "(a route naming no experts uses every adapter the caller may use, within this limit)"),
     Flag("lora-dtype", "lora.lora_dtype", str, "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
     Flag("lora-backend", "lora.lora_backend", _backend("lora"),
@@ -180,13 +219,13 @@ FLAGS = [
     Flag("no-lora", "lora.enabled", _bool, "serve the base model alone (no adapter slots)", switch=True,
          switch_value=False),
     Flag("host", "server.host", str, "address to bind"),
-    Flag("port", "server.port", int, "port to bind"),
+    Flag("port", "server.port", _int(0, 65535), "port to bind"),
     Flag("api-keys", "server.api_keys", _pairs, "KEY=TENANT ... tenants without limits (none and no --tenants: "
          "open)", nargs="+"),
     Flag("tenants", "server.tenants", str, "tenants file (TOML): key hashes, weights, quotas; see docs/operator.md"),
     Flag("admin-key", "server.admin_key", str, "bearer key of the admin API (adapter load/unload/pin)"),
-    Flag("log-level", "server.log_level", str, "debug | info | warning"),
-    Flag("max-body-bytes", "server.max_body_bytes", parse_bytes,
+    Flag("log-level", "server.log_level", _choice("debug", "info", "warning", "error", "critical"), "debug | info | warning"),
+    Flag("max-body-bytes", "server.max_body_bytes", _size,
          "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
     Flag("engine-process", "server.engine_process", _on_off,
          "on | off: run the engine core in its own process, requests and outputs over ZeroMQ; off: an engine "
@@ -197,26 +236,38 @@ FLAGS = [
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """Raises ValueError naming the setting at fault and where it came from (flag, variable, file)."""
     cfg = Config()
     file_values: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
         text = path.read_text()
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a table of settings, got {type(raw).__name__}")
         file_values = {k.replace("_", "-"): v for k, v in raw.items()}
+        # A misspelt key would otherwise leave its setting at the default without a word.
+        unknown = sorted(set(file_values) - {f.name for f in FLAGS})
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (the keys are `loramux serve` flag "
+                             "names, see --help)")
     for flag in FLAGS:
-        value = file_values.get(flag.name, _UNSET)
+        value, source = file_values.get(flag.name, _UNSET), f"{flag.name} in {getattr(args, 'config', None)}"
         if flag.env in os.environ:
-            value = os.environ[flag.env]
+            value, source = os.environ[flag.env], f"{flag.env}={os.environ[flag.env]}"
         cli = getattr(args, flag.name.replace("-", "_"), None)
         if cli is not None:
-            value = cli
+            value, source = cli, f"--{flag.name}"
         if value is _UNSET:
             continue
         if flag.switch and not isinstance(value, bool):
             value = flag.switch_value if _bool(value) else not flag.switch_value
         section, field = flag.path.split(".")
-        setattr(getattr(cfg, section), field, value if flag.switch else flag.convert(value))
+        try:
+            converted = value if flag.switch else flag.convert(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        setattr(getattr(cfg, section), field, converted)
     return cfg
 
 

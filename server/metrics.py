@@ -18,7 +18,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -189,6 +189,7 @@ class Metrics:
         self._state = EngineState()
         self._sent = 0  # requests handed to the engine thread (written by the asyncio thread only)
         self._received = 0  # ... and taken in by it (written by the engine thread only)
+        self._in_transit: Callable[[], int] = lambda: 0  # server process: sent to the core, not yet answered
         self._num_blocks = 0
         self._tenants: set[str] = set()
         self._adapters: set[str] = set()  # adapters with series of their own
@@ -243,8 +244,17 @@ class Metrics:
         """The engine thread took in a request that `request_sent` announced (queued or refused)."""
         self._received += 1
 
+    def count_in_transit(self, model_name: str, in_transit: Callable[[], int]) -> None:
+        """The server process's share of the waiting gauges with the engine core in a process of its
+        own: `in_transit()` requests sent to the core and not yet answered (admitted or refused).
+        The core's own series carry its queue; the scrape sums the two (`exposition`). A request
+        counts in both for the moment between the core queueing it and its answer arriving here."""
+        self._in_transit = in_transit
+        self._engine_labels = (model_name, "0")
+        self.vllm.num_requests_waiting.labels(*self._engine_labels).set_function(self._num_waiting)
+
     def _num_waiting(self) -> int:
-        return self._state.waiting + max(0, self._sent - self._received)
+        return self._state.waiting + max(0, self._sent - self._received) + self._in_transit()
 
     def _kv_usage(self) -> float:
         return self._state.kv_blocks_used / self._num_blocks if self._num_blocks else 0.0

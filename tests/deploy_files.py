@@ -139,3 +139,21 @@ def compose_seconds(text: str) -> float:
 
 def is_under(path: str, roots: set[str]) -> bool:
     return any(Path(path) == Path(r) or Path(r) in Path(path).parents for r in roots)
+
+
+def service_link_env(service: dict) -> dict[str, str]:
+    """The variables the kubelet puts into every container of a pod in `service`'s namespace when
+    the pod's enableServiceLinks is not false (docker-links style, kubernetes.io/docs/concepts/
+    services-networking/service/#environment-variables), with a made-up cluster IP."""
+    name, ip = service["metadata"]["name"].upper().replace("-", "_"), "10.96.0.10"
+    ports = service["spec"]["ports"]
+    env = {f"{name}_SERVICE_HOST": ip, f"{name}_SERVICE_PORT": str(ports[0]["port"]),
+           f"{name}_PORT": f"{ports[0].get('protocol', 'TCP').lower()}://{ip}:{ports[0]['port']}"}
+    for p in ports:
+        proto, port = p.get("protocol", "TCP"), p["port"]
+        base = f"{name}_PORT_{port}_{proto}"
+        env.update({base: f"{proto.lower()}://{ip}:{port}", base + "_PROTO": proto.lower(), base + "_PORT": str(port),
+                    base + "_ADDR": ip})
+        if p.get("name"):
+            env[f"{name}_SERVICE_PORT_{p['name'].upper().replace('-', '_')}"] = str(port)
+    return env

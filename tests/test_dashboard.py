@@ -143,3 +143,23 @@ def test_dashboard_structure():
     ds = yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"][0]
     default = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
     assert default["current"]["value"] == ds["uid"] and ds["type"] == default["query"] == "prometheus"
+
+
+RATE_RE = re.compile(r"\b(?:rate|irate|increase)\(\s*(loramux_[A-Za-z0-9_]+)")
+
+
+def test_rates_are_taken_of_counters_only():
+    """rate() of a gauge reads its rises as resets; of a histogram it must be of _bucket/_sum/_count."""
+    known, defined = series_names(), defined_metrics()
+    problems = []
+    for where, expr, _ in dashboard_queries():
+        for name in RATE_RE.findall(expr):
+            if name not in known:
+                continue  # reported by test_dashboard_names_only_defined_metrics
+            family = known[name][0]
+            kind = defined[family][0]
+            if not (kind == "counter" and name.endswith("_total")
+                    or kind == "histogram" and name.endswith(("_bucket", "_sum", "_count"))):
+                problems.append(f"{where}: rate over {name} ({kind})")
+    assert not problems, "\n".join(problems)
+    assert any(RATE_RE.findall(expr) for _, expr, _ in dashboard_queries())

@@ -15,7 +15,7 @@ import pytest
 
 from deploy_files import (DASHBOARD, DEPLOY, NON_FLAG_ENV, ROOT, compose_seconds, dockerfile_instructions, is_under,
                           k8s_docs, k8s_objects, pod_templates, restricted_violations, server_container,
-                          shutdown_timeout, yaml_docs)
+                          service_link_env, shutdown_timeout, yaml_docs)
 from server.api.shutdown import FLUSH_S, UNGATED_PATHS
 from server.cli import FLAGS
 from server.config import LoraConfig
@@ -250,3 +250,18 @@ def test_dockerfile_invariants():
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
         assert src.rstrip("/") in allowed, f"{src} is excluded from the build context by .dockerignore"
+
+
+def test_no_service_link_variable_sets_a_flag():
+    """The kubelet gives each container LORAMUX_PORT=tcp://<cluster IP>:8000 and friends for the
+    Service `loramux` unless the pod sets enableServiceLinks: false. LORAMUX_PORT is --port's
+    variable: the server would refuse to start (or, were the value a number, bind elsewhere)."""
+    flags = {f.env for f in FLAGS}
+    svc = k8s_objects()["Service"]
+    docs = [d for f in sorted(DEPLOY.rglob("*.y*ml")) for d in yaml_docs(f) if isinstance(d, dict) and "kind" in d]
+    for name, pod in pod_templates(docs):
+        if pod.get("enableServiceLinks") is False:
+            continue
+        clash = sorted(set(service_link_env(svc)) & flags)
+        assert not clash, f"{name}: the kubelet would set {clash} from the Service {svc['metadata']['name']!r}; " \
+                          "set enableServiceLinks: false in the pod"

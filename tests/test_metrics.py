@@ -185,10 +185,6 @@ def test_a_request_handed_to_a_busy_engine_thread_counts_as_waiting(engine):
     assert value(after, "vllm:num_requests_waiting") == 0 and value(after, "vllm:num_requests_running") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="server/engine/engine.py LLMEngine._finish releases the request's "
-                   "adapters (the last release retires an unloaded one and forgets its series) before "
-                   "metrics.on_finish counts it under the adapter's label, which re-creates them: call "
-                   "on_finish first")
 def test_an_adapter_unloaded_while_its_request_runs_keeps_no_series(tiny_llama_dir, tmp_path):
     """The last request of an unloaded adapter retires it (its series are forgotten, its place
     among --adapter-metric-series freed); counting that request must not bring them back: else

@@ -31,14 +31,7 @@ def value(text: str, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("on", marks=pytest.mark.xfail(strict=True, reason=(
-        "server/engine/core_process.py: EngineCore dispatches a CALL (metrics included) from the engine-loop "
-        "thread's _receive, i.e. between steps; worker-thread calls need a channel the core reads while it "
-        "steps, and the server process must then count requests sent and not yet admitted as waiting "
-        "(Metrics.count_in_transit)"))),
-    "off",
-])
+@pytest.mark.parametrize("mode", ["on", "off"])
 def test_a_scrape_during_a_long_step_answers_at_once_and_sees_the_queue(long_model_dir, tmp_path, mode):
     srv = ServerProcess(["--model", str(long_model_dir), "--served-model-name", "tiny", "--dtype", "float32",
                          "--num-threads", "1", "--kv-cache-memory", "64MiB", "--no-lora",

@@ -35,7 +35,7 @@ from server.config import Config
 from server.engine import wire
 from server.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
 from server.engine.client import ENGINE_GONE
-from server.engine.core_process import CoreReady, run_core
+from server.engine.core_process import ENGINE_THREAD_CALLS, CoreReady, run_core
 from server.engine.detokenizer import TextProcessor
 from server.engine.engine_info import validate_request
 from server.engine.output_processor import RequestOutput, failed_output
@@ -63,6 +63,7 @@ class ProcessEngine:
         self._text = TextProcessor(self.tokenizer)  # the event loop's thread only
         self._dir = tempfile.mkdtemp(prefix=f"loramux-ipc-{os.getpid()}-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        calls_addr = f"ipc://{self._dir}/calls"
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PUSH)
         self._in.setsockopt(zmq.SNDHWM, 0)
@@ -70,9 +71,14 @@ class ProcessEngine:
         self._out = self._ctx.socket(zmq.PULL)
         self._out.setsockopt(zmq.RCVHWM, 0)
         self._out.bind(out_addr)
+        # Calls the core answers on a worker thread (metrics, registration, snapshots) go on a
+        # channel of their own, which the core reads while it steps: a scrape never waits for a step.
+        self._calls_out = self._ctx.socket(zmq.PUSH)
+        self._calls_out.setsockopt(zmq.SNDHWM, 0)
+        self._calls_out.bind(calls_addr)
         # spawn, not fork: this process may already run threads (and torch's pools).
         self._proc = multiprocessing.get_context("spawn").Process(
-            target=run_core, args=(config, str(model_dir), in_addr, out_addr, os.getpid()),
+            target=run_core, args=(config, str(model_dir), in_addr, out_addr, calls_addr, os.getpid()),
             name="loramux-engine-core", daemon=True)
         self._proc.start()
         ready = self._wait_ready()
@@ -89,6 +95,8 @@ class ProcessEngine:
         self._heard = time.monotonic()  # when the core's last message came
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
+        # Sent to the core and not answered yet: waiting, in the queue gauges (the core counts the rest).
+        self.metrics.count_in_transit(self.info.model_name, lambda: len(self._admissions))
 
     def _wait_ready(self) -> CoreReady:
         self._wait_for(self._out, zmq.POLLIN)
@@ -103,6 +111,7 @@ class ProcessEngine:
         # send (_send) fails, so the first call (the tenants' weights, at start) would be lost and
         # the server would never finish starting. Wait until the channel down is up.
         self._wait_for(self._in, zmq.POLLOUT)
+        self._wait_for(self._calls_out, zmq.POLLOUT)
         log.info("engine core process %d ready", self._proc.pid)
         return ready
 
@@ -199,7 +208,8 @@ class ProcessEngine:
         call_id = next(self._call_ids)
         future = self._loop.create_future()
         self._calls[call_id] = future
-        self._send(wire.CALL, wire.dumps((call_id, method, args, kwargs)))
+        self._send(wire.CALL, wire.dumps((call_id, method, args, kwargs)),
+                   self._in if method in ENGINE_THREAD_CALLS else self._calls_out)
         try:
             return await future
         finally:
@@ -232,10 +242,10 @@ class ProcessEngine:
             return []
 
     # --- the event loop's side of the channels ---------------------------------------------------
-    def _send(self, kind: bytes, payload: bytes) -> None:
+    def _send(self, kind: bytes, payload: bytes, sock: zmq.Socket | None = None) -> None:
         # Only from the event loop's thread (zmq sockets belong to one thread); never blocks: no HWM.
         try:
-            self._in.send_multipart([kind, payload], zmq.NOBLOCK)
+            (sock or self._in).send_multipart([kind, payload], zmq.NOBLOCK)
         except zmq.ZMQError:  # the context is gone (shutdown): nobody to tell
             pass
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _WAKE_ADDR = "inproc://loramux-wake"
 _IDLE_POLL_MS = 500  # nothing to run: also how often a core whose server died notices it
 _LOADS_POLL_MS = 50  # everything waits on adapter loads (a finished load wakes us sooner)
-_ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")
+ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")  # the rest: a worker thread
 HEARTBEAT_S = 1.0  # how often the core says it is alive (the server's timeout: core_client.HEARTBEAT_TIMEOUT_S)
 
 
@@ -88,7 +88,7 @@ def reserve_a_core(config: Config) -> None:
                  cores - 1)
 
 
-def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent_pid: int) -> None:
+def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, calls_addr: str, parent_pid: int) -> None:
     """The entry point of the core process (multiprocessing, spawn)."""
     # The server process decides when the core stops (a STOP message after its drain): a
     # Ctrl-C or SIGTERM sent to the whole process group must not cut the drain short, and a
@@ -113,7 +113,7 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
         out.close(linger=2000)
         ctx.term()
         return
-    core = EngineCore(engine, ctx, in_addr, out_addr, out, parent_pid)
+    core = EngineCore(engine, ctx, in_addr, out_addr, out, parent_pid, calls_addr)
     out.send_multipart([wire.READY, wire.dumps(CoreReady(engine.info, engine.adapters.step_capacity
                                                          if engine.adapters else 0, snapshot_of(engine)))])
     # The loop runs on a thread of its own, as in-process: torch's CPU kernels called from a
@@ -126,12 +126,13 @@ def run_core(config: Config, model_dir: str, in_addr: str, out_addr: str, parent
 
 class EngineCore:
     def __init__(self, engine: LLMEngine, ctx: zmq.Context, in_addr: str, out_addr: str, out: zmq.Socket,
-                 parent_pid: int):
+                 parent_pid: int, calls_addr: str | None = None):
         self.engine = engine
         self._ctx = ctx
         self._out = out
         self._out_addr = out_addr
         self._parent_pid = parent_pid
+        self._calls_addr = calls_addr
         self._in = ctx.socket(zmq.PULL)
         self._in.setsockopt(zmq.RCVHWM, 0)
         self._in.bind(_WAKE_ADDR)
@@ -147,6 +148,9 @@ class EngineCore:
     def run(self) -> None:
         heartbeat = threading.Thread(target=self._heartbeat, name="loramux-core-heartbeat", daemon=True)
         heartbeat.start()
+        calls = threading.Thread(target=self._read_calls, name="loramux-core-calls", daemon=True)
+        if self._calls_addr is not None:
+            calls.start()
         try:
             while not self._stop:
                 busy = self.engine.has_unfinished()
@@ -167,6 +171,8 @@ class EngineCore:
             self._fail_all("the server is shutting down")
             self._stopped.set()
             heartbeat.join()
+            if calls.is_alive():
+                calls.join()
             self._workers.submit(self._close_worker_socket)  # the context ends only once every socket is closed
             self._workers.shutdown(wait=True)
             self._in.close(linger=0)
@@ -209,13 +215,27 @@ class EngineCore:
             self._live.clear()
         elif kind == wire.CALL:
             call_id, method, args, kwargs = wire.loads(payload)
-            if method in _ENGINE_THREAD_CALLS:
+            if method in ENGINE_THREAD_CALLS:
                 self._out.send_multipart([wire.REPLY, wire.dumps(self._call(call_id, method, args, kwargs))])
             else:
                 self._workers.submit(self._call_on_worker, call_id, method, args, kwargs)
         elif kind == wire.STOP:
             self._stop = True
         # anything else (a loader's wake) only ended the poll
+
+    def _read_calls(self) -> None:
+        """The worker-thread calls' own channel, read while the engine loop steps: a metrics scrape
+        (or an admin load) never waits for the step in progress to end."""
+        sock = self._ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self._calls_addr)
+        try:
+            while not self._stopped.is_set():
+                if sock.poll(200):
+                    _kind, payload = sock.recv_multipart()
+                    self._workers.submit(self._call_on_worker, *wire.loads(payload))
+        finally:
+            sock.close(linger=0)
 
     # --- named calls ----------------------------------------------------------------------------
     def _call(self, call_id: int, method: str, args: tuple, kwargs: dict) -> tuple[int, Any, tuple | None]:

@@ -374,14 +374,16 @@ class LLMEngine:
         if self.text is not None:
             self.text.remove(seq.request_id)
         del self._seqs[seq.request_id]
-        for ref in seq.adapters:
-            self.adapters.release(ref)
         now = time.monotonic()
         tpot = None
         if seq.first_token_time is not None and seq.num_output_tokens > 1:
             tpot = (now - seq.first_token_time) / (seq.num_output_tokens - 1)
         self.metrics.on_finish(seq.request.tenant, _label(seq.adapter), reason.value, seq.num_prompt_tokens,
                                now - seq.request.arrival_time, tpot)
+        # after on_finish: the last release of an unloaded adapter forgets its series, which
+        # counting this request under its label would otherwise bring back for good
+        for ref in seq.adapters:
+            self.adapters.release(ref)
 
 
 def _label(adapter: AdapterRef | None) -> str:

@@ -29,6 +29,11 @@ class InvalidRequestError(ValueError):
         self.code = code
 
 
+# A temperature below this samples greedily (its limit; vLLM's threshold too): logits / 1e-39
+# overflow float32, and a softmax of infs is NaN.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -48,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

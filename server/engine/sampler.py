@@ -74,15 +74,6 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cud
     return host, ready
 
 
-# A temperature below this samples greedily (its limit; vLLM's threshold too): logits / 1e-39
-# overflow float32, and a softmax of infs is NaN.
-MIN_TEMPERATURE = 1e-5
-
-
-def _greedy(p: SamplingParams) -> bool:
-    return p.greedy or p.temperature < MIN_TEMPERATURE
-
-
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -101,7 +92,7 @@ class Sampler:
             logits = logits.clone()
             self._apply_penalties(logits, seqs, pending)
 
-        greedy = [_greedy(p) for p in params]
+        greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:

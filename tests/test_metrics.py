@@ -371,3 +371,24 @@ def test_the_server_process_adds_the_requests_in_transit_to_the_cores_queue():
         assert [s.labels for s in fams["vllm:num_requests_waiting"].samples] == [{"model_name": BASE, "engine": "0"}]
         assert value(fams, "loramux_requests_waiting") == 3 + sent
         assert value(fams, "vllm:num_requests_running") == 2
+
+
+def test_lora_info_names_a_tenants_adapter_as_its_clients_call_it(tiny_llama_dir, tmp_path):
+    """A tenant calls its own adapter by its name (`model: "mine"`), and the endpoint picker
+    matches a request's model against `running_lora_adapters`: the label holds "mine", not the
+    "acme/mine" of loramux's own per-adapter series (before: "acme/mine", no affinity)."""
+    from engine_runs import cpu_engine
+
+    path = make_peft_adapter(tiny_llama_dir, tmp_path / "mine", seed=3, r=8, lora_alpha=16,
+                             target_modules=["q_proj", "v_proj"])
+    eng = cpu_engine(tiny_llama_dir, {}, adapter_roots=(tmp_path,))
+    ref = eng.adapters.load_path("acme", "mine", str(path)).ref
+    assert str(ref) == "acme/mine"
+    eng.add_request(GenerationRequest("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True),
+                                      adapter=ref, tenant="acme"))
+    seen = set()
+    while eng.has_unfinished():
+        eng.step()
+        (sample,) = [s for m in eng.metrics.vllm.lora_requests_info.collect() for s in m.samples]
+        seen.add(sample.labels["running_lora_adapters"])
+    assert seen - {""} == {"mine"}, seen

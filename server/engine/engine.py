@@ -203,7 +203,9 @@ class LLMEngine:
         if sched.adapters_version != self._adapters_published:
             # A mixture's or route's experts count as its adapters here (which adapters this pod
             # runs or will load); its per-request metric labels use the base's "" (_label).
-            self._adapter_names = tuple(tuple(sorted(str(a) for a in sched.adapters_of(status)))
+            # Names as clients call them (a tenant's own adapter too: `model` is its bare name),
+            # which is what a router's LoRA affinity matches.
+            self._adapter_names = tuple(tuple(sorted({a.name for a in sched.adapters_of(status)}))
                                         for status in (SeqStatus.RUNNING, SeqStatus.WAITING))
             self._adapters_published = sched.adapters_version
         self.metrics.publish(EngineState(running=sched.num_running, waiting=sched.num_waiting,

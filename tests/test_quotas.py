@@ -41,6 +41,23 @@ def test_bucket_refills_continuously_and_never_overfills():
     assert b.level == 60
 
 
+def test_under_one_request_a_minute_still_lets_one_through_then_waits():
+    """0.5 a minute: one request every 2 minutes (before: a bucket of half a request, so every
+    request was refused as larger than the limit, with no retry)."""
+    clock = FakeClock()
+    t = tenant(requests_per_minute=0.5)
+    q = quotas_for(t, clock)
+
+    async def go():
+        (await q.admit(t, [5])).end(0, 5)
+        with pytest.raises(QuotaExceeded) as exc:
+            await q.admit(t, [5])
+        assert exc.value.retry_after_s == pytest.approx(120.0)
+        clock.now += 120
+        (await q.admit(t, [5])).end(0, 5)
+    asyncio.run(go())
+
+
 def test_requests_per_minute_refuses_with_the_wait_until_a_request_fits():
     clock = FakeClock()
     t = tenant(requests_per_minute=2)

@@ -28,12 +28,13 @@ WINDOW_S = 60.0  # the limits are per minute; a full bucket allows a minute's wo
 
 
 class TokenBucket:
-    """`capacity` units, refilled continuously at `capacity / 60` per second. Units are
-    taken only when all are there; refunds never overfill the bucket."""
+    """`per_minute` units a minute, refilled continuously; it holds a minute's worth, or
+    `min_capacity` if more (a request limit under one a minute must still let one through).
+    Units are taken only when all are there; refunds never overfill the bucket."""
 
-    def __init__(self, capacity: float, clock: Clock, level: float | None = None):
-        self.capacity = float(capacity)
-        self.rate = self.capacity / WINDOW_S  # units per second
+    def __init__(self, per_minute: float, clock: Clock, level: float | None = None, min_capacity: float = 0.0):
+        self.capacity = max(float(per_minute), min_capacity)
+        self.rate = per_minute / WINDOW_S  # units per second
         self._clock = clock
         self._level = self.capacity if level is None else min(level, self.capacity)
         self._at = clock()
@@ -102,14 +103,16 @@ class TenantQuota:
     def set_limits(self, limits: TenantLimits) -> None:
         """New limits (a reload): a bucket that stays keeps its level (capped by the new capacity)."""
         self.limits = limits
-        self.requests = self._bucket(self.requests, limits.requests_per_minute)
+        rpm = limits.requests_per_minute
+        self.requests = self._bucket(self.requests, rpm, 1.0 if rpm else 0.0)
         self.tokens = self._bucket(self.tokens, limits.tokens_per_minute)
         self._wake()
 
-    def _bucket(self, old: TokenBucket | None, capacity: float | None) -> TokenBucket | None:
-        if capacity is None:
+    def _bucket(self, old: TokenBucket | None, per_minute: float | None, min_capacity: float = 0.0,
+                ) -> TokenBucket | None:
+        if per_minute is None:
             return None
-        return TokenBucket(capacity, self.clock, None if old is None else old.level)
+        return TokenBucket(per_minute, self.clock, None if old is None else old.level, min_capacity)
 
     @property
     def max_queued(self) -> int:

@@ -191,7 +191,7 @@ class Metrics:
         self._received = 0  # ... and taken in by it (written by the engine thread only)
         self._in_transit: Callable[[], int] = lambda: 0  # server process: sent to the core, not yet answered
         self._num_blocks = 0
-        self._tenants: set[str] = set()
+        self._tenants: set[str] | None = None  # the configured tenants (None: not told, all counted)
         self._adapters: set[str] = set()  # adapters with series of their own
         self._adapter_series_limit: int | None = None
         self._lora_info_labels: tuple[str, str, str] | None = None
@@ -262,7 +262,8 @@ class Metrics:
     # --- per request (engine thread) ------------------------------------------------------------
     def on_scheduled(self, tenant: str, queue_time: float) -> None:
         """A request was scheduled for the first time, `queue_time` seconds after it arrived."""
-        self.tenant_queue_time.labels(tenant).observe(queue_time)
+        if self._configured(tenant):
+            self.tenant_queue_time.labels(tenant).observe(queue_time)
         self.vllm.request_queue_time.labels(*self._engine_labels).observe(queue_time)
 
     def _adapter(self, name: str) -> str:
@@ -280,8 +281,9 @@ class Metrics:
     def on_first_token(self, tenant: str, adapter: str, num_prompt_tokens: int, ttft: float) -> None:
         adapter = self._adapter(adapter)
         self.ttft.labels(adapter).observe(ttft)
-        self.tenant_ttft.labels(tenant).observe(ttft)
-        self.tenant_prompt_tokens.labels(tenant).inc(num_prompt_tokens)
+        if self._configured(tenant):
+            self.tenant_ttft.labels(tenant).observe(ttft)
+            self.tenant_prompt_tokens.labels(tenant).inc(num_prompt_tokens)
         self.vllm.time_to_first_token.labels(*self._engine_labels).observe(ttft)
         self.vllm.prompt_tokens.labels(*self._engine_labels).inc(num_prompt_tokens)
 
@@ -289,14 +291,16 @@ class Metrics:
         """Tokens sampled in one step."""
         total = 0
         for tenant, n in tokens_by_tenant.items():
-            self.tenant_generation_tokens.labels(tenant).inc(n)
+            if self._configured(tenant):
+                self.tenant_generation_tokens.labels(tenant).inc(n)
             total += n
         self.generation_tokens.inc(total)
         self.vllm.generation_tokens.labels(*self._engine_labels).inc(total)
 
     def on_experts_request(self, tenant: str, mixture: bool) -> None:
         """A mixture (else a routed) request was queued."""
-        (self.tenant_mixture_requests if mixture else self.tenant_routed_requests).labels(tenant).inc()
+        if self._configured(tenant):
+            (self.tenant_mixture_requests if mixture else self.tenant_routed_requests).labels(tenant).inc()
 
     def on_lora_tokens(self, tokens_by_experts: dict[int, int]) -> None:
         """One step's LoRA tokens: experts per token -> how many tokens (one observation per token)."""
@@ -317,7 +321,8 @@ class Metrics:
         """A request left the engine. `tpot`: mean seconds between its output tokens (None under two)."""
         adapter = self._adapter(adapter)
         self.requests.labels(reason, adapter).inc()
-        self.tenant_requests.labels(tenant, reason).inc()
+        if self._configured(tenant):
+            self.tenant_requests.labels(tenant, reason).inc()
         self.prompt_tokens.inc(num_prompt_tokens)
         self.e2e.labels(adapter).observe(e2e)
         self.vllm.request_success.labels(*self._engine_labels, reason).inc()
@@ -327,13 +332,18 @@ class Metrics:
             self.vllm.time_per_output_token.labels(*self._engine_labels).observe(tpot)
 
     # --- bounded label sets ---------------------------------------------------------------------
+    def _configured(self, tenant: str) -> bool:
+        """Whether `tenant` has series: a tenant a reload removed has none, and the requests it
+        still had in flight must not bring them back as they end."""
+        return self._tenants is None or tenant in self._tenants
+
     def set_tenants(self, names: Iterable[str]) -> None:
         """The configured tenants (at start and after every reload). New ones get their series at 0,
         so a dashboard shows them before their first request; removed ones lose their series."""
-        names = set(names)
-        for gone in self._tenants - names:
+        names, known = set(names), self._tenants or set()
+        for gone in known - names:
             self._forget("tenant", gone)
-        for tenant in names - self._tenants:
+        for tenant in names - known:
             for status in REQUEST_STATUSES:
                 self.tenant_requests.labels(tenant, status)
             for m in (self.tenant_prompt_tokens, self.tenant_generation_tokens, self.tenant_ttft,

@@ -392,3 +392,20 @@ def test_lora_info_names_a_tenants_adapter_as_its_clients_call_it(tiny_llama_dir
         (sample,) = [s for m in eng.metrics.vllm.lora_requests_info.collect() for s in m.samples]
         seen.add(sample.labels["running_lora_adapters"])
     assert seen - {""} == {"mine"}, seen
+
+
+def test_a_removed_tenants_last_requests_do_not_bring_its_series_back():
+    """A reload removes tenant "gone" while its request runs; that request then ends: no series
+    of "gone" may come back (before: every tenant series it touched reappeared, for good)."""
+    m = Metrics()
+    m.set_tenants(["kept", "gone"])
+    m.set_tenants(["kept"])
+    m.on_scheduled("gone", 0.1)
+    m.on_first_token("gone", "", 5, 0.2)
+    m.on_generated({"gone": 3, "kept": 1})
+    m.on_experts_request("gone", mixture=True)
+    m.on_finish("gone", "", "stop", 5, 1.0, 0.01)
+    text = generate_latest(m.registry).decode()
+    assert 'tenant="gone"' not in text
+    assert 'loramux_tenant_generation_tokens_total{tenant="kept"} 1.0' in text
+    assert "loramux_generation_tokens_total 4.0" in text

@@ -12,6 +12,9 @@ from server.adapters.registry import AdapterRef
 from server.config import LoraConfig
 from server.engine.request import GenerationRequest, InvalidRequestError, Mixture
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
 if TYPE_CHECKING:
     from server.adapters.manager import AdapterManager
     from server.engine.scheduler import ScheduledChunk
@@ -50,15 +53,21 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
                                   f"{adapters.step_capacity} adapters (--max-loras, --lora-pool-memory)", param,
                                   "too_many_experts")
     if mixture:
-        if len(experts.weights) != len(refs) or not all(_finite(w) for w in experts.weights):
+        if len(experts.weights) != len(refs):
             raise InvalidRequestError("each expert of a mixture needs one finite weight", param)
+        for i, w in enumerate(experts.weights):
+            # weights run as float32 (kernels/row_plan.py): a larger one would be inf there
+            if not (_finite(w) and abs(w) <= FLOAT32_MAX):
+                raise InvalidRequestError(f"a mixture weight must be finite and at most {FLOAT32_MAX:.4g} in "
+                                          f"magnitude, got {w!r}", f"adapters.{i}.weight")
     else:
         if not isinstance(experts.top_k, int) or not 1 <= experts.top_k <= len(refs):
             raise InvalidRequestError(f"route.top_k must be in [1, {len(refs)}] (the number of experts), "
                                       f"got {experts.top_k!r}", "route.top_k")
-        if not (_finite(experts.temperature) and experts.temperature > 0):
-            raise InvalidRequestError(f"route.temperature must be finite and > 0, got {experts.temperature!r}",
-                                      "route.temperature")
+        # run as float32: a smaller temperature would round to 0 (a 0/0 in the softmax)
+        if not (_finite(experts.temperature) and FLOAT32_TINY <= experts.temperature <= FLOAT32_MAX):
+            raise InvalidRequestError(f"route.temperature must be in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], "
+                                      f"got {experts.temperature!r}", "route.temperature")
     total_rank, unread = 0, False
     for ref, key in zip(refs, keys):
         entry = adapters.get(*key)

@@ -210,7 +210,7 @@ def test_a_dora_expert_is_refused(server):
         assert err["code"] == "adapter_unsupported", err
     err = error(post(server, {"model": BASE, "prompt": PROMPT, "max_tokens": 2,
                               "route": {"experts": ["dora", "a"], "top_k": 1}}))
-    assert err["code"] == "adapter_unsupported", err
+    assert (err["code"], err["param"]) == ("adapter_unsupported", "route.experts.0"), err
 
 
 # --- running ------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def experts_param(request: GenerationRequest) -> str:
     return "adapters" if isinstance(request.experts, Mixture) else "route.experts"
 
 
+def expert_param(request: GenerationRequest, i: int) -> str:
+    """The API field that named the request's expert `i` (as the server process names it)."""
+    return f"adapters.{i}.id" if isinstance(request.experts, Mixture) else f"route.experts.{i}"
+
+
 def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: AdapterManager | None) -> None:
     """Raise InvalidRequestError unless `request.experts` can run: within --max-mixture-experts /
     --max-route-experts, --max-mixture-rank and the step's adapter budget (a mixture runs only
@@ -47,7 +52,7 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
         raise InvalidRequestError(f"{len(refs)} experts; this server allows at most {limit} ({flag})", param,
                                   "too_many_experts")
     if adapters is None:
-        raise not_found(refs[0], param)
+        raise not_found(refs[0], expert_param(request, 0))
     if len(refs) > adapters.step_capacity:
         raise InvalidRequestError(f"{len(refs)} experts; one step of this server holds at most "
                                   f"{adapters.step_capacity} adapters (--max-loras, --lora-pool-memory)", param,
@@ -69,12 +74,12 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
             raise InvalidRequestError(f"route.temperature must be in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], "
                                       f"got {experts.temperature!r}", "route.temperature")
     total_rank, unread = 0, False
-    for ref, key in zip(refs, keys):
+    for i, (ref, key) in enumerate(zip(refs, keys)):
         entry = adapters.get(*key)
-        if entry is None:
-            raise not_found(ref, param)
+        if entry is None:  # e.g. unregistered since the server process resolved the name
+            raise not_found(ref, expert_param(request, i))
         if entry.summary.use_dora:  # None until the adapter's files are read
-            raise dora_in_mixture(ref, param)
+            raise dora_in_mixture(ref, expert_param(request, i))
         unread |= entry.summary.rank is None
         total_rank += entry.summary.rank if entry.summary.rank is not None else lc.max_lora_rank
     # A replica of the registry (the server process's) may not know yet what the core has read:

@@ -103,7 +103,9 @@ def arrow_weights(x: torch.Tensor, protos: torch.Tensor, proto_valid: torch.Tens
     vals, idx = logits.topk(route.k_max, dim=1)  # [T_r, k_max, n_s]
     keep = (vals >= 0) & route.rank_ok  # a valid expert within the token's own top_k
     drop = ~keep
-    z = vals.div_(route.temperature.unsqueeze(2)).masked_fill_(drop, float("-inf"))
+    # shifted by the top score before dividing: (v - max) / temperature <= 0, so a tiny
+    # temperature gives -inf for the others (weight 0), never inf - inf (NaN) in the softmax
+    z = (vals - vals[:, :1]).div_(route.temperature.unsqueeze(2)).masked_fill_(drop, float("-inf"))
     # a (token, slice) with nothing kept softmaxes to NaN; the last fill makes it all 0
     soft = torch.softmax(z, dim=1).masked_fill_(drop, 0.0)
     return torch.zeros_like(logits).scatter_(1, idx, soft)

@@ -110,6 +110,9 @@ BAD = [  # (extra fields, expected param, expected code or None)
     ({"adapters": [{"id": "a"}, {"id": "a", "weight": 2.0}]}, "adapters.1.id", "duplicate_adapter"),
     ({"adapters": [{"id": "a"}, {"id": "b", "weight": float("inf")}]}, "adapters.1.weight", None),
     ({"adapters": [{"id": "a"}, {"id": "b", "weight": float("nan")}]}, "adapters.1.weight", None),
+    ({"adapters": [{"id": "a", "weight": 1e300}, {"id": "b"}]}, "adapters.0.weight", "invalid_value"),  # f32 inf
+    ({"route": {"experts": ["a", "b"], "top_k": 1, "temperature": 1e-300}}, "route.temperature",  # f32 0
+     "invalid_value"),
     ({"adapters": [{"id": "a", "weight": "0.5"}]}, "adapters.0.weight", None),
     ({"adapters": [{"id": ""}]}, "adapters.0.id", None),
     ({"adapters": [{"weight": 1.0}]}, "adapters.0.id", None),
@@ -207,7 +210,7 @@ def test_a_dora_expert_is_refused(server):
         assert err["code"] == "adapter_unsupported", err
     err = error(post(server, {"model": BASE, "prompt": PROMPT, "max_tokens": 2,
                               "route": {"experts": ["dora", "a"], "top_k": 1}}))
-    assert err["code"] == "adapter_unsupported", err
+    assert (err["code"], err["param"]) == ("adapter_unsupported", "route.experts.0"), err
 
 
 # --- running ------------------------------------------------------------------------------------

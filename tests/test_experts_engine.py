@@ -88,11 +88,13 @@ def test_experts_are_held_while_the_request_lives_and_released_however_it_ends(t
 
 
 @pytest.mark.parametrize("experts,param,code", [
-    (Mixture(("a", "nope"), (1.0, 1.0)), "adapters", "model_not_found"),
-    (Route(("a", "nope"), 1, 1.0), "route.experts", "model_not_found"),
+    (Mixture(("a", "nope"), (1.0, 1.0)), "adapters.1.id", "model_not_found"),  # the position, as the API
+    (Route(("a", "nope"), 1, 1.0), "route.experts.1", "model_not_found"),
     (Mixture(("a", "b", "c"), (1.0, 1.0, 1.0)), "adapters", "too_many_experts"),  # step capacity 2
     (Mixture(("a", "a"), (1.0, 1.0)), "adapters", "duplicate_adapter"),
-    (Mixture(("a", "b"), (1.0, float("nan"))), "adapters", "invalid_value"),
+    (Mixture(("a", "b"), (1.0, float("nan"))), "adapters.1.weight", "invalid_value"),
+    (Mixture(("a", "b"), (1e300, 1.0)), "adapters.0.weight", "invalid_value"),  # inf as float32
+    (Route(("a", "b"), 1, 1e-300), "route.temperature", "invalid_value"),  # 0 as float32
     (Mixture(("a", "b"), (1.0,)), "adapters", "invalid_value"),
     (Route(("a", "b"), 3, 1.0), "route.top_k", "invalid_value"),
     (Route(("a", "b"), 0, 1.0), "route.top_k", "invalid_value"),

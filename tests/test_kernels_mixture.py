@@ -17,7 +17,8 @@ import torch  # noqa: E402
 from mixture_scenes import (DTYPES, MODES, SCENES, Scene, check, dense_expected, make, run_fast,  # noqa: E402
                             run_ref)
 
-from kernels import LoraSegments, RowPlan, add_lora, add_lora_rows, arrow_weights, dora_rescale, reference  # noqa: E402
+from kernels import (LoraSegments, RouteTable, RowPlan, add_lora, add_lora_rows, arrow_weights,  # noqa: E402
+                     dora_rescale, reference)
 
 try:
     from kernels import triton_sgmv
@@ -59,6 +60,20 @@ def test_arrow_weights_match_reference(name):
     sums = w.sum(dim=1)
     assert torch.allclose(sums[n_valid > 0], torch.ones(()), atol=1e-6)
     assert torch.equal(sums[n_valid == 0], torch.zeros_like(sums[n_valid == 0]))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30])
+def test_a_tiny_temperature_keeps_the_top_expert_alone_not_nan(temperature):
+    # scores ~10 over a float32 temperature this small overflow to inf when divided first
+    x = torch.tensor([[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 9.0, 1.0]])
+    protos = torch.eye(4)[:3].view(3, 1, 4)  # slot u's prototype is the unit vector e_u
+    n_t, n_u, k = 2, 3, 2
+    route = RouteTable(tokens=torch.arange(n_t), experts=torch.arange(n_u),
+                       allowed=torch.ones(n_t, n_u, dtype=torch.bool), top_k=torch.full((n_t, 1), k),
+                       temperature=torch.full((n_t, 1), temperature), k_max=k,
+                       rank_ok=torch.ones(n_t, k, 1, dtype=torch.bool))
+    w = arrow_weights(x, protos, torch.ones(3, 1, dtype=torch.bool), route)
+    assert torch.equal(w.view(n_t, n_u), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
 
 
 @pytest.mark.parametrize("mode", list(MODES))

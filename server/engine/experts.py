@@ -12,6 +12,9 @@ from server.adapters.registry import AdapterRef
 from server.config import LoraConfig
 from server.engine.request import GenerationRequest, InvalidRequestError, Mixture
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
 if TYPE_CHECKING:
     from server.adapters.manager import AdapterManager
     from server.engine.scheduler import ScheduledChunk
@@ -20,6 +23,11 @@ if TYPE_CHECKING:
 def experts_param(request: GenerationRequest) -> str:
     """The API field that named the request's experts."""
     return "adapters" if isinstance(request.experts, Mixture) else "route.experts"
+
+
+def expert_param(request: GenerationRequest, i: int) -> str:
+    """The API field that named the request's expert `i` (as the server process names it)."""
+    return f"adapters.{i}.id" if isinstance(request.experts, Mixture) else f"route.experts.{i}"
 
 
 def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: AdapterManager | None) -> None:
@@ -44,28 +52,34 @@ def validate_experts(request: GenerationRequest, lc: LoraConfig, adapters: Adapt
         raise InvalidRequestError(f"{len(refs)} experts; this server allows at most {limit} ({flag})", param,
                                   "too_many_experts")
     if adapters is None:
-        raise not_found(refs[0], param)
+        raise not_found(refs[0], expert_param(request, 0))
     if len(refs) > adapters.step_capacity:
         raise InvalidRequestError(f"{len(refs)} experts; one step of this server holds at most "
                                   f"{adapters.step_capacity} adapters (--max-loras, --lora-pool-memory)", param,
                                   "too_many_experts")
     if mixture:
-        if len(experts.weights) != len(refs) or not all(_finite(w) for w in experts.weights):
+        if len(experts.weights) != len(refs):
             raise InvalidRequestError("each expert of a mixture needs one finite weight", param)
+        for i, w in enumerate(experts.weights):
+            # weights run as float32 (kernels/row_plan.py): a larger one would be inf there
+            if not (_finite(w) and abs(w) <= FLOAT32_MAX):
+                raise InvalidRequestError(f"a mixture weight must be finite and at most {FLOAT32_MAX:.4g} in "
+                                          f"magnitude, got {w!r}", f"adapters.{i}.weight")
     else:
         if not isinstance(experts.top_k, int) or not 1 <= experts.top_k <= len(refs):
             raise InvalidRequestError(f"route.top_k must be in [1, {len(refs)}] (the number of experts), "
                                       f"got {experts.top_k!r}", "route.top_k")
-        if not (_finite(experts.temperature) and experts.temperature > 0):
-            raise InvalidRequestError(f"route.temperature must be finite and > 0, got {experts.temperature!r}",
-                                      "route.temperature")
+        # run as float32: a smaller temperature would round to 0 (a 0/0 in the softmax)
+        if not (_finite(experts.temperature) and FLOAT32_TINY <= experts.temperature <= FLOAT32_MAX):
+            raise InvalidRequestError(f"route.temperature must be in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], "
+                                      f"got {experts.temperature!r}", "route.temperature")
     total_rank, unread = 0, False
-    for ref, key in zip(refs, keys):
+    for i, (ref, key) in enumerate(zip(refs, keys)):
         entry = adapters.get(*key)
-        if entry is None:
-            raise not_found(ref, param)
+        if entry is None:  # e.g. unregistered since the server process resolved the name
+            raise not_found(ref, expert_param(request, i))
         if entry.summary.use_dora:  # None until the adapter's files are read
-            raise dora_in_mixture(ref, param)
+            raise dora_in_mixture(ref, expert_param(request, i))
         unread |= entry.summary.rank is None
         total_rank += entry.summary.rank if entry.summary.rank is not None else lc.max_lora_rank
     # A replica of the registry (the server process's) may not know yet what the core has read:

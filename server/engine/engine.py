@@ -25,7 +25,7 @@ from server.engine.backends import select_attention, select_lora
 from server.engine.detokenizer import TextProcessor
 from server.engine.device import resolve_device, resolve_dtype
 from server.engine.engine_info import EngineInfo, validate_request
-from server.engine.experts import dora_in_mixture, experts_param, experts_per_token, not_found
+from server.engine.experts import dora_in_mixture, expert_param, experts_per_token, not_found
 from server.engine.kv_cache import BlockAllocator
 from server.engine.model_runner import KVCache, ModelRunner, StepResult
 from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
@@ -156,13 +156,13 @@ class LLMEngine:
     def _acquire_all(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
         """Hold every expert's version for the request (all or none)."""
         held: list[AdapterRef] = []
-        for ref in request.experts.adapters:
+        for i, ref in enumerate(request.experts.adapters):
             try:
                 held.append(self.adapters.acquire(ref))
             except AdapterError:
                 for got in held:
                     self.adapters.release(got)
-                raise not_found(ref, experts_param(request)) from None
+                raise not_found(ref, expert_param(request, i)) from None
         self.metrics.on_experts_request(request.tenant, isinstance(request.experts, Mixture))
         return tuple(held)
 

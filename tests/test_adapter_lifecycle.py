@@ -46,12 +46,19 @@ def submit(engine: LLMEngine, rid: str, adapter: str) -> None:
 
 
 def drain(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None = None) -> None:
-    for _ in range(steps if steps is not None else 10_000):
-        if not engine.has_unfinished():
-            return
+    """Step until nothing is unfinished (or `steps` steps). An idle step (waiting on an adapter's
+    background load) sleeps a little, as the engine loop does: spinning would starve the loader
+    thread of the GIL (one load here took 3 s behind 88,000 idle steps)."""
+    deadline = time.monotonic() + 120
+    n = 0
+    while engine.has_unfinished() and (steps is None or n < steps):
+        assert time.monotonic() < deadline, "the engine did not finish in 120 s"
         for out in engine.step():
             assert out.error is None, out.error
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        n += 1
+        if engine.idle:
+            time.sleep(0.002)
 
 
 def test_unregister_drains_then_frees(engine, versions, tiny_llama_dir):

@@ -260,7 +260,7 @@ def build_config(args: argparse.Namespace) -> Config:
             value, source = cli, f"--{flag.name}"
         if value is _UNSET:
             continue
-        if flag.switch and not isinstance(value, bool):
+        if flag.switch and cli is None:  # a file's or variable's true means the flag given (the CLI's is its const)
             value = flag.switch_value if _bool(value) else not flag.switch_value
         section, field = flag.path.split(".")
         try:

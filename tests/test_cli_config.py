@@ -87,3 +87,12 @@ def test_a_switch_from_a_config_file_or_variable_means_what_its_flag_means(tmp_p
     path = tmp_path / "lora.toml"
     path.write_text("no_lora = true\n")
     assert config_of("--config", str(path)).lora.enabled is False
+
+
+def test_a_switch_variable_that_is_no_boolean_is_refused_naming_it(monkeypatch):
+    """LORAMUX_ASYNC_SCHEDULING=ture was taken as off without a word."""
+    monkeypatch.setenv("LORAMUX_ASYNC_SCHEDULING", "ture")
+    with pytest.raises(ValueError, match="LORAMUX_ASYNC_SCHEDULING=ture"):
+        config_of()
+    monkeypatch.setenv("LORAMUX_ASYNC_SCHEDULING", "on")
+    assert config_of().scheduler.async_scheduling is True

@@ -260,11 +260,14 @@ def build_config(args: argparse.Namespace) -> Config:
             value, source = cli, f"--{flag.name}"
         if value is _UNSET:
             continue
-        if flag.switch and not isinstance(value, bool):
-            value = flag.switch_value if _bool(value) else not flag.switch_value
         section, field = flag.path.split(".")
         try:
-            converted = value if flag.switch else flag.convert(value)
+            if not flag.switch:
+                converted = flag.convert(value)
+            elif cli is None:  # a file's or variable's true means the flag given (the CLI's value is its const)
+                converted = flag.switch_value if _on_off(value) else not flag.switch_value
+            else:
+                converted = value
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source}: {exc}") from None
         setattr(getattr(cfg, section), field, converted)

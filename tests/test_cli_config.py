@@ -66,3 +66,33 @@ def test_main_exits_2_with_the_reason_before_loading_anything(monkeypatch, capsy
     assert main(["serve", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert "LORAMUX_MAX_NUM_BATCHED_TOKENS=0" in err and ">= 1" in err
+
+
+@pytest.mark.parametrize("source", ["toml", "json", "env"])
+def test_a_switch_from_a_config_file_or_variable_means_what_its_flag_means(tmp_path, monkeypatch, source):
+    """`no_prefix_caching = true` turns prefix caching off, as `--no-prefix-caching` does (before, a
+    boolean from a file was stored as is: true turned it on, false turned it off)."""
+    for on, expected in ((True, False), (False, True)):
+        if source == "env":
+            monkeypatch.setenv("LORAMUX_NO_PREFIX_CACHING", "true" if on else "false")
+            argv: tuple[str, ...] = ()
+        else:
+            path = tmp_path / f"c.{source}"
+            path.write_text(f"no_prefix_caching = {str(on).lower()}\n" if source == "toml"
+                            else json.dumps({"no_prefix_caching": on}))
+            argv = ("--config", str(path))
+        assert config_of(*argv).cache.prefix_caching is expected, (source, on)
+    assert config_of("--no-prefix-caching").cache.prefix_caching is False
+    monkeypatch.delenv("LORAMUX_NO_PREFIX_CACHING", raising=False)
+    path = tmp_path / "lora.toml"
+    path.write_text("no_lora = true\n")
+    assert config_of("--config", str(path)).lora.enabled is False
+
+
+def test_a_switch_variable_that_is_no_boolean_is_refused_naming_it(monkeypatch):
+    """LORAMUX_ASYNC_SCHEDULING=ture was taken as off without a word."""
+    monkeypatch.setenv("LORAMUX_ASYNC_SCHEDULING", "ture")
+    with pytest.raises(ValueError, match="LORAMUX_ASYNC_SCHEDULING=ture"):
+        config_of()
+    monkeypatch.setenv("LORAMUX_ASYNC_SCHEDULING", "on")
+    assert config_of().scheduler.async_scheduling is True

@@ -101,7 +101,9 @@ def test_a_template_that_does_not_parse_fails_chat_only(tmp_path):
     ({}, {"bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
                         "single_word": False}, "eos_token": "</s>"}),
     ({"bos_token": None, "eos_token": "<s>"}, {"bos_token": "<s>", "eos_token": "</s>"}),
-], ids=["only-in-the-map", "the-map-wins"])
+    # a config saved by transformers >= 4.34 (it lists added_tokens_decoder): the map is not read
+    ({"added_tokens_decoder": {}, "bos_token": "</s>", "eos_token": "<s>"}, {"bos_token": "<s>", "eos_token": "</s>"}),
+], ids=["only-in-the-map", "the-map-wins", "a-current-config-wins"])
 def test_special_tokens_map_json_names_bos_and_eos_as_transformers_reads_it(tmp_path, config, special_map):
     """Checkpoints saved by older transformers keep bos/eos in special_tokens_map.json, which
     transformers reads over tokenizer_config.json: the template's `bos_token` rendered empty and

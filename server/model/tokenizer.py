@@ -55,8 +55,10 @@ class Tokenizer:
             raise UnsupportedModelError(f"{model_dir}: no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(tok_file))
         cfg = _read_json(model_dir / "tokenizer_config.json")
-        # As transformers: special_tokens_map.json (older checkpoints keep them only there) wins.
-        specials = {**cfg, **_read_json(model_dir / "special_tokens_map.json")}
+        # As transformers: special_tokens_map.json wins for a config saved before added_tokens_decoder
+        # (older checkpoints keep them only there); a current config is read alone.
+        legacy = "added_tokens_decoder" not in cfg
+        specials = {**cfg, **_read_json(model_dir / "special_tokens_map.json")} if legacy else cfg
         self.bos_token = _token_text(specials.get("bos_token"))
         self.eos_token = _token_text(specials.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None

@@ -77,14 +77,9 @@ def test_in_place_writes_spare_the_step_and_the_kept(tiny_llama_dir, four):
     assert _slot_holds(slots, again["p0"], w["p0"]) and _slot_holds(slots, again["p2"], w["p2"])
 
 
-def test_a_step_needing_every_slot_waits_for_a_write_in_progress(tiny_llama_dir, four):
-    """Two slots: p0 resident, a loader writing p1 into the other one (held mid-write); a step of
-    p0 and p2 has no slot until that write ends, then takes p1's (not in the step) and is exact."""
-    w = _weights(tiny_llama_dir, four)
-    slots = LoraSlots(ModelArch.from_dir(tiny_llama_dir), 2, 16, torch.float32, torch.device("cpu"), Metrics())
-    slots.activate({"p0": w["p0"]})
-    slots.protect(set())
-    release, writing = threading.Event(), threading.Event()
+def _held_loader(slots: LoraSlots, name: str, weights, release: threading.Event) -> threading.Thread:
+    """A loader thread writing `name` in place, held mid-write (its slot taken) until `release`."""
+    writing = threading.Event()
     write = slots._write
 
     def slow_write(slot, adapter):
@@ -94,9 +89,21 @@ def test_a_step_needing_every_slot_waits_for_a_write_in_progress(tiny_llama_dir,
         write(slot, adapter)
 
     slots._write = slow_write
-    loader = threading.Thread(target=slots.write_in_place, args=("p1", w["p1"]))
+    loader = threading.Thread(target=slots.write_in_place, args=(name, weights))
     loader.start()
     assert writing.wait(30)
+    return loader
+
+
+def test_a_step_needing_every_slot_waits_for_a_write_in_progress(tiny_llama_dir, four):
+    """Two slots: p0 resident, a loader writing p1 into the other one (held mid-write); a step of
+    p0 and p2 has no slot until that write ends, then takes p1's (not in the step) and is exact."""
+    w = _weights(tiny_llama_dir, four)
+    slots = LoraSlots(ModelArch.from_dir(tiny_llama_dir), 2, 16, torch.float32, torch.device("cpu"), Metrics())
+    slots.activate({"p0": w["p0"]})
+    slots.protect(set())
+    release = threading.Event()
+    loader = _held_loader(slots, "p1", w["p1"], release)
     result = {}
     step = threading.Thread(target=lambda: result.update(slots.activate({"p0": w["p0"], "p2": w["p2"]})))
     step.start()
@@ -142,19 +149,8 @@ def test_two_writers_of_one_adapter_leave_one_slot_and_leak_none(tiny_llama_dir,
     its pages were lost to the pool for good)."""
     w = _weights(tiny_llama_dir, four)
     slots = LoraSlots(ModelArch.from_dir(tiny_llama_dir), 3, 16, torch.float32, torch.device("cpu"), Metrics())
-    release, writing = threading.Event(), threading.Event()
-    write = slots._write
-
-    def slow_write(slot, adapter):
-        if threading.current_thread() is not threading.main_thread():
-            writing.set()
-            assert release.wait(30)
-        write(slot, adapter)
-
-    slots._write = slow_write
-    first = threading.Thread(target=slots.write_in_place, args=("p1", w["p1"]))
-    first.start()
-    assert writing.wait(30)
+    release = threading.Event()
+    first = _held_loader(slots, "p1", w["p1"], release)
     assert slots.write_in_place("p1", w["p1"])  # the other writer, done first
     release.set()
     first.join(30)

@@ -229,6 +229,25 @@ def test_the_flag_reaches_the_config():
     assert build_config(make_parser().parse_args(["serve", "--async-scheduling"])).scheduler.async_scheduling is True
 
 
+def random_params(rnd, *, max_tokens: int, greedy: float, sampled: float, greedy_logprobs: list,
+                  stops: float, stop_ids: int) -> SamplingParams:
+    """Random sampling parameters: greedy (share `greedy`) with logprobs from `greedy_logprobs`,
+    seeded top-k/top-p (up to `sampled`), else seeded with penalties; a `stops` share with
+    `stop_ids` stop token ids."""
+    kind, n = rnd.random(), rnd.randint(1, max_tokens)
+    if kind < greedy:
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=rnd.choice(greedy_logprobs))
+    elif kind < sampled:
+        sp = SamplingParams(max_tokens=n, temperature=0.9, top_k=rnd.choice([0, 30]), top_p=rnd.choice([1.0, 0.9]),
+                            seed=rnd.randint(0, 1000), ignore_eos=True, logprobs=rnd.choice([None, 3]))
+    else:
+        sp = SamplingParams(max_tokens=n, temperature=0.8, seed=rnd.randint(0, 1000), repetition_penalty=1.2,
+                            frequency_penalty=0.3, ignore_eos=True)
+    if rnd.random() < stops:
+        sp = replace(sp, stop_token_ids=tuple(rnd.randint(2, 319) for _ in range(stop_ids)))
+    return sp
+
+
 def random_workload(seed: int) -> list[tuple[int, int | None, GenerationRequest]]:
     """(arrival step, abort once it has this many tokens or None, request): greedy with logprobs,
     seeded top-k/top-p, a few with penalties, some with stop ids, over the base and two adapters
@@ -239,17 +258,8 @@ def random_workload(seed: int) -> list[tuple[int, int | None, GenerationRequest]
     work = []
     for i in range(rnd.randint(6, 12)):
         prompt = [rnd.randint(2, 319) for _ in range(rnd.choice([1, 2, 5, 9, 20, 33, 45, 60]))]
-        kind, n = rnd.random(), rnd.randint(1, 20)
-        if kind < 0.4:
-            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=rnd.choice([None, 0, 2]))
-        elif kind < 0.95:
-            sp = SamplingParams(max_tokens=n, temperature=0.9, top_k=rnd.choice([0, 30]), top_p=rnd.choice([1.0, 0.9]),
-                                seed=rnd.randint(0, 1000), ignore_eos=True, logprobs=rnd.choice([None, 3]))
-        else:
-            sp = SamplingParams(max_tokens=n, temperature=0.8, seed=rnd.randint(0, 1000), repetition_penalty=1.2,
-                                frequency_penalty=0.3, ignore_eos=True)
-        if rnd.random() < 0.3:
-            sp = replace(sp, stop_token_ids=tuple(rnd.randint(2, 319) for _ in range(40)))
+        sp = random_params(rnd, max_tokens=20, greedy=0.4, sampled=0.95, greedy_logprobs=[None, 0, 2],
+                           stops=0.3, stop_ids=40)
         abort = rnd.choice([0, 3, 6]) if rnd.random() < 0.3 else None
         work.append((rnd.randint(0, 8), abort, GenerationRequest(
             f"r{i}", prompt, sp, adapter=rnd.choice([None, "a", "b"]), tenant=rnd.choice(["t1", "t2", "t3"]))))

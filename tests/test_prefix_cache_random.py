@@ -15,10 +15,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from server.engine.request import GenerationRequest, SamplingParams
+from server.engine.request import GenerationRequest
 
 from engine_runs import cpu_engine
-from test_async_scheduling import adapter_dirs, drive  # noqa: F401  (a fixture)
+from test_async_scheduling import adapter_dirs, drive, random_params  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,17 +35,8 @@ def shared_prefix_workload(seed: int) -> list[tuple[int, int | None, GenerationR
             system = rnd.choice(systems)
             cut = rnd.choice([len(system), len(system), 15, 16, 17, 32, rnd.randint(1, len(system))])
             prompt = system[:cut] + [rnd.randint(2, 319) for _ in range(rnd.choice([0, 0, 1, 5, 16, 21]))]
-        kind, n = rnd.random(), rnd.randint(1, 24)
-        if kind < 0.5:
-            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=rnd.choice([None, 2]))
-        elif kind < 0.9:
-            sp = SamplingParams(max_tokens=n, temperature=0.9, top_k=rnd.choice([0, 30]), top_p=rnd.choice([1.0, 0.9]),
-                                seed=rnd.randint(0, 1000), ignore_eos=True, logprobs=rnd.choice([None, 3]))
-        else:
-            sp = SamplingParams(max_tokens=n, temperature=0.8, seed=rnd.randint(0, 1000), repetition_penalty=1.2,
-                                frequency_penalty=0.3, ignore_eos=True)
-        if rnd.random() < 0.2:
-            sp = replace(sp, stop_token_ids=tuple(rnd.randint(2, 319) for _ in range(30)))
+        sp = random_params(rnd, max_tokens=24, greedy=0.5, sampled=0.9, greedy_logprobs=[None, 2],
+                           stops=0.2, stop_ids=30)
         abort = rnd.choice([0, 1, 2, 5]) if rnd.random() < 0.25 else None
         work.append((rnd.randint(0, 30), abort, GenerationRequest(
             f"r{i}", prompt, sp, adapter=rnd.choice([None, None, None, "a", "b"]),

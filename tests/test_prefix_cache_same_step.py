@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_runs import cpu_engine
-from test_kv_cache import run
+from test_prefix_cache_engine import run
 
 from server.engine.request import GenerationRequest, SamplingParams
 

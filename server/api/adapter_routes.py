@@ -29,7 +29,7 @@ from server.api.admin_routes import check_tenant, is_admin, manager_of, unregist
 from server.api.auth import tenant_of
 from server.api.errors import APIError, model_not_found
 from server.api.openapi import error_responses
-from server.api.schemas import ModelCard
+from server.api.response_schemas import ModelCard
 from server.api.service import Service, adapter_card, adapter_error
 from server.tenants import Tenant
 

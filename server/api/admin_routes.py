@@ -29,7 +29,8 @@ from server.adapters.store_layout import ADAPTER_NAME_RE, validate_adapter_name
 from server.api.auth import bearer_token
 from server.api.errors import APIError
 from server.api.openapi import STATUS_TEXT, error_responses
-from server.api.schemas import ErrorResponse, ModelCard, RequestBody
+from server.api.response_schemas import ErrorResponse, ModelCard
+from server.api.schemas import RequestBody
 from server.api.service import Service, adapter_card, adapter_error
 from server.engine.async_engine import EngineDeadError
 from server.tenants.table import TENANT_NAME_RE

@@ -30,21 +30,20 @@ from server.api.responses import (
     sse,
     usage,
 )
-from server.api.schemas import (
+from server.api.response_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     ModelCard,
     ModelList,
     new_id,
 )
+from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.service import Service
 from server.engine.async_engine import RequestFailedError
 from server.engine.client import ENGINE_GONE

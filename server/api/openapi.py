@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.api.schemas import ChatCompletionChunk, ErrorResponse
+from server.api.response_schemas import ChatCompletionChunk, ErrorResponse
 
 _REF = "#/components/schemas/{model}"
 _STREAM_MODELS = (ChatCompletionChunk,)  # streamed-only shapes no route returns as JSON

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from server.api.schemas import (
+from server.api.response_schemas import (
     ChatChoiceLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,

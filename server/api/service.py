@@ -8,7 +8,7 @@ from server.adapters.errors import EXISTS, FORBIDDEN, NOT_FOUND, QUOTA, AdapterE
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterEntry, AdapterRef
 from server.api.errors import APIError, bad_request, model_not_found
-from server.api.schemas import ModelCard
+from server.api.response_schemas import ModelCard
 from server.engine.client import EngineClient
 from server.engine.request import Mixture, Route
 from server.model.tokenizer import Tokenizer

@@ -117,3 +117,48 @@ def run(engine, requests: list[GenerationRequest]) -> dict[str, dict]:
                 res["finish"] = out.finish_reason.value
                 res["usage"] = (out.num_prompt_tokens, out.num_output_tokens)
     return got
+
+
+def test_over_http_the_non_finite_request_gets_an_error_and_a_concurrent_one_its_tokens(poisoned, reference,
+                                                                                        tmp_path):
+    """A real server (engine core process, async scheduling): the poisoned request gets a 500
+    `non_finite_logits` error object (a numeric failure of the server's run of a valid request), or
+    streamed, its first token's chunk then that error as the last SSE event; a request running at
+    the same time gets transformers' tokens."""
+    from tokenizers import Tokenizer
+
+    from server_process import ServerProcess
+
+    srv = ServerProcess(["--model", str(poisoned.path), "--served-model-name", "tiny", "--dtype", "float32",
+                         "--kv-cache-memory", "8MiB", "--num-threads", "1", "--no-lora", "--async-scheduling"],
+                        tmp_path / "server.log")
+
+    def post(prompt: list[int], stream: bool = False) -> httpx.Response:
+        body = dict(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0, ignore_eos=True, stream=stream,
+                    logprobs=0)
+        return httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120)
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            whole, streamed, good = [pool.submit(post, *args) for args in
+                                     ((BAD_PROMPT,), (BAD_PROMPT, True), (GOOD[2],))]
+            whole, streamed, good = whole.result(), streamed.result(), good.result()
+        assert srv.proc.poll() is None and httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
+    finally:
+        srv.stop()
+
+    assert whole.status_code == 500, whole.text
+    error = whole.json()["error"]
+    assert error["code"] == "non_finite_logits" and error["type"] == "server_error"
+    assert "not finite" in error["message"] and "output token 2 " in error["message"]
+
+    assert streamed.status_code == 200
+    events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["error"]["code"] == "non_finite_logits", events
+    assert all("error" not in e and e["choices"][0]["finish_reason"] is None for e in events[:-1])
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-1]) == 1  # its one finite token
+    text = Tokenizer.from_file(str(poisoned.path / "tokenizer.json"))
+
+    assert good.status_code == 200, good.text
+    assert good.json()["choices"][0]["text"] == text.decode(reference[2][0])
+    assert good.json()["usage"]["completion_tokens"] == NEW

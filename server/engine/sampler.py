@@ -163,9 +163,8 @@ class Sampler:
     # --- random sampling -----------------------------------------------------------------
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> tokens [B] and each row's peak [B]: its largest logit after temperature and top-k/p,
-        the rows' maxima that sampling starts from (NaN propagates into it; not finite: no
-        distribution to sample)."""
+        """-> tokens [B] and each row's peak [B]: its largest logit after temperature and top-k/p
+        (NaN if the row holds one)."""
         params = [s.params for s in seqs]
         temps = _rows([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32,
                       self.device)[:, None]

@@ -74,9 +74,12 @@ class RowPlan:
 
     def add_mixture(self, slots: Sequence[int], weights: Sequence[float], start: int, n: int) -> None:
         """Tokens [start, start+n) get sum_i weights[i] * (the delta of the adapter in slots[i])
-        (distinct slots): dense with the step's other mixtures, or as rows (`build` decides)."""
-        if n > 0 and slots:
-            self._mixes.append((start, n, {int(s): float(w) for s, w in zip(slots, weights)}))
+        (distinct slots): dense with the step's other mixtures, or as rows (`build` decides). An
+        expert of weight exactly 0 adds nothing, so it takes no row, no dense column and no part
+        in that choice (known here on the host: skipping it costs no device work)."""
+        ws = {int(s): float(w) for s, w in zip(slots, weights) if w != 0.0}
+        if n > 0 and ws:
+            self._mixes.append((start, n, ws))
 
     def add_routed(self, slots: Sequence[int], start: int, n: int, top_k: int, temperature: float) -> None:
         """Tokens [start, start+n) are routed (Arrow) among the adapters in `slots` (repeats

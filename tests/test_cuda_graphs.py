@@ -255,6 +255,41 @@ def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_
 
 
 @needs_interp
+def test_triton_interp_a_non_finite_row_of_a_graph_decode_fails_alone(tiny_llama_dir, adapter_dirs, monkeypatch,
+                                                                     tmp_path):
+    """A graph decode step with a row whose logits are NaN (a model with one embedding at
+    infinity: tests/non_finite_model.py), with async scheduling: that request ends with a
+    non_finite_logits error after its one finite token, after the step launched on its marked
+    row; the LoRA and base rows replayed with it keep PEFT's tokens (the sampler is the eager
+    path's: test_sampler_non_finite.py runs both modes there)."""
+    from non_finite_model import BAD_PROMPT, poisoned_copy
+    from peft_adapters import peft_greedy
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    poisoned = poisoned_copy(tiny_llama_dir, tmp_path / "poisoned")
+    good = [("a", [317, 84, 247, 85]), (None, [137, 12, 113, 151, 249, 75])]
+    expected = [peft_greedy(poisoned.path, adapter_dirs[a] if a else None, p, 3)[0] for a, p in good]
+    assert all(poisoned.token not in e for e in expected)
+    engine = _engine(poisoned.path, adapter_dirs, True, monkeypatch, async_scheduling=True)
+    warm(engine, ["a"])
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1)
+    for i, (adapter, prompt) in enumerate([*good, (None, BAD_PROMPT)]):
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter=adapter))
+    tokens: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in errors, "an output after the error"
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.error is not None:
+                errors[out.request_id] = out.error_code
+    assert [tokens["r0"], tokens["r1"]] == expected
+    assert tokens["r2"] == [poisoned.token] and errors == {"r2": "non_finite_logits"}
+    assert (4, True) in engine.runner.graph_steps, engine.runner.graph_steps  # the NaN row's step replayed
+    assert engine.allocator.num_used == 0
+
+
+@needs_interp
 def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(tiny_llama_dir, adapter_dirs,
                                                                                 monkeypatch):
     """A captured graph's output stays allocated in the shared graph pool for the engine's life, so

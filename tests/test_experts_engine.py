@@ -146,3 +146,20 @@ def test_a_load_that_shows_dora_fails_the_waiting_mixture_not_the_single(tiny_ll
     assert final["mix"].error_code == "adapter_unsupported"
     assert final["single"].error is None and final["single"].num_output_tokens == 4
     assert users(eng, "a", "dora") == [0, 0]
+
+
+def test_experts_of_weight_zero_add_nothing(tiny_llama_dir, store):
+    """A mixture's experts of weight 0 are left out of the step's LoRA work (kernels/row_plan.py):
+    a mixture of zeros gives the base model's tokens, alone in its step or beside others, and one
+    with a single nonzero weight of 1 gives that adapter's (transformers / PEFT greedy)."""
+    from experts_runs import run_batch, warm
+    from peft_adapters import peft_greedy
+
+    prompt = [5, 6, 7, 8]
+    base = peft_greedy(tiny_llama_dir, None, prompt, 4)[0]
+    only_a = peft_greedy(tiny_llama_dir, store / "a", prompt, 4)[0]
+    eng = engine(tiny_llama_dir, store)
+    warm(eng, ["a", "b"])
+    zeros, a_only = Mixture(("a", "b"), (0.0, -0.0)), Mixture(("b", "a"), (0.0, 1.0))
+    assert run_batch(eng, [(zeros, prompt)], 4)[0] == [base]
+    assert run_batch(eng, [(zeros, prompt), (a_only, prompt), (None, prompt)], 4)[0] == [base, only_a, base]

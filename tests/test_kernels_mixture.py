@@ -280,3 +280,22 @@ def test_plan_tables_of_mixtures():
     assert r.mixed is None and r.seg_slots == [1, 2, 4] and r.seg_lens == [3, 1, 2]
     assert r.rows.token.tolist() == [1, 2, 3, 0, 1, 2]
     assert r.rows.weight.view(-1).tolist() == [-0.5, -0.5, 2.0, 1.0, 0.75, 0.75]
+
+
+def test_plan_leaves_out_experts_of_weight_zero():
+    """An expert of weight exactly 0 (either sign) adds nothing: no row, no dense column, and no part
+    in the dense-or-rows choice; a mixture of zeros alone adds no LoRA work (the engine side:
+    test_experts_engine.py)."""
+    plan = RowPlan()
+    plan.add_mixture([4, 1], [0.0, 0.5], 0, 2)  # tokens 0, 1: expert 4 at weight 0
+    plan.add_mixture([3, 1], [-0.0, 2.0], 2, 1)  # token 2
+    plan.add_mixture([3, 4], [0.0, 0.0], 3, 1)  # token 3: all zero
+    d = plan.build("cpu")
+    assert d.mixed.tokens.tolist() == [0, 1, 2] and d.mixed.experts.tolist() == [1]
+    assert d.mixed.weight.view(-1).tolist() == [0.5, 0.5, 2.0]
+    r = plan.build("cpu", dense_slack=0.0)
+    assert r.mixed is None and r.seg_slots == [1] and r.rows.token.tolist() == [0, 1, 2]
+    zeros = RowPlan()
+    zeros.add_mixture([2, 5], [0.0, 0.0], 0, 3)
+    z = zeros.build("cpu")
+    assert z.seg_slots == [] and z.mixed is None and z.dense is None

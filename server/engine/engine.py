@@ -31,7 +31,7 @@ from server.engine.model_runner import KVCache, ModelRunner, StepResult
 from server.engine.output_processor import OutputProcessor, RequestOutput, failed_output
 from server.engine.policies import make_policy
 from server.engine.request import FinishReason, GenerationRequest, InvalidRequestError, Mixture, Sequence, SeqStatus
-from server.engine.sampler import Sampler
+from server.engine.sampler import NON_FINITE, Sampler
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.metrics import EngineState, Metrics
 from server.model.arch import ModelArch
@@ -40,6 +40,12 @@ from server.model.loading import base_linear_weight, load_weights
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+NON_FINITE_LOGITS = "non_finite_logits"  # the error code of a request whose logits were NaN / inf
+_NON_FINITE_MESSAGE = ("the model's scores for output token {} of this request were not finite numbers (NaN or "
+                       "infinity): a numeric overflow, e.g. from very large mixture weights or adapter values; "
+                       "the request cannot continue")
 
 
 class LLMEngine:
@@ -303,7 +309,6 @@ class LLMEngine:
         which read its tokens and K/V."""
         if result.tokens is None:
             return []
-        live = [seq for seq in result.sampled if not seq.is_finished]
         try:
             sampled = result.tokens.output()
         except Exception as exc:  # an error the device reports only now: the step is lost
@@ -317,12 +322,20 @@ class LLMEngine:
             lost = [*result.seqs, *then]
             return [self._fail(seq, exc) for seq in lost if not seq.is_finished]
         outputs = []
+        given: Counter[str] = Counter()  # tokens appended, per tenant
         now = time.monotonic()
         for seq, token, logprobs in zip(result.sampled, sampled.token_ids, sampled.logprobs):
             seq.num_pending -= 1
             if seq.is_finished:
                 continue
+            if token == NON_FINITE:  # its logits held a NaN / inf: no token to give, this request alone ends
+                log.warning("request %s: logits not finite after %d output tokens", seq.request_id,
+                            seq.num_output_tokens)
+                outputs.append(self._refuse(seq, _NON_FINITE_MESSAGE.format(seq.num_output_tokens + 1),
+                                            NON_FINITE_LOGITS))
+                continue
             seq.token_ids.append(token)
+            given[seq.request.tenant] += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.metrics.on_first_token(seq.request.tenant, _label(seq.adapter), seq.num_prompt_tokens,
@@ -338,7 +351,7 @@ class LLMEngine:
             if out.finished:
                 self._finish(seq, out.finish_reason)
             outputs.append(out)
-        self.metrics.on_generated(Counter(seq.request.tenant for seq in live))
+        self.metrics.on_generated(given)
         return outputs
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
@@ -363,9 +376,11 @@ class LLMEngine:
         return outputs
 
     def _refuse(self, seq: Sequence, error: str, code: str) -> RequestOutput:
+        """Retire `seq` with an error its client may read in full (`code`: machine-readable)."""
         self._finish(seq, FinishReason.ERROR)
         return RequestOutput(seq.request_id, finished=True, finish_reason=FinishReason.ERROR,
-                             num_prompt_tokens=seq.num_prompt_tokens, error=error, error_code=code)
+                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                             error=error, error_code=code)
 
     def _on_adapter_loaded(self) -> None:
         if self.wake is not None:

@@ -29,20 +29,30 @@ class TokenLogprobs:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    token_ids: list[int]  # NON_FINITE for a row whose logits were not finite numbers
+    logprobs: list[TokenLogprobs | None]  # None for such a row
+
+
+# A row's token when its logits held a NaN or +inf, or nothing finite to choose from after
+# penalties, temperature and top-k/p: a numeric blow-up (e.g. huge mixture weights), which no
+# token may hide. Only the host sees it: the device keeps the row's argmax, a valid id, for
+# a step launched before the host has read it (async scheduling) to embed.
+NON_FINITE = -1
 
 
 class SampledStep:
-    """One step's sampled tokens: on the device at once (`tokens`, [B] int64: the next step may
-    read them there before the host has them), on the host from `output()`. On a GPU their copy
-    to pinned host memory is queued behind the step, so nothing waits until `output()`."""
+    """One step's sampled tokens: on the device at once (`tokens`, [B] int64, always valid ids:
+    the next step may read them there before the host has them), on the host from `output()`,
+    where a row whose logits were not finite reads NON_FINITE (`finite` [B] bool on the device
+    marks them). On a GPU the copy to pinned host memory is queued behind the step, so nothing
+    waits until `output()`."""
 
-    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprob_ks: list[int],
+    def __init__(self, tokens: torch.Tensor, finite: torch.Tensor, logprob_rows: list[int], logprob_ks: list[int],
                  chosen: torch.Tensor | None, top_vals: torch.Tensor | None, top_ids: torch.Tensor | None):
         self.tokens = tokens
         self._rows, self._ks = logprob_rows, logprob_ks
-        host = _to_host([t for t in (tokens, chosen, top_vals, top_ids) if t is not None])
+        marked = tokens.masked_fill(~finite, NON_FINITE)  # the flag rides on the copy the host reads anyway
+        host = _to_host([t for t in (marked, chosen, top_vals, top_ids) if t is not None])
         self._host, self._ready = host
         self._output: SamplerOutput | None = None
 
@@ -56,7 +66,8 @@ class SampledStep:
             if self._rows:
                 chosen, vals, ids = (t.tolist() for t in self._host[1:])
                 for i, (r, n) in enumerate(zip(self._rows, self._ks)):
-                    logprobs[r] = TokenLogprobs(token_list[r], chosen[i], list(zip(ids[i][:n], vals[i][:n])))
+                    if token_list[r] != NON_FINITE:
+                        logprobs[r] = TokenLogprobs(token_list[r], chosen[i], list(zip(ids[i][:n], vals[i][:n])))
             self._output = SamplerOutput(token_list, logprobs)
         return self._output
 
@@ -94,13 +105,15 @@ class Sampler:
 
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            # max, not argmax: the same pass also gives the peak, NaN if the row holds one
+            peak, tokens = logits.max(dim=-1)
         else:
-            tokens = self._sample_random(logits, seqs, greedy)
+            tokens, peak = self._sample_random(logits, seqs, greedy)
+        finite = peak.isfinite()  # NaN anywhere, +inf, or every logit -inf: not a distribution
         if raw_logprobs is None:
-            return SampledStep(tokens, [], [], None, None, None)
+            return SampledStep(tokens, finite, [], [], None, None, None)
         ks = [params[r].logprobs for r in rows]
-        return SampledStep(tokens, rows, ks, *self._logprobs(raw_logprobs, tokens, rows, max(ks)))
+        return SampledStep(tokens, finite, rows, ks, *self._logprobs(raw_logprobs, tokens, rows, max(ks)))
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +161,10 @@ class Sampler:
         return counts[:, :vocab]
 
     # --- random sampling -----------------------------------------------------------------
-    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens [B] and each row's peak [B]: its largest logit after temperature and top-k/p
+        (NaN if the row holds one)."""
         params = [s.params for s in seqs]
         temps = _rows([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32,
                       self.device)[:, None]
@@ -157,6 +173,7 @@ class Sampler:
             scaled = _top_k(scaled, [p.top_k if p.top_k > 0 else 0 for p in params])
         if any(p.top_p < 1.0 for p in params):
             scaled = _top_p(scaled, [p.top_p for p in params])
+        peak = scaled.amax(dim=-1)
         probs = torch.softmax(scaled, dim=-1)
         if any(p.min_p > 0 for p in params):
             mins = _rows([p.min_p for p in params], torch.float32, self.device)[:, None]
@@ -171,8 +188,10 @@ class Sampler:
         for row, rng in seeded:
             noise[row].exponential_(generator=rng)
         sampled = (probs / noise).argmax(dim=-1)
+        if not any(greedy):
+            return sampled, peak
         greedy_rows = _rows(greedy, torch.bool, self.device)
-        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if any(greedy) else sampled
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled), peak
 
     def _rng(self, seq: Sequence) -> torch.Generator:
         if seq.rng is None:
@@ -208,4 +227,4 @@ def _rows(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
-__all__ = ["SampledStep", "Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]
+__all__ = ["NON_FINITE", "SampledStep", "Sampler", "SamplerOutput", "TokenLogprobs", "SamplingParams"]

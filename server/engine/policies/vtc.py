@@ -6,7 +6,11 @@ Each tenant has a counter of the service it received, in virtual tokens:
 charged per scheduled chunk, so a chunked prefill is paid chunk by chunk, as computed. Tokens
 recomputed after a preemption are not charged again: the server chose to redo them; nor are
 those a prefix-cache hit holds (server/engine/kv_cache.py): a chunk's tokens before its start
-are not computed.
+are not computed. An output token is charged when the step that samples it is scheduled, and
+given back if the request ends before receiving it: with async scheduling the next step is
+scheduled before the host sees a token end the request (EOS, a stop token), and an abort may
+come while a step holds its token (`Sequence.num_pending` at the end); so a request pays for
+the output tokens delivered to it, in both modes alike.
   - Admission: the waiting tenant with the lowest counter goes next, FIFO within the tenant.
   - A tenant that returns from idle (nothing waiting or running) is lifted to the lowest
     counter among active tenants (to the last tenant to leave when none is active), so
@@ -52,6 +56,8 @@ class VTCPolicy(SchedulingPolicy):
     def on_finish(self, seq: Sequence) -> None:
         tenant = seq.request.tenant
         self._prompt_charged.pop(seq.request_id, None)
+        if seq.num_pending:  # tokens charged when scheduled that it will never get (see module docstring)
+            self._charge(tenant, -self.output_weight * seq.num_pending)
         left = self._active.get(tenant, 0) - 1
         if left > 0:
             self._active[tenant] = left
@@ -110,8 +116,10 @@ class VTCPolicy(SchedulingPolicy):
         if samples:
             cost += self.output_weight
         if cost:
-            tenant = seq.request.tenant
-            self.counter[tenant] = self.counter.get(tenant, 0.0) + cost / self.weights.get(tenant, 1.0)
+            self._charge(seq.request.tenant, cost)
+
+    def _charge(self, tenant: str, cost: float) -> None:
+        self.counter[tenant] = self.counter.get(tenant, 0.0) + cost / self.weights.get(tenant, 1.0)
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """New fair-share weights (tenants absent: 1). Counters are kept (they are already per unit

@@ -1,0 +1,86 @@
+"""VTC counters under async scheduling (server/engine/policies/vtc.py): a step is scheduled, and
+its output token charged, before the host has seen the token before it; when that token ends the
+request (a stop token, EOS) or the request is aborted meanwhile, the charged token is never
+delivered and is given back. So the same workload leaves the same per-tenant counters in both
+modes, each exactly (w_p * prompt tokens + w_q * output tokens delivered) / tenant weight.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import Config
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+W_P, W_Q = 1.0, 2.0
+WEIGHTS = {"a": 1.0, "b": 2.0}  # b's counter moves at half speed: exact halves in float
+STOPS = tuple(range(2, 320, 4))  # a quarter of the vocabulary: seeded samples hit one after a few tokens
+
+
+def engine(model_dir, async_scheduling: bool) -> LLMEngine:
+    cfg = Config()
+    cfg.model.dtype, cfg.model.device = "float32", "cpu"
+    cfg.cache.kv_cache_memory = 8 << 20
+    cfg.cache.prefix_caching = False  # every prompt token computed, so charged once
+    cfg.scheduler.async_scheduling = async_scheduling
+    cfg.scheduler.scheduling = "vtc"
+    cfg.scheduler.vtc_input_weight, cfg.scheduler.vtc_output_weight = W_P, W_Q
+    cfg.scheduler.max_num_seqs = 4
+    cfg.scheduler.max_num_batched_tokens = 32
+    cfg.lora.enabled = False
+    e = LLMEngine(cfg, model_dir)
+    e.set_tenant_weights(WEIGHTS)
+    return e
+
+
+def workload() -> list[GenerationRequest]:
+    """Stop-token ends (seeded sampling, so batch-independent), EOS and length ends, both tenants."""
+    out = []
+    for i in range(8):
+        tenant = "ab"[i % 2]
+        prompt = [3 + i, 40 + 7 * i, 90 + i, 150 + 3 * i, 200 + i][: 3 + i % 3]
+        if i % 4 == 3:  # runs to max_tokens
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=20, temperature=1.0, seed=100 + i, stop_token_ids=STOPS)
+        out.append(GenerationRequest(f"r{i}", prompt, params, tenant=tenant))
+    return out
+
+
+ABORTED, ABORT_AFTER = "r1", 3  # aborted once it has this many tokens (a step of it still in flight if async)
+
+
+def run(e: LLMEngine) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """-> the tenants' counters, what the module docstring says they must be, each request's finish."""
+    requests = workload()
+    for r in requests:
+        e.add_request(r)
+    delivered = {r.request_id: 0 for r in requests}
+    finish = {}
+    while e.has_unfinished():
+        for out in e.step():
+            assert out.error is None and out.request_id not in finish
+            delivered[out.request_id] += len(out.token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason.value
+        if ABORTED not in finish and delivered[ABORTED] >= ABORT_AFTER:
+            finish[ABORTED] = e.abort(ABORTED).finish_reason.value
+    expected = dict.fromkeys(WEIGHTS, 0.0)
+    for r in requests:
+        t = r.tenant
+        expected[t] += (W_P * len(r.prompt_token_ids) + W_Q * delivered[r.request_id]) / WEIGHTS[t]
+    assert e.allocator.num_used == 0
+    return e.scheduler.policy.counters(), expected, finish
+
+
+def test_async_and_sync_charge_exactly_the_tokens_delivered(tiny_llama_dir):
+    sync_counters, sync_expected, sync_finish = run(engine(tiny_llama_dir, False))
+    async_counters, async_expected, async_finish = run(engine(tiny_llama_dir, True))
+    # the workload has teeth: requests end on stop tokens, at max_tokens, and by abort
+    assert sync_finish == async_finish and set(sync_finish.values()) == {"stop", "length", "abort"}
+    assert sync_expected == async_expected  # the same tokens delivered in both modes
+    assert sync_counters == sync_expected
+    assert async_counters == async_expected

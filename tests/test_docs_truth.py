@@ -207,3 +207,43 @@ def test_every_load_test_command_in_the_docs_uses_flags_its_script_has():
             bad += [f"{path.relative_to(ROOT)}:{n}: {script.name} has no {flag}"
                     for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest) if flag not in have]
     assert not bad, "\n".join(bad)
+
+
+def _imports(path: Path) -> set[str]:
+    """The absolute modules `path` imports, at any depth (lazy imports too)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_imports_go_the_way_the_architecture_page_says():
+    """docs/architecture.md: `api`, `engine`, `adapters`, then `model` and `tenants`, each importing
+    only from those after it; `kernels` from `engine` and `adapters/staging.py`; metrics and
+    config nothing of ours; the one named exception."""
+    order = ["api", "engine", "adapters", "model", "tenants"]
+    exceptions = {("server/adapters/manager.py", "server.engine.residency")}
+    kernel_users = {"server/adapters/staging.py"}
+    bad = []
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        layer = path.relative_to(ROOT / "server").parts[0]
+        for mod in sorted(_imports(path)):
+            if (rel, mod) in exceptions:
+                continue
+            if mod.split(".")[0] == "kernels" and layer != "engine" and rel not in kernel_users:
+                bad.append(f"{rel} imports {mod}")
+            if not mod.startswith("server."):
+                continue
+            target = mod.split(".")[1]
+            if layer in ("metrics.py", "config.py"):
+                bad.append(f"{rel} imports {mod}")
+            elif layer in order and target in order and (order.index(target) < order.index(layer)
+                                                         or {layer, target} == {"model", "tenants"}):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, "against the import order of docs/architecture.md:\n" + "\n".join(bad)

@@ -247,3 +247,11 @@ def test_imports_go_the_way_the_architecture_page_says():
                                                          or {layer, target} == {"model", "tenants"}):
                 bad.append(f"{rel} imports {mod}")
     assert not bad, "against the import order of docs/architecture.md:\n" + "\n".join(bad)
+
+
+def test_every_serve_flag_is_named_by_a_guide():
+    """The other way round: no setting only --help knows of."""
+    text = "\n".join(p.read_text() for p in GUIDES if p.parent.name != "loadtest")  # its flags are the scripts'
+    missing = [f"--{f.name}" for f in FLAGS
+               if not re.search(rf"--{re.escape(f.name)}(?![\w-])", text) and f.env not in text]
+    assert not missing, "no guide names: " + ", ".join(missing)

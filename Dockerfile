@@ -60,11 +60,11 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY kernels ./kernels
-# Editable on purpose: a regular wheel would leave out kernels/csrc/*.cpp (not package data),
-# and the C++ kernel would silently fall back to the slower torch path. The code stays
-# root-owned and read-only to the server user. accelerate: transformers (>= 5) needs it to
-# load the GGUF checkpoint in fetch-default-model, and the `convert` extra does not list it.
-RUN pip install -e '.[convert]' accelerate \
+# Editable: the code runs from /app, root-owned and read-only to the server user, with
+# kernels/csrc/*.cpp beside it for the C++ kernel's build (also package data, for a wheel).
+# The `convert` extra (transformers, gguf, accelerate) is what fetch-default-model needs to
+# convert the GGUF checkpoint below.
+RUN pip install -e '.[convert]' \
     && python -m compileall -q server kernels
 
 # Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.

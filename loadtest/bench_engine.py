@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from server.config import Config
 from server.engine.device import resolve_dtype
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from loadtest.closed_loop import step_to_end  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis briefly.",
@@ -42,10 +46,7 @@ def engine_time(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) ->
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params))
-    produced = 0
-    while engine.has_unfinished():
-        produced += len(engine.step())
-    assert produced == len(prompts) * new_tokens
+    step_to_end(engine, len(prompts), new_tokens)
     return time.perf_counter() - t0
 
 
@@ -57,7 +58,8 @@ def hf_time(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> fl
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
-    assert out.shape[1] == width + new_tokens
+    if out.shape != (len(prompts), width + new_tokens):
+        raise RuntimeError(f"transformers returned {tuple(out.shape)}, not {len(prompts)} x {width} + {new_tokens}")
     return time.perf_counter() - t0
 
 

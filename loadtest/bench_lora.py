@@ -9,13 +9,15 @@ beside the base weight bytes, which is what makes many distinct adapters expensi
     python loadtest/bench_lora.py --streams 32 64 --adapters 1 8 32 64 --new-tokens 32 --repeats 3
 
 This machine is shared and noisy: each comparison runs its two sides alternately --repeats
-times and reports the medians (and the median of the per-pair ratios).
+times and reports the medians (and the median of the per-pair ratios). Every run is checked to
+return exactly the tokens it asked for, from every system.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,9 @@ from server.config import Config
 from server.engine.device import resolve_device, resolve_dtype
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerationRequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from loadtest.closed_loop import step_to_end  # noqa: E402
 
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,8 +103,7 @@ def engine_run(engine: LLMEngine, prompts, names, new: int) -> float:
     t0 = time.perf_counter()
     for i, (p, n) in enumerate(zip(prompts, names)):
         engine.add_request(GenerationRequest(f"x{time.monotonic_ns()}-{i}", p, params, adapter=n))
-    while engine.has_unfinished():
-        engine.step()
+    step_to_end(engine, len(prompts), new)
     return time.perf_counter() - t0
 
 
@@ -127,8 +131,10 @@ def peft_tps(peft_model, prompts, names, new: int, pad: int) -> float:
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=pad, adapter_names=list(names))
+            out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=pad, adapter_names=list(names))
+        if out.shape != (len(prompts), width + n):
+            raise RuntimeError(f"PEFT returned {tuple(out.shape)}, not {len(prompts)} x {width} + {n}")
         return time.perf_counter() - t0
 
     return len(prompts) * (new - 1) / (timed(new) - timed(1))

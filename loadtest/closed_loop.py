@@ -89,3 +89,23 @@ def run(engine, jobs: list[Job], streams: int, tag: str, deadline: float | None 
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99),
             "steps": steps, "idle_s": idle_s, "distinct_used": len({j.spec.adapter for j in jobs})}
+
+
+def step_to_end(engine, requests: int, tokens: int) -> None:
+    """Step `engine` until it has nothing left to do. Each of the `requests` requests it holds must
+    finish without an error after exactly `tokens` tokens (they ask for them with `ignore_eos`),
+    else RuntimeError: a benchmark that divides by tokens that never came would overstate its
+    throughput."""
+    got: dict[str, int] = {}
+    errors: list[str] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] = got.get(out.request_id, 0) + len(out.token_ids)
+            if out.finished and out.error:
+                errors.append(f"{out.request_id}: {out.error}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    short = sorted(n for n in got.values() if n != tokens)
+    if len(got) != requests or short:
+        raise RuntimeError(f"{len(got)} of {requests} requests returned tokens; returned other than {tokens} "
+                           f"tokens: {len(short)} (e.g. {short[:3]})")

@@ -95,6 +95,8 @@ async def offer(base_url: str, model: str, loads: list[TenantLoad], *, prompt_le
                 continue
             usage = resp.json()["usage"]
             p, o = usage["prompt_tokens"], usage["completion_tokens"]
+            if o != max_tokens:  # ignore_eos: anything else is a server fault, not a share of service
+                trace.errors.append(f"{load.name}: {o} tokens came back, not {max_tokens}")
             trace.events.append((time.monotonic() - start, load.name, p, o))
             trace.requests[load.name] += 1
             served += w_p * p + w_q * o
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                          "runs": summary}) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    return 0
+    return 1 if any(run["errors"] for run in summary.values()) else 0
 
 
 if __name__ == "__main__":

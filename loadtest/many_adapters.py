@@ -6,7 +6,10 @@ and each Zipf exponent s, a fresh server is started (so no cell inherits another
 `--streams` closed-loop clients send `--requests` streaming requests, adapter rank k drawn with
 P(k) ~ 1 / (k + 1) ** s. Reported per cell: output tokens/s, TTFT and TPOT p50/p99, and from the
 server's /metrics the host-cache hit rate (hits / (hits + misses), one lookup per request) and
-adapter loads per second.
+adapter loads per second; every request is checked to return its `--max-tokens` tokens (`short`:
+those that did not). Then, per Zipf exponent, each count's throughput and TTFT p50 as a ratio of
+the smallest count's (the baseline, measured in the same run). Exits 1 if a request failed or
+came back short.
 
     python -m loadtest.many_adapters --tiny --counts 8 64 512 --zipf 0.5 1.0 1.5 --out many.json
     python -m loadtest.many_adapters --model DIR --counts 8 64 512 1000 10000 --streams 32 --max-tokens 64
@@ -72,11 +75,14 @@ def run_cell(sc: Scenario, store: Path, names: list[str], s: float, log: Path) -
     finally:
         srv.stop()
     summary = report.summarize(data)
+    want = {sp.index: sp.max_tokens for sp in specs}
+    short = sum(1 for r in data["results"] if r["error"] is None and r["e2e_s"] is not None
+                and r["completion_tokens"] != want[r["index"]])
     server = data["server"]
     lookups = server.get(HITS, 0.0) + server.get(MISSES, 0.0)
     wall = data["meta"]["wall_s"]
     return {"adapters": len(names), "zipf": s, "requests": summary["sent"], "ok": summary["ok"],
-            "errors": summary["errors"], "distinct_used": len({sp.adapter for sp in specs}),
+            "errors": summary["errors"], "short": short, "distinct_used": len({sp.adapter for sp in specs}),
             "output_tok_s": summary["output_token_throughput"],
             "ttft_p50_s": summary["ttft"]["p50"], "ttft_p99_s": summary["ttft"]["p99"],
             "tpot_p50_s": summary["tpot"]["p50"], "tpot_p99_s": summary["tpot"]["p99"],
@@ -103,13 +109,29 @@ def format_row(r: dict) -> str:
         return "-" if x is None else f"{x * 1000:.0f}"
 
     hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
-    return (f"{r['adapters']:>6} {r['zipf']:>4} {r['ok']:>4}/{r['requests']:<4} {r['output_tok_s']:>8.1f} "
+    return (f"{r['adapters']:>6} {r['zipf']:>4} {r['ok']:>4}/{r['requests']:<4} {r['short']:>5} "
+            f"{r['output_tok_s']:>8.1f} "
             f"{ms(r['ttft_p50_s']):>8} {ms(r['ttft_p99_s']):>8} {ms(r['tpot_p50_s']):>7} {ms(r['tpot_p99_s']):>7} "
             f"{hit:>5} {r['loads_per_s']:>7.2f}")
 
 
-HEADER = ("  adpt zipf   ok/req     tok/s ttft_p50 ttft_p99 tpot_50 tpot_99   hit loads/s\n"
-          "                                     (ms)     (ms)    (ms)    (ms)")
+HEADER = ("  adpt zipf   ok/req short     tok/s ttft_p50 ttft_p99 tpot_50 tpot_99   hit loads/s\n"
+          "                                           (ms)     (ms)    (ms)    (ms)")
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """Per Zipf exponent: each adapter count against the smallest one of the run (the baseline)."""
+    lines = []
+    for s in sorted({r["zipf"] for r in rows}):
+        cells = sorted((r for r in rows if r["zipf"] == s), key=lambda r: r["adapters"])
+        base = cells[0]
+        for r in cells[1:]:
+            tps = r["output_tok_s"] / base["output_tok_s"] if base["output_tok_s"] else float("nan")
+            ttft = (r["ttft_p50_s"] / base["ttft_p50_s"] if r["ttft_p50_s"] is not None and base["ttft_p50_s"]
+                    else float("nan"))
+            lines.append(f"zipf {s}: {r['adapters']} vs {base['adapters']} adapters: throughput {tps:.2f}x, "
+                         f"TTFT p50 {ttft:.2f}x")
+    return lines
 
 
 def plot(rows: list[dict], caption: str = "") -> str:
@@ -160,13 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                       args.rank, server_args=args.server_args)
         print(HEADER, flush=True)
         rows = run_scenario(sc, tmp_path)
+    for line in ratio_lines(rows):
+        print(line)
     if args.svg:
         args.svg.write_text(plot(rows, f"{args.streams} streams, {args.requests} requests x {args.max_tokens} tokens"
                                        f" per cell; x: adapters registered"))
     if args.out:
         args.out.write_text(json.dumps({"scenario": {k: str(v) if isinstance(v, Path) else v
                                                      for k, v in vars(sc).items()}, "rows": rows}, indent=1))
-    return 0
+    bad = [r for r in rows if r["errors"] or r["short"] or r["ok"] < r["requests"]]
+    for r in bad:
+        print(f"{r['adapters']} adapters, zipf {r['zipf']}: {r['requests'] - r['ok']} requests not served, "
+              f"{r['short']} short", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

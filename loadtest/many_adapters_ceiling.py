@@ -3,7 +3,9 @@
 loadtest/many_adapters.py measures a server; this runs the same workload (the same generated
 requests: Zipf over the adapters, closed-loop streams, fixed output lengths, `ignore_eos`) against
 one `LLMEngine` driven by this thread, so the figures carry no HTTP or event-loop cost and the
-cells can be compared in one process, interleaved, on a noisy machine.
+cells can be compared in one process, interleaved, on a noisy machine. Each row says how many
+requests came back short of their `max_tokens` (`short`; exit 1 if any did), and the run ends with
+each count's throughput and TTFT p50 as a ratio of the smallest count's.
 
   --warm (the ceiling): every adapter the cell's stream uses is parsed into the host cache and
       written into the device pool before the clock starts, and both are sized to hold all of
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -153,13 +156,14 @@ def timers_for():
 
 def format_row(r: dict) -> str:
     prof = " ".join(f"{k}={v:.2f}s/{r['calls'][k]}" for k, v in r["seconds"].items())
-    return (f"{r['label']:>14} {r['adapters']:>5} {r['zipf']:>4} {r['distinct_used']:>4} {r['output_tok_s']:>7.1f} "
+    return (f"{r['label']:>14} {r['adapters']:>5} {r['zipf']:>4} {r['distinct_used']:>4} {r['short_requests']:>5} "
+            f"{r['output_tok_s']:>7.1f} "
             f"{r['ttft_p50_s'] * 1000:>7.0f} {r['ttft_p99_s'] * 1000:>7.0f} {r['tpot_p50_s'] * 1000:>6.0f} "
             f"{r['wall_s']:>6.1f} {r['steps']:>5} {r['idle_s']:>5.1f}  {prof}")
 
 
-HEADER = ("         label  adpt zipf used   tok/s ttft_50 ttft_99 tpot50   wall steps  idle  profile (seconds/calls)\n"
-          "                                     (ms)    (ms)   (ms)    (s)         (s)")
+HEADER = ("         label  adpt zipf used short   tok/s ttft_50 ttft_99 tpot50   wall steps  idle  profile (seconds/calls)\n"
+          "                                           (ms)    (ms)   (ms)    (s)         (s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    return 0
+    short = sum(r["short_requests"] for r in rows)
+    if short:  # closed_loop checks every finished request against its max_tokens
+        print(f"{short} requests returned other than their max_tokens", file=sys.stderr)
+    return 1 if short else 0
 
 
 if __name__ == "__main__":

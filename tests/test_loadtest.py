@@ -228,6 +228,7 @@ def test_many_adapters_scenario_reports_latency_and_cache_counters(tiny_llama_di
                                              "--kv-cache-memory", "8MiB"])
     (row,) = many_adapters.run_scenario(sc, tmp_path)
     assert (row["adapters"], row["zipf"], row["requests"], row["ok"], row["errors"]) == (6, 1.0, 16, 16, 0)
+    assert row["short"] == 0  # every request returned its max_tokens
     assert row["cache_hits"] + row["cache_misses"] == 16  # one host-cache lookup per request
     assert row["distinct_used"] <= row["loads"] <= 16  # each adapter used loads at least once
     assert 0 <= row["hit_rate"] < 1 and row["loads_per_s"] > 0
@@ -250,3 +251,16 @@ def test_step_overhead_splits_decode_steps_and_counts_every_token(capsys):
     assert [(r[0].split()[0], int(r[0].split()[-1])) for r in rows] == [("base", 1), ("base", 3), ("2", 1), ("2", 3)]
     for r in rows:
         assert all(float(x) > 0 for x in r[1].split()), r
+
+
+def test_many_adapters_ratios_are_against_the_smallest_count_of_each_zipf():
+    """The scenario's baseline is its own smallest adapter count, per Zipf exponent, in the same run."""
+    from loadtest import many_adapters
+
+    def row(n, s, tps, ttft):
+        return {"adapters": n, "zipf": s, "output_tok_s": tps, "ttft_p50_s": ttft}
+
+    lines = many_adapters.ratio_lines([row(1000, 1.0, 80.0, 0.3), row(8, 1.0, 100.0, 0.2), row(8, 0.5, 50.0, 0.1),
+                                       row(64, 0.5, 25.0, 0.4)])
+    assert lines == ["zipf 0.5: 64 vs 8 adapters: throughput 0.50x, TTFT p50 4.00x",
+                     "zipf 1.0: 1000 vs 8 adapters: throughput 0.80x, TTFT p50 1.50x"]

@@ -53,14 +53,20 @@ class StepLora:
     slots: LoraSlots  # the pool the step's LoRA backend reads
 
 
+POOL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what --lora-dtype may name
+
+
 def pool_dtype(lora_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The adapter pool's dtype for --lora-dtype. `auto`: float32 on CPU, the model dtype elsewhere.
     On CPU the LoRA kernels are many small GEMMs, and torch's bf16 ones run slower than fp32 even
     with AMX (bf16 slots: 0.44-0.80x the fp32 ones' throughput at 8 adapters, 0.29-0.60x at 1,000
-    under Zipf; docs/benchmarks.md section 5); the host cache holds fp32 weights anyway."""
-    if lora_dtype != "auto":
-        return getattr(torch, lora_dtype)
-    return torch.float32 if device.type == "cpu" else model_dtype
+    under Zipf; docs/benchmarks.md section 5); the host cache holds fp32 weights anyway.
+    Any other name is refused at start (ValueError): an integer pool would truncate every weight."""
+    if lora_dtype == "auto":
+        return torch.float32 if device.type == "cpu" else model_dtype
+    if lora_dtype not in POOL_DTYPES:
+        raise ValueError(f"--lora-dtype: expected auto, {' or '.join(POOL_DTYPES)}, got {lora_dtype!r}")
+    return POOL_DTYPES[lora_dtype]
 
 
 class AdapterManager:

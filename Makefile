@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loramux-installed
 ARGS   ?=
 
-.PHONY: setup serve test test-fast prometheus bench clean
+.PHONY: setup serve test test-fast prometheus clean
 
 # torch first, pinned: on the CPU dev machines `torch==2.13.0` is a CPU wheel already on disk,
 # while any other spec would download a multi-GB CUDA build. The project's own range admits it.

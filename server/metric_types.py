@@ -19,8 +19,8 @@ from prometheus_client.utils import floatToGoString
 class CountedHistogram:
     """A histogram of one series that takes one value observed `count` times in one call (one
     step's LoRA tokens: O(distinct values) a step, where prometheus_client's Histogram takes a
-    call per observation, i.e. per token). Exposed as that Histogram would be, less `_created`. `labelnames`: the series'
-    labels, their values given once by `set_labels` (empty strings until then)."""
+    call per observation, i.e. per token). Exposed as that Histogram would be, less `_created`.
+    `labelnames`: the series' labels, their values given once by `set_labels` ("" until then)."""
 
     def __init__(self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry,
                  labelnames: tuple[str, ...] = ()):

@@ -106,12 +106,8 @@ class VllmMetrics:
         self.time_to_first_token = Histogram(v + "time_to_first_token_seconds",
                                              "Histogram of time to first token in seconds.", labels,
                                              buckets=_VLLM_TTFT_BUCKETS, registry=r)
-        # One observation per output token after a request's first (the interval since its
-        # previous output, shared evenly by the tokens of an output that carries several), as
-        # vLLM's output processor; counted per output message (`Metrics.on_outputs`), not per
-        # Python call per token. vLLM 0.11 renamed time_per_output_token_seconds to
-        # inter_token_latency_seconds and still observes both with the same values (0.12 hides the
-        # old name behind --show-hidden-metrics-for-version): both are here, for old and new dashboards.
+        # Per output token after a request's first, as vLLM (`Metrics.on_outputs`). vLLM 0.11 renamed
+        # time_per_output_token_seconds and observes both names alike; both are here, for old and new dashboards.
         self.inter_token_latency = CountedHistogram(v + "inter_token_latency_seconds",
                                                     "Histogram of inter-token latency in seconds.",
                                                     _VLLM_TPOT_BUCKETS, r, tuple(labels))

@@ -52,10 +52,11 @@ HEARTBEAT_S = 1.0  # how often the core says it is alive, at most (the server's 
 
 
 def heartbeat_interval(config: Config) -> float:
-    """HEARTBEAT_S, or less where a timeout is short (tests): several beats fit in either timeout."""
+    """HEARTBEAT_S, or less where a timeout is short (tests): several beats fit in either timeout
+    (but at most 20 a second)."""
     server = config.server
     step = server.engine_step_timeout / 4 if server.engine_step_timeout > 0 else HEARTBEAT_S
-    return min(HEARTBEAT_S, server.engine_heartbeat_timeout / 5, step)
+    return max(0.05, min(HEARTBEAT_S, server.engine_heartbeat_timeout / 5, step))
 
 
 @dataclass

@@ -291,7 +291,7 @@ class AsyncEngine:
         _put_all(items)
 
     def _post(self, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, out: RequestOutput) -> None:
-        _call(loop, _put_all, [(sink, out)])
+        _call(loop, self._hand_over, [(sink, out)], time.monotonic())
 
     def _abort_all(self) -> None:
         for request_id, (sink, loop) in list(self._sinks.items()):

@@ -96,6 +96,13 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _positive_seconds(value: Any) -> float:
+    seconds = float(value)
+    if not 0 < seconds < float("inf"):  # also refuses NaN
+        raise ValueError(f"expected a number of seconds > 0, got {value!r}")
+    return seconds
+
+
 def _scheduling(value: Any) -> str:
     from server.engine.policies import POLICIES
 
@@ -230,6 +237,13 @@ FLAGS = [
     Flag("engine-process", "server.engine_process", _on_off,
          "on | off: run the engine core in its own process, requests and outputs over ZeroMQ; off: an engine "
          "thread in the server's process (one process: for tests and debugging)"),
+    Flag("engine-heartbeat-timeout", "server.engine_heartbeat_timeout", _positive_seconds,
+         "with --engine-process on: seconds without a message from the engine core process (it sends one every "
+         "second) before /health, /ready and new requests answer 503; serving resumes when it answers again"),
+    Flag("engine-step-timeout", "server.engine_step_timeout", _seconds,
+         "with --engine-process on: seconds one iteration of the engine loop (a step) may run before the engine "
+         "counts as hung: /health, /ready and new requests answer 503 until the step completes (0: no limit; "
+         "waiting for work never counts; raise it for large models on CPU, whose steps take minutes)"),
     Flag("shutdown-timeout", "server.shutdown_timeout", _seconds,
          "seconds in-flight requests get to finish after SIGTERM (new ones get 503); then they are aborted"),
 ]

@@ -104,6 +104,15 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20  # request bodies over this get 413 (counted as read, chunked too)
     shutdown_timeout: float = 30.0  # seconds after SIGTERM for in-flight requests to finish before they are aborted
     engine_process: bool = True  # the engine core in its own process (server/engine/core_client.py); off: a thread
+    # With the engine core in its own process: seconds without any message from it (it sends a
+    # heartbeat every second) before the server counts it as not responding and answers 503.
+    engine_heartbeat_timeout: float = 10.0
+    # Seconds one iteration of the core's engine loop (a step, and the messages handled before it)
+    # may run before the server counts the loop as hung and answers 503 until it completes; 0: no
+    # limit. Waiting for work never counts. The default is far above any legitimate step: one of
+    # --max-num-batched-tokens 512 at the end of an 8k context of the default model takes seconds
+    # on one loaded CPU core; a model 50x its size on CPU, or a first Triton compile on a GPU, minutes.
+    engine_step_timeout: float = 300.0
 
 
 @dataclass

@@ -9,23 +9,25 @@ Three groups:
 The state gauges (running, waiting, KV use) are computed at scrape time from the last
 `EngineState` the engine published plus the requests handed to the engine thread and not yet
 taken in, so a router never reads a queue length older than the last state change.
+
+Where each is observed: the engine (its process) counts requests, tokens, TTFT and per-request
+latencies as its steps take them in; the server side (the event loop, which receives each step's
+outputs) observes the inter-token latencies, one per output token (`on_outputs`), so the
+engine's step loop does no per-token metric work. The Prometheus plumbing that names nothing
+(`CountedHistogram`, the two processes' merged `exposition`) is server/metric_types.py.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import math
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
-from prometheus_client.samples import Sample
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.utils import floatToGoString
+
+from server.metric_types import CountedHistogram, exposition  # noqa: F401 (exposition: the app's import)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                     3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -45,6 +47,15 @@ OVERLOADED = "overloaded"  # HTTP 503: the server is full
 REQUEST_STATUSES = (*FINISH_REASONS, RATE_LIMITED, OVERLOADED)
 # The `adapter` label of the adapters past the series limit (not a valid adapter id, not the base's "").
 OTHER_ADAPTERS = "(other)"
+
+
+class TokenOutput(Protocol):
+    """What `Metrics.on_outputs` reads of an engine output (server/engine/output_processor.py's
+    RequestOutput; this module imports nothing of ours)."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool
 
 
 @dataclass(frozen=True)
@@ -95,9 +106,19 @@ class VllmMetrics:
         self.time_to_first_token = Histogram(v + "time_to_first_token_seconds",
                                              "Histogram of time to first token in seconds.", labels,
                                              buckets=_VLLM_TTFT_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram(v + "time_per_output_token_seconds",
-                                               "Histogram of time per output token in seconds.", labels,
-                                               buckets=_VLLM_TPOT_BUCKETS, registry=r)
+        # Per output token after a request's first, as vLLM (`Metrics.on_outputs`). vLLM 0.11 renamed
+        # time_per_output_token_seconds and observes both names alike; both are here, for old and new dashboards.
+        self.inter_token_latency = CountedHistogram(v + "inter_token_latency_seconds",
+                                                    "Histogram of inter-token latency in seconds.",
+                                                    _VLLM_TPOT_BUCKETS, r, tuple(labels))
+        self.time_per_output_token = CountedHistogram(v + "time_per_output_token_seconds",
+                                                      "Histogram of time per output token in seconds. DEPRECATED: "
+                                                      "Use vllm:inter_token_latency_seconds instead.",
+                                                      _VLLM_TPOT_BUCKETS, r, tuple(labels))
+        # Per finished request: its mean time per output token after the first (0 under two tokens, as vLLM).
+        self.request_time_per_output_token = Histogram(v + "request_time_per_output_token_seconds",
+                                                       "Histogram of time_per_output_token_seconds per request.",
+                                                       labels, buckets=_VLLM_TPOT_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram(v + "e2e_request_latency_seconds",
                                              "Histogram of e2e request latency in seconds.", labels,
                                              buckets=_VLLM_REQUEST_BUCKETS, registry=r)
@@ -136,6 +157,10 @@ class Metrics:
                              "Requests waiting: queued in the scheduler or handed to the engine thread", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "KV cache blocks in all", registry=r)
+        # Server process, at scrape time from the core's heartbeats (core_client.ProcessEngine).
+        self.engine_step_age = Gauge(p + "engine_step_age_seconds", "How long the engine loop's current "
+                                     "iteration (a step and the messages before it) has run; 0 while it waits for "
+                                     "work. Over --engine-step-timeout the server answers 503", registry=r)
         # Adapter tiers: disk -> host cache -> device slots.
         self.adapter_cache_hits = Counter(p + "adapter_cache_hits", "Adapter requests found in the host cache",
                                           registry=r)
@@ -197,6 +222,7 @@ class Metrics:
         self._lora_info_labels: tuple[str, str, str] | None = None
         self._max_lora: int | None = None
         self._engine_labels = ("", "0")
+        self._last_token: dict[str, float] = {}  # request id -> when its last output came (server side)
         self.running.set_function(lambda: self._state.running)
         self.waiting.set_function(self._num_waiting)
         self.kv_blocks_used.set_function(lambda: self._state.kv_blocks_used)
@@ -210,7 +236,7 @@ class Metrics:
         self._num_blocks = num_blocks
         self._max_lora = max_loras
         self._adapter_series_limit = adapter_series
-        self._engine_labels = (model_name, "0")
+        self._set_engine_labels(model_name)
         self.kv_blocks_total.set(num_blocks)
         v = self.vllm
         v.num_requests_running.labels(*self._engine_labels).set_function(lambda: self._state.running)
@@ -250,8 +276,17 @@ class Metrics:
         The core's own series carry its queue; the scrape sums the two (`exposition`). A request
         counts in both for the moment between the core queueing it and its answer arriving here."""
         self._in_transit = in_transit
-        self._engine_labels = (model_name, "0")
+        self._set_engine_labels(model_name)
         self.vllm.num_requests_waiting.labels(*self._engine_labels).set_function(self._num_waiting)
+
+    def watch_engine_loop(self, step_age: Callable[[], float]) -> None:
+        """The server process's view of the core's loop: `step_age()` seconds into its current iteration."""
+        self.engine_step_age.set_function(step_age)
+
+    def _set_engine_labels(self, model_name: str) -> None:
+        self._engine_labels = (model_name, "0")
+        self.vllm.inter_token_latency.set_labels(*self._engine_labels)
+        self.vllm.time_per_output_token.set_labels(*self._engine_labels)
 
     def _num_waiting(self) -> int:
         return self._state.waiting + max(0, self._sent - self._received) + self._in_transit()
@@ -327,9 +362,33 @@ class Metrics:
         self.e2e.labels(adapter).observe(e2e)
         self.vllm.request_success.labels(*self._engine_labels, reason).inc()
         self.vllm.e2e_request_latency.labels(*self._engine_labels).observe(e2e)
+        self.vllm.request_time_per_output_token.labels(*self._engine_labels).observe(tpot or 0.0)
         if tpot is not None:
             self.tpot.labels(adapter).observe(tpot)
-            self.vllm.time_per_output_token.labels(*self._engine_labels).observe(tpot)
+
+    # --- per output (server side: the event loop that receives the engine's outputs) ----------------
+    def on_outputs(self, outputs: Sequence[TokenOutput], now: float) -> None:
+        """One engine step's outputs, produced at `now` (monotonic seconds, the engine's clock):
+        an output after a request's first observes the interval since that request's previous
+        output once per token it carries, the interval shared evenly among them (vLLM's rule: a
+        stream of N tokens gives N - 1 observations). O(outputs) dict and bucket work, no call per token."""
+        last = self._last_token
+        itl, old_name = self.vllm.inter_token_latency, self.vllm.time_per_output_token
+        for out in outputs:
+            n = len(out.token_ids)
+            if n:
+                previous = last.get(out.request_id)
+                if previous is not None:
+                    interval = (now - previous) / n
+                    itl.observe(interval, n)
+                    old_name.observe(interval, n)
+                last[out.request_id] = now
+            if out.finished:
+                last.pop(out.request_id, None)
+
+    def forget_request(self, request_id: str) -> None:
+        """A request ended without a finished output reaching `on_outputs` (aborted, failed)."""
+        self._last_token.pop(request_id, None)
 
     # --- bounded label sets ---------------------------------------------------------------------
     def _configured(self, tenant: str) -> bool:
@@ -369,70 +428,3 @@ class Metrics:
                         if s.labels.get(label) == value and all(n in s.labels for n in metric._labelnames)}
             for labels in children:
                 metric.remove(*labels)
-
-
-class CountedHistogram:
-    """A histogram without labels that takes one value observed `count` times in one call (one
-    step's LoRA tokens: O(distinct values) a step, where prometheus_client's Histogram takes a
-    call per observation, i.e. per token). Exposed as that Histogram would be, less `_created`."""
-
-    def __init__(self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry):
-        self.name, self.documentation = name, documentation
-        self._bounds = (*sorted(buckets), math.inf)
-        self._counts = [0] * len(self._bounds)  # per bucket, not cumulative
-        self._sum = 0.0
-        self._lock = threading.Lock()  # the engine thread observes, a scrape thread collects
-        registry.register(self)
-
-    def observe(self, value: float, count: int = 1) -> None:
-        i = bisect.bisect_left(self._bounds, value)  # the first bound >= value (`le` is inclusive)
-        with self._lock:
-            self._counts[i] += count
-            self._sum += value * count
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        yield HistogramMetricFamily(self.name, self.documentation, sum_value=total, buckets=[
-            (floatToGoString(b), c) for b, c in zip(self._bounds, itertools.accumulate(counts))])
-
-    describe = collect  # the registry learns the names (and refuses duplicates) at registration
-
-
-def exposition(registry: CollectorRegistry, others: Iterable[Metric] = ()) -> bytes:
-    """The text exposition of `registry`, with `others` (metric families of the same names
-    collected in another process: the engine core's) merged in. Both processes define every
-    metric, and each updates only its own series (the other's stay at 0), so a series present in
-    both is the sum; a `_created` timestamp is the earlier one."""
-    others = list(others)
-    if not others:
-        return generate_latest(registry)
-    merged: dict[str, Metric] = {}
-    values: dict[str, dict[tuple, Sample]] = {}
-    for family in [*registry.collect(), *others]:
-        if family.name not in merged:
-            merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
-            values[family.name] = {}
-        seen = values[family.name]
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            old = seen.get(key)
-            if old is None:
-                seen[key] = s
-            elif s.name.endswith("_created"):
-                seen[key] = old._replace(value=min(old.value, s.value))
-            else:
-                seen[key] = old._replace(value=old.value + s.value)
-    for name, family in merged.items():
-        family.samples = list(values[name].values())
-    return generate_latest(_Families(list(merged.values())))
-
-
-class _Families:
-    """A collected set of families, in the shape `generate_latest` reads (a registry's `collect`)."""
-
-    def __init__(self, families: list[Metric]):
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families

@@ -15,7 +15,10 @@ import httpx
 import pytest
 
 from engine_process_servers import ADMIN, ALPHA, BASE, alive, core_pid, roots, start, tenants, wait_for  # noqa: F401
-from server.engine.core_client import HEARTBEAT_TIMEOUT_S
+
+# The server's silence limit (default 10 s), short here so that a frozen core shows in seconds.
+HEARTBEAT_TIMEOUT_S = 3.0
+SHORT_HEARTBEAT = ("--engine-heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S))
 
 AUTH = {"Authorization": f"Bearer {ALPHA}"}
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -27,7 +30,7 @@ def _completion(srv, timeout: float, **extra) -> httpx.Response:
 
 
 def test_a_frozen_core_is_503_fast_and_serving_resumes_when_it_thaws(tiny_llama_dir, tmp_path, tenants, roots):
-    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "frozen.log")
+    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "frozen.log", "on", *SHORT_HEARTBEAT)
     pid = core_pid(srv)
     try:
         assert _completion(srv, 60).status_code == 200
@@ -104,7 +107,8 @@ def test_a_shutdown_with_a_frozen_core_ends_the_streams_with_an_error_and_exits(
     """SIGTERM while the core is frozen: the drain cannot finish the streams, and the core cannot
     answer the abort; each stream still ends with the error event (not a cut connection), and
     the server stops the frozen core and exits 0 without waiting on it."""
-    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "frozen-shutdown.log", "on", "--shutdown-timeout", "1")
+    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "frozen-shutdown.log", "on", "--shutdown-timeout", "1",
+                *SHORT_HEARTBEAT)
     pid = core_pid(srv)
     lines: list[str] = []
     errors: list[BaseException] = []

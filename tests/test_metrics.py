@@ -266,9 +266,15 @@ def test_vllm_series_have_the_types_and_labels_the_extension_reads(server):
         sum(u["prompt_tokens"] for u in sent)
     assert grew("vllm:generation_tokens", "vllm:generation_tokens_total") == sum(u["completion_tokens"] for u in sent)
     for family in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
-                   "vllm:request_queue_time_seconds", "vllm:time_per_output_token_seconds"):
+                   "vllm:request_queue_time_seconds", "vllm:request_time_per_output_token_seconds"):
         assert fams[family].type == "histogram", family
-        assert grew(family, family + "_count") == len(sent), family
+        assert grew(family, family + "_count") == len(sent), family  # per request
+    for family in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+        assert fams[family].type == "histogram", family
+        assert [s.labels for s in fams[family].samples if s.name == family + "_count"] == \
+            [{"model_name": BASE, "engine": "0"}], family
+        # per output token after each request's first (before: once per request)
+        assert grew(family, family + "_count") == sum(u["completion_tokens"] - 1 for u in sent), family
 
 
 def test_lora_info_names_the_adapter_of_a_running_stream(server):
@@ -409,3 +415,85 @@ def test_a_removed_tenants_last_requests_do_not_bring_its_series_back():
     assert 'tenant="gone"' not in text
     assert 'loramux_tenant_generation_tokens_total{tenant="kept"} 1.0' in text
     assert "loramux_generation_tokens_total 4.0" in text
+
+
+def test_a_stream_of_n_tokens_observes_n_minus_1_inter_token_latencies(server):
+    """vLLM observes the inter-token latency once per output token after the first, with that
+    token's own interval; loramux observed vllm:time_per_output_token_seconds once per request,
+    with the request's mean. Streamed, the observed intervals add up to the stream's span."""
+    n = 12
+    before = families(metrics_text(server))
+    arrivals = []
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=120,
+                      headers={"Authorization": "Bearer key-alpha"},
+                      json={"model": BASE, "prompt": "count", "max_tokens": n, "ignore_eos": True,
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == n
+    fams = families(metrics_text(server))
+    for family in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+        count = value(fams, family, family + "_count") - value(before, family, family + "_count")
+        total = value(fams, family, family + "_sum") - value(before, family, family + "_sum")
+        assert count == n - 1, family
+        # the engine's intervals, measured where the outputs leave it: within the client's span
+        assert 0 < total <= arrivals[-1] - arrivals[0] + 0.5, (family, total, arrivals[-1] - arrivals[0])
+    per_request = "vllm:request_time_per_output_token_seconds"
+    assert value(fams, per_request, per_request + "_count") - value(before, per_request, per_request + "_count") == 1
+
+
+def test_inter_token_latencies_share_a_multi_token_outputs_interval():
+    """An output carrying several tokens (one step's, for one request) shares the interval since
+    the request's previous output evenly among them; its first output observes nothing; a finished
+    or forgotten request leaves no state behind."""
+    from server.engine.output_processor import RequestOutput
+
+    m = Metrics()
+    m.configure_engine(BASE, 16, 100, max_loras=None)
+    m.on_outputs([RequestOutput("a", [1]), RequestOutput("b", [1, 2])], now=10.0)
+    m.on_outputs([RequestOutput("a", [2, 3, 4])], now=10.75)
+    m.on_outputs([RequestOutput("a", [5, 6], finished=True), RequestOutput("b", [])], now=11.25)
+    fams = families(generate_latest(m.registry).decode())
+    for family in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+        assert value(fams, family, family + "_count", model_name=BASE, engine="0") == 5
+        assert value(fams, family, family + "_sum") == 1.25
+        assert value(fams, family, family + "_bucket", le="0.2") == 0
+        assert value(fams, family, family + "_bucket", le="0.3") == 5
+    m.forget_request("b")
+    assert m._last_token == {}
+
+
+def test_in_process_streams_observe_inter_token_latencies(engine):
+    """--engine-process off: the engine thread stamps each step, the event loop observes (N - 1
+    per stream of N tokens), and an aborted stream leaves no state behind."""
+    eng = engine
+    client = AsyncEngine(eng)
+    itl = eng.metrics.vllm.inter_token_latency
+
+    def count() -> float:
+        (family,) = itl.collect()
+        return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+    async def run() -> None:
+        stream = await client.submit(GenerationRequest("s", [5, 6, 7], SamplingParams(max_tokens=9,
+                                                                                      ignore_eos=True)))
+        tokens = [t async for out in stream for t in out.token_ids]
+        assert len(tokens) == 9 and count() - before == 8
+        cut = await client.submit(GenerationRequest("cut", [5, 6, 7], SamplingParams(max_tokens=400,
+                                                                                     ignore_eos=True)))
+        await anext(cut)
+        await anext(cut)
+        await cut.aclose()
+        for _ in range(100):  # the forget is posted by the engine thread once it has taken the abort
+            if "cut" not in eng.metrics._last_token:
+                break
+            await asyncio.sleep(0.02)
+
+    before = count()
+    client.start()
+    try:
+        asyncio.run(run())
+    finally:
+        client.shutdown()
+    assert count() - before > 8 and eng.metrics._last_token == {}  # and the aborted stream's

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -265,8 +266,10 @@ class AsyncEngine:
             elif isinstance(cmd, _AbortAll):
                 self._abort_all()
             else:
-                self._sinks.pop(cmd.request_id, None)
+                target = self._sinks.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
+                if target is not None:  # after any output of it posted before (the loop runs them in order)
+                    _call(target[1], self.metrics.forget_request, cmd.request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
@@ -277,11 +280,18 @@ class AsyncEngine:
             if out.finished:
                 del self._sinks[out.request_id]
             by_loop.setdefault(target[1], []).append((target[0], out))
+        now = time.monotonic()
         for loop, items in by_loop.items():
-            _call(loop, _put_all, items)
+            _call(loop, self._hand_over, items, now)
+
+    def _hand_over(self, items: list[tuple[asyncio.Queue, RequestOutput]], produced_at: float) -> None:
+        """On the event loop: one step's outputs to their streams, and their inter-token latencies
+        to the metrics (per token, off the engine thread)."""
+        self.metrics.on_outputs([out for _, out in items], produced_at)
+        _put_all(items)
 
     def _post(self, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, out: RequestOutput) -> None:
-        _call(loop, _put_all, [(sink, out)])
+        _call(loop, self._hand_over, [(sink, out)], time.monotonic())
 
     def _abort_all(self) -> None:
         for request_id, (sink, loop) in list(self._sinks.items()):

@@ -9,10 +9,14 @@ queue. A stop string found here ends the request for its client at once, and a F
 retires it in the core (any output of a step the core ran meanwhile is dropped). Named calls
 carry a call id and are answered on the same channel. When the core dies, every waiting
 request and call fails at once (in-flight streams end with an error, new requests get 503),
-never a hang. When it stops answering (it sends a heartbeat every second), the server counts it
-as not running until it speaks again: /health and /ready answer 503, new requests and calls
-get a fast 503, and calls and admissions already waiting fail; streams in flight wait, and go
-on if it resumes.
+never a hang. When it stops answering (it sends a heartbeat every second; silent for
+--engine-heartbeat-timeout), or when its heartbeats say that the engine loop's current
+iteration has run past --engine-step-timeout (a step that never returns while the process
+lives), the server counts it as not running until it speaks again, resp. until a heartbeat
+shows the loop moving: /health and /ready answer 503, new requests and calls get a fast 503,
+and calls and admissions already waiting fail; streams in flight wait, and go on if it resumes.
+Each step's outputs carry the core's time, from which the event loop observes the inter-token
+latencies (Metrics.on_outputs).
 """
 
 from __future__ import annotations
@@ -49,9 +53,6 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900.0  # model load, plus the C++ kernel build on a first start
 _WATCH_MS = 500  # no message for this long: check that the core is still alive
 REPLICA_REFRESH_S = 1.0
-# No message from the core for this long (it sends one every core_process.HEARTBEAT_S, from a
-# thread of its own, whatever its steps take): it is stopped or frozen.
-HEARTBEAT_TIMEOUT_S = 10.0
 
 
 class ProcessEngine:
@@ -91,12 +92,20 @@ class ProcessEngine:
         self._pending = 0
         self._closed = False
         self._dead = False
-        self._silent = False  # no message for HEARTBEAT_TIMEOUT_S: not running until the core speaks again
+        # No message for this long (the core sends one every core_process.HEARTBEAT_S at most, from a
+        # thread of its own, whatever its steps take): it is stopped or frozen.
+        self._heartbeat_timeout = config.server.engine_heartbeat_timeout
+        self._step_timeout = config.server.engine_step_timeout or float("inf")  # 0: no limit
+        self._silent = False  # no message for the heartbeat timeout: not running until the core speaks again
         self._heard = time.monotonic()  # when the core's last message came
+        self._step_age = 0.0  # the loop's current iteration, as of the last heartbeat (at _beat_at)
+        self._beat_at = self._heard
+        self._hung = False  # a heartbeat said the loop's iteration ran past the step timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         # Sent to the core and not answered yet: waiting, in the queue gauges (the core counts the rest).
         self.metrics.count_in_transit(self.info.model_name, lambda: len(self._admissions))
+        self.metrics.watch_engine_loop(self.step_age)
 
     def _wait_ready(self) -> CoreReady:
         self._wait_for(self._out, zmq.POLLIN)
@@ -134,7 +143,7 @@ class ProcessEngine:
             self._tasks.append(self._loop.create_task(self._refresh_replica(), name="loramux-replica"))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._proc.is_alive() and not self._silent:  # a silent core would not read the STOP
+        if self._proc.is_alive() and not self._silent and not self._hung:  # it would not read the STOP
             self._send(wire.STOP, b"")
             self._proc.join(timeout)
         if self._proc.is_alive():
@@ -153,12 +162,17 @@ class ProcessEngine:
     def close(self) -> None:
         self._closed = True
         self._send(wire.ABORT_ALL, b"")
-        if self._silent:  # it would never answer the abort: end the streams here (with an error event)
+        if self._silent or self._hung:  # it would not answer the abort: end the streams here (with an error event)
             self._fail_everything("the engine is not responding")
 
     @property
     def is_running(self) -> bool:
-        return not self._dead and not self._silent and self._proc.is_alive()
+        return not self._dead and not self._silent and not self._hung and self._proc.is_alive()
+
+    def step_age(self) -> float:
+        """Seconds the core's loop has been in its current iteration (0 while it waits for work),
+        extrapolated from the last heartbeat."""
+        return self._step_age + (time.monotonic() - self._beat_at) if self._step_age else 0.0
 
     @property
     def num_pending(self) -> int:
@@ -197,6 +211,7 @@ class ProcessEngine:
     def abort(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
         self._text.remove(request_id)
+        self.metrics.forget_request(request_id)
         if not self._dead:
             self._send(wire.ABORT, request_id.encode())
 
@@ -256,7 +271,7 @@ class ProcessEngine:
                     if not self._proc.is_alive():
                         self._on_death()
                         return
-                    if not self._silent and time.monotonic() - self._heard > HEARTBEAT_TIMEOUT_S:
+                    if not self._silent and time.monotonic() - self._heard > self._heartbeat_timeout:
                         self._on_silence()
                     continue
                 kind, payload = await self._aout.recv_multipart()
@@ -264,8 +279,10 @@ class ProcessEngine:
                 if self._silent:
                     self._silent = False
                     log.warning("the engine core process answers again: serving resumes")
-                if kind == wire.OUTPUTS:
-                    self._deliver(wire.decode_outputs(payload))
+                if kind == wire.HEARTBEAT:
+                    self._on_heartbeat(wire.decode_heartbeat(payload))
+                elif kind == wire.OUTPUTS:
+                    self._deliver(*wire.decode_outputs(payload))
                 elif kind == wire.ADMITTED:
                     rid, error = wire.loads(payload)
                     _settle(self._admissions.pop(rid, None), None, error)
@@ -278,12 +295,13 @@ class ProcessEngine:
             log.exception("reading the engine core's messages failed")
             self._on_death()
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, sent_at: float, outputs: list[RequestOutput]) -> None:
+        # The others were aborted meanwhile, or ended here by a stop string.
+        outputs = [out for out in outputs if out.request_id in self._sinks]
+        self.metrics.on_outputs(outputs, sent_at)
         for out in outputs:
             rid = out.request_id
-            sink = self._sinks.get(rid)
-            if sink is None:
-                continue  # aborted meanwhile, or ended here by a stop string
+            sink = self._sinks[rid]
             try:
                 if self._text.process(out):
                     self._send(wire.FINISH, wire.dumps((rid, FinishReason.STOP)))
@@ -294,6 +312,7 @@ class ProcessEngine:
             if out.finished:
                 del self._sinks[rid]
                 self._text.remove(rid)
+                self.metrics.forget_request(rid)  # a stop string found here ended it
             sink.put_nowait(out)
 
     async def _refresh_replica(self) -> None:
@@ -323,8 +342,23 @@ class ProcessEngine:
         the server restarted."""
         self._silent = True
         log.error("the engine core process (pid %s) sent nothing for %.0f s: answering 503 until it does",
-                  self._proc.pid, HEARTBEAT_TIMEOUT_S)
+                  self._proc.pid, self._heartbeat_timeout)
         self._fail_waiters(EngineDeadError("the engine is not responding"))
+
+    def _on_heartbeat(self, step_age: float) -> None:
+        """The core lives; its loop has been `step_age` seconds in its current iteration. Past the
+        step timeout it counts as hung, as a silent core does (its process answers, its loop does
+        not), until a heartbeat shows the loop past that iteration."""
+        self._step_age, self._beat_at = step_age, self._heard
+        hung = step_age > self._step_timeout
+        if hung and not self._hung:
+            self._hung = True
+            log.error("the engine loop's current step has run for %.1f s (--engine-step-timeout %g s): "
+                      "answering 503 until it completes", step_age, self._step_timeout)
+            self._fail_waiters(EngineDeadError("the engine is not responding"))
+        elif self._hung and not hung:
+            self._hung = False
+            log.warning("the engine loop completed its step: serving resumes")
 
     def _fail_waiters(self, error: EngineDeadError) -> None:
         for future in [*self._admissions.values(), *self._calls.values()]:
@@ -335,6 +369,7 @@ class ProcessEngine:
         for rid, sink in list(self._sinks.items()):
             sink.put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ERROR, error=message,
                                           error_code=ENGINE_GONE))
+            self.metrics.forget_request(rid)
         self._sinks.clear()
         self._text.clear()
         self._fail_waiters(EngineDeadError(message))

@@ -11,6 +11,11 @@ metric scrapes run on a worker thread, which answers on its own socket, so a ste
 for a disk read. The core never detokenises: its outputs carry token ids, and the server
 process turns them into text and finds stop strings (server/engine/detokenizer.py); a request a
 stop string ended there comes back as a FINISH message, retired as "stop".
+
+A heartbeat thread tells the server, every second, that the process runs and how long the loop's
+current iteration has run (0 while it waits for work): a loop stuck in one step (a deadlock, a
+kernel that never returns, a policy that loops) while the process is otherwise alive shows as a
+growing age, and the server answers 503 past --engine-step-timeout (core_client.ProcessEngine).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +48,15 @@ _WAKE_ADDR = "inproc://loramux-wake"
 _IDLE_POLL_MS = 500  # nothing to run: also how often a core whose server died notices it
 _LOADS_POLL_MS = 50  # everything waits on adapter loads (a finished load wakes us sooner)
 ENGINE_THREAD_CALLS = ("unregister_adapter", "set_tenant_weights")  # the rest: a worker thread
-HEARTBEAT_S = 1.0  # how often the core says it is alive (the server's timeout: core_client.HEARTBEAT_TIMEOUT_S)
+HEARTBEAT_S = 1.0  # how often the core says it is alive, at most (the server's timeout: --engine-heartbeat-timeout)
+
+
+def heartbeat_interval(config: Config) -> float:
+    """HEARTBEAT_S, or less where a timeout is short (tests): several beats fit in either timeout
+    (but at most 20 a second)."""
+    server = config.server
+    step = server.engine_step_timeout / 4 if server.engine_step_timeout > 0 else HEARTBEAT_S
+    return max(0.05, min(HEARTBEAT_S, server.engine_heartbeat_timeout / 5, step))
 
 
 @dataclass
@@ -141,6 +155,10 @@ class EngineCore:
         self._stop = False
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-core-io")
         self._stopped = threading.Event()  # ends the heartbeat
+        # When the loop began its current iteration (monotonic; None while it waits for work): written
+        # by the loop thread, read by the heartbeat thread (one reference: no lock).
+        self._busy_since: float | None = None
+        self._beat_s = heartbeat_interval(engine.config)
         self._local = threading.local()  # each worker thread's own output socket
         engine.wake = self._wake
 
@@ -180,8 +198,12 @@ class EngineCore:
             self._ctx.term()
 
     def _receive(self, timeout_ms: int) -> None:
-        """Handle every waiting message, after waiting up to `timeout_ms` for the first."""
-        if not self._in.poll(timeout_ms):
+        """Handle every waiting message, after waiting up to `timeout_ms` for the first. The wait is
+        the loop's only idle time: the iteration's clock starts when it ends."""
+        self._busy_since = None
+        ready = self._in.poll(timeout_ms)
+        self._busy_since = time.monotonic()
+        if not ready:
             return
         while True:
             try:
@@ -291,7 +313,7 @@ class EngineCore:
             if o.finished:
                 self._live.discard(o.request_id)
         if live:
-            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(live)])
+            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(live, time.monotonic())])
 
     def _fail_all(self, message: str) -> None:
         failed = []
@@ -301,20 +323,22 @@ class EngineCore:
                                         error=message, error_code="internal_error"))
         self._live.clear()
         if failed:
-            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(failed)])
+            self._out.send_multipart([wire.OUTPUTS, wire.encode_outputs(failed, time.monotonic())])
 
     def _heartbeat(self) -> None:
-        """Every HEARTBEAT_S, an empty outputs message (nothing new, but alive), from a thread of its
-        own with its own socket, so a long step never delays it: only a core that stopped running
-        altogether (SIGSTOP, a frozen interpreter, a swap storm) falls silent, and the server then
-        answers 503 instead of letting requests and probes hang (core_client.ProcessEngine._read)."""
+        """Every HEARTBEAT_S (less with short timeouts), how long the loop's current iteration has
+        run, from a thread of its own with its own socket, so a long step never delays it: only a
+        core that stopped running altogether (SIGSTOP, a frozen interpreter, a swap storm) falls
+        silent, and a loop stuck in a step shows as an age that grows; the server then answers 503
+        instead of letting requests and probes hang (core_client.ProcessEngine._read)."""
         sock = self._ctx.socket(zmq.PUSH)
         sock.connect(self._out_addr)
-        beat = wire.encode_outputs([])
         try:
-            while not self._stopped.wait(HEARTBEAT_S):
+            while not self._stopped.wait(self._beat_s):
+                since = self._busy_since
+                age = 0.0 if since is None else time.monotonic() - since
                 try:
-                    sock.send_multipart([wire.OUTPUTS, beat], zmq.NOBLOCK)
+                    sock.send_multipart([wire.HEARTBEAT, wire.encode_heartbeat(age)], zmq.NOBLOCK)
                 except zmq.Again:  # the server is not reading: it will see it in what follows
                     pass
         finally:

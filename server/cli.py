@@ -163,8 +163,8 @@ FLAGS = [
     Flag("model", "model.path", str, "Hugging Face model directory of a registered family (server/model/families.py; default: the converted "
          "SmolLM2-135M-Instruct)"),
     Flag("served-model-name", "model.served_model_name", str, "`model` id of the base in the API"),
-    Flag("dtype", "model.dtype", str, "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
-    Flag("device", "model.device", _device, "auto | cpu | cuda"),
+    Flag("dtype", "model.dtype", _choice("auto", "bfloat16", "float32"), "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
+    Flag("device", "model.device", _device, "auto | cpu | cuda | cuda:N"),
     Flag("max-model-len", "model.max_model_len", _int(1), "longest prompt + completion in tokens"),
     Flag("seed", "model.seed", int, "seed of unseeded sampling"),
     Flag("num-threads", "model.num_threads", _int(1), "torch CPU threads (default: all cores)"),
@@ -218,7 +218,7 @@ FLAGS = [
          "rank is not known yet counts --max-lora-rank)"),
     Flag("max-route-experts", "lora.max_route_experts", _int(1), "most experts one `route` request chooses among "
          "(a route naming no experts uses every adapter the caller may use, within this limit)"),
-    Flag("lora-dtype", "lora.lora_dtype", str, "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
+    Flag("lora-dtype", "lora.lora_dtype", _choice("auto", "float32", "bfloat16"), "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
     Flag("lora-backend", "lora.lora_backend", _backend("lora"),
          "auto | torch | triton (auto: triton on CUDA, torch on CPU; chosen at start)"),
     Flag("allowed-adapter-roots", "lora.allowed_adapter_roots", _paths,
@@ -231,7 +231,8 @@ FLAGS = [
          "open)", nargs="+"),
     Flag("tenants", "server.tenants", str, "tenants file (TOML): key hashes, weights, quotas; see docs/operator.md"),
     Flag("admin-key", "server.admin_key", str, "bearer key of the admin API (adapter load/unload/pin)"),
-    Flag("log-level", "server.log_level", _choice("debug", "info", "warning", "error", "critical"), "debug | info | warning"),
+    Flag("log-level", "server.log_level", _choice("debug", "info", "warning", "error", "critical"),
+         "debug | info | warning | error | critical"),
     Flag("max-body-bytes", "server.max_body_bytes", _size,
          "largest request body: bytes or e.g. 8MiB (larger: HTTP 413)"),
     Flag("engine-process", "server.engine_process", _on_off,
@@ -304,6 +305,8 @@ def make_parser() -> argparse.ArgumentParser:
     for flag in FLAGS:
         dest = flag.name.replace("-", "_")
         default = "off" if flag.switch else _default(defaults, flag)  # a switch is off unless given
+        if flag.convert is _on_off:
+            default = "on" if default else "off"
         text = f"{flag.help} [default: {default}; env {flag.env}]"
         if flag.switch:
             serve.add_argument(f"--{flag.name}", dest=dest, action="store_const", const=flag.switch_value,

@@ -28,6 +28,7 @@ def config_of(*argv: str):
     ("kv-cache-memory", "0"), ("kv-cache-memory", "-1GiB"), ("lora-pool-memory", "0"),
     ("cpu-lora-cache-memory", "0"), ("max-body-bytes", "0"), ("port", "70000"), ("port", "-1"),
     ("log-level", "loud"), ("device", "gpu0"), ("max-num-seqs", "1.5"), ("max-num-seqs", "many"),
+    ("dtype", "foo"), ("dtype", "float16"), ("lora-dtype", "int8"), ("lora-dtype", "foo"),
 ])
 def test_a_value_the_server_cannot_run_is_refused_naming_the_flag(flag, value):
     with pytest.raises(ValueError, match=f"--{flag}"):
@@ -59,6 +60,13 @@ def test_good_values_still_pass():
     assert (cfg.server.port, cfg.model.device, cfg.server.log_level) == (0, "cuda:1", "warning")
     assert cfg.cache.kv_cache_memory == 512 << 20 and cfg.lora.adapter_metric_series == 0
     assert config_of() == Config()
+    assert config_of("--dtype", "BFloat16", "--lora-dtype", "float32").model.dtype == "bfloat16"
+
+
+def test_help_names_every_value_a_choice_takes_and_shows_on_off_defaults_as_such():
+    text = " ".join(make_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
+    assert "debug | info | warning | error | critical" in text and "auto | cpu | cuda | cuda:N" in text
+    assert "[default: on; env LORAMUX_ENGINE_PROCESS]" in text
 
 
 def test_main_exits_2_with_the_reason_before_loading_anything(monkeypatch, capsys):

@@ -160,10 +160,11 @@ class Flag:
 
 
 FLAGS = [
-    Flag("model", "model.path", str, "Hugging Face model directory of a registered family (server/model/families.py; default: the converted "
-         "SmolLM2-135M-Instruct)"),
+    Flag("model", "model.path", str, "Hugging Face model directory of a registered family "
+         "(server/model/families.py; default: the converted SmolLM2-135M-Instruct)"),
     Flag("served-model-name", "model.served_model_name", str, "`model` id of the base in the API"),
-    Flag("dtype", "model.dtype", _choice("auto", "bfloat16", "float32"), "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
+    Flag("dtype", "model.dtype", _choice("auto", "bfloat16", "float32"),
+         "auto | bfloat16 | float32 (auto: bf16 where the hardware has fast bf16)"),
     Flag("device", "model.device", _device, "auto | cpu | cuda | cuda:N"),
     Flag("max-model-len", "model.max_model_len", _int(1), "longest prompt + completion in tokens"),
     Flag("seed", "model.seed", int, "seed of unseeded sampling"),
@@ -218,7 +219,8 @@ FLAGS = [
          "rank is not known yet counts --max-lora-rank)"),
     Flag("max-route-experts", "lora.max_route_experts", _int(1), "most experts one `route` request chooses among "
          "(a route naming no experts uses every adapter the caller may use, within this limit)"),
-    Flag("lora-dtype", "lora.lora_dtype", _choice("auto", "float32", "bfloat16"), "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
+    Flag("lora-dtype", "lora.lora_dtype", _choice("auto", "float32", "bfloat16"),
+         "auto (float32 on CPU, the model dtype on GPU) | float32 | bfloat16"),
     Flag("lora-backend", "lora.lora_backend", _backend("lora"),
          "auto | torch | triton (auto: triton on CUDA, torch on CPU; chosen at start)"),
     Flag("allowed-adapter-roots", "lora.allowed_adapter_roots", _paths,

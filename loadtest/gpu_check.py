@@ -8,7 +8,8 @@ on one H100/H200: every section has a time cap and the whole run a budget (~7.5 
 not fit is skipped and the tables say so. Every section runs in a child process of its own, killed
 if it is still running `grace_s` past its cap (a hung kernel, a deadlock), so one section's hang,
 crash, sticky CUDA error or leftover GPU memory cannot take the others with it. Tables are
-rewritten after every benchmark row and every section, so a killed run still leaves what it measured.
+rewritten as every row (decode benchmark, many adapters) starts and ends and after every section, so a
+killed run still leaves what it measured.
 
     python loadtest/gpu_check.py --out DIR          # default: $OUT, else ./gpu_check_out
     python loadtest/gpu_check.py --smoke --out DIR  # CPU, tiny model and counts, same code paths

@@ -8,7 +8,8 @@ on one H100/H200: every section has a time cap and the whole run a budget (~7.5 
 not fit is skipped and the tables say so. Every section runs in a child process of its own, killed
 if it is still running `grace_s` past its cap (a hung kernel, a deadlock), so one section's hang,
 crash, sticky CUDA error or leftover GPU memory cannot take the others with it. Tables are
-rewritten after every benchmark row and every section, so a killed run still leaves what it measured.
+rewritten as every row (decode benchmark, many adapters) starts and ends and after every section, so a
+killed run still leaves what it measured.
 
     python loadtest/gpu_check.py --out DIR          # default: $OUT, else ./gpu_check_out
     python loadtest/gpu_check.py --smoke --out DIR  # CPU, tiny model and counts, same code paths
@@ -246,6 +247,14 @@ def run_section(name: str, plan: Plan, budget: Budget, out: Path, work: Path, sm
     what = (f"killed {plan.grace_s:.0f} s past its cap ({seconds:.0f} s)" if rc is None else
             f"its process exited with status {rc}")
     results["notes"].append(f"{SECTIONS[name]}: {what}; rows it did not record are marked, see {log.name}")
+    mark_unfinished(name, plan, smoke, results, what)
+    flush()
+    return False
+
+
+def mark_unfinished(name: str, plan: Plan, smoke: bool, results: dict, what: str) -> None:
+    """After section `name`'s process died (`what`): the row it was running reads "not finished",
+    the rows it never started "not run"; the rows it recorded as finished stand."""
     if name == "bench":
         seen = {(r["system"], r["adapters"], r["streams"]) for r in results["rows"]}
         for row in results["rows"]:
@@ -256,8 +265,12 @@ def run_section(name: str, plan: Plan, budget: Budget, out: Path, work: Path, sm
                             for u in units(plan) if (u.system, u.adapters, u.streams) not in seen]
     elif results["many_adapters"] is None:
         results["many_adapters"] = gpu_many_adapters.not_run(many_plan(smoke), f"not run: {what}")
-    flush()
-    return False
+    else:  # the child recorded its rows as it went
+        for row in results["many_adapters"]["rows"]:
+            if row["status"] == STARTED:
+                row["status"] = f"not finished: {what}"
+            elif row["status"] == "not run":
+                row["status"] = f"not run: {what}"
 
 
 def section_body(name: str, plan: Plan, budget: Budget, deadline: float, work: Path, results: dict, flush,
@@ -272,8 +285,12 @@ def section_body(name: str, plan: Plan, budget: Budget, deadline: float, work: P
             results["notes"].append(f"decode benchmark stopped: {type(exc).__name__}: {str(exc)[:300]}")
     else:
         print("many adapters ...", flush=True)
+
+        def row_recorded(many: dict) -> None:  # into the tables now: a process killed later keeps it
+            results["many_adapters"] = many
+            flush()
         try:
-            results["many_adapters"] = gpu_many_adapters.run(many_plan(smoke), deadline, work)
+            results["many_adapters"] = gpu_many_adapters.run(many_plan(smoke), deadline, work, on_row=row_recorded)
         except Exception as exc:
             traceback.print_exc()
             results["notes"].append(f"many-adapters section stopped: {type(exc).__name__}: {str(exc)[:300]}")

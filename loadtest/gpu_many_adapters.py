@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import torch  # noqa: E402
 from loadtest import closed_loop, workload  # noqa: E402
 from loadtest import gpu_bench as gb  # noqa: E402
 from loadtest import random_adapters as ra  # noqa: E402
+from loadtest.gpu_systems import STARTED  # noqa: E402
 
 WARM_UP = "warm-up"  # an adapter no cell uses, for the warm-up requests (Triton compiles, first allocations)
 
@@ -216,9 +218,11 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(plan: Plan, deadline: float, work: Path) -> dict:
+def run(plan: Plan, deadline: float, work: Path, on_row: Callable[[dict], None] | None = None) -> dict:
     """The scenario, every cell, by `deadline` (a time.monotonic() value); adapters and the model
-    directory are written under `work`. -> the results dict (JSON-able; `markdown` renders it)."""
+    directory are written under `work`. -> the results dict (JSON-able; `markdown` renders it).
+    `on_row(results so far)` when a cell starts (its row STARTED) and when its row is final, so a
+    caller can keep them should this process die in the next cell (gpu_check.py)."""
     t_start = time.monotonic()
     res = not_run(plan)
     rows = res["rows"]
@@ -245,6 +249,10 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
         res["elapsed_s"] = round(time.monotonic() - t_start, 1)
         return res
 
+    def report() -> None:
+        if on_row is not None:
+            on_row(finish())
+
     if all(skip(row) for row in rows):  # nothing would run: no weights, no files
         return finish()
     weights = None
@@ -263,6 +271,8 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
         for cell, row in zip(plan.cells, rows):
             if skip(row):
                 continue
+            row["status"] = STARTED  # what the tables say if this process dies in the cell
+            report()
             t0 = time.perf_counter()
             try:
                 row.update(run_cell(plan, cell, model_dir, weights, stores[cell.adapters], deadline))
@@ -279,6 +289,7 @@ def run(plan: Plan, deadline: float, work: Path) -> dict:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             print(f"  many adapters: {cell.adapters} adapters, Zipf {cell.zipf:g}: {row['status']}"
                   + (f", {row['output_tok_s']:.1f} tok/s" if row.get("output_tok_s") else ""), flush=True)
+            report()
     except Exception as exc:  # setup failed: every cell not run says so
         res["notes"].append(f"setup failed: {type(exc).__name__}: {str(exc)[:300]}")
         traceback.print_exc()

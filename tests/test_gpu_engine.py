@@ -150,6 +150,20 @@ def test_decode_graph_replay_does_not_synchronise(tiny_llama_dir, gpu_adapters):
     assert size == 4 and logits.shape == (3, engine.info.arch.vocab_size)
     assert torch.isfinite(logits).all()
 
+    # Back to back, the first replay's input copy queued behind ~25 ms of GPU work (as behind the
+    # step before): the second refills the pinned input buffer only once that copy has run, so
+    # each replay decodes its own tokens. Rows on blocks of their own: logits follow the ids alone.
+    tables = [[engine.allocator.num_blocks - 1], [engine.allocator.num_blocks - 2]]
+    alone = []
+    for ids in ([3, 4], [9, 10]):
+        alone.append(graphs.replay(ids, [0, 0], tables, None)[0].clone())
+        torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # cycles
+    first = graphs.replay([3, 4], [0, 0], tables, None)[0]
+    second = graphs.replay([9, 10], [0, 0], tables, None)[0]
+    assert torch.equal(first, alone[0]) and torch.equal(second, alone[1])
+    assert not torch.equal(alone[0], alone[1])
+
 
 SAMPLED = [dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
            dict(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2),

@@ -25,11 +25,15 @@ def test_a_value_out_of_int32_range_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_upload_is_one_copy_from_a_reused_pinned_buffer():
     """Each step's tensors hold its own values even when the next step refills the pinned
-    buffer at once (the copy out of it is waited for first)."""
+    buffer at once (the copy out of it is waited for first). Each copy is queued behind ~5 ms
+    of GPU work (as behind a step's forward), so the host is ahead of it when it refills."""
     up = StepUpload(torch.device("cuda"))
     up([list(range(4096))])  # grows the pinned buffer once
     buffer = up._host
-    got = [up([[step] * 1000, list(range(step, step + 7))]) for step in range(5)]
+    got = []
+    for step in range(5):
+        torch.cuda._sleep(10_000_000)  # cycles: the copy below waits behind it on the stream
+        got.append(up([[step] * 1000, list(range(step, step + 7))]))
     assert up._host is buffer and buffer.is_pinned()
     for step, (a, b) in enumerate(got):
         assert a.device.type == "cuda" and a.dtype == torch.int32

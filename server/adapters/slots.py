@@ -51,7 +51,7 @@ from server.model.arch import ModelArch
 
 from .lora_weights import LoraAdapter
 from .pool_book import PoolBook
-from .staging import stage
+from .staging import copy_into, stage
 
 
 
@@ -385,7 +385,7 @@ class LoraSlots:
             p_src += [proto, flags]
         # On a GPU every host piece goes up in one pinned copy, then device copies scatter it.
         src = stage([*a_src, *b_src, *g_src, *p_src], self.device, torch.float32)
-        torch._foreach_copy_([*a_dst, *b_dst, *g_dst, *p_dst], src)
+        copy_into([*a_dst, *b_dst, *g_dst, *p_dst], src)  # per dtype: flags are bool, DoRA rows fp32
         if self.pages is not None:
             row = list(pages) + [0] * (self.pages.shape[1] - len(pages))
             (table,) = stage([torch.tensor(row, dtype=torch.int32)], self.device, torch.int32)

@@ -25,3 +25,17 @@ def stage(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dt
     torch.cat([t.reshape(-1).to(dtype) for t in tensors], out=host)
     flat = to_device(host, device)
     return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors)]
+
+
+def copy_into(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
+    """dst.copy_(src) for each pair (same shapes; values cast to each dst's dtype), one multi-tensor
+    copy per destination dtype: torch's CUDA `_foreach_copy_` runs all-dense lists in one fused
+    kernel that, before pytorch/pytorch#173531 (2026-01), wrote every destination as the FIRST one's
+    dtype (a bool flag row got bf16 bytes, and bytes past its end)."""
+    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for dst, src in zip(dsts, srcs, strict=True):
+        to, of = groups.setdefault(dst.dtype, ([], []))
+        to.append(dst)
+        of.append(src)
+    for to, of in groups.values():
+        torch._foreach_copy_(to, of)

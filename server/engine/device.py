@@ -19,8 +19,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if fast_bf16 else torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    table = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # what the tests compare with transformers
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}: use auto, bfloat16 or float32")
     return table[name]

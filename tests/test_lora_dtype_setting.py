@@ -30,5 +30,5 @@ def test_serve_with_an_unknown_lora_dtype_exits_2_with_one_line(tiny_llama_dir):
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("loramux: --lora-dtype: expected auto, float32 or "
-                                                           "bfloat16, got 'foo'")
+    assert proc.stderr.strip().splitlines()[-1] == ("loramux: bad configuration: --lora-dtype: expected one of "
+                                                    "auto, float32, bfloat16, got 'foo'")

@@ -98,6 +98,13 @@ def adapter(good_adapter, tmp_path) -> Path:
     return Path(shutil.copytree(good_adapter, tmp_path / "adapter"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselect: every interpreter test of the modules
+def pytest_collection_modifyitems(items):
+    from child_runs import note_interp_tests
+
+    note_interp_tests(items)
+
+
 def pytest_collection_finish(session):
     """Modules that rerun their Triton tests in a child share one (tests/child_runs.py)."""
     from child_runs import register

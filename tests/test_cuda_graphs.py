@@ -4,8 +4,7 @@ its capture=False mode (the recorded step replayed over the same static buffers)
 backends under the interpreter, against PEFT / transformers and the eager engine. Only the capture
 itself needs CUDA: tests/test_gpu_engine.py.
 
-The interpreter tests (named test_triton_interp_*: the child runs those) run in-process when this
-module is first to import triton, else in a child.
+The interpreter tests run in-process when this module is first to import triton, else in a child.
 """
 
 from __future__ import annotations
@@ -260,8 +259,8 @@ def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_
 
 
 @needs_interp
-def test_triton_interp_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(
-        tiny_llama_dir, adapter_dirs, monkeypatch):
+def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(tiny_llama_dir, adapter_dirs,
+                                                                                monkeypatch):
     """A captured graph's output stays allocated in the shared graph pool for the engine's life, so
     the graphs end at the final hidden states [size, hidden]: [size, vocab] float32 logits per graph
     held ~4 GB at an 8B model's 128k vocabulary over a ladder to 256. The replay computes the logits
@@ -282,7 +281,7 @@ HOST_READS = ("tolist", "item", "cpu", "numpy", "nonzero", "__bool__", "__int__"
 
 
 @needs_interp
-def test_triton_interp_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs, monkeypatch):
+def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs, monkeypatch):
     """A decode step on a graph, greedy and without logprobs, reads values back from tensors once in
     our code (server/, kernels/): the sampled tokens. Everything else on the step path (scheduling,
     adapter activation, the one input copy, the replay, the logits) must not wait for the device:
@@ -325,7 +324,7 @@ def test_triton_interp_a_graph_decode_step_reads_the_device_once(tiny_llama_dir,
 
 
 @needs_interp
-def test_triton_interp_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, monkeypatch):
+def test_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, monkeypatch):
     """Capture runs each size's step once over padding inputs, largest size first. The buffer
     still holds the last fill (a larger size's, or a served step's) where a smaller size keeps its
     LoRA table: that warm-up must read an empty table, not those values as segment starts, slots

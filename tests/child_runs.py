@@ -24,7 +24,7 @@ KEYWORD = "triton_interp"  # what the child selects by default: the interpreter 
 INTERP_SKIP = "Triton interpreter not active in-process"  # the reason of the modules' `needs_interp` mark
 _session_files: set[str] = set()
 _misnamed: set[str] = set()  # interpreter tests without KEYWORD in their names
-_results: dict[tuple[str, bool], dict[str, list[tuple[str, str]]]] = {}  # (keyword, interpret) -> file -> ...
+_results: dict[tuple[str, bool], dict[str, list[tuple[str, str | None]]]] = {}  # (keyword, interpret) -> _run_child
 
 
 def note_interp_tests(items) -> None:

@@ -96,3 +96,17 @@ def good_adapter(tmp_path_factory) -> Path:
 def adapter(good_adapter, tmp_path) -> Path:
     """A private copy of `good_adapter`, to break."""
     return Path(shutil.copytree(good_adapter, tmp_path / "adapter"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselect: every interpreter test of the modules
+def pytest_collection_modifyitems(items):
+    from child_runs import note_interp_tests
+
+    note_interp_tests(items)
+
+
+def pytest_collection_finish(session):
+    """Modules that rerun their Triton tests in a child share one (tests/child_runs.py)."""
+    from child_runs import register
+
+    register(session.items)

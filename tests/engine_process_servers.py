@@ -29,11 +29,11 @@ def tenants_toml(gamma: bool = False) -> str:
 
 
 def start(model: Path, tmp: Path, tenants: Path, roots: Path, log: str, mode: str = "on",
-          *flags: str) -> ServerProcess:
+          *flags: str, wait: bool = True) -> ServerProcess:
     return ServerProcess(["--model", str(model), "--served-model-name", BASE, "--dtype", "float32",
                           "--kv-cache-memory", "8MiB", "--num-threads", "1", "--adapters-dir", "",
                           "--tenants", str(tenants), "--admin-key", ADMIN, "--allowed-adapter-roots", str(roots),
-                          "--engine-process", mode, *flags], tmp / log)
+                          "--engine-process", mode, *flags], tmp / log, wait=wait)
 
 
 def core_pid(srv: ServerProcess) -> int:

@@ -19,28 +19,38 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0):
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, wait: bool = True):
+        """Start the server; with wait=False return at once, and call `wait_ready` before using it
+        (several servers then start side by side: a start is mostly one process importing)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.timeout = timeout
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--shutdown-timeout", "5", *args],  # short teardown; a test's own value comes later and wins
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.monotonic() + timeout
+        self._started = time.monotonic()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "ServerProcess":
+        """Block until /health answers 200 (at most `timeout` s from the start); raise, with the
+        log, if the server exits or does not get there."""
+        deadline = self._started + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
+                    return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)  # a start takes seconds; each poll a refused connect or one request
         self.stop()
-        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"server did not become healthy in {self.timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()
@@ -68,3 +78,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._log.close()
+
+
+def stop_all(servers) -> None:
+    """Stop several servers, their shutdowns side by side."""
+    for srv in servers:
+        if srv.proc.poll() is None:
+            srv.proc.terminate()
+    for srv in servers:
+        srv.stop()

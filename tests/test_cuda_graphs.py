@@ -142,9 +142,11 @@ ADAPTERS = {  # different ranks; "b" on every projection
     "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
 }
-# (adapter, prompt length, new tokens): decode batches of 6, 5, 4, 3 rows (ladder 1, 2, 4, 8: 6, 5
-# and 3 are padded), LoRA and base-only rows together, then one base-only row alone
-JOBS = [("a", 5, 7), ("b", 9, 6), (None, 4, 9), ("c", 7, 4), ("a", 11, 7), (None, 6, 5)]
+# (adapter, prompt length, new tokens): one decode step each of 6, 5, 4 and 3 rows (ladder 1, 2, 4,
+# 8: 6, 5 and 3 are padded), LoRA and base-only rows together, then one base-only row alone. The
+# 13-token prompt's last decode (3 rows) reads position 16: its second KV block, and the second of
+# the graphs' attention splits (16 keys each at this length).
+JOBS = [("a", 5, 5), ("b", 9, 4), (None, 4, 6), ("c", 7, 2), ("a", 13, 5), (None, 6, 3)]
 
 
 def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, async_scheduling: bool = False, **lora):
@@ -196,14 +198,21 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
             for i, (n, kw) in enumerate(ADAPTERS.items())}
 
 
-@needs_interp
-def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapter_dirs, monkeypatch):
+@pytest.fixture(scope="module")
+def jobs_case(tiny_llama_dir, adapter_dirs) -> tuple[list, list]:
+    """JOBS' prompts and PEFT's (tokens, logprobs) for each, batch 1: what every engine run of
+    JOBS must give (the reference is computed once for the module)."""
     from peft_adapters import peft_greedy
 
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for _, n, _ in JOBS]
-    expected = [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
-                for (a, _, new), p in zip(JOBS, prompts)]
+    return prompts, [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
+                     for (a, _, new), p in zip(JOBS, prompts)]
+
+
+@needs_interp
+def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapter_dirs, jobs_case, monkeypatch):
+    prompts, expected = jobs_case
     engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.ladder == (1, 2, 4, 8)
@@ -219,7 +228,7 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
         assert got == pytest.approx(want, abs=2e-4)
     # which graphs ran: 6 rows padded to 8, then 5; 4 and 3 rows on the graph of 4; then the
     # base-only row alone on the graph without LoRA
-    assert set(runner.graph_steps) == {(8, True), (4, True), (1, False)}, runner.graph_steps
+    assert runner.graph_steps == {(8, True): 2, (4, True): 2, (1, False): 1}, runner.graph_steps
     assert runner.eager_steps >= 1  # prefill steps
     bs = engine.kv_cache.block_size
     cache = engine.kv_cache.tensor
@@ -236,15 +245,10 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
 
 @needs_interp
 def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_llama_dir, adapter_dirs,
-                                                                           monkeypatch):
+                                                                           jobs_case, monkeypatch):
     """Async scheduling: a decode step is launched before the host has the tokens it decodes; the
     graph's ids of those rows are written on the device from the step before. PEFT's tokens."""
-    from peft_adapters import peft_greedy
-
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for _, n, _ in JOBS]
-    expected = [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
-                for (a, _, new), p in zip(JOBS, prompts)]
+    prompts, expected = jobs_case
     engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch, async_scheduling=True)
     warm(engine, adapter_dirs)
     tokens, logprobs = _run(engine, JOBS, prompts)

@@ -9,26 +9,44 @@ from __future__ import annotations
 import openai
 import pytest
 
-# the fixtures `roots`, `tenants` and `server` come from there
-from engine_process_servers import ALPHA, BASE, roots, server, start, tenants, wait_for  # noqa: F401
+# the fixtures `roots` and `tenants` come from there
+from engine_process_servers import ALPHA, BASE, roots, start, tenants, wait_for  # noqa: F401
+from server_process import ServerProcess, stop_all
 
 
 # --- the text level in the server process: the same answers as in-process ----------------------
 
 
 @pytest.fixture(scope="module")
-def thread_server(tiny_llama_dir, tenants, roots, tmp_path_factory):
-    srv = start(tiny_llama_dir, tmp_path_factory.mktemp("logs"), tenants, roots, "thread.log", mode="off")
-    yield srv
-    srv.stop()
+def servers(tiny_llama_dir, tenants, roots, tmp_path_factory) -> dict[str, ServerProcess]:
+    """The engine-process ("on"), thread ("off") and async-scheduling ("async") servers, started
+    side by side (a start is mostly one process importing: the 2 cores take two at once)."""
+    logs = tmp_path_factory.mktemp("logs")
+    flags = {"on": ("server.log", "on"), "off": ("thread.log", "off"), "async": ("async.log", "on", "--async-scheduling")}
+    started: dict[str, ServerProcess] = {}
+    try:
+        for name, (log, *args) in flags.items():
+            started[name] = start(tiny_llama_dir, logs, tenants, roots, log, *args, wait=False)
+        for srv in started.values():
+            srv.wait_ready()
+        yield started
+    finally:
+        stop_all(started.values())
 
 
 @pytest.fixture(scope="module")
-def async_server(tiny_llama_dir, tenants, roots, tmp_path_factory):
-    srv = start(tiny_llama_dir, tmp_path_factory.mktemp("logs"), tenants, roots, "async.log", "on",
-                "--async-scheduling")
-    yield srv
-    srv.stop()
+def server(servers) -> ServerProcess:
+    return servers["on"]
+
+
+@pytest.fixture(scope="module")
+def thread_server(servers) -> ServerProcess:
+    return servers["off"]
+
+
+@pytest.fixture(scope="module")
+def async_server(servers) -> ServerProcess:
+    return servers["async"]
 
 
 @pytest.fixture(scope="module")

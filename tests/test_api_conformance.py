@@ -126,6 +126,8 @@ def test_streamed_text_offsets_go_on_from_chunk_to_chunk(server):
 
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/chat/completions", {"temperature": 3}, "temperature"),
+    ("/v1/chat/completions", {"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ("/v1/completions", {"repetition_penalty": 0.001}, "repetition_penalty"),
     ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/completions", {"logprobs": 21}, "logprobs"),

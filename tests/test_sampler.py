@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from server.engine.model_runner import Pending
-from server.engine.request import GenerationRequest, SamplingParams, Sequence
-from server.engine.sampler import Sampler
+from server.engine.request import GenerationRequest, InvalidRequestError, SamplingParams, Sequence
+from server.engine.sampler import Sampler, _top_p
 
 from engine_runs import cpu_engine
 
@@ -129,3 +129,21 @@ def test_logprobs_are_the_models_before_penalties_and_temperature():
         k = seqs[row].params.logprobs
         assert [t for t, _ in lp.top] == raw[row].topk(k).indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(raw[row].topk(k).values.tolist())
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-40, 0.001])
+def test_a_repetition_penalty_too_small_to_divide_by_is_refused(penalty):
+    """Found by the API fuzzer once NaN scores became an error: 5e-324 passed `> 0` but is 0 in
+    float32, so a repeated token's positive logit became inf and the request a 500."""
+    with pytest.raises(InvalidRequestError) as refused:
+        SamplingParams(repetition_penalty=penalty).validate()
+    assert refused.value.param == "repetition_penalty"
+    SamplingParams(repetition_penalty=0.01).validate()
+
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """Found by the API fuzzer: top_p 5e-324 is valid (> 0) but 0 in float32, and the top token's
+    mass before it (0) was >= 0, so every token was dropped and the request failed as NaN."""
+    logits = torch.tensor([[0.5, 3.0, 1.0], [2.0, -1.0, 0.0]])
+    kept = _top_p(logits, [5e-324, 1e-40])
+    assert torch.equal(kept.isfinite(), torch.tensor([[False, True, False], [True, False, False]]))

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from server.engine.request import MAX_EXPERTS, MAX_LOGPROBS, MAX_STOP
+from server.engine.request import MAX_EXPERTS, MAX_LOGPROBS, MAX_STOP, MIN_REPETITION_PENALTY
 
 # --- edge checks shared by every request body ---------------------------------------------
 
@@ -178,7 +178,7 @@ class _SamplingFields(RequestBody):
     include_stop_str_in_output: bool = False
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0, allow_inf_nan=False)
     logit_bias: Annotated[dict[str, float] | None, _only("an empty logit_bias", {})] = None
 
     # Accepted OpenAI fields that cannot change the output: bookkeeping for the client's

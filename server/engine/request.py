@@ -32,6 +32,9 @@ class InvalidRequestError(ValueError):
 # A temperature below this samples greedily (its limit; vLLM's threshold too): logits / 1e-39
 # overflow float32, and a softmax of infs is NaN.
 MIN_TEMPERATURE = 1e-5
+# The smallest repetition penalty (10, the largest, inverted and then some): a positive logit is
+# divided by it, and 5e-324 is 0 in float32, so a tiny one made every repeated token's score inf.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,8 @@ class SamplingParams:
             raise bad("top_k", "must be -1, 0 (off) or a positive integer")
         if not finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if not finite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
-            raise bad("repetition_penalty", "must be in (0, 10]")
+        if not finite(self.repetition_penalty) or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, 10]")
         for name in ("frequency_penalty", "presence_penalty"):
             if not finite(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")

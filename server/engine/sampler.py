@@ -218,6 +218,7 @@ def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
     mass_before = probs.cumsum(dim=-1) - probs
     p = _rows([p if p < 1.0 else 2.0 for p in ps], torch.float32, logits.device)[:, None]  # 1.0: keep all
     drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False  # the top token's mass before is 0, and a p under float32's range is 0 too
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

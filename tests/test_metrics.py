@@ -18,7 +18,7 @@ from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason, GenerationRequest, SamplingParams
-from server.metrics import FINISH_REASONS, OTHER_ADAPTERS, REQUEST_STATUSES, Metrics
+from server.metrics import FINISH_REASONS, REQUEST_STATUSES, Metrics
 from server_process import ServerProcess
 
 BASE = "tiny"
@@ -43,45 +43,6 @@ def value(fams: dict, family: str, sample: str | None = None, **labels) -> float
 
 def test_finish_reasons_are_the_engines():
     assert set(FINISH_REASONS) == {r.value for r in FinishReason}
-
-
-def test_a_tenant_removed_from_the_configuration_loses_its_series():
-    m = Metrics()
-    m.set_tenants(["alpha", "beta"])
-    m.on_finish("alpha", "", "stop", 3, 0.5, 0.1)
-    m.on_first_token("beta", "x", 3, 0.2)
-    m.set_tenants(["beta", "gamma"])
-    tenants = {s.labels.get("tenant") for f in text_string_to_metric_families(generate_latest(m.registry).decode())
-               for s in f.samples} - {None}
-    assert tenants == {"beta", "gamma"}
-
-
-def test_adapters_past_the_series_limit_share_one_label_and_an_unload_frees_a_place():
-    m = Metrics()
-    m.configure_engine(BASE, 16, 100, max_loras=8, adapter_series=2)
-    for adapter in ("a", "b", "c", "", "d", "a"):
-        m.on_first_token("alpha", adapter, 3, 0.2)
-        m.on_finish("alpha", adapter, "stop", 3, 0.5, 0.1)
-
-    def requests_by_adapter() -> dict[str, float]:
-        fams = families(generate_latest(m.registry).decode())
-        return {s.labels["adapter"]: s.value for s in fams["loramux_requests"].samples
-                if s.name == "loramux_requests_total"}
-
-    assert requests_by_adapter() == {"a": 2, "b": 1, OTHER_ADAPTERS: 2, "": 1}  # the base is never "other"
-    ttft = families(generate_latest(m.registry).decode())["loramux_time_to_first_token_seconds"]
-    assert {s.labels["adapter"] for s in ttft.samples} == {"a", "b", OTHER_ADAPTERS, ""}
-    m.forget_adapter("b")
-    m.forget_adapter("c")  # never had series of its own: "other" keeps its count
-    m.on_finish("alpha", "e", "length", 3, 0.5, None)
-    assert requests_by_adapter() == {"a": 2, "e": 1, OTHER_ADAPTERS: 2, "": 1}
-
-
-def test_the_adapter_series_limit_is_a_flag():
-    from server.cli import build_config, make_parser
-
-    cfg = build_config(make_parser().parse_args(["serve", "--adapter-metric-series", "7"]))
-    assert cfg.lora.adapter_metric_series == 7 and Config().lora.adapter_metric_series == 100
 
 
 # --- in-process: the gauges follow the state, with no engine step in between -------------------------
@@ -183,32 +144,6 @@ def test_a_request_handed_to_a_busy_engine_thread_counts_as_waiting(engine):
     assert outputs[-1].finished
     after = scrape(engine)
     assert value(after, "vllm:num_requests_waiting") == 0 and value(after, "vllm:num_requests_running") == 0
-
-
-def test_an_adapter_unloaded_while_its_request_runs_keeps_no_series(tiny_llama_dir, tmp_path):
-    """The last request of an unloaded adapter retires it (its series are forgotten, its place
-    among --adapter-metric-series freed); counting that request must not bring them back: else
-    every adapter unloaded mid-request keeps ~80 series and a place for good, and after
-    --adapter-metric-series of them every new adapter is counted as "(other)"."""
-    adapter = make_peft_adapter(tiny_llama_dir, tmp_path / "brief", **QV)
-    cfg = Config()
-    cfg.model.dtype, cfg.model.device, cfg.model.num_threads = "float32", "cpu", 1
-    cfg.model.served_model_name = BASE
-    cfg.cache.kv_cache_memory = 8 << 20
-    cfg.lora.adapters_dir, cfg.lora.lora_modules = None, {"brief": str(adapter)}
-    eng = LLMEngine(cfg, tiny_llama_dir)
-    eng.add_request(GenerationRequest("b1", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True),
-                                      adapter="brief"))
-    deadline = time.monotonic() + 60
-    while not eng.scheduler.num_running:  # its adapter loads on the loader thread
-        assert time.monotonic() < deadline, "the request was not scheduled within 60 s"
-        eng.step()
-        time.sleep(0.01)
-    eng.adapters.unregister(None, "brief")
-    while eng.has_unfinished():
-        eng.step()
-    labelled = {s.labels.get("adapter") for f in scrape(eng).values() for s in f.samples} - {None}
-    assert "brief" not in labelled, "the retired adapter's series came back"
 
 
 # --- over HTTP: a real server with two tenants and adapters ---------------------------------------------
@@ -377,44 +312,6 @@ def test_the_server_process_adds_the_requests_in_transit_to_the_cores_queue():
         assert [s.labels for s in fams["vllm:num_requests_waiting"].samples] == [{"model_name": BASE, "engine": "0"}]
         assert value(fams, "loramux_requests_waiting") == 3 + sent
         assert value(fams, "vllm:num_requests_running") == 2
-
-
-def test_lora_info_names_a_tenants_adapter_as_its_clients_call_it(tiny_llama_dir, tmp_path):
-    """A tenant calls its own adapter by its name (`model: "mine"`), and the endpoint picker
-    matches a request's model against `running_lora_adapters`: the label holds "mine", not the
-    "acme/mine" of loramux's own per-adapter series (before: "acme/mine", no affinity)."""
-    from engine_runs import cpu_engine
-
-    path = make_peft_adapter(tiny_llama_dir, tmp_path / "mine", seed=3, r=8, lora_alpha=16,
-                             target_modules=["q_proj", "v_proj"])
-    eng = cpu_engine(tiny_llama_dir, {}, adapter_roots=(tmp_path,))
-    ref = eng.adapters.load_path("acme", "mine", str(path)).ref
-    assert str(ref) == "acme/mine"
-    eng.add_request(GenerationRequest("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True),
-                                      adapter=ref, tenant="acme"))
-    seen = set()
-    while eng.has_unfinished():
-        eng.step()
-        (sample,) = [s for m in eng.metrics.vllm.lora_requests_info.collect() for s in m.samples]
-        seen.add(sample.labels["running_lora_adapters"])
-    assert seen - {""} == {"mine"}, seen
-
-
-def test_a_removed_tenants_last_requests_do_not_bring_its_series_back():
-    """A reload removes tenant "gone" while its request runs; that request then ends: no series
-    of "gone" may come back (before: every tenant series it touched reappeared, for good)."""
-    m = Metrics()
-    m.set_tenants(["kept", "gone"])
-    m.set_tenants(["kept"])
-    m.on_scheduled("gone", 0.1)
-    m.on_first_token("gone", "", 5, 0.2)
-    m.on_generated({"gone": 3, "kept": 1})
-    m.on_experts_request("gone", mixture=True)
-    m.on_finish("gone", "", "stop", 5, 1.0, 0.01)
-    text = generate_latest(m.registry).decode()
-    assert 'tenant="gone"' not in text
-    assert 'loramux_tenant_generation_tokens_total{tenant="kept"} 1.0' in text
-    assert "loramux_generation_tokens_total 4.0" in text
 
 
 def test_a_stream_of_n_tokens_observes_n_minus_1_inter_token_latencies(server):

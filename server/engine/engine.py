@@ -74,9 +74,11 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens: capping max_model_len from %d", capped, max_len)
             max_len = capped
 
-        ladder = cuda_graphs.batch_ladder(sc.max_num_seqs, mc.cuda_graph_sizes)  # a bad --cuda-graph-sizes fails anywhere
+        # checked here, before any loading: a bad --cuda-graph-sizes fails on every device
+        ladder = cuda_graphs.batch_ladder(sc.max_num_seqs, mc.cuda_graph_sizes)
         t0 = time.perf_counter()
-        attention = select_attention(mc.attention_backend, arch, device, dtype)  # may build the C++ kernel (~15 s, once)
+        # may build the C++ kernel (~15 s, once per machine)
+        attention = select_attention(mc.attention_backend, arch, device, dtype)
         lora_backend = select_lora(config.lora.lora_backend, device) if config.lora.enabled else None
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)

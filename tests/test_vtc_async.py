@@ -84,3 +84,43 @@ def test_async_and_sync_charge_exactly_the_tokens_delivered(tiny_llama_dir):
     assert sync_expected == async_expected  # the same tokens delivered in both modes
     assert sync_counters == sync_expected
     assert async_counters == async_expected
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_request_ended_by_non_finite_logits_pays_only_its_delivered_tokens(tiny_llama_dir, tmp_path,
+                                                                             async_scheduling):
+    from non_finite_model import BAD_PROMPT, poisoned_copy
+
+    e = engine(poisoned_copy(tiny_llama_dir, tmp_path / "poisoned").path, async_scheduling)
+    e.add_request(GenerationRequest("bad", BAD_PROMPT, SamplingParams(max_tokens=8, temperature=0.0), tenant="a"))
+    delivered, outs = 0, []
+    while e.has_unfinished():
+        for out in e.step():
+            delivered += len(out.token_ids)
+            outs.append(out)
+    # the prefill's token, then NaN logits at the first decode (tests/non_finite_model.py)
+    assert delivered == 1 and outs[-1].error_code == "non_finite_logits"
+    assert e.scheduler.policy.counters()["a"] == W_P * len(BAD_PROMPT) + W_Q * delivered
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_request_failed_by_a_step_lost_at_read_back_pays_no_output_token(tiny_llama_dir, monkeypatch,
+                                                                           async_scheduling):
+    from server.engine.sampler import SampledStep
+
+    output, faults = SampledStep.output, [1]
+
+    def faulty(self):  # the prefill's tokens cannot be read back (a device fault shows only then)
+        if faults:
+            faults.pop()
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty)
+    e = engine(tiny_llama_dir, async_scheduling)
+    prompt = [5, 60, 70, 80]
+    e.add_request(GenerationRequest("lost", prompt, SamplingParams(max_tokens=6, temperature=0.0), tenant="b"))
+    outs = []
+    while e.has_unfinished():
+        outs += e.step()
+    assert [o.finish_reason.value for o in outs] == ["error"] and not any(o.token_ids for o in outs)
+    assert e.scheduler.policy.counters()["b"] == W_P * len(prompt) / WEIGHTS["b"]

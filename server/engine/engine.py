@@ -316,25 +316,26 @@ class LLMEngine:
         except Exception as exc:  # an error the device reports only now: the step is lost
             log.exception("an engine step failed while its tokens were read back")
             self.allocator.forget_cached()  # the blocks its launch registered may hold no K/V
-            for seq in result.sampled:
-                seq.num_pending -= 1
             # Its K/V may be missing: every request it wrote for ends, and every one the step
             # after it ran (that step continued its prompts and admitted others onto the blocks
-            # it registered).
+            # it registered); retired with the step's tokens still pending, which the policy gives back.
             lost = [*result.seqs, *then]
-            return [self._fail(seq, exc) for seq in lost if not seq.is_finished]
+            failed = [self._fail(seq, exc) for seq in lost if not seq.is_finished]
+            for seq in result.sampled:
+                seq.num_pending -= 1
+            return failed
         outputs = []
         given: Counter[str] = Counter()  # tokens appended, per tenant
         now = time.monotonic()
         for seq, token, logprobs in zip(result.sampled, sampled.token_ids, sampled.logprobs):
-            seq.num_pending -= 1
-            if seq.is_finished:
-                continue
-            if token == NON_FINITE:  # its logits held a NaN / inf: no token to give, this request alone ends
+            if token == NON_FINITE and not seq.is_finished:  # its logits held a NaN / inf: this request alone ends
                 log.warning("request %s: logits not finite after %d output tokens", seq.request_id,
                             seq.num_output_tokens)
+                # retired with this token still pending: never delivered, so the policy gives it back
                 outputs.append(self._refuse(seq, _NON_FINITE_MESSAGE.format(seq.num_output_tokens + 1),
                                             NON_FINITE_LOGITS))
+            seq.num_pending -= 1
+            if seq.is_finished:
                 continue
             seq.token_ids.append(token)
             given[seq.request.tenant] += 1

@@ -124,3 +124,20 @@ def test_a_request_failed_by_a_step_lost_at_read_back_pays_no_output_token(tiny_
         outs += e.step()
     assert [o.finish_reason.value for o in outs] == ["error"] and not any(o.token_ids for o in outs)
     assert e.scheduler.policy.counters()["b"] == W_P * len(prompt) / WEIGHTS["b"]
+
+
+@pytest.mark.parametrize("new_weight", [4.0, 0.25])
+def test_a_token_given_back_after_a_weight_change_is_the_one_charged(tiny_llama_dir, new_weight):
+    # async: an abort between steps finds one step's token charged and not delivered; the
+    # tenant's weight changed since it was charged (a tenants-file reload)
+    e = engine(tiny_llama_dir, True)
+    prompt = [5, 60, 70, 80]
+    e.add_request(GenerationRequest("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                                    tenant="a"))
+    delivered = 0
+    while delivered < 3:
+        delivered += sum(len(out.token_ids) for out in e.step())
+    e.set_tenant_weights({**WEIGHTS, "a": new_weight})
+    assert e.abort("r").finish_reason.value == "abort"
+    # every token it was charged for was charged at weight 1: exactly what it got, at weight 1
+    assert e.scheduler.policy.counters()["a"] == W_P * len(prompt) + W_Q * delivered

@@ -43,6 +43,9 @@ class VTCPolicy(SchedulingPolicy):
         self._active: dict[str, int] = {}  # tenant -> sequences waiting or running
         self._last_left = 0.0  # counter of the last tenant to go idle
         self._prompt_charged: dict[str, int] = {}  # request id -> prompt tokens already charged
+        # request id -> the counter units its last output token was charged (the weight then: a
+        # reload may change it while a charged token is pending, and the give-back must match)
+        self._output_charge: dict[str, float] = {}
 
     # --- arrivals and departures ---------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -56,8 +59,9 @@ class VTCPolicy(SchedulingPolicy):
     def on_finish(self, seq: Sequence) -> None:
         tenant = seq.request.tenant
         self._prompt_charged.pop(seq.request_id, None)
+        per_token = self._output_charge.pop(seq.request_id, 0.0)
         if seq.num_pending:  # tokens charged when scheduled that it will never get (see module docstring)
-            self._charge(tenant, -self.output_weight * seq.num_pending)
+            self.counter[tenant] = self.counter.get(tenant, 0.0) - per_token * seq.num_pending
         left = self._active.get(tenant, 0) - 1
         if left > 0:
             self._active[tenant] = left
@@ -116,10 +120,11 @@ class VTCPolicy(SchedulingPolicy):
         if samples:
             cost += self.output_weight
         if cost:
-            self._charge(seq.request.tenant, cost)
-
-    def _charge(self, tenant: str, cost: float) -> None:
-        self.counter[tenant] = self.counter.get(tenant, 0.0) + cost / self.weights.get(tenant, 1.0)
+            tenant = seq.request.tenant
+            weight = self.weights.get(tenant, 1.0)
+            self.counter[tenant] = self.counter.get(tenant, 0.0) + cost / weight
+            if samples:
+                self._output_charge[seq.request_id] = self.output_weight / weight
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """New fair-share weights (tenants absent: 1). Counters are kept (they are already per unit

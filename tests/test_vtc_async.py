@@ -141,3 +141,37 @@ def test_a_token_given_back_after_a_weight_change_is_the_one_charged(tiny_llama_
     assert e.abort("r").finish_reason.value == "abort"
     # every token it was charged for was charged at weight 1: exactly what it got, at weight 1
     assert e.scheduler.policy.counters()["a"] == W_P * len(prompt) + W_Q * delivered
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_stop_string_found_in_the_server_process_charges_only_the_tokens_up_to_it(tiny_llama_dir, tmp_path, mode):
+    """--engine-process on: the server process finds stop strings; the core runs on until its
+    FINISH arrives, and the tokens of those steps, cut here, are never delivered: the tenant must
+    not pay for them, as it does not in-process (a request pays for what its client got)."""
+    import httpx
+
+    from server_process import ServerProcess
+
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--dtype", "float32",
+                         "--num-threads", "1", "--kv-cache-memory", "8MiB", "--no-lora", "--no-prefix-caching",
+                         "--scheduling", "vtc", "--vtc-input-weight", str(W_P), "--vtc-output-weight", str(W_Q),
+                         "--async-scheduling", "--engine-process", mode], tmp_path / "server.log")
+    try:
+        def complete(**extra) -> dict:
+            body = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 40, "temperature": 0.0,
+                    "ignore_eos": True, **extra}
+            r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        full = complete()
+        text = full["choices"][0]["text"]
+        stop = text[8:12]  # a few tokens in: a stop string the greedy answer completes early
+        assert stop.strip() and stop not in text[:8]
+        cut = complete(stop=[stop])
+        assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 40
+        expected = sum(W_P * r["usage"]["prompt_tokens"] + W_Q * r["usage"]["completion_tokens"] for r in (full, cut))
+        vtc = srv.metric("loramux_tenant_virtual_tokens")
+    finally:
+        srv.stop()
+    assert vtc == expected

@@ -303,11 +303,11 @@ class ProcessEngine:
             rid = out.request_id
             sink = self._sinks[rid]
             try:
-                if self._text.process(out):
-                    self._send(wire.FINISH, wire.dumps((rid, FinishReason.STOP)))
+                if self._text.process(out):  # the core ran on meanwhile: the client got these tokens only
+                    self._send(wire.FINISH, wire.dumps((rid, FinishReason.STOP, out.num_output_tokens)))
             except Exception as exc:  # detokenizing / stop matching: this request alone, as in-process
                 log.exception("request %s failed while processing its output", rid)
-                self._send(wire.FINISH, wire.dumps((rid, FinishReason.ERROR)))
+                self._send(wire.FINISH, wire.dumps((rid, FinishReason.ERROR, None)))
                 out = failed_output(rid, exc, out.num_prompt_tokens, out.num_output_tokens)
             if out.finished:
                 del self._sinks[rid]

@@ -227,9 +227,9 @@ class EngineCore:
             self._live.discard(request_id)
             self.engine.abort(request_id)
         elif kind == wire.FINISH:
-            request_id, reason = wire.loads(payload)
+            request_id, reason, kept = wire.loads(payload)
             self._live.discard(request_id)
-            self.engine.abort(request_id, reason)
+            self.engine.abort(request_id, reason, kept)
         elif kind == wire.ABORT_ALL:
             self._send_outputs([self.engine.abort(rid) or RequestOutput(rid, finished=True,
                                                                         finish_reason=FinishReason.ABORT)

@@ -174,12 +174,16 @@ class LLMEngine:
         self.metrics.on_experts_request(request.tenant, isinstance(request.experts, Mixture))
         return tuple(held)
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              kept: int | None = None) -> RequestOutput | None:
         """Retire a request now, counted as `reason` (another than "abort": the server process
-        found its end, e.g. a stop string, after the core had sent the token)."""
+        found its end, e.g. a stop string, after the core had sent the token). `kept`: the output
+        tokens its client got, where the server process cut the rest (`Sequence.num_cut`)."""
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
+        if kept is not None:
+            seq.num_cut = max(0, seq.num_output_tokens - kept)
         self._finish(seq, reason)
         self.publish_gauges()  # no step may follow (the last client left): gauges must not go stale
         return RequestOutput(request_id, finished=True, finish_reason=reason,

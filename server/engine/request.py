@@ -156,6 +156,9 @@ class Sequence:
     # Tokens sampled by a step still in flight (async scheduling): each holds the position past
     # `token_ids` that it will fill; the next step reads it on the device (0 or 1 when scheduling).
     num_pending: int = 0
+    # Output tokens made but never delivered: the server process found a stop string before them
+    # (--engine-process on) and cut them (the scheduling policy gives back what it charged).
+    num_cut: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

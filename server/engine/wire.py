@@ -21,7 +21,9 @@ from server.engine.output_processor import RequestOutput
 # server -> core
 ADD = b"add"  # pickle(GenerationRequest)
 ABORT = b"abort"  # request id (utf-8)
-FINISH = b"finish"  # pickle((request id, FinishReason)): the server ended it (a stop string, a text error)
+# pickle((request id, FinishReason, output tokens its client got or None)): the server ended it
+# (a stop string, a text error)
+FINISH = b"finish"
 ABORT_ALL = b"abort_all"  # end of a graceful drain
 CALL = b"call"  # pickle((call id, method name, args, kwargs))
 STOP = b"stop"

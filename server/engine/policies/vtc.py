@@ -9,8 +9,10 @@ those a prefix-cache hit holds (server/engine/kv_cache.py): a chunk's tokens bef
 are not computed. An output token is charged when the step that samples it is scheduled, and
 given back if the request ends before receiving it: with async scheduling the next step is
 scheduled before the host sees a token end the request (EOS, a stop token), and an abort may
-come while a step holds its token (`Sequence.num_pending` at the end); so a request pays for
-the output tokens delivered to it, in both modes alike.
+come while a step holds its token (`Sequence.num_pending` at the end); with the engine in its own
+process, the server process finds a stop string after the core made more tokens, which it cuts
+(`Sequence.num_cut`); so a request pays for the output tokens delivered to it, in both modes
+alike, the engine in its process or not.
   - Admission: the waiting tenant with the lowest counter goes next, FIFO within the tenant.
   - A tenant that returns from idle (nothing waiting or running) is lifted to the lowest
     counter among active tenants (to the last tenant to leave when none is active), so
@@ -60,8 +62,9 @@ class VTCPolicy(SchedulingPolicy):
         tenant = seq.request.tenant
         self._prompt_charged.pop(seq.request_id, None)
         per_token = self._output_charge.pop(seq.request_id, 0.0)
-        if seq.num_pending:  # tokens charged when scheduled that it will never get (see module docstring)
-            self.counter[tenant] = self.counter.get(tenant, 0.0) - per_token * seq.num_pending
+        undelivered = seq.num_pending + seq.num_cut  # charged when scheduled, never got (module docstring)
+        if undelivered:
+            self.counter[tenant] = self.counter.get(tenant, 0.0) - per_token * undelivered
         left = self._active.get(tenant, 0) - 1
         if left > 0:
             self._active[tenant] = left

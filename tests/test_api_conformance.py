@@ -143,6 +143,16 @@ def test_a_value_out_of_range_is_invalid_value(server, path, extra, param):
                  "invalid_request")
 
 
+@pytest.mark.parametrize("ids", [[5, 928224197611252], [5, 2**63 - 1], [5, 10**6]])
+def test_echo_of_token_ids_past_the_vocabulary_is_a_400(server, ids):
+    """Found by the API fuzzer: with `echo`, the prompt was decoded before it was validated, and an
+    id past 2^32 made the tokenizer raise OverflowError: a 500."""
+    r = post(server, "/v1/completions", {"model": BASE, "prompt": ids, "echo": True, "max_tokens": 2})
+    assert_error(r, 400, "prompt", "invalid_value")
+    assert post(server, "/v1/completions", {"model": BASE, "prompt": [5, 6], "echo": True, "max_tokens": 2}
+                ).status_code == 200  # ids in the vocabulary still echo (their shape: test_openai_schema.py)
+
+
 def test_an_unsupported_content_part_names_the_message(server):
     """Before: param was pydantic's internal path, `messages.0.content.function-after[<lambda>(),
     list[TextContentPart]].0.image_url`."""

@@ -83,8 +83,10 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", "echo", "unsupported")
     refuse_if_full(raw, svc, tenant, _num_prompts(body.prompt) * body.n)
-    prompts, prefix = await run_in_threadpool(_completion_inputs, svc, body.prompt, body.echo)
+    prompts = await run_in_threadpool(_completion_prompts, svc, body.prompt)
     requests = _requests(svc, body, prompts, body.max_tokens, body.logprobs, choice, tenant)
+    # decoded only once validated: a token id past the vocabulary is a 400, never a decode error
+    prefix = await run_in_threadpool(_decode_all, svc, prompts) if body.echo else [""] * len(prompts)
     streams, headers = await _submit(raw, svc, tenant, requests)
     response.headers.update(headers)
     rid = new_id("cmpl")
@@ -202,16 +204,18 @@ def _num_prompts(prompt) -> int:
     return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
 
 
-def _completion_inputs(svc: Service, prompt, echo: bool) -> tuple[list[list[int]], list[str]]:
-    """Token ids of each prompt, and the text each choice starts with (the prompt with `echo`).
-    CPU work: runs on a worker thread."""
+def _completion_prompts(svc: Service, prompt) -> list[list[int]]:
+    """Token ids of each prompt. CPU work: runs on a worker thread."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt[0], int):  # one prompt as token ids (the schema refuses mixed or empty lists)
-        prompts = [list(prompt)]
-    else:
-        prompts = [_encode(svc, p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
-    return prompts, [svc.tokenizer.decode(p) if echo else "" for p in prompts]
+        return [list(prompt)]
+    return [_encode(svc, p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _decode_all(svc: Service, prompts: list[list[int]]) -> list[str]:
+    """Each prompt's text, which its choices start with under `echo`. CPU work: a worker thread."""
+    return [svc.tokenizer.decode(p) for p in prompts]
 
 
 def _chat_prompt(svc: Service, messages: list[dict], add_generation_prompt: bool) -> list[int]:

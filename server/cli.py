@@ -96,10 +96,11 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
-def _positive_seconds(value: Any) -> float:
+def _heartbeat_seconds(value: Any) -> float:
+    """At least 1 s: the core beats at most 20 times a second, and a timeout should span several."""
     seconds = float(value)
-    if not 0 < seconds < float("inf"):  # also refuses NaN
-        raise ValueError(f"expected a number of seconds > 0, got {value!r}")
+    if not 1 <= seconds < float("inf"):  # also refuses NaN
+        raise ValueError(f"expected a number of seconds >= 1, got {value!r}")
     return seconds
 
 
@@ -240,7 +241,7 @@ FLAGS = [
     Flag("engine-process", "server.engine_process", _on_off,
          "on | off: run the engine core in its own process, requests and outputs over ZeroMQ; off: an engine "
          "thread in the server's process (one process: for tests and debugging)"),
-    Flag("engine-heartbeat-timeout", "server.engine_heartbeat_timeout", _positive_seconds,
+    Flag("engine-heartbeat-timeout", "server.engine_heartbeat_timeout", _heartbeat_seconds,
          "with --engine-process on: seconds without a message from the engine core process (it sends one every "
          "second) before /health, /ready and new requests answer 503; serving resumes when it answers again"),
     Flag("engine-step-timeout", "server.engine_step_timeout", _seconds,

@@ -40,7 +40,7 @@ def test_the_step_timeout_is_a_setting():
     cfg = parse("--engine-step-timeout", "0", "--engine-heartbeat-timeout", "2.5")
     assert cfg.server.engine_step_timeout == 0 and cfg.server.engine_heartbeat_timeout == 2.5
     for flag, value in (("--engine-step-timeout", "-1"), ("--engine-heartbeat-timeout", "0"),
-                        ("--engine-heartbeat-timeout", "nan")):
+                        ("--engine-heartbeat-timeout", "0.2"), ("--engine-heartbeat-timeout", "nan")):
         with pytest.raises(ValueError, match=flag.lstrip("-")):
             parse(flag, value)
 

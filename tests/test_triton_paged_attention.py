@@ -209,6 +209,31 @@ def test_triton_interp_fixed_splits_with_short_contexts():
     run_case(case, torch.bfloat16, "cpu", config=dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=8), seed=1)
 
 
+def far_cache(dtype):
+    """A cache of more than 2^32 elements (8 GiB at 16 bits, allocated but untouched: only the
+    pages written are backed) with one sequence in its first blocks and one in the blocks at
+    element offset 2^32: where an int32 offset wraps to, so int32 arithmetic reads the wrong K/V.
+    (A 100 GiB cache on a GPU of a model with few kv heads is past 2^31 elements per layer.)"""
+    bs, kvh, d = 16, 1, 16
+    far = 2 ** 32 // (2 * kvh * d) // bs  # the first block at element offset 2^32
+    kv = torch.empty((far + 3) * bs, 2, kvh, d, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    bt = torch.tensor([[far, far + 1], [0, 1]], dtype=torch.int32)
+    for b in range(2):
+        for p in range(20):
+            kv[int(bt[b, p // bs]) * bs + p % bs] = torch.randn(2, kvh, d, generator=g)
+    q = torch.randn(2, 2, d, generator=g).to(dtype)
+    return q, kv, bt, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([20, 20], dtype=torch.int32), bs
+
+
+@needs_interp
+def test_triton_interp_offsets_past_int32():
+    q, kv, bt, seq, ctx, bs = far_cache(torch.float16)
+    ref = paged_attention_reference(q, kv, bt, seq, ctx, bs, 0.25)
+    for config in (dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=2), dict(BLOCK_T=4, BLOCK_N=16, NUM_SPLITS=1)):
+        check(tpa.paged_attention_triton(q, kv, bt, seq, ctx, bs, 0.25, config=config), ref, torch.float16)
+
+
 @needs_interp
 def test_triton_interp_rejects_bad_shapes():
     q, kv, bt, seq, ctx = make(CASES["decode"], torch.float32)

@@ -78,6 +78,17 @@ def test_graphs_are_off_unless_cuda_with_graph_safe_backends():
     assert "torch LoRA backend is not graph-safe" in cuda_graphs.unavailable(cuda, B("triton"), B("torch"), False)
 
 
+def test_a_cache_with_more_slots_than_int32_indexes_is_refused():
+    """A graph's inputs travel as int32 (KV slots included, cast to int64 inside the graph): a
+    cache whose scratch slot is past int32 must be refused at start, not wrap at a replay."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="int32"):
+        cuda_graphs.DecodeGraphs(model, SimpleNamespace(block_size=16), None, None, None, ladder=(1,),
+                                 max_model_len=64, scratch_block=2 ** 27, capture=False)
+
+
 def test_static_table_layout_pads_segments_and_tiles():
     size = 8
     host = [-7] * (static_len(size) + 2)

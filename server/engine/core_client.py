@@ -331,6 +331,7 @@ class ProcessEngine:
         if self._dead:
             return
         self._dead = True
+        self._step_age = 0.0  # no loop runs any more: the gauge must not keep counting from the last beat
         log.error("the engine core process exited (code %s): failing the requests in flight",
                   self._proc.exitcode)
         self._fail_everything("the engine process exited")

@@ -225,21 +225,26 @@ def test_auto_returns_fresh_output_and_matches(cpp):
     check(out, hf_style(args, tok, [(20, 1), (5, 2)]), torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_offsets_past_int32(cpp, backend):
-    """A cache of more than 2^32 elements (8 GiB in bf16, allocated but untouched: only the pages
-    written are backed): one sequence in its first blocks, one in the blocks at element offset
-    2^32, where an int32 offset wraps to (a large CPU cache of a model with few kv heads)."""
+def far_cache(dtype):
+    """A cache of more than 2^32 elements (8 GiB at 16 bits, allocated but untouched: only the
+    pages written are backed) with one sequence in its first blocks and one in the blocks at
+    element offset 2^32: where an int32 offset wraps to, so int32 arithmetic reads the wrong K/V.
+    (A 100 GiB cache on a GPU of a model with few kv heads is past 2^31 elements per layer.)"""
     bs, kvh, d = 16, 1, 16
     far = 2 ** 32 // (2 * kvh * d) // bs  # the first block at element offset 2^32
-    kv = torch.empty((far + 3) * bs, 2, kvh, d, dtype=torch.bfloat16)
+    kv = torch.empty((far + 3) * bs, 2, kvh, d, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     bt = torch.tensor([[far, far + 1], [0, 1]], dtype=torch.int32)
     for b in range(2):
         for p in range(20):
             kv[int(bt[b, p // bs]) * bs + p % bs] = torch.randn(2, kvh, d, generator=g)
-    q = torch.randn(2, 2, d, generator=g).bfloat16()
-    seq, ctx = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([20, 20], dtype=torch.int32)
+    q = torch.randn(2, 2, d, generator=g).to(dtype)
+    return q, kv, bt, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([20, 20], dtype=torch.int32), bs
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_offsets_past_int32(cpp, backend):
+    q, kv, bt, seq, ctx, bs = far_cache(torch.bfloat16)
     ref = pa.paged_attention_reference(q, kv, bt, seq, ctx, bs, 0.25)
     out = paged_attention(q, kv, bt, seq, ctx, bs, 0.25, backend=backend)
     assert (out.float() - ref.float()).abs().max() < 2e-2

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import pytest  # noqa: E402
 
 from kernels.paged_attention import paged_attention_reference  # noqa: E402
+from test_paged_attention import far_cache  # noqa: E402
 
 tpa = kernel_module("triton_paged_attention")
 HAVE_TRITON = tpa is not None
@@ -207,23 +208,6 @@ def test_triton_interp_fixed_splits_with_short_contexts():
     case = Case([(3, 1), (1, 1), (40, 1), (9, 1), (17, 1)], 4, 2)
     run_case(case, torch.float32, "cpu", config=dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=8))
     run_case(case, torch.bfloat16, "cpu", config=dict(BLOCK_T=1, BLOCK_N=16, NUM_SPLITS=8), seed=1)
-
-
-def far_cache(dtype):
-    """A cache of more than 2^32 elements (8 GiB at 16 bits, allocated but untouched: only the
-    pages written are backed) with one sequence in its first blocks and one in the blocks at
-    element offset 2^32: where an int32 offset wraps to, so int32 arithmetic reads the wrong K/V.
-    (A 100 GiB cache on a GPU of a model with few kv heads is past 2^31 elements per layer.)"""
-    bs, kvh, d = 16, 1, 16
-    far = 2 ** 32 // (2 * kvh * d) // bs  # the first block at element offset 2^32
-    kv = torch.empty((far + 3) * bs, 2, kvh, d, dtype=dtype)
-    g = torch.Generator().manual_seed(5)
-    bt = torch.tensor([[far, far + 1], [0, 1]], dtype=torch.int32)
-    for b in range(2):
-        for p in range(20):
-            kv[int(bt[b, p // bs]) * bs + p % bs] = torch.randn(2, kvh, d, generator=g)
-    q = torch.randn(2, 2, d, generator=g).to(dtype)
-    return q, kv, bt, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([20, 20], dtype=torch.int32), bs
 
 
 @needs_interp

@@ -82,6 +82,31 @@ def test_unregister_drains_then_frees(engine, versions, tiny_llama_dir):
     assert manager.residency(ref) == (False, False) and manager.num_users(ref) == 0  # freed after the last
 
 
+def resident(engine: LLMEngine, tier: str) -> float:
+    return engine.metrics.registry.get_sample_value("loramux_adapters_resident", {"tier": tier})
+
+
+def test_the_resident_gauges_fall_to_zero_when_the_last_adapter_is_retired(engine, versions):
+    """Retiring is the last thing an idle engine does (no later poll): the host gauge must follow
+    at once, as the device one does (before: it kept counting the retired adapter until the next
+    request, so an idle server showed adapters resident that were gone)."""
+    manager = engine.adapters
+    manager.load_path(None, "bot", str(versions["v1"]))
+    submit(engine, "old", "bot")
+    tokens: dict[str, list[int]] = {}
+    drain(engine, tokens, steps=3)
+    assert resident(engine, "host") == 1 and resident(engine, "device") == 1
+    manager.unregister(None, "bot")  # draining: retired by the last request's release
+    drain(engine, tokens)
+    assert resident(engine, "host") == 0 and resident(engine, "device") == 0
+
+    manager.load_path(None, "bot", str(versions["v2"]))
+    engine.step()  # the admin load's hand-over becomes resident
+    assert resident(engine, "host") == 1
+    manager.unregister(None, "bot")  # unused: retired at once
+    assert resident(engine, "host") == 0
+
+
 def test_reload_of_a_draining_name_serves_the_new_version_to_new_requests(engine, versions, tiny_llama_dir):
     manager = engine.adapters
     manager.load_path(None, "bot", str(versions["v1"]))

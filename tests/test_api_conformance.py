@@ -6,6 +6,7 @@ codes and params, and retrieving one model. Each test failed on the code before 
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -239,6 +240,19 @@ def test_json_that_python_cannot_parse_is_invalid_json(server, value):
     r = httpx.post(server.base_url + "/v1/completions", content=body, timeout=30,
                    headers={"Authorization": f"Bearer {KEYS['acme']}", "content-type": "application/json"})
     assert_error(r, 400, None, "invalid_json")
+
+
+@pytest.mark.parametrize("encoding, says", [(None, "not UTF-8 text"), ("gzip", "Content-Encoding: gzip")])
+def test_a_body_that_is_not_utf8_is_invalid_json_saying_so(server, encoding, says):
+    """Before: a Latin-1 or a gzipped body got "too deeply nested, or a number too long", which
+    it was neither; now the message names what the client can fix."""
+    body = '{"model": "%s", "prompt": "caf\u00e9", "max_tokens": 2}' % BASE
+    content = gzip.compress(body.encode()) if encoding else body.encode("latin-1")
+    headers = {"Authorization": f"Bearer {KEYS['acme']}", "content-type": "application/json",
+               **({"content-encoding": encoding} if encoding else {})}
+    r = httpx.post(server.base_url + "/v1/completions", content=content, headers=headers, timeout=30)
+    assert_error(r, 400, None, "invalid_json")
+    assert says in r.json()["error"]["message"] and "nested" not in r.json()["error"]["message"]
 
 
 def test_too_many_prompts_are_refused_before_they_are_tokenized(server):

@@ -193,3 +193,28 @@ def test_reload_keeps_the_state_of_remaining_tenants_and_applies_new_limits():
         assert "gone" not in q._tenants
 
     asyncio.run(go())
+
+
+def test_a_reload_below_a_queued_requests_generations_refuses_it_and_unblocks_the_queue():
+    """A request queued for 2 generations when a reload lowers max_concurrent to 1 can never run:
+    it gets the refusal it would get now, and the requests behind it go on (before: it stayed at
+    the head of the FIFO forever, and every later request of the tenant waited behind it)."""
+    clock = FakeClock()
+    t = tenant(max_concurrent=2, max_queued=2)
+    q = quotas_for(t, clock)
+
+    async def go():
+        running = await q.admit(t, [1, 1])
+        big = asyncio.create_task(q.admit(t, [1, 1]))
+        small = asyncio.create_task(q.admit(t, [1]))
+        await asyncio.sleep(0)
+        q.update(TenantTable([tenant(max_concurrent=1, max_queued=2)]))
+        with pytest.raises(QuotaExceeded) as exc:
+            await asyncio.wait_for(big, 1)
+        assert exc.value.retry_after_s is None and "at most 1 at once" in str(exc.value)
+        assert not small.done()  # still 2 in flight, over the new limit of 1
+        running.end_all()
+        (await asyncio.wait_for(small, 1)).end_all()
+        assert q.quota(t).idle
+
+    asyncio.run(go())

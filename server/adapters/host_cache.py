@@ -158,7 +158,7 @@ class HostAdapterCache:
             changed = True
         if changed:
             self._evict(set(in_use()))
-        self.metrics.adapters_resident.labels("host").set(len(self._resident))
+        self._publish()
         return failed
 
     def drop(self, ref: AdapterRef) -> None:
@@ -166,6 +166,10 @@ class HostAdapterCache:
         self._resident.pop(ref, None)
         if self.in_place is not None:
             self.in_place.evict(ref)
+        self._publish()  # an unload on an idle engine: no poll follows to update the gauge
+
+    def _publish(self) -> None:
+        self.metrics.adapters_resident.labels("host").set(len(self._resident))
 
     def offer(self, ref: AdapterRef, adapter: LoraAdapter, seconds: float = 0.0) -> None:
         """Any thread: hand over an adapter loaded (and prepared) elsewhere (admin loads); resident at

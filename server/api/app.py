@@ -47,6 +47,20 @@ _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "u
 _NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}  # a body that is not a JSON object
 _BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail
 
+def _unparsable_json(cause: BaseException | None, content_encoding: str | None) -> str:
+    """What json.loads failed on, other than a syntax error (FastAPI keeps it as the cause)."""
+    if isinstance(cause, UnicodeError):
+        if content_encoding and content_encoding.lower() != "identity":
+            return f"the request body is not UTF-8 JSON (Content-Encoding: {content_encoding} is not accepted: " \
+                   "send the body uncompressed)"
+        return "the request body is not UTF-8 text (JSON must be UTF-8)"
+    if isinstance(cause, RecursionError):
+        return "malformed JSON in the request body (nested too deeply)"
+    if isinstance(cause, ValueError):
+        return "malformed JSON in the request body (a number too long)"
+    return "malformed JSON in the request body"
+
+
 _READY_STATES = ["ready", "draining", "full", "engine_down"]
 _READY_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": _READY_STATES}}}}}
@@ -165,10 +179,11 @@ def create_app(config: Config, engine: LLMEngine | None = None) -> FastAPI:
         headers = exc.headers
         if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED and "json" in request.headers.get(
                 "content-type", ""):
-            # FastAPI's answer when json.loads fails other than by a syntax error: nesting past
-            # the recursion limit, an integer of more digits than Python converts.
-            return error(APIError(400, "malformed JSON in the request body (too deeply nested, or a number "
-                                       "too long)", code="invalid_json"))
+            # FastAPI's answer when json.loads fails other than by a syntax error: bytes that are
+            # not UTF-8 (e.g. a gzip body), nesting past the recursion limit, an integer of more
+            # digits than Python converts.
+            message = _unparsable_json(exc.__cause__, request.headers.get("content-encoding"))
+            return error(APIError(400, message, code="invalid_json"))
         if exc.status_code == 405:
             path = request.scope.get("path", "")
             methods = sorted({m.upper() for template, item in app.openapi()["paths"].items()

@@ -131,18 +131,28 @@ class TenantQuota:
         limit = self.limits.max_concurrent
         return limit is None or self.in_flight + generations <= limit
 
+    def _ever_fits(self, generations: int) -> bool:
+        limit = self.limits.max_concurrent
+        return limit is None or generations <= limit
+
     def _wake(self) -> None:
-        """Admit waiters in FIFO order while the first one fits (no overtaking: no starvation)."""
+        """Admit waiters in FIFO order while the first one fits (no overtaking: no starvation).
+        A waiter's future gets True when admitted, False when it can never be: a reload lowered
+        max_concurrent below its generations (left queued, it would block everyone behind it)."""
         while self.waiters:
             generations, future = self.waiters[0]
             if future.done():  # gave up (cancelled)
                 self.waiters.popleft()
                 continue
+            if not self._ever_fits(generations):
+                self.waiters.popleft()
+                future.set_result(False)
+                continue
             if not self._fits(generations):
                 return
             self.waiters.popleft()
             self.in_flight += generations
-            future.set_result(None)
+            future.set_result(True)
 
     def release(self, generations: int) -> None:
         self.in_flight -= generations
@@ -151,6 +161,12 @@ class TenantQuota:
     @property
     def idle(self) -> bool:
         return self.in_flight == 0 and not self.waiters
+
+
+def _too_many_generations(tenant: Tenant, q: TenantQuota, generations: int) -> QuotaExceeded:
+    """More generations than the tenant may ever run at once: waiting cannot help (no Retry-After)."""
+    return QuotaExceeded(f"the request asks for {generations} generations; tenant {tenant.name!r} "
+                         f"may run at most {q.limits.max_concurrent} at once", None, q.state())
 
 
 class Quotas:
@@ -191,9 +207,8 @@ class Quotas:
         self._check_rates(tenant, q, tokens)
         if q.waiters or not q._fits(generations):
             limit = q.limits.max_concurrent
-            if limit is not None and generations > limit:
-                raise QuotaExceeded(f"the request asks for {generations} generations; tenant {tenant.name!r} "
-                                    f"may run at most {limit} at once", None, q.state())
+            if not q._ever_fits(generations):
+                raise _too_many_generations(tenant, q, generations)
             if len(q.waiters) >= q.max_queued:
                 raise QuotaExceeded(f"tenant {tenant.name!r} has {q.in_flight} generations in flight (limit "
                                     f"{limit}) and {len(q.waiters)} requests queued (limit {q.max_queued})",
@@ -202,14 +217,16 @@ class Quotas:
             entry = (generations, future)
             q.waiters.append(entry)
             try:
-                await future
+                admitted = await future
             except BaseException:
-                if future.done() and not future.cancelled():  # admitted just as we gave up
+                if future.done() and not future.cancelled() and future.result():  # admitted just as we gave up
                     q.release(generations)
                 else:
                     future.cancel()
                     q._wake()  # a waiter behind us may fit now
                 raise
+            if not admitted:  # a reload lowered max_concurrent below what this request asks
+                raise _too_many_generations(tenant, q, generations)
             self._check_rates(tenant, q, tokens, holding=generations)
         else:
             q.in_flight += generations

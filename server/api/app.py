@@ -47,6 +47,7 @@ _VALIDATION_CODES = {"unsupported_field": "unsupported", "unsupported_value": "u
 _NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}  # a body that is not a JSON object
 _BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail
 
+
 def _unparsable_json(cause: BaseException | None, content_encoding: str | None) -> str:
     """What json.loads failed on, other than a syntax error (FastAPI keeps it as the cause)."""
     if isinstance(cause, UnicodeError):

@@ -33,7 +33,7 @@ class DeviceMemory:
     total: int  # the device's memory
     free: int  # free on the device now (after the profile, torch's cache emptied)
     used: int  # held by this engine now: weights, adapter pool, workspaces (from before its start to now)
-    activation_peak: int  # the profile forward's transient peak: what eager steps allocate and free
+    activation_peak: int  # the profile forwards' transient peak: what eager steps allocate and free
     graph_reserve: int  # what the decode CUDA graphs will hold (0 without graphs)
     block_bytes: int  # one KV block, every layer, K and V
     utilization: float  # the fraction of `total` this engine may hold, in (0, 1]
@@ -55,9 +55,9 @@ def plan_blocks(m: DeviceMemory) -> KVPlan:
     naming the flags, when not one block fits."""
     if not 0 < m.utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {m.utilization}")
-    transient = m.activation_peak + m.graph_reserve
-    budget = int(m.total * m.utilization) - m.used - transient
-    room = m.free - transient
+    needed = m.activation_peak + m.graph_reserve
+    budget = int(m.total * m.utilization) - m.used - needed
+    room = m.free - needed
     num_blocks = max(0, min(budget, room) // m.block_bytes)
     if num_blocks < 1:
         raise ValueError(
@@ -126,12 +126,14 @@ def measure(model: DecoderModel, attention: AttentionBackend, config: Config, bl
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     graph_reserve = 0
-    if graph_ladder:  # the largest graph's forward (the pool's other graphs reuse its memory) + outputs
+    if graph_ladder:
+        # The graph pool: the largest graph's forward (smaller ones, captured after it, reuse its
+        # memory; the LoRA deltas are not profiled, see profile_prefill) and every graph's output,
+        # with and without LoRA. Its peak also counts as a step's: capture warms up eagerly.
         profile_decode(model, attention, graph_ladder[-1], max_len, config.cache.block_size)
         torch.cuda.synchronize(device)
         row_bytes = model.arch.hidden_size * model.dtype.itemsize
         graph_reserve = torch.cuda.max_memory_allocated(device) - base + 2 * sum(graph_ladder) * row_bytes
-        torch.cuda.reset_peak_memory_stats(device)
     sc = config.scheduler
     profile_prefill(model, attention, sc.max_num_batched_tokens, sc.max_num_seqs, max_len, config.cache.block_size)
     torch.cuda.synchronize(device)

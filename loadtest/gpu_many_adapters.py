@@ -72,13 +72,14 @@ class Plan:
     budget_s: float  # the CLI's deadline; gpu_check passes its section's
     min_cell_s: float  # a cell is not started with less than this left (one started is cut at the deadline)
     lora_flags: dict = field(default_factory=dict)  # engine LoRA settings; {} = the server's defaults
-    kv_cache_memory: int | None = None  # None: the default
+    kv_cache_memory: int | None = None  # None: the server's default (on CUDA: --gpu-memory-utilization)
     num_threads: int | None = None  # torch threads on CPU; None: the default
 
 
+# 2 GiB of KV cache, as in earlier runs (an engine per cell: not 0.9 of the GPU for each).
 GPU = Plan(hf_config=gb.LLAMA_8B, device="cuda", dtype="bfloat16", cells=(Cell(8, 0.0), Cell(1000, 1.0)),
            streams=32, requests=64, prompt_len=32, new_tokens=64, rank=16, distinct_files=16, budget_s=75,
-           min_cell_s=10)
+           min_cell_s=10, kv_cache_memory=2 << 30)
 # The host cache smaller than the set (as on the GPU: 64 of 1,000), so loads and misses happen here too.
 SMOKE = Plan(hf_config=gb.TINY, device="cpu", dtype="float32", cells=(Cell(2, 0.0), Cell(24, 1.0)), streams=4,
              requests=16, prompt_len=8, new_tokens=8, rank=16, distinct_files=4, budget_s=60, min_cell_s=0,

@@ -73,6 +73,13 @@ def _size(value: Any) -> int:
     return size
 
 
+def _fraction(value: Any) -> float:
+    fraction = float(value)
+    if not 0 < fraction <= 1:  # also refuses NaN
+        raise ValueError(f"expected a fraction in (0, 1], e.g. 0.9, got {value!r}")
+    return fraction
+
+
 def _choice(*names: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         name = str(value).strip().lower()
@@ -178,7 +185,11 @@ FLAGS = [
          "1,8,64,256 (default: 1, 2, 4, 8, then every multiple of 8 up to --max-num-seqs); a batch replays the "
          "smallest size that holds it, a batch above the largest runs eagerly"),
     Flag("block-size", "cache.block_size", _int(1), "tokens per KV-cache block"),
-    Flag("kv-cache-memory", "cache.kv_cache_memory", _size, "KV-cache size: bytes or e.g. 2GiB, 512MiB"),
+    Flag("kv-cache-memory", "cache.kv_cache_memory", _size, "KV-cache size: bytes or e.g. 2GiB, 512MiB, on every "
+         "device (default: 2GiB on CPU; on CUDA what --gpu-memory-utilization leaves)"),
+    Flag("gpu-memory-utilization", "cache.gpu_memory_utilization", _fraction, "on CUDA without --kv-cache-memory: "
+         "the fraction of the GPU's memory this server may hold (weights, adapter pool, activations, CUDA graphs "
+         "and the KV cache, which gets the rest), as vLLM"),
     Flag("no-prefix-caching", "cache.prefix_caching", _bool, "compute every prompt in full: no reuse of the KV "
          "blocks of a prefix another request of the same tenant and adapter computed", switch=True,
          switch_value=False),

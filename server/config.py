@@ -30,10 +30,16 @@ class ModelConfig:
 @dataclass
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    kv_cache_memory: int = 2 * GiB  # bytes for the whole paged KV cache
+    # Bytes for the whole paged KV cache, on every device. None: HOST_KV_CACHE_MEMORY off CUDA; on
+    # CUDA what gpu_memory_utilization leaves after the weights, the adapter pool, a profile step's
+    # activations and the CUDA graphs (server/engine/memory_plan.py).
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9  # the fraction of the GPU's memory the engine may hold, in (0, 1]
     # Reuse computed KV blocks of identical prompt prefixes (per tenant and adapter; as vLLM's
     # automatic prefix caching, on by default there too).
     prefix_caching: bool = True
+
+    HOST_KV_CACHE_MEMORY = 2 * GiB
 
 
 @dataclass

@@ -29,6 +29,8 @@ def config_of(*argv: str):
     ("cpu-lora-cache-memory", "0"), ("max-body-bytes", "0"), ("port", "70000"), ("port", "-1"),
     ("log-level", "loud"), ("device", "gpu0"), ("max-num-seqs", "1.5"), ("max-num-seqs", "many"),
     ("dtype", "foo"), ("dtype", "float16"), ("lora-dtype", "int8"), ("lora-dtype", "foo"),
+    ("gpu-memory-utilization", "0"), ("gpu-memory-utilization", "1.01"), ("gpu-memory-utilization", "nan"),
+    ("gpu-memory-utilization", "-0.5"), ("gpu-memory-utilization", "most"),
 ])
 def test_a_value_the_server_cannot_run_is_refused_naming_the_flag(flag, value):
     with pytest.raises(ValueError, match=f"--{flag}"):
@@ -55,10 +57,12 @@ def test_a_config_file_key_is_checked_and_a_misspelt_one_refused(tmp_path):
 def test_good_values_still_pass():
     cfg = config_of("--max-num-seqs", "1", "--max-num-batched-tokens", "1", "--block-size", "12", "--port", "0",
                     "--device", "cuda:1", "--log-level", "WARNING", "--max-wait-steps", "0",
-                    "--adapter-metric-series", "0", "--kv-cache-memory", "512MiB")
+                    "--adapter-metric-series", "0", "--kv-cache-memory", "512MiB", "--gpu-memory-utilization", "1")
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, cfg.cache.block_size) == (1, 1, 12)
     assert (cfg.server.port, cfg.model.device, cfg.server.log_level) == (0, "cuda:1", "warning")
     assert cfg.cache.kv_cache_memory == 512 << 20 and cfg.lora.adapter_metric_series == 0
+    assert cfg.cache.gpu_memory_utilization == 1.0 and config_of().cache.kv_cache_memory is None
+    assert config_of("--gpu-memory-utilization", "0.5").cache.gpu_memory_utilization == 0.5
     assert config_of() == Config()
     assert config_of("--dtype", "BFloat16", "--lora-dtype", "float32").model.dtype == "bfloat16"
 

@@ -322,6 +322,27 @@ def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(ti
     assert size == 4 and logits.shape == (3, arch.vocab_size) and logits.dtype == torch.float32
 
 
+@needs_interp
+def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(tiny_llama_dir):
+    """server/engine/memory_plan.py sizes the graph pool from `profile_decode`: the forward a graph of
+    that many rows captures (the attention's graph step, launch sizes for max_model_len). Each of its
+    rows decodes token 0 at position 0: the logits are those of that one-token prompt through the
+    eager torch attention (`profile_prefill` of one token)."""
+    from server.engine.backends import select_attention
+    from server.engine.memory_plan import profile_decode, profile_prefill
+    from server.engine.sampler import _top_p
+    from server.model.arch import ModelArch
+    from server.model.decoder import DecoderModel
+    from server.model.loading import load_weights
+
+    arch, cpu = ModelArch.from_dir(tiny_llama_dir), torch.device("cpu")
+    model = DecoderModel(arch, load_weights(tiny_llama_dir, arch, torch.float32, cpu), max_positions=64)
+    hidden = profile_decode(model, select_attention("triton", arch, cpu, torch.float32), 4, max_len=64, block_size=16)
+    assert hidden.shape == (4, arch.hidden_size)
+    ref = profile_prefill(model, select_attention("torch", arch, cpu, torch.float32), 1, 1, max_len=64, block_size=16)
+    torch.testing.assert_close(_top_p(model.logits(hidden), [0.9] * 4), ref.expand(4, -1), atol=1e-4, rtol=1e-4)
+
+
 # What reads a tensor's values on the host: on a GPU each waits for the device (a synchronisation).
 HOST_READS = ("tolist", "item", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 

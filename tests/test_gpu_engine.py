@@ -217,3 +217,32 @@ def test_a_graph_decode_step_waits_for_the_device_once_on_gpu(tiny_llama_dir, gp
     monkeypatch.undo()
     while engine.has_unfinished():
         engine.step()
+
+
+def test_without_kv_cache_memory_a_cuda_engine_sizes_its_cache_from_the_gpu(tiny_llama_dir):
+    """No --kv-cache-memory on CUDA: the cache gets what --gpu-memory-utilization leaves after the
+    weights, the adapter pool, a profile step and the graphs' reserve: more than the old fixed
+    2 GiB on any GPU this check runs on, under the fraction of the device; and it serves the same
+    greedy tokens as a 64 MiB cache. 0.5, not the 0.9 default: the GPU tests after this one share
+    the process (the engine is dropped at the end, but an error's traceback would keep it)."""
+    import gc
+
+    from server.config import GiB
+
+    cfg = Config()
+    cfg.model.device, cfg.model.dtype, cfg.lora.adapters_dir = "cuda", "bfloat16", None
+    cfg.cache.gpu_memory_utilization = 0.5
+    assert cfg.cache.kv_cache_memory is None
+    engine = LLMEngine(cfg, tiny_llama_dir)
+    try:
+        total = torch.cuda.mem_get_info()[1]
+        kv_bytes = engine.kv_cache.tensor.nbytes
+        assert 2 * GiB < kv_bytes < 0.5 * total, (kv_bytes, total)
+        assert engine.info.max_model_len == 512  # the tiny model's: nothing capped
+        assert engine.runner.graphs is not None  # the plan reserved room for them and they were captured
+        jobs = [(None, [5, 6, 7]), (None, [9, 8])]
+        assert run(engine, jobs, 8) == run(gpu_engine(tiny_llama_dir, {}, "bfloat16"), jobs, 8)
+    finally:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ from server.adapters.errors import AdapterError
 from server.adapters.manager import AdapterManager
 from server.adapters.registry import AdapterRef
 from server.config import Config
-from server.engine import cuda_graphs
+from server.engine import cuda_graphs, memory_plan
 from server.engine.backends import select_attention, select_lora
 from server.engine.detokenizer import TextProcessor
 from server.engine.device import resolve_device, resolve_dtype
@@ -63,17 +63,12 @@ class LLMEngine:
         dtype = resolve_dtype(mc.dtype, device)
         model_dir = Path(model_dir)
 
+        start_free = memory_plan.free_bytes(device)  # before this engine holds anything
         arch = ModelArch.from_dir(model_dir)
-        max_len = mc.max_model_len or arch.max_position_embeddings
         per_block = KVCache.bytes_per_block(arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, dtype)
-        num_blocks = cc.kv_cache_memory // per_block
-        if num_blocks * cc.block_size < max_len:
-            capped = num_blocks * cc.block_size
-            if capped < 16:
-                raise ValueError(f"--kv-cache-memory {cc.kv_cache_memory} bytes holds {capped} tokens: too small")
-            log.warning("KV cache holds %d tokens: capping max_model_len from %d", capped, max_len)
-            max_len = capped
-
+        # None on CUDA without --kv-cache-memory: then the plan sizes it once the weights and the adapter pool are in
+        num_blocks, max_len = memory_plan.fixed_blocks(config, device, per_block,
+                                                       mc.max_model_len or arch.max_position_embeddings)
         # checked here, before any loading: a bad --cuda-graph-sizes fails on every device
         ladder = cuda_graphs.batch_ladder(sc.max_num_seqs, mc.cuda_graph_sizes)
         t0 = time.perf_counter()
@@ -83,16 +78,19 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         weights = load_weights(model_dir, arch, dtype, device)
         self.model = DecoderModel(arch, weights, max_positions=max_len)
-        graphs_off = cuda_graphs.unavailable(device, attention, lora_backend, mc.enforce_eager)
-        # with graphs, one block past the allocator's: the scratch block graph padding rows write to
-        self.kv_cache = KVCache(arch.num_layers, num_blocks + (graphs_off is None), cc.block_size,
-                                arch.num_kv_heads, arch.head_dim, dtype, device)
         lc = config.lora
         self.adapters = AdapterManager(lc, arch, dtype, device, self.metrics, self._on_adapter_loaded,
                                        reserved_names=[mc.served_model_name or arch.name or model_dir.name],
                                        base_weight=functools.partial(base_linear_weight, weights, arch),
                                        page_rank=lora_backend.page_rank(lc.max_lora_rank, lc.lora_page_rank)) \
             if lc.enabled else None
+        graphs_off = cuda_graphs.unavailable(device, attention, lora_backend, mc.enforce_eager)
+        if num_blocks is None:
+            num_blocks, max_len = memory_plan.planned_blocks(config, self.model, attention, per_block, max_len,
+                                                             ladder if graphs_off is None else None, start_free)
+        # with graphs, one block past the allocator's: the scratch block graph padding rows write to
+        self.kv_cache = KVCache(arch.num_layers, num_blocks + (graphs_off is None), cc.block_size,
+                                arch.num_kv_heads, arch.head_dim, dtype, device)
         graphs = None
         if graphs_off is None:
             tg = time.perf_counter()

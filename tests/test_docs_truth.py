@@ -383,3 +383,18 @@ def test_the_readmes_api_table_lists_every_route():
     assert documented - declared == set(), f"README.md names routes the code lacks: {sorted(documented - declared)}"
     assert declared - documented == set(), f"README.md's API table lacks: {sorted(declared - documented)}"
 
+
+# Standard-library modules newer than some Python a `requires-python` bound may admit.
+NEW_STDLIB = {"tomllib": (3, 11)}
+
+
+def test_the_python_the_package_admits_has_the_modules_it_imports():
+    """pyproject.toml's `requires-python` lower bound: a user on that Python must be able to import the
+    package (a bound of 3.10 admitted Pythons without `tomllib`, which `loramux serve` imports at start)."""
+    bound = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert bound, "pyproject.toml: no requires-python lower bound"
+    lowest = (int(bound.group(1)), int(bound.group(2)))
+    bad = [f"{path.relative_to(ROOT)} imports {mod} (Python {'.'.join(map(str, NEW_STDLIB[mod]))}+)"
+           for path in sorted([*(ROOT / "server").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+           for mod in _imports(path) if mod in NEW_STDLIB and NEW_STDLIB[mod] > lowest]
+    assert not bad, f"requires-python admits {'.'.join(map(str, lowest))}, but:\n" + "\n".join(bad)

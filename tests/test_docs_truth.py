@@ -199,7 +199,7 @@ def test_every_load_test_command_in_the_docs_uses_flags_its_script_has():
     for path in DOCS:
         for n, line in prose_lines(path):
             m = re.search(r"loadtest[/.](\w+)(?:\.py)?", line)
-            if not m or "python" not in line:
+            if not m or ("python" not in line and not re.search(r"`loadtest/\w+\.py --", line)):  # a command
                 continue
             script = ROOT / "loadtest" / f"{m.group(1)}.py"
             assert script.exists(), f"{path.relative_to(ROOT)}:{n}: no loadtest/{m.group(1)}.py"
@@ -256,3 +256,19 @@ def test_every_serve_flag_is_named_by_a_guide():
     missing = [f"--{f.name}" for f in FLAGS
                if not re.search(rf"--{re.escape(f.name)}(?![\w-])", text) and f.env not in text]
     assert not missing, "no guide names: " + ", ".join(missing)
+
+
+# Standard-library modules newer than some Python a `requires-python` bound may admit.
+NEW_STDLIB = {"tomllib": (3, 11)}
+
+
+def test_the_python_the_package_admits_has_the_modules_it_imports():
+    """pyproject.toml's `requires-python` lower bound: a user on that Python must be able to import the
+    package (a bound of 3.10 admitted Pythons without `tomllib`, which `loramux serve` imports at start)."""
+    bound = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert bound, "pyproject.toml: no requires-python lower bound"
+    lowest = (int(bound.group(1)), int(bound.group(2)))
+    bad = [f"{path.relative_to(ROOT)} imports {mod} (Python {'.'.join(map(str, NEW_STDLIB[mod]))}+)"
+           for path in sorted([*(ROOT / "server").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+           for mod in _imports(path) if mod in NEW_STDLIB and NEW_STDLIB[mod] > lowest]
+    assert not bad, f"requires-python admits {'.'.join(map(str, lowest))}, but:\n" + "\n".join(bad)

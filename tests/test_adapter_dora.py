@@ -169,6 +169,11 @@ def test_non_finite_magnitude(broken, tiny_llama_dir, bad):
     refused(broken, ModelArch.from_dir(tiny_llama_dir), "adapter_invalid", MAG0, "NaN/Inf")
 
 
+def test_a_magnitude_past_the_served_range_is_refused(broken, tiny_llama_dir):
+    edit_weights(broken, lambda t: {**t, MAG0: t[MAG0] * 1e30})  # finite in float32: passes the NaN/Inf check
+    refused(broken, ModelArch.from_dir(tiny_llama_dir), "adapter_invalid", MAG0, "DoRA magnitudes must be at most")
+
+
 @pytest.mark.parametrize("shape", [(64,), (32, 1), (1,)])
 def test_magnitude_of_the_wrong_shape(broken, tiny_llama_dir, shape):
     edit_weights(broken, lambda t: {**t, MAG0: torch.ones(shape)})

@@ -214,6 +214,8 @@ def parse_peft_adapter(
     scales = [plan.spec.scale_for(plan.pairs[key].a.module_key) for key in keys]
     for key, (a, b), scale in zip(keys, ab, scales):
         _check_served_range(plan.pairs[key], a, b, scale, plan)
+        if (mag := plan.pairs[key].magnitude) is not None:
+            _check_magnitude_range(mag.tensor, tensors[mag.tensor], plan)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for key, (a, b), scale, prototype in zip(keys, ab, scales, top_right_singular_vectors(ab)):
         k = plan.pairs[key]
@@ -242,6 +244,15 @@ def _check_served_range(k: ModuleKeys, a: torch.Tensor, b: torch.Tensor, scale: 
                            f"{scale:.3g} from {source} and {plan.spec.rank_source(k.a.module_key)}); served "
                            f"values must be at most {MAX_SERVED_VALUE:g} in magnitude",
                            path=plan.spec.path)
+
+
+def _check_magnitude_range(name: str, magnitude: torch.Tensor, plan: _Plan) -> None:
+    """AdapterError unless a DoRA magnitude [out] is within MAX_SERVED_VALUE: it multiplies every
+    output of its module, in the pool's dtype as the rest of the adapter."""
+    largest = float(magnitude.abs().max()) if magnitude.numel() else 0.0
+    if largest > MAX_SERVED_VALUE:
+        raise AdapterError(INVALID, f"tensor {name!r} reaches {largest:.3g}; DoRA magnitudes must be at most "
+                           f"{MAX_SERVED_VALUE:g}", path=plan.weights_file)
 
 
 def _weights_fd(files: OpenAdapterDir) -> int:

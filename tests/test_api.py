@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 
+from conftest import save_tiny_model
 from server_process import ServerProcess
 
 MODEL = "tiny"
@@ -193,6 +194,35 @@ def test_client_disconnect_mid_stream_aborts_and_server_keeps_serving(server, cl
     assert aborted == aborted_before + 1
     r = client.completions.create(model=MODEL, prompt="still there?", max_tokens=3)
     assert r.choices[0].text is not None
+
+
+def test_a_client_gone_before_its_first_token_aborts_its_request_at_once(tmp_path):
+    """A stream's headers wait for its first output (a failure before it is then an HTTP status);
+    a client that leaves meanwhile must still abort its request at once, not once it has run.
+    --max-num-seqs 1: one long stream runs (~8,000 tokens, over 10 s), the second request waits
+    behind it in the engine. Before: the headers came at once."""
+    model = save_tiny_model(tmp_path / "long", "llama", max_position_embeddings=8192)
+    srv = ServerProcess(["--model", str(model), "--served-model-name", MODEL, "--dtype", "float32", "--no-lora",
+                         "--num-threads", "1", "--max-model-len", "8192", "--kv-cache-memory", "64MiB",
+                         "--max-num-seqs", "1"], tmp_path / "one-seq.log")
+    try:
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        url = srv.base_url + "/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as running:
+            lines = running.iter_lines()  # held: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")
+            with pytest.raises(httpx.ReadTimeout):  # no headers: it has no token yet
+                with httpx.stream("POST", url, json={**body, "max_tokens": 4}, timeout=httpx.Timeout(60, read=1)):
+                    pass
+            deadline = time.monotonic() + 30
+            while srv.metric("loramux_requests_total", 'finish_reason="abort"') == 0:
+                assert time.monotonic() < deadline, "the disconnect was not counted as an abort within 30 s"
+                time.sleep(0.1)
+            # the long stream still runs: the waiting request was aborted, not run after it
+            assert srv.metric("loramux_requests_total", 'finish_reason="length"') == 0
+            assert srv.metric("loramux_requests_waiting") == 0 and srv.metric("loramux_requests_running") == 1
+    finally:
+        srv.stop()
 
 
 def test_overload_gets_503_and_everyone_else_is_served(tiny_llama_dir, tmp_path):

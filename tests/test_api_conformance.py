@@ -6,6 +6,7 @@ codes and params, and retrieving one model. Each test failed on the code before 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import random
@@ -265,17 +266,24 @@ def test_too_many_prompts_are_refused_before_they_are_tokenized(server):
     assert_error(r, 400, "n", "too_many_generations")
 
 
-def test_an_adapter_failure_mid_stream_is_the_unstreamed_error_object(server):
-    """Before: the SSE error event said `type: server_error` for what the unstreamed request
-    answers as a client error (400 `invalid_request_error`, `adapter_invalid`)."""
-    body = {"model": "nanny", "messages": CHAT, "max_tokens": 2}
-    whole = post(server, "/v1/chat/completions", body)
-    assert_error(whole, 400, None, "adapter_invalid")
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120,
-                      headers={"Authorization": f"Bearer {KEYS['acme']}"}) as r:
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert r.status_code == 200  # the role chunk went first
-    assert events[-1]["error"] == {**whole.json()["error"], "message": events[-1]["error"]["message"]}
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_a_stream_that_fails_before_its_first_token_is_the_unstreamed_http_error(server, api):
+    """Before: a streamed request whose store adapter fails its first full load got 200, then an
+    SSE error event (the SDK raised a bare APIError while iterating), where the same request
+    unstreamed gets 400 `adapter_invalid`; now the stream gets that 400 too. Several choices
+    (and prompts): the first failure answers for all of them."""
+    client = client_of(server)
+    if api == "chat":
+        create = functools.partial(client.chat.completions.create, messages=CHAT, n=2)
+    else:
+        create = functools.partial(client.completions.create, prompt=["Hello", "world"], n=2)
+    with pytest.raises(openai.BadRequestError) as whole:
+        create(model="nanny", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as streamed:
+        list(create(model="nanny", max_tokens=2, stream=True))
+    assert streamed.value.code == whole.value.code == "adapter_invalid"
+    error = streamed.value.body  # the SDK's: the error object
+    assert error == {**whole.value.body, "message": error["message"]} and error["message"]
 
 
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])

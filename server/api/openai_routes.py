@@ -7,18 +7,16 @@ engine request per choice, and formats what comes back, streamed as SSE or whole
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.registry import AdapterRef
 from server.api.admission import LeasedStream, admit, invalid_request, rate_limit_headers, refuse_if_full
 from server.api.auth import tenant_of
-from server.api.errors import APIError, bad_request, model_not_found
+from server.api.errors import bad_request, model_not_found
 from server.api.openapi import error_responses, generation_responses
 from server.api.responses import (
     ChoiceAccumulator,
@@ -26,7 +24,6 @@ from server.api.responses import (
     chat_logprobs,
     completion_logprobs,
     finish_reason,
-    merge,
     sse,
     usage,
 )
@@ -43,10 +40,9 @@ from server.api.response_schemas import (
     ModelList,
     new_id,
 )
+from server.api.running import Outputs, collect, stream_response, until_disconnect
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.service import Service
-from server.engine.async_engine import RequestFailedError
-from server.engine.client import ENGINE_GONE
 from server.engine.request import GenerationRequest, InvalidRequestError, Mixture, Route, SamplingParams
 from server.model.tokenizer import ChatTemplateError
 from server.tenants import Tenant
@@ -92,12 +88,12 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
     rid = new_id("cmpl")
 
     if body.stream:
-        async def events() -> AsyncIterator[str]:
+        async def events(outputs: Outputs) -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             prompt_tokens = completion_tokens = 0
             cached = [0] * len(prompts)  # each prompt's, from its first choice (as prompt_tokens)
             offsets = [0] * len(streams)  # each choice's text_offset goes on from its last chunk
-            async for index, out in _guarded(merge(streams)):
+            async for index, out in outputs:
                 if isinstance(out, str):
                     yield out
                     return
@@ -124,9 +120,9 @@ async def create_completion(body: CompletionRequest, raw: Request, response: Res
                 yield sse(CompletionResponse(id=rid, model=body.model, choices=[], usage=total).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams, headers)
+        return await stream_response(raw, streams, headers, events)
 
-    acc = await _collect(raw, streams)
+    acc = await collect(raw, streams)
     choices = [
         CompletionChoice(index=i, text=prefix[i // body.n] + a.text, finish_reason=a.finish_reason,
                          logprobs=completion_logprobs(a.logprobs, svc.tokenizer.token_text)
@@ -156,7 +152,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
     rid = new_id("chatcmpl")
 
     if body.stream:
-        async def events() -> AsyncIterator[str]:
+        async def events(outputs: Outputs) -> AsyncIterator[str]:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             extra = {"usage": None} if include_usage else {}
             for i in range(body.n):
@@ -164,7 +160,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                     ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                 yield sse({**first.model_dump(), **extra})
             completion_tokens = cached = 0
-            async for index, out in _guarded(merge(streams)):
+            async for index, out in outputs:
                 if isinstance(out, str):
                     yield out
                     return
@@ -184,9 +180,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request, resp
                                               usage=usage(len(prompt), completion_tokens, cached)).model_dump())
             yield sse("[DONE]")
 
-        return EngineStreamResponse(events(), streams, headers)
+        return await stream_response(raw, streams, headers, events)
 
-    acc = await _collect(raw, streams)
+    acc = await collect(raw, streams)
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
                    logprobs=chat_logprobs(a.logprobs, svc.tokenizer) if top is not None else None)
@@ -299,84 +295,8 @@ async def _submit(raw: Request, svc: Service, tenant: Tenant,
                   requests: list[GenerationRequest]) -> tuple[list[LeasedStream], dict[str, str]]:
     """Admit every choice's request, or none: the answer is still an HTTP status here.
     Returns the streams and the tenant's x-ratelimit-* headers for the answer."""
-    streams, lease = await admit(raw, svc, tenant, requests, _until_disconnect)
+    streams, lease = await admit(raw, svc, tenant, requests, until_disconnect)
     return streams, rate_limit_headers(lease.state)
-
-
-class EngineStreamResponse(StreamingResponse):
-    """An SSE response whose engine requests are aborted however it ends: finished, client
-    gone mid-stream, or gone before the first byte (when the body iterator never starts)."""
-
-    def __init__(self, events: AsyncGenerator[str, None], streams: list[LeasedStream], headers: dict[str, str]):
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self._events = events
-        self._streams = streams
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-            for stream in self._streams:
-                await stream.aclose()
-
-
-async def _guarded(stream: AsyncIterator):
-    """Pass a merged stream through; an engine failure mid-stream becomes one SSE error event
-    (headers are already sent, so it cannot become an HTTP status any more)."""
-    try:
-        async for item in stream:
-            yield item
-    except RequestFailedError as exc:
-        yield 0, sse(failure(exc).body())  # the error object the same failure gets unstreamed
-
-
-async def _collect(raw: Request, streams: list[LeasedStream]) -> list[ChoiceAccumulator]:
-    acc = [ChoiceAccumulator() for _ in streams]
-
-    async def run() -> None:
-        async for index, out in merge(streams):
-            acc[index].add(out)
-
-    try:
-        await _until_disconnect(raw, run())
-    finally:
-        for stream in streams:
-            await stream.aclose()
-    return acc
-
-
-async def _until_disconnect(raw: Request, work):
-    """Await `work` and return its result, cancelling it (and so aborting its requests, or
-    leaving the admission queue) if the client goes away."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await raw.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task not in done:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise APIError(499, "client disconnected", code="client_disconnected")
-    try:
-        return task.result()
-    except RequestFailedError as exc:
-        raise failure(exc) from exc
-
-
-def failure(exc: RequestFailedError) -> APIError:
-    """The OpenAI error of a request the engine failed (an HTTP status, or an SSE error event)."""
-    if exc.code and exc.code.startswith("adapter_"):  # the adapter failed its full load (e.g. NaNs)
-        return APIError(400, str(exc), code=exc.code)
-    if exc.code == ENGINE_GONE:  # the engine core process died: the server cannot serve now
-        return APIError(503, str(exc), code=exc.code)
-    return APIError(500, str(exc), code=exc.code or "internal_error")
 
 
 def _total_usage(acc: list[ChoiceAccumulator], n: int):

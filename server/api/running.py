@@ -106,6 +106,10 @@ async def until_disconnect(raw: Request, work):
     watcher = asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself cancelled (a forced shutdown): so is its work
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
     finally:
         watcher.cancel()
     if task not in done:

@@ -334,7 +334,7 @@ def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(gr
 
 
 @needs_interp
-def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(tiny_llama_dir):
+def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(graph_model_dir):
     """server/engine/memory_plan.py sizes the graph pool from `profile_decode`: the forward a graph of
     that many rows captures (the attention's graph step, launch sizes for max_model_len). Each of its
     rows decodes token 0 at position 0: the logits are those of that one-token prompt through the
@@ -346,8 +346,8 @@ def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(t
     from server.model.decoder import DecoderModel
     from server.model.loading import load_weights
 
-    arch, cpu = ModelArch.from_dir(tiny_llama_dir), torch.device("cpu")
-    model = DecoderModel(arch, load_weights(tiny_llama_dir, arch, torch.float32, cpu), max_positions=64)
+    arch, cpu = ModelArch.from_dir(graph_model_dir), torch.device("cpu")
+    model = DecoderModel(arch, load_weights(graph_model_dir, arch, torch.float32, cpu), max_positions=64)
     hidden = profile_decode(model, select_attention("triton", arch, cpu, torch.float32), 4, max_len=64, block_size=16)
     assert hidden.shape == (4, arch.hidden_size)
     ref = profile_prefill(model, select_attention("torch", arch, cpu, torch.float32), 1, 1, max_len=64, block_size=16)

@@ -28,7 +28,7 @@ prometheus:
 	sh deploy/prometheus/install.sh
 
 test: setup prometheus
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -20,6 +20,7 @@ from kernels.segments import STATIC_BLOCK_M, LoraSegments, fill_static, static_l
 from server.engine import cuda_graphs  # noqa: E402
 from server.engine.cuda_graphs import batch_ladder, graph_size  # noqa: E402
 
+from conftest import save_tiny_model  # noqa: E402
 from engine_runs import drain, warm  # noqa: E402
 
 try:
@@ -160,7 +161,8 @@ ADAPTERS = {  # different ranks; "b" on every projection
 JOBS = [("a", 5, 5), ("b", 9, 4), (None, 4, 6), ("c", 7, 2), ("a", 13, 5), (None, 6, 3)]
 
 
-def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, async_scheduling: bool = False, **lora):
+def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, async_scheduling: bool = False,
+            sizes: tuple[int, ...] | None = None, **lora):
     from server.config import Config
     from server.engine.engine import LLMEngine
 
@@ -176,6 +178,7 @@ def _engine(model_dir, adapters: dict, graphs: bool, monkeypatch, async_scheduli
     cfg.model.device = "cpu"
     cfg.model.attention_backend = "triton"
     cfg.model.enforce_eager = not graphs
+    cfg.model.cuda_graph_sizes = sizes  # None: the ladder of max_num_seqs 8, (1, 2, 4, 8)
     cfg.cache.kv_cache_memory = 1 << 20
     cfg.scheduler.max_num_seqs = 8
     cfg.scheduler.async_scheduling = async_scheduling
@@ -201,30 +204,37 @@ def _run(engine, jobs, prompts, experts=None) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+def graph_model_dir(tmp_path_factory):
+    """The tiny Llama with 2 layers instead of 3: every interpreted step runs each layer's kernels
+    program by program in Python, and two layers already exercise the per-layer tables and slots."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-2"), "llama", num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(graph_model_dir, tmp_path_factory):
     from peft_adapters import make_peft_adapter
 
     root = tmp_path_factory.mktemp("graph-adapters")
-    return {n: make_peft_adapter(tiny_llama_dir, root / n, seed=10 + i, std=0.2, **kw)
+    return {n: make_peft_adapter(graph_model_dir, root / n, seed=10 + i, std=0.2, **kw)
             for i, (n, kw) in enumerate(ADAPTERS.items())}
 
 
 @pytest.fixture(scope="module")
-def jobs_case(tiny_llama_dir, adapter_dirs) -> tuple[list, list]:
+def jobs_case(graph_model_dir, adapter_dirs) -> tuple[list, list]:
     """JOBS' prompts and PEFT's (tokens, logprobs) for each, batch 1: what every engine run of
     JOBS must give (the reference is computed once for the module)."""
     from peft_adapters import peft_greedy
 
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for _, n, _ in JOBS]
-    return prompts, [peft_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, p, new)
+    return prompts, [peft_greedy(graph_model_dir, adapter_dirs[a] if a else None, p, new)
                      for (a, _, new), p in zip(JOBS, prompts)]
 
 
 @needs_interp
-def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapter_dirs, jobs_case, monkeypatch):
+def test_triton_interp_graph_decode_matches_peft_and_eager(graph_model_dir, adapter_dirs, jobs_case, monkeypatch):
     prompts, expected = jobs_case
-    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    engine = _engine(graph_model_dir, adapter_dirs, True, monkeypatch)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.ladder == (1, 2, 4, 8)
     assert {g.config["NUM_SPLITS"] for g in runner.graphs.attention_steps} == {4}
@@ -246,7 +256,7 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
     assert cache[:, scratch * bs:].abs().sum() > 0, "padding rows wrote somewhere else"
     assert engine.allocator.num_free == engine.allocator.num_blocks  # all freed; scratch never was a block
 
-    eager = _engine(tiny_llama_dir, adapter_dirs, False, monkeypatch)
+    eager = _engine(graph_model_dir, adapter_dirs, False, monkeypatch)
     assert eager.runner.graphs is None and eager.kv_cache.num_blocks == eager.allocator.num_blocks
     e_tokens, e_logprobs = _run(eager, JOBS, prompts)
     assert e_tokens == tokens and not eager.runner.graph_steps
@@ -255,12 +265,12 @@ def test_triton_interp_graph_decode_matches_peft_and_eager(tiny_llama_dir, adapt
 
 
 @needs_interp
-def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_llama_dir, adapter_dirs,
+def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(graph_model_dir, adapter_dirs,
                                                                            jobs_case, monkeypatch):
     """Async scheduling: a decode step is launched before the host has the tokens it decodes; the
     graph's ids of those rows are written on the device from the step before. PEFT's tokens."""
     prompts, expected = jobs_case
-    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch, async_scheduling=True)
+    engine = _engine(graph_model_dir, adapter_dirs, True, monkeypatch, async_scheduling=True)
     warm(engine, adapter_dirs)
     tokens, logprobs = _run(engine, JOBS, prompts)
     assert tokens == [e[0] for e in expected]
@@ -270,7 +280,7 @@ def test_triton_interp_async_scheduling_replays_graphs_over_pending_tokens(tiny_
 
 
 @needs_interp
-def test_triton_interp_a_non_finite_row_of_a_graph_decode_fails_alone(tiny_llama_dir, adapter_dirs, monkeypatch,
+def test_triton_interp_a_non_finite_row_of_a_graph_decode_fails_alone(graph_model_dir, adapter_dirs, monkeypatch,
                                                                      tmp_path):
     """A graph decode step with a row whose logits are NaN (a model with one embedding at
     infinity: tests/non_finite_model.py), with async scheduling: that request ends with a
@@ -281,7 +291,7 @@ def test_triton_interp_a_non_finite_row_of_a_graph_decode_fails_alone(tiny_llama
     from peft_adapters import peft_greedy
     from server.engine.request import GenerationRequest, SamplingParams
 
-    poisoned = poisoned_copy(tiny_llama_dir, tmp_path / "poisoned")
+    poisoned = poisoned_copy(graph_model_dir, tmp_path / "poisoned")
     good = [("a", [317, 84, 247, 85]), (None, [137, 12, 113, 151, 249, 75])]
     expected = [peft_greedy(poisoned.path, adapter_dirs[a] if a else None, p, 3)[0] for a, p in good]
     assert all(poisoned.token not in e for e in expected)
@@ -305,14 +315,15 @@ def test_triton_interp_a_non_finite_row_of_a_graph_decode_fails_alone(tiny_llama
 
 
 @needs_interp
-def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(tiny_llama_dir, adapter_dirs,
+def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(graph_model_dir, adapter_dirs,
                                                                                 monkeypatch):
     """A captured graph's output stays allocated in the shared graph pool for the engine's life, so
     the graphs end at the final hidden states [size, hidden]: [size, vocab] float32 logits per graph
     held ~4 GB at an 8B model's 128k vocabulary over a ladder to 256. The replay computes the logits
-    of its real rows only."""
-    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    of its real rows only. Two sizes (each graph's run is a whole interpreted step): 3 rows padded to 4."""
+    engine = _engine(graph_model_dir, adapter_dirs, True, monkeypatch, sizes=(1, 4))
     graphs, arch = engine.runner.graphs, engine.info.arch
+    assert set(graphs.graphs) == {(1, False), (1, True), (4, False), (4, True)}
     for (size, with_lora), graph in graphs.graphs.items():
         lay = cuda_graphs._Layout(size, graphs.width)
         graphs._fill_padding(lay, with_lora)
@@ -323,7 +334,7 @@ def test_graphs_end_at_hidden_states_and_replay_gives_logits_of_the_real_rows(ti
 
 
 @needs_interp
-def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(tiny_llama_dir):
+def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(graph_model_dir):
     """server/engine/memory_plan.py sizes the graph pool from `profile_decode`: the forward a graph of
     that many rows captures (the attention's graph step, launch sizes for max_model_len). Each of its
     rows decodes token 0 at position 0: the logits are those of that one-token prompt through the
@@ -335,8 +346,8 @@ def test_triton_interp_the_memory_plans_graph_profile_is_a_graph_steps_forward(t
     from server.model.decoder import DecoderModel
     from server.model.loading import load_weights
 
-    arch, cpu = ModelArch.from_dir(tiny_llama_dir), torch.device("cpu")
-    model = DecoderModel(arch, load_weights(tiny_llama_dir, arch, torch.float32, cpu), max_positions=64)
+    arch, cpu = ModelArch.from_dir(graph_model_dir), torch.device("cpu")
+    model = DecoderModel(arch, load_weights(graph_model_dir, arch, torch.float32, cpu), max_positions=64)
     hidden = profile_decode(model, select_attention("triton", arch, cpu, torch.float32), 4, max_len=64, block_size=16)
     assert hidden.shape == (4, arch.hidden_size)
     ref = profile_prefill(model, select_attention("torch", arch, cpu, torch.float32), 1, 1, max_len=64, block_size=16)
@@ -348,7 +359,7 @@ HOST_READS = ("tolist", "item", "cpu", "numpy", "nonzero", "__bool__", "__int__"
 
 
 @needs_interp
-def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs, monkeypatch):
+def test_a_graph_decode_step_reads_the_device_once(graph_model_dir, adapter_dirs, monkeypatch):
     """A decode step on a graph, greedy and without logprobs, reads values back from tensors once in
     our code (server/, kernels/): the sampled tokens. Everything else on the step path (scheduling,
     adapter activation, the one input copy, the replay, the logits) must not wait for the device:
@@ -358,7 +369,7 @@ def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs,
     from server.engine.request import GenerationRequest, SamplingParams
 
     root = str(Path(__file__).resolve().parents[1])
-    engine = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch)
+    engine = _engine(graph_model_dir, adapter_dirs, True, monkeypatch)
     warm(engine, ["a", "b"])
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for i, (adapter, prompt) in enumerate([("a", [5, 6, 7]), (None, [8, 9]), ("b", [10, 11, 12, 13])]):
@@ -391,12 +402,12 @@ def test_a_graph_decode_step_reads_the_device_once(tiny_llama_dir, adapter_dirs,
 
 
 @needs_interp
-def test_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, monkeypatch):
+def test_capture_warm_up_gets_an_empty_lora_table(graph_model_dir, adapter_dirs, monkeypatch):
     """Capture runs each size's step once over padding inputs, largest size first. The buffer
     still holds the last fill (a larger size's, or a served step's) where a smaller size keeps its
     LoRA table: that warm-up must read an empty table, not those values as segment starts, slots
     and ranks (out of range for its rows and for the pool: an illegal address on a GPU)."""
-    graphs = _engine(tiny_llama_dir, adapter_dirs, True, monkeypatch).runner.graphs
+    graphs = _engine(graph_model_dir, adapter_dirs, True, monkeypatch).runner.graphs
     n = graphs.max_size
     graphs._fill(cuda_graphs._Layout(n, graphs.width), [300] * n, [5] * n, [[3]] * n,
                  ([n], [graphs.slots.num_slots - 1], [8]))  # a served step of the largest size
@@ -410,13 +421,13 @@ def test_capture_warm_up_gets_an_empty_lora_table(tiny_llama_dir, adapter_dirs, 
 
 
 @needs_interp
-def test_triton_interp_mixtures_and_dora_run_eager(tiny_llama_dir, adapter_dirs, tmp_path, monkeypatch):
+def test_triton_interp_mixtures_and_dora_run_eager(graph_model_dir, adapter_dirs, tmp_path, monkeypatch):
     from peft_adapters import make_peft_adapter
     from server.engine.request import Mixture
 
-    dora = make_peft_adapter(tiny_llama_dir, tmp_path / "d", seed=3, std=0.2, r=4, lora_alpha=8,
+    dora = make_peft_adapter(graph_model_dir, tmp_path / "d", seed=3, std=0.2, r=4, lora_alpha=8,
                              target_modules=["q_proj", "v_proj"], use_dora=True)
-    engine = _engine(tiny_llama_dir, {"a": adapter_dirs["a"], "d": dora}, True, monkeypatch)
+    engine = _engine(graph_model_dir, {"a": adapter_dirs["a"], "d": dora}, True, monkeypatch)
     runner = engine.runner
     prompt = list(range(3, 9))
     warm(engine, ["a", "d"])  # else a base-only row may decode alone (on a graph) while "d" loads

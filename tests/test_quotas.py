@@ -154,6 +154,31 @@ def test_concurrency_queue_is_fifo_bounded_and_cancellable():
     asyncio.run(go())
 
 
+def test_a_client_that_leaves_the_queue_frees_its_place_at_once():
+    # before: a cancelled waiter behind the head stayed in the queue until it reached the head,
+    # so new requests were refused as "queue full" while fewer were waiting
+    clock = FakeClock()
+    t = tenant(max_concurrent=1, max_queued=2)
+    q = quotas_for(t, clock)
+
+    async def go():
+        first = await q.admit(t, [1])
+        head = asyncio.create_task(q.admit(t, [1]))
+        gone = asyncio.create_task(q.admit(t, [1]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        later = asyncio.create_task(q.admit(t, [1]))  # queued in the place it left, not refused
+        await asyncio.sleep(0)
+        assert not later.done()
+        first.end(0, 1)
+        (await head).end(0, 1)
+        (await later).end(0, 1)
+        assert q.quota(t).idle
+
+    asyncio.run(go())
+
+
 def test_unlimited_tenant_is_never_refused_and_no_queue_without_max_queued():
     clock = FakeClock()
     free, bounded = Tenant("free"), Tenant("bounded", limits=TenantLimits(max_concurrent=1))

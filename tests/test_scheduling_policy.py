@@ -228,6 +228,24 @@ def test_weights_scale_the_counters_and_unknown_tenants_weigh_one():
         policy.set_weights({"a": 0.0})
 
 
+def test_tokens_cut_after_a_weight_change_give_back_what_each_was_charged():
+    # --engine-process on: several last tokens may be cut (a stop string found in the server
+    # process), and a reload may have changed the tenant's weight between their charges. Giving
+    # them all back at the last token's price once drove the counter negative (-8.0 here).
+    policy = VTCPolicy(W_P, W_Q)
+    sim = Sim(policy)
+    s = seq("a0", "a", 4, max_tokens=20)
+    sim.add(s)
+    for _ in range(6):  # the prompt, then 6 output tokens at weight 1: 2.0 each
+        sim.step()
+    policy.set_weights({"a": 0.25})
+    sim.step()  # a 7th at weight 0.25: 8.0
+    assert s.num_output_tokens == 7 and policy.counter["a"] == 4 * W_P + 6 * W_Q + W_Q / 0.25
+    s.num_cut = 4  # the client got 3: 3 cut tokens were charged 2.0, the last 8.0
+    sim.sched.finish(s, FinishReason.ABORT)
+    assert policy.counter["a"] == 4 * W_P + 3 * W_Q
+
+
 def _backlogged_run(policy: SchedulingPolicy, weights: dict[str, float], steps: int, seed: int):
     """a keeps 10x b's requests outstanding (both always have some waiting); random prompt and
     output lengths. Returns the time series of D(t) = W_a(t)/weight_a - W_b(t)/weight_b and U."""

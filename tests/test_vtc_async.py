@@ -126,6 +126,65 @@ def test_a_request_failed_by_a_step_lost_at_read_back_pays_no_output_token(tiny_
     assert e.scheduler.policy.counters()["b"] == W_P * len(prompt) / WEIGHTS["b"]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_request_failed_by_a_step_that_cannot_launch_pays_no_token_of_it(tiny_llama_dir, async_scheduling, when):
+    # the step's sampled token is charged when it is scheduled; a launch that raises (a bug the
+    # request's data triggers) runs it apart and retires it: that token is never made
+    e = engine(tiny_llama_dir, async_scheduling)
+    prompt = [5, 60, 70, 80]
+    e.add_request(GenerationRequest("bad", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                                    tenant="a"))
+    execute = e.runner.execute
+    fail_at = 0 if when == "prefill" else 2  # the launch that raises: the prefill's, or a decode's
+
+    def faulty(chunks, *args, **kwargs):
+        nonlocal fail_at
+        fail_at -= 1
+        if fail_at == -1:
+            raise RuntimeError("bad step")
+        return execute(chunks, *args, **kwargs)
+    e.runner.execute = faulty
+    delivered, outs = 0, []
+    while e.has_unfinished():
+        for out in e.step():
+            delivered += len(out.token_ids)
+            outs.append(out)
+    assert outs[-1].finish_reason.value == "error" and delivered == (0 if when == "prefill" else 2)
+    assert e.scheduler.policy.counters()["a"] == W_P * len(prompt) + W_Q * delivered
+
+
+def test_a_request_lost_at_read_back_while_its_next_step_cannot_launch_pays_no_token(tiny_llama_dir, monkeypatch):
+    # async: the decode step is scheduled (its token charged), its launch raises, and taking in
+    # the prefill in flight finds that step lost too: the request ends before either token exists
+    from server.engine.sampler import SampledStep
+
+    output, faults = SampledStep.output, [1]
+
+    def faulty_output(self):
+        if faults:
+            faults.pop()
+            raise RuntimeError("device fault")
+        return output(self)
+    monkeypatch.setattr(SampledStep, "output", faulty_output)
+    e = engine(tiny_llama_dir, True)
+    execute, launches = e.runner.execute, []
+
+    def faulty_execute(chunks, *args, **kwargs):
+        launches.append(len(launches))
+        if len(launches) == 2:
+            raise RuntimeError("bad step")
+        return execute(chunks, *args, **kwargs)
+    e.runner.execute = faulty_execute
+    prompt = [5, 60, 70, 80]
+    e.add_request(GenerationRequest("lost", prompt, SamplingParams(max_tokens=6, temperature=0.0), tenant="a"))
+    outs = []
+    while e.has_unfinished():
+        outs += e.step()
+    assert [o.finish_reason.value for o in outs] == ["error"] and len(launches) == 2
+    assert e.scheduler.policy.counters()["a"] == W_P * len(prompt)
+
+
 @pytest.mark.parametrize("new_weight", [4.0, 0.25])
 def test_a_token_given_back_after_a_weight_change_is_the_one_charged(tiny_llama_dir, new_weight):
     # async: an abort between steps finds one step's token charged and not delivered; the

@@ -281,8 +281,15 @@ class LLMEngine:
             lora = self.adapters.activate(names) if names else None
             result = self.runner.execute(chunks, lora, self._in_flight)
         except Exception as exc:
+            # Their tokens were charged when scheduled (the policy gives back those pending when a
+            # request ends): pending until run apart, so one that ends first pays for none of them.
+            sampling = [c.seq for c in chunks if c.samples]
+            for seq in sampling:
+                seq.num_pending += 1
             outputs = self._take(self._take_in_flight(), then=[c.seq for c in chunks]) \
                 if self._in_flight is not None else []
+            for seq in sampling:
+                seq.num_pending -= 1
             chunks = [c for c in chunks if not c.seq.is_finished]
             if len(chunks) > 1:
                 mid = len(chunks) // 2
@@ -291,6 +298,7 @@ class LLMEngine:
                     outputs += failed + (self._take(launched) if launched is not None else [])
             elif chunks:
                 log.exception("request %s failed inside an engine step", chunks[0].seq.request_id)
+                chunks[0].seq.num_pending += chunks[0].samples  # retired with its charged token never made
                 outputs.append(self._fail(chunks[0].seq, exc))
             return None, outputs
         self.metrics.step_adapters.observe(len(names))

@@ -223,6 +223,8 @@ class Quotas:
                     q.release(generations)
                 else:
                     future.cancel()
+                    if entry in q.waiters:  # its place is free now, not when it reaches the head
+                        q.waiters.remove(entry)
                     q._wake()  # a waiter behind us may fit now
                 raise
             if not admitted:  # a reload lowered max_concurrent below what this request asks

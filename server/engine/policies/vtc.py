@@ -45,9 +45,10 @@ class VTCPolicy(SchedulingPolicy):
         self._active: dict[str, int] = {}  # tenant -> sequences waiting or running
         self._last_left = 0.0  # counter of the last tenant to go idle
         self._prompt_charged: dict[str, int] = {}  # request id -> prompt tokens already charged
-        # request id -> the counter units its last output token was charged (the weight then: a
-        # reload may change it while a charged token is pending, and the give-back must match)
-        self._output_charge: dict[str, float] = {}
+        # request id -> what its output tokens were charged, as runs [counter units a token, tokens]
+        # in order: the weight then (a reload may change it mid-request, and giving back the last
+        # tokens, pending or cut, must undo what they were charged); a new run per weight change
+        self._output_charge: dict[str, list[list[float]]] = {}
 
     # --- arrivals and departures ---------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -61,10 +62,16 @@ class VTCPolicy(SchedulingPolicy):
     def on_finish(self, seq: Sequence) -> None:
         tenant = seq.request.tenant
         self._prompt_charged.pop(seq.request_id, None)
-        per_token = self._output_charge.pop(seq.request_id, 0.0)
+        runs = self._output_charge.pop(seq.request_id, [])
         undelivered = seq.num_pending + seq.num_cut  # charged when scheduled, never got (module docstring)
-        if undelivered:
-            self.counter[tenant] = self.counter.get(tenant, 0.0) - per_token * undelivered
+        refund = 0.0
+        while undelivered and runs:  # the last tokens charged are the ones never delivered
+            per_token, n = runs.pop()
+            k = min(n, undelivered)
+            refund += per_token * k
+            undelivered -= k
+        if refund:
+            self.counter[tenant] = self.counter.get(tenant, 0.0) - refund
         left = self._active.get(tenant, 0) - 1
         if left > 0:
             self._active[tenant] = left
@@ -127,7 +134,12 @@ class VTCPolicy(SchedulingPolicy):
             weight = self.weights.get(tenant, 1.0)
             self.counter[tenant] = self.counter.get(tenant, 0.0) + cost / weight
             if samples:
-                self._output_charge[seq.request_id] = self.output_weight / weight
+                runs = self._output_charge.setdefault(seq.request_id, [])
+                per_token = self.output_weight / weight
+                if runs and runs[-1][0] == per_token:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([per_token, 1])
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """New fair-share weights (tenants absent: 1). Counters are kept (they are already per unit

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -255,3 +256,17 @@ class DecodeGraphs:
             at += w
         for r in range(len(ids), size):
             h[lay.tables + r * w] = 0  # padding rows attend to position 0 of block 0
+
+
+def build(off: str | None, model: DecoderModel, kv_cache, attention: AttentionBackend, lora: LoraBackend | None,
+          lora_slots: LoraSlots | None, **kwargs) -> DecodeGraphs | None:
+    """The engine's DecodeGraphs (`kwargs`: theirs), or None when `off`, `unavailable`'s answer,
+    says why they cannot run; logged either way."""
+    if off is not None:
+        log.info("CUDA graphs off: %s", off)
+        return None
+    t0 = time.perf_counter()
+    graphs = DecodeGraphs(model, kv_cache, attention, lora, lora_slots, **kwargs)
+    log.info("CUDA graphs: decode batch sizes %s, %s, captured in %.1fs", list(graphs.ladder),
+             "with and without LoRA" if graphs.lora else "no LoRA", time.perf_counter() - t0)
+    return graphs

@@ -91,17 +91,9 @@ class LLMEngine:
         # with graphs, one block past the allocator's: the scratch block graph padding rows write to
         self.kv_cache = KVCache(arch.num_layers, num_blocks + (graphs_off is None), cc.block_size,
                                 arch.num_kv_heads, arch.head_dim, dtype, device)
-        graphs = None
-        if graphs_off is None:
-            tg = time.perf_counter()
-            graphs = cuda_graphs.DecodeGraphs(
-                self.model, self.kv_cache, attention, lora_backend,
-                self.adapters.pool if self.adapters else None, ladder=ladder,
-                max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda")
-            log.info("CUDA graphs: decode batch sizes %s, %s, captured in %.1fs", list(graphs.ladder),
-                     "with and without LoRA" if graphs.lora else "no LoRA", time.perf_counter() - tg)
-        else:
-            log.info("CUDA graphs off: %s", graphs_off)
+        graphs = cuda_graphs.build(graphs_off, self.model, self.kv_cache, attention, lora_backend,
+                                   self.adapters.pool if self.adapters else None, ladder=ladder,
+                                   max_model_len=max_len, scratch_block=num_blocks, capture=device.type == "cuda")
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(device, mc.seed), attention=attention,
                                   lora=lora_backend, graphs=graphs)
         self.allocator = BlockAllocator(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching)

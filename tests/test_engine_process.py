@@ -135,8 +135,7 @@ def test_a_sighup_reloads_tenants_in_the_server_and_leaves_the_core_running(serv
 
 
 def test_core_death_gives_503_not_a_hang_and_shutdown_leaves_no_process(tiny_llama_dir, tmp_path, tenants, roots):
-    # Heartbeats every 0.6 s (a fifth of the timeout), so that one comes while the stream runs.
-    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "dying.log", "on", "--engine-heartbeat-timeout", "3")
+    srv = start(tiny_llama_dir, tmp_path, tenants, roots, "dying.log")
     try:
         pid = core_pid(srv)
         body = {"model": BASE, "prompt": "long", "max_tokens": 400, "stream": True, "ignore_eos": True}
@@ -144,10 +143,6 @@ def test_core_death_gives_503_not_a_hang_and_shutdown_leaves_no_process(tiny_lla
         with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, timeout=30, headers=headers) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            stepping = time.monotonic()
-            while time.monotonic() - stepping < 1.0:  # a heartbeat from inside a step has come
-                line = next(lines)
-                assert not line or line.startswith("data: {"), "the stream ended before the core was killed"
             os.kill(pid, signal.SIGKILL)
             rest = list(lines)  # the stream ends (with an error event), it does not hang
         assert any('"engine_unavailable"' in line for line in rest), rest[-3:]
@@ -155,10 +150,7 @@ def test_core_death_gives_503_not_a_hang_and_shutdown_leaves_no_process(tiny_lla
         r = httpx.post(srv.base_url + "/v1/completions", json={"model": BASE, "prompt": "hi", "max_tokens": 2},
                        headers=headers, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
-        metrics = httpx.get(srv.base_url + "/metrics", timeout=10)
-        assert metrics.status_code == 200
-        # A dead core runs no step: its step age is 0, not the time since its last heartbeat.
-        assert "loramux_engine_step_age_seconds 0.0" in metrics.text.splitlines()
+        assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200
     finally:
         srv.stop()
     assert srv.proc.returncode == 0

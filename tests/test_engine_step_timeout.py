@@ -11,6 +11,8 @@ the recovery too. Waiting for work is never a step: an idle server stays up howe
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -18,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import save_tiny_model
+from engine_process_servers import core_pid
 from server_process import ServerProcess
 
 PROMPT = [5 + i % 300 for i in range(14000)]
@@ -102,3 +105,29 @@ def test_a_step_past_the_limit_is_503_until_it_completes(long_model_dir, tmp_pat
     assert stuck_while_running, "the step ended before the checks: they may have seen its end"
     assert long["seconds"] > 2 * LIMIT_S
     assert "the engine loop's current step has run for" in log and "serving resumes" in log, log[-3000:]
+
+
+def test_a_dead_cores_step_age_is_zero_not_the_time_since_its_last_heartbeat(long_model_dir, tmp_path):
+    """The server extrapolates the step age from the core's last heartbeat; once the core has
+    died mid-step no loop runs any more, and the gauge must say 0 instead of growing forever."""
+    srv = ServerProcess(["--model", str(long_model_dir), "--served-model-name", "tiny", "--dtype", "float32",
+                         "--num-threads", "1", "--kv-cache-memory", "64MiB", "--no-lora",
+                         "--max-num-batched-tokens", "16384", "--engine-step-timeout", "300"],
+                        tmp_path / "server.log")
+    try:
+        thread = threading.Thread(target=lambda: _complete(srv, PROMPT, 300))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while srv.metric("loramux_engine_step_age_seconds") == 0:  # a heartbeat from inside the long step
+            assert thread.is_alive() and time.monotonic() < deadline, "no heartbeat came during the step"
+            time.sleep(0.05)
+        os.kill(core_pid(srv), signal.SIGKILL)
+        thread.join(60)
+        deadline = time.monotonic() + 30
+        while _health(srv) != 503:
+            assert time.monotonic() < deadline, "the core's death never showed"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert srv.metric("loramux_engine_step_age_seconds") == 0
+    finally:
+        srv.stop()

@@ -112,9 +112,14 @@ def test_steps_skip_the_projections_their_adapters_leave_alone(tiny_llama_dir, a
     assert tokens == [expected[i][0] for i in pick]
     for got, i in zip(logprobs, pick):
         assert got == pytest.approx(expected[i][1], abs=2e-4)
-    # q/v and o/down adapters: gate_up is always idle; o and down too while only the q/v one runs
+    # q/v and o/down adapters: gate_up is always idle
     assert skipped and all("gate_up" in s for s in skipped)
-    assert any(s == {"gate_up", "o", "down"} for s in skipped)
+    # o and down too while only the q/v one runs (alone here: in the mix above, whether some step
+    # runs it without the o/down one depends on when each adapter's load completes)
+    skipped.clear()
+    qv = next(i for i in pick if jobs[i][0] == "r4-qv")
+    assert greedy_with_logprobs(engine, [jobs[qv]], NEW)[0] == [expected[qv][0]]
+    assert skipped and all(s == {"gate_up", "o", "down"} for s in skipped)
 
 
 def test_bf16_adapter_weights_stay_close(tiny_llama_dir, adapter_dirs, mixed_case):
